@@ -1,0 +1,159 @@
+"""The `specialist` command: dispatches to the stages, prints user errors without a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+STAGE_ORDER = ("train", "quantize", "evaluate", "report")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    # bitsandbytes logs on every int8 matmul on CPU, and at import about an optional CPU kernel package.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        return args.handler(args)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished stages and checkpoints are kept; rerun to continue", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="specialist", description="Specialize a small model on one task and measure what it bought."
+    )
+    verbs = parser.add_subparsers(required=True, metavar="VERB")
+
+    def recipe_verb(name: str, handler, help_text: str) -> argparse.ArgumentParser:
+        verb = verbs.add_parser(name, help=help_text, description=help_text)
+        verb.add_argument("recipe", type=Path, help="recipe YAML file")
+        verb.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a recipe field, e.g. --set train.epochs=3 (repeatable)")
+        verb.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders go (default: runs)")
+        verb.set_defaults(handler=handler)
+        return verb
+
+    run = recipe_verb("run", _run_all, "run every stage in order: train, quantize, evaluate, report "
+                                       "(stages already done for this recipe and data are skipped)")
+    run.add_argument("--force", action="store_true", help="rerun stages even if they are done")
+    for stage in STAGE_ORDER:
+        recipe_verb(stage if stage != "evaluate" else "eval", _run_one(stage),
+                    f"(re)run the {stage} stage on this recipe's run folder")
+    recipe_verb("validate", _validate, "check a recipe, its data and its model references without training")
+
+    tiny = verbs.add_parser("tiny-models", help="build the tiny random-init models the tiny recipe and tests use")
+    tiny.add_argument("--out", type=Path, default=Path("build/tiny-models"))
+    tiny.add_argument("--corpus", type=Path, default=Path("data/intents/train.jsonl"),
+                      help="jsonl whose string fields train the tokenizer")
+    tiny.set_defaults(handler=_tiny_models)
+    return parser
+
+
+def _load(args):
+    from pipeline.data import data_fingerprint
+    from pipeline.recipe import load_recipe
+    from pipeline.runs import prepare_run_dir
+
+    loaded = load_recipe(args.recipe, args.overrides)
+    run_dir = prepare_run_dir(loaded, args.runs_dir, data_fingerprint(loaded.recipe.data))
+    return loaded, run_dir
+
+
+def _stage_module(stage: str):
+    from pipeline import report
+    from pipeline.stages import evaluate, quantize, train
+
+    return {"train": train, "quantize": quantize, "evaluate": evaluate, "report": report}[stage]
+
+
+def _fingerprint(stage: str, loaded, run_dir: Path) -> str | None:
+    module = _stage_module(stage)
+    if stage == "report":
+        return None  # cheap; always rebuilt
+    return module.fingerprint(loaded) if stage == "train" else module.fingerprint(loaded, run_dir)
+
+
+def _run_all(args) -> int:
+    from pipeline.runs import is_done, log
+
+    loaded, run_dir = _load(args)
+    log("run", f"run folder {run_dir}")
+    report = None
+    for stage in STAGE_ORDER:
+        fingerprint = _fingerprint(stage, loaded, run_dir)
+        if fingerprint and not args.force and is_done(run_dir / stage, fingerprint):
+            log(stage, "already done for this recipe and data; skipped")
+            continue
+        result = _stage_module(stage).run(loaded, run_dir)
+        if stage == "report":
+            report = result
+    return _report_exit(report, run_dir)
+
+
+def _run_one(stage: str):
+    def handler(args) -> int:
+        loaded, run_dir = _load(args)
+        result = _stage_module(stage).run(loaded, run_dir)
+        return _report_exit(result, run_dir) if stage == "report" else 0
+
+    return handler
+
+
+def _report_exit(report: dict | None, run_dir: Path) -> int:
+    """Exit 1 when the recipe's gates failed, so scheduled jobs notice."""
+    if report is None:
+        return 0
+    print(run_dir / "evaluate" / "report.md")
+    if not report["gates"]["passed"]:
+        failed = [name for name, check in report["gates"]["checks"].items() if not check["passed"]]
+        print(f"gates failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _validate(args) -> int:
+    from pipeline import data, models
+    from pipeline.recipe import load_recipe
+
+    loaded = load_recipe(args.recipe, args.overrides)
+    recipe = loaded.recipe
+    train_rows = data.load_rows(recipe.data, "train")
+    eval_rows = data.load_rows(recipe.data, "eval")
+    models.resolve_model(recipe.model.base)
+    if recipe.evaluate.reference:
+        models.resolve_model(recipe.evaluate.reference.model, "evaluate.reference.model")
+        data.load_rows(recipe.data, "eval", recipe.evaluate.reference.prompt)
+    summary = {
+        "recipe": str(args.recipe),
+        "run_folder": str(args.runs_dir / recipe.name / loaded.run_id),
+        "base": recipe.model.base,
+        "train_rows": len(train_rows),
+        "eval_rows": len(eval_rows),
+        "first_prompt": train_rows[0].prompt,
+        "first_target": train_rows[0].target,
+        "quantize": [v.kind for v in recipe.quantize],
+        "reference": recipe.evaluate.reference.model if recipe.evaluate.reference else None,
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _tiny_models(args) -> int:
+    from pipeline.data import read_jsonl
+    from pipeline.models import build_tiny_models
+
+    corpus = [str(v) for _, row in read_jsonl(args.corpus) for v in row.values() if isinstance(v, str)]
+    paths = build_tiny_models(corpus, args.out)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0

@@ -1,0 +1,312 @@
+"""The recipe: its schema, loading with `extends:` and `--set` overrides, and errors with file:line.
+
+The pydantic models below are the single source of truth for what a recipe may say, its defaults and
+the documentation of every field.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.errors import PipelineError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(Section):
+    base: str = Field(
+        description="The model to specialize: a Hub id (org/name, optionally org/name@revision), a local "
+        "directory with safetensors weights, or tiny:NAME for the random-init test models."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Compute precision. auto: float32 on CPU, bfloat16 on CUDA that supports it."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with a Hub model. Off unless you trust its authors."
+    )
+
+
+class DataSection(Section):
+    train: Path = Field(description="Training rows: a .jsonl file, relative to the recipe's folder.")
+    eval: Path = Field(description="Evaluation rows (never trained on): a .jsonl file.")
+    format: Literal["prompt_completion"] = Field(
+        "prompt_completion", description="How rows become text: prompt and target templates."
+    )
+    prompt: str = Field(description="Prompt template; {field} is replaced by that field of the row.")
+    target: str = Field(description="Target (completion) template; only these tokens carry the loss.")
+    chat_template: Literal["auto", "never"] = Field(
+        "auto",
+        description="auto: wrap the prompt as a user turn with the tokenizer's own chat template when it "
+        "has one; never: use the plain prompt text.",
+    )
+    max_seq_len: int = Field(256, gt=8, description="Longest training sequence in tokens; longer rows are dropped.")
+    max_train_rows: int | None = Field(None, gt=0, description="Use only the first N training rows.")
+    max_eval_rows: int | None = Field(None, gt=0, description="Use only the first N evaluation rows.")
+
+
+class LoraSection(Section):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear", description="Which Linear layers get adapters: all-linear or a list of module names."
+    )
+
+
+class TrainSection(Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training rows.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (wins over epochs).")
+    batch_size: int = Field(8, gt=0, description="Rows per device per step.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps spent warming up the LR.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    seed: int = Field(0, description="Seed for weight init, shuffling and dropout.")
+    save_steps: int = Field(50, gt=0, description="Write a resumable checkpoint every N steps.")
+
+
+class QuantizeVariant(Section):
+    kind: Literal["bnb-nf4", "bnb-int8"] = Field(
+        description="bnb-nf4: 4-bit NormalFloat (QLoRA's format); bnb-int8: LLM.int8() 8-bit weights."
+    )
+
+
+class ReferenceSection(Section):
+    model: str = Field(description="The large general model to compare with (same reference forms as model.base).")
+    prompt: str | None = Field(
+        None, description="Prompt template for the reference only (e.g. with the label list); default: data.prompt."
+    )
+
+
+class GatesSection(Section):
+    specialized_min: float | None = Field(None, description="The specialized model's metric must reach this.")
+    min_gap_closed: float | None = Field(
+        None, description="(specialized - base) / (reference - base) must reach this; needs a reference."
+    )
+    quantized_max_drop: float | None = Field(
+        None, ge=0, description="No quantized variant may score more than this below the specialized model."
+    )
+
+
+class EvaluateSection(Section):
+    metrics: list[Literal["exact_match"]] = Field(
+        ["exact_match"], min_length=1, description="Task metrics; the first one decides gates."
+    )
+    ignore_case: bool = Field(False, description="Compare predictions and references case-insensitively.")
+    max_new_tokens: int = Field(16, gt=0, description="Longest generated answer in tokens.")
+    batch_size: int = Field(16, gt=0, description="Rows generated together (left-padded, greedy).")
+    reference: ReferenceSection | None = Field(None, description="The large model to compare against.")
+    gates: GatesSection = Field(default_factory=GatesSection, description="Pass/fail thresholds.")
+    bootstrap_samples: int = Field(1000, ge=100, description="Resamples for the 95% confidence intervals.")
+
+
+class Recipe(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name; runs go to runs/<name>/.")
+    model: ModelSection
+    data: DataSection
+    lora: LoraSection = Field(default_factory=LoraSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    quantize: list[QuantizeVariant] = Field(
+        default_factory=lambda: [QuantizeVariant(kind="bnb-nf4"), QuantizeVariant(kind="bnb-int8")],
+        description="Quantized variants of the merged specialized model to build and evaluate.",
+    )
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+
+
+@dataclass(frozen=True)
+class LoadedRecipe:
+    recipe: Recipe
+    path: Path
+    resolved: dict[str, Any]  # plain data, paths absolute: what recipe.resolved.yaml holds
+    sha256: str
+
+    @property
+    def run_id(self) -> str:
+        return self.sha256[:12]
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+Origin = tuple[str, int]  # (file, line) where a value was written
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
+    """Read a recipe file, apply its `extends:` chain and then `--set` overrides, and validate it."""
+    path = Path(path)
+    data, origins = _load_with_extends(path, chain=())
+    for override in overrides:
+        _apply_override(data, origins, override)
+    _resolve_paths(data, origins)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise PipelineError(_format_validation_errors(e, origins, path)) from None
+    resolved = recipe.model_dump(mode="json")
+    digest = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
+    return LoadedRecipe(recipe=recipe, path=path, resolved=resolved, sha256=digest)
+
+
+def _load_with_extends(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[tuple, Origin]]:
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path))
+        raise PipelineError(f"{chain[-1]}: extends: cycle in recipe inheritance: {cycle}")
+    data, origins = _read_yaml_mapping(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data, origins
+    if not isinstance(parent, str):
+        raise PipelineError(f"{path}:{origins[('extends',)][1]}: extends: must be a file name, got {parent!r}")
+    parent_path = path.parent / parent
+    if not parent_path.is_file():
+        line = origins[("extends",)][1]
+        raise PipelineError(f"{path}:{line}: extends: no such recipe file {parent_path}")
+    base, base_origins = _load_with_extends(parent_path, (*chain, path))
+    _deep_merge(base, data)
+    base_origins.update({k: v for k, v in origins.items() if k != ("extends",)})
+    return base, base_origins
+
+
+def _read_yaml_mapping(path: Path) -> tuple[dict, dict[tuple, Origin]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: recipe file not found") from None
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise PipelineError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        raise PipelineError(f"{path}:1: the recipe is empty; it needs at least name, model and data")
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path}:1: a recipe must be a mapping of sections (name:, model:, data:, ...)")
+    origins: dict[tuple, Origin] = {}
+    _collect_lines(node, (), str(path), origins)
+    return data, origins
+
+
+def _collect_lines(node: yaml.Node, prefix: tuple, file: str, out: dict[tuple, Origin]) -> None:
+    out.setdefault(prefix, (file, node.start_mark.line + 1))
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = (*prefix, key_node.value)
+            out[key] = (file, key_node.start_mark.line + 1)
+            _collect_lines(value_node, key, file, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _collect_lines(item, (*prefix, i), file, out)
+
+
+def _deep_merge(base: dict, override: dict) -> None:
+    """Merge override into base: mappings merge key by key, anything else (lists too) replaces."""
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def _apply_override(data: dict, origins: dict[tuple, Origin], override: str) -> None:
+    key, sep, raw_value = override.partition("=")
+    if not sep or not key.strip():
+        raise PipelineError(f"--set {override!r}: expected key.path=value, for example train.epochs=3")
+    parts = tuple(key.strip().split("."))
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError:
+        value = raw_value  # a plain string; the schema decides whether it fits
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise PipelineError(f"--set {override!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+    origins[parts] = ("--set", 0)
+
+
+def _resolve_paths(data: dict, origins: dict[tuple, Origin]) -> None:
+    """Paths are relative to the recipe file that wrote them (the current directory for --set).
+
+    Model references become absolute paths only where they name an existing folder or start with
+    '.'; anything else stays a Hub id.
+    """
+    for loc, is_model in ((("data", "train"), False), (("data", "eval"), False),
+                          (("model", "base"), True), (("evaluate", "reference", "model"), True)):
+        parent = data
+        for part in loc[:-1]:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        value = parent.get(loc[-1]) if isinstance(parent, dict) else None
+        if not isinstance(value, str) or Path(value).is_absolute():
+            continue
+        file, _ = origins.get(loc, ("--set", 0))
+        candidate = ((Path.cwd() if file == "--set" else Path(file).parent) / value).resolve()
+        if not is_model or value.startswith(".") or candidate.exists():
+            parent[loc[-1]] = str(candidate)
+
+
+def _format_validation_errors(error: ValidationError, origins: dict[tuple, Origin], path: Path) -> str:
+    lines = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        file, line = _origin_of(loc, origins, path)
+        where = f"{file}:{line}" if file != "--set" else "--set"
+        if item["type"] == "extra_forbidden":
+            message = "unknown key" + _did_you_mean(loc)
+        elif item["type"] == "missing":
+            message = "required field is missing"
+        else:
+            message = item["msg"]
+        lines.append(f"{where}: {field}: {message}")
+    return "\n".join(lines)
+
+
+def _origin_of(loc: tuple, origins: dict[tuple, Origin], path: Path) -> Origin:
+    for end in range(len(loc), 0, -1):
+        if loc[:end] in origins:
+            return origins[loc[:end]]
+    return (str(path), 1)
+
+
+def _did_you_mean(loc: tuple) -> str:
+    """Suggest the closest field name that the schema has where the unknown key was written."""
+    model: type[BaseModel] | None = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part)
+        model = _model_in(field.annotation) if field else None
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.5)
+    if not close:
+        return f"; known keys here: {', '.join(model.model_fields)}"
+    return f" (did you mean '{'.'.join(str(p) for p in (*loc[:-1], close[0]))}'?)"
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found:
+            return found
+    return None

@@ -1,0 +1,167 @@
+"""Train stage: LoRA on the recipe's base model with transformers' Trainer.
+
+Writes train/adapter/ (the adapter and tokenizer), train/metrics.jsonl (loss per step) and
+train/checkpoints/ (resumable: a killed run continues from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from pipeline import data, models
+from pipeline.errors import PipelineError
+from pipeline.recipe import LoadedRecipe
+from pipeline.runs import log, mark_done, replace_dir, stage_fingerprint, temp_dir_for, write_json_atomic
+
+STAGE = "train"
+
+
+def fingerprint(loaded: LoadedRecipe) -> str:
+    r = loaded.recipe
+    base = models.resolve_model(r.model.base)
+    return stage_fingerprint(
+        STAGE, r.model.model_dump(), r.lora.model_dump(), r.train.model_dump(),
+        data.data_fingerprint(r.data), base.fingerprint,
+    )
+
+
+def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    recipe = loaded.recipe
+    stage_dir = run_dir / STAGE
+    stage_fp = fingerprint(loaded)
+    checkpoints_dir = stage_dir / "checkpoints"
+    _discard_stale_checkpoints(stage_dir, stage_fp)
+
+    source = models.resolve_model(recipe.model.base)
+    tokenizer = models.load_tokenizer(source, recipe.model.trust_remote_code)
+    chat = data.uses_chat_template(tokenizer, recipe.data.chat_template)
+    rows = data.load_rows(recipe.data, "train")
+    examples, dropped = data.training_examples(tokenizer, rows, chat, recipe.data.max_seq_len)
+    if not examples:
+        raise PipelineError(f"data.max_seq_len: all {len(rows)} training rows are longer than {recipe.data.max_seq_len} tokens")
+    log(STAGE, f"{len(examples)} training rows ({dropped} dropped as longer than {recipe.data.max_seq_len} tokens)")
+
+    dtype = models.compute_dtype(recipe.model.dtype)
+    model = models.load_model(source, dtype, trust_remote_code=recipe.model.trust_remote_code)
+    lora = recipe.lora
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=lora.target_modules, task_type="CAUSAL_LM",
+        ),
+    )
+    trainable, total = model.get_nb_trainable_parameters()
+    log(STAGE, f"LoRA: {trainable:,} trainable of {total:,} parameters ({dtype}, {models.device()})")
+
+    on_cuda = torch.cuda.is_available()
+    train = recipe.train
+    args = TrainingArguments(
+        output_dir=str(checkpoints_dir),
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps or -1,
+        per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.lr,
+        warmup_steps=train.warmup_ratio,  # a value below 1 is a ratio of all steps
+        weight_decay=train.weight_decay,
+        lr_scheduler_type="linear",
+        seed=train.seed,
+        data_seed=train.seed,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=2,
+        report_to="none",
+        use_cpu=not on_cuda,
+        bf16=on_cuda and dtype == torch.bfloat16,
+        fp16=on_cuda and dtype == torch.float16,
+        optim="adamw_torch_fused" if on_cuda else "adamw_torch",
+        remove_unused_columns=False,
+        disable_tqdm=False,
+    )
+    metrics_path = stage_dir / "metrics.jsonl"
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=examples,
+        data_collator=lambda batch: data.pad_batch(batch, tokenizer.pad_token_id),
+        callbacks=[LossLog(metrics_path)],
+    )
+    last = get_last_checkpoint(str(checkpoints_dir)) if checkpoints_dir.is_dir() else None
+    if last:
+        log(STAGE, f"resuming from {last}")
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=last)
+    seconds = time.perf_counter() - started
+
+    adapter_dir = stage_dir / "adapter"
+    tmp = temp_dir_for(adapter_dir)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, adapter_dir)
+
+    trained_tokens = sum(sum(1 for label in ex["labels"] if label != data.IGNORE_INDEX) for ex in examples)
+    result = {
+        "rows": len(examples),
+        "rows_dropped_too_long": dropped,
+        "steps": trainer.state.global_step,
+        "train_loss": output.training_loss,
+        "final_loss": _last_loss(metrics_path),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "train_seconds": round(seconds, 3),
+        "tokens_per_epoch": sum(len(ex["input_ids"]) for ex in examples),
+        "target_tokens_per_epoch": trained_tokens,
+        "resumed_from": last,
+    }
+    write_json_atomic(stage_dir / "result.json", result)
+    shutil.rmtree(checkpoints_dir, ignore_errors=True)  # the adapter is final; checkpoints only served resuming
+    mark_done(stage_dir, stage_fp)
+    log(STAGE, f"done: {result['steps']} steps, final loss {result['final_loss']:.4f}, {seconds:.1f}s")
+    return result
+
+
+def _discard_stale_checkpoints(stage_dir: Path, stage_fp: str) -> None:
+    """Checkpoints from another recipe or other data must not be resumed."""
+    owner = stage_dir / "checkpoints.owner"
+    if owner.is_file() and owner.read_text() != stage_fp:
+        shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
+        (stage_dir / "metrics.jsonl").unlink(missing_ok=True)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    owner.write_text(stage_fp)
+
+
+def _last_loss(metrics_path: Path) -> float | None:
+    losses = [json.loads(line)["loss"] for line in metrics_path.read_text().splitlines() if '"loss"' in line]
+    return losses[-1] if losses else None
+
+
+class LossLog(TrainerCallback):
+    """Append {"step", "loss", "lr", ...} per logged step to metrics.jsonl; on resume, drop later rows."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.path.is_file():
+            lines = self.path.read_text().splitlines()
+            kept = [line for line in lines if json.loads(line)["step"] <= state.global_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            row = {"step": state.global_step, "epoch": logs.get("epoch"), "loss": logs["loss"],
+                   "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm")}
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
