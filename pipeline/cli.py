@@ -37,24 +37,41 @@ def _parser() -> argparse.ArgumentParser:
     def recipe_verb(name: str, handler, help_text: str) -> argparse.ArgumentParser:
         verb = verbs.add_parser(name, help=help_text, description=help_text)
         verb.add_argument("recipe", type=Path, help="recipe YAML file")
-        verb.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                          help="override a recipe field, e.g. --set train.epochs=3 (repeatable)")
+        verb.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a recipe field, e.g. --set train.epochs=3 (repeatable)",
+        )
         verb.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders go (default: runs)")
         verb.set_defaults(handler=handler)
         return verb
 
-    run = recipe_verb("run", _run_all, "run every stage in order: train, quantize, evaluate, report "
-                                       "(stages already done for this recipe and data are skipped)")
+    run = recipe_verb(
+        "run",
+        _run_all,
+        "run every stage in order: train, quantize, evaluate, report "
+        "(stages already done for this recipe and data are skipped)",
+    )
     run.add_argument("--force", action="store_true", help="rerun stages even if they are done")
     for stage in STAGE_ORDER:
-        recipe_verb(stage if stage != "evaluate" else "eval", _run_one(stage),
-                    f"(re)run the {stage} stage on this recipe's run folder")
+        recipe_verb(
+            stage if stage != "evaluate" else "eval",
+            _run_one(stage),
+            f"(re)run the {stage} stage on this recipe's run folder",
+        )
     recipe_verb("validate", _validate, "check a recipe, its data and its model references without training")
 
     tiny = verbs.add_parser("tiny-models", help="build the tiny random-init models the tiny recipe and tests use")
     tiny.add_argument("--out", type=Path, default=Path("build/tiny-models"))
-    tiny.add_argument("--corpus", type=Path, default=Path("data/intents/train.jsonl"),
-                      help="jsonl whose string fields train the tokenizer")
+    tiny.add_argument(
+        "--corpus",
+        type=Path,
+        default=Path("data/intents/train.jsonl"),
+        help="jsonl whose string fields train the tokenizer",
+    )
     tiny.set_defaults(handler=_tiny_models)
     return parser
 

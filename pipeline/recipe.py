@@ -84,7 +84,8 @@ class QuantizeVariant(Section):
 class ReferenceSection(Section):
     model: str = Field(description="The large general model to compare with (same reference forms as model.base).")
     prompt: str | None = Field(
-        None, description="Prompt template for the reference only (e.g. with the label list); default: data.prompt."
+        None,
+        description="Prompt template for the reference only (e.g. with the label list); default: data.prompt.",
     )
 
 
@@ -248,8 +249,12 @@ def _resolve_paths(data: dict, origins: dict[tuple, Origin]) -> None:
     Model references become absolute paths only where they name an existing folder or start with
     '.'; anything else stays a Hub id.
     """
-    for loc, is_model in ((("data", "train"), False), (("data", "eval"), False),
-                          (("model", "base"), True), (("evaluate", "reference", "model"), True)):
+    for loc, is_model in (
+        (("data", "train"), False),
+        (("data", "eval"), False),
+        (("model", "base"), True),
+        (("evaluate", "reference", "model"), True),
+    ):
         parent = data
         for part in loc[:-1]:
             parent = parent.get(part) if isinstance(parent, dict) else None
@@ -296,7 +301,9 @@ def _did_you_mean(loc: tuple) -> str:
         model = _model_in(field.annotation) if field else None
     if model is None:
         return ""
-    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.5)
+    key = str(loc[-1])
+    close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.5)
+    close = close or [f for f in model.model_fields if key.startswith(f) or f.startswith(key)][:1]  # rank -> r
     if not close:
         return f"; known keys here: {', '.join(model.model_fields)}"
     return f" (did you mean '{'.'.join(str(p) for p in (*loc[:-1], close[0]))}'?)"

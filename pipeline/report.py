@@ -52,10 +52,15 @@ def mcnemar_exact_p(wins: int, losses: int) -> float:
 
 
 def paired(specialized_rows: list[int], other_rows: list[int]) -> dict:
-    wins = [i for i, (s, o) in enumerate(zip(specialized_rows, other_rows)) if s > o]
-    losses = [i for i, (s, o) in enumerate(zip(specialized_rows, other_rows)) if s < o]
-    return {"wins": len(wins), "losses": len(losses), "p_value": mcnemar_exact_p(len(wins), len(losses)),
-            "won_rows": wins, "lost_rows": losses}
+    wins = [i for i, (s, o) in enumerate(zip(specialized_rows, other_rows, strict=True)) if s > o]
+    losses = [i for i, (s, o) in enumerate(zip(specialized_rows, other_rows, strict=True)) if s < o]
+    return {
+        "wins": len(wins),
+        "losses": len(losses),
+        "p_value": mcnemar_exact_p(len(wins), len(losses)),
+        "won_rows": wins,
+        "lost_rows": losses,
+    }
 
 
 # --- building the report ------------------------------------------------------------------------
@@ -106,16 +111,25 @@ def evaluate_gates(loaded: LoadedRecipe, candidates: dict, metric: str, gap: flo
     checks = {}
     specialized = candidates.get("specialized", {}).get("metrics", {}).get(metric, {}).get("value")
     if gates.specialized_min is not None:
-        checks["specialized_min"] = {"threshold": gates.specialized_min, "value": specialized,
-                                     "passed": specialized is not None and specialized >= gates.specialized_min}
+        checks["specialized_min"] = {
+            "threshold": gates.specialized_min,
+            "value": specialized,
+            "passed": specialized is not None and specialized >= gates.specialized_min,
+        }
     if gates.min_gap_closed is not None:
-        checks["min_gap_closed"] = {"threshold": gates.min_gap_closed, "value": gap,
-                                    "passed": gap is not None and gap >= gates.min_gap_closed}
+        checks["min_gap_closed"] = {
+            "threshold": gates.min_gap_closed,
+            "value": gap,
+            "passed": gap is not None and gap >= gates.min_gap_closed,
+        }
     if gates.quantized_max_drop is not None:
         drops = [specialized - c["metrics"][metric]["value"] for c in candidates.values() if c["role"] == "quantized"]
         worst = max(drops, default=0.0)
-        checks["quantized_max_drop"] = {"threshold": gates.quantized_max_drop, "value": worst,
-                                        "passed": worst <= gates.quantized_max_drop + 1e-12}
+        checks["quantized_max_drop"] = {
+            "threshold": gates.quantized_max_drop,
+            "value": worst,
+            "passed": worst <= gates.quantized_max_drop + 1e-12,
+        }
     return {"passed": all(c["passed"] for c in checks.values()), "checks": checks}
 
 
@@ -134,8 +148,7 @@ def render_markdown(report: dict, flips: list[dict]) -> str:
     for name, c in report["candidates"].items():
         m = c["metrics"][metric]
         comparison = report["comparisons"].get(name)
-        versus = (f"{comparison['wins']}/{comparison['losses']}, p={comparison['p_value']:.3g}"
-                  if comparison else "—")
+        versus = f"{comparison['wins']}/{comparison['losses']}, p={comparison['p_value']:.3g}" if comparison else "—"
         lines.append(
             f"| {name} | {c['role']} | {m['value']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}] | {versus} "
             f"| {_mb(c['size_on_disk_bytes'])} | {_mb(c['peak_memory_bytes'])} "
@@ -151,11 +164,17 @@ def render_markdown(report: dict, flips: list[dict]) -> str:
             lines.append(f"- **{mark}** `{gate}`: {_num(check['value'])} (threshold {check['threshold']})")
         lines.append("")
     if flips:
-        lines += ["## Rows that flipped (specialized vs base)", "",
-                  "| row | expected | base | specialized |", "|---|---|---|---|"]
+        lines += [
+            "## Rows that flipped (specialized vs base)",
+            "",
+            "| row | expected | base | specialized |",
+            "|---|---|---|---|",
+        ]
         for flip in flips:
-            lines.append(f"| {flip['source']} | {_cell(flip['expected'])} | {_cell(flip['base'])} "
-                         f"| {_cell(flip['specialized'])} |")
+            lines.append(
+                f"| {flip['source']} | {_cell(flip['expected'])} | {_cell(flip['base'])} "
+                f"| {_cell(flip['specialized'])} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -166,8 +185,10 @@ def verdict(report: dict) -> list[str]:
     value = {name: c[name]["metrics"][metric]["value"] for name in c}
     said = []
     if "specialized" in value and "base" in value:
-        said.append(f"- Specializing moved {metric} from {value['base']:.3f} (base) "
-                    f"to {value['specialized']:.3f} ({value['specialized'] - value['base']:+.3f}).")
+        said.append(
+            f"- Specializing moved {metric} from {value['base']:.3f} (base) "
+            f"to {value['specialized']:.3f} ({value['specialized'] - value['base']:+.3f})."
+        )
     if "reference" in value and "specialized" in value:
         ref, spec = c["reference"], c["specialized"]
         said.append(f"- The reference scores {value['reference']:.3f}; gap closed: {_num(report['gap_closed'])}.")
@@ -175,8 +196,9 @@ def verdict(report: dict) -> list[str]:
             speed = ref["seconds_per_example_p50"] / spec["seconds_per_example_p50"]
             said.append(f"- The specialized model answers {speed:.1f}x as fast as the reference per example.")
         if spec["peak_memory_bytes"] and ref["peak_memory_bytes"]:
-            said.append(f"- It peaks at {spec['peak_memory_bytes'] / ref['peak_memory_bytes']:.2f}x the "
-                        "reference's memory.")
+            said.append(
+                f"- It peaks at {spec['peak_memory_bytes'] / ref['peak_memory_bytes']:.2f}x the reference's memory."
+            )
     gates = report["gates"]
     if gates["checks"]:
         said.append("- Gates: " + ("all passed." if gates["passed"] else "FAILED; do not ship this run."))
@@ -190,9 +212,16 @@ def flipped_rows(report: dict, generations: dict[str, list[dict]], rows: list, l
     flips = []
     for kind in ("won_rows", "lost_rows"):
         for i in comparison[kind][: limit // 2]:
-            flips.append({"row": i, "source": rows[i].source, "expected": rows[i].target,
-                          "base": generations["base"][i]["prediction"],
-                          "specialized": generations["specialized"][i]["prediction"], "kind": kind[:-5]})
+            flips.append(
+                {
+                    "row": i,
+                    "source": rows[i].source,
+                    "expected": rows[i].target,
+                    "base": generations["base"][i]["prediction"],
+                    "specialized": generations["specialized"][i]["prediction"],
+                    "kind": kind[:-5],
+                }
+            )
     return flips
 
 
@@ -204,8 +233,11 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         raise PipelineError(f"{run_dir}: no evaluation results; run `make eval RECIPE={loaded.path}` first")
     results = json.loads(results_path.read_text())
     report = build_report(results, loaded)
-    generations = {name: _read_generations(run_dir / "evaluate" / "generations" / f"{name}.jsonl")
-                   for name in ("base", "specialized") if name in results["candidates"]}
+    generations = {
+        name: _read_generations(run_dir / "evaluate" / "generations" / f"{name}.jsonl")
+        for name in ("base", "specialized")
+        if name in results["candidates"]
+    }
     rows = data.load_rows(loaded.recipe.data, "eval")
     flips = flipped_rows(report, generations, rows) if len(generations) == 2 else []
     report["flipped_rows"] = flips

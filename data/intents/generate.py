@@ -116,9 +116,26 @@ INTENTS = {
 }
 
 PRODUCTS = [
-    "running shoes", "rain jacket", "coffee grinder", "desk lamp", "wool sweater", "phone case",
-    "backpack", "blender", "yoga mat", "headphones", "water bottle", "winter boots", "office chair",
-    "bed sheets", "sunglasses", "kettle", "laptop stand", "hiking socks", "air fryer", "wall clock",
+    "running shoes",
+    "rain jacket",
+    "coffee grinder",
+    "desk lamp",
+    "wool sweater",
+    "phone case",
+    "backpack",
+    "blender",
+    "yoga mat",
+    "headphones",
+    "water bottle",
+    "winter boots",
+    "office chair",
+    "bed sheets",
+    "sunglasses",
+    "kettle",
+    "laptop stand",
+    "hiking socks",
+    "air fryer",
+    "wall clock",
 ]
 CITIES = ["Lisbon", "Denver", "Osaka", "Leeds", "Toronto", "Lyon", "Austin", "Porto", "Seoul", "Bergen"]
 OPENERS = ["", "", "", "hi, ", "hello, ", "hey there, ", "good morning, ", "quick question: ", "urgent: "]
@@ -126,9 +143,7 @@ CLOSERS = ["", "", "", " thanks", " thank you!", " asap please", " - thanks in a
 
 
 def message(rng: random.Random, phrasing: str) -> str:
-    text = phrasing.format(
-        order=f"#{rng.randint(10000, 99999)}", product=rng.choice(PRODUCTS), city=rng.choice(CITIES)
-    )
+    text = phrasing.format(order=f"#{rng.randint(10000, 99999)}", product=rng.choice(PRODUCTS), city=rng.choice(CITIES))
     text = rng.choice(OPENERS) + text + rng.choice(CLOSERS)
     return text[0].upper() + text[1:] if rng.random() < 0.5 else text
 

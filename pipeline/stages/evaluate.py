@@ -26,7 +26,14 @@ from pipeline import data, models
 from pipeline.errors import PipelineError
 from pipeline.metrics import metric_path
 from pipeline.recipe import LoadedRecipe
-from pipeline.runs import dir_size_bytes, done_fingerprint, log, mark_done, stage_fingerprint, write_json_atomic
+from pipeline.runs import (
+    dir_size_bytes,
+    done_fingerprint,
+    log,
+    mark_done,
+    stage_fingerprint,
+    write_json_atomic,
+)
 
 STAGE = "evaluate"
 
@@ -52,7 +59,13 @@ def candidates(loaded: LoadedRecipe, run_dir: Path) -> list[Candidate]:
     trust = recipe.model.trust_remote_code
     found = [
         Candidate("base", "base", base, trust_remote_code=trust),
-        Candidate("specialized", "specialized", base, adapter_dir=run_dir / "train" / "adapter", trust_remote_code=trust),
+        Candidate(
+            "specialized",
+            "specialized",
+            base,
+            adapter_dir=run_dir / "train" / "adapter",
+            trust_remote_code=trust,
+        ),
     ]
     for variant in recipe.quantize:
         folder = run_dir / "quantize" / variant.kind
@@ -66,7 +79,9 @@ def candidates(loaded: LoadedRecipe, run_dir: Path) -> list[Candidate]:
 
 def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
     return stage_fingerprint(
-        STAGE, done_fingerprint(run_dir / "quantize"), loaded.recipe.evaluate.model_dump(),
+        STAGE,
+        done_fingerprint(run_dir / "quantize"),
+        loaded.recipe.evaluate.model_dump(),
         [c.fingerprint() for c in candidates(loaded, run_dir)],
     )
 
@@ -74,7 +89,9 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
 def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     recipe = loaded.recipe
     if done_fingerprint(run_dir / "train") is None:
-        raise PipelineError(f"{run_dir}: no finished train stage to evaluate; run `make train RECIPE={loaded.path}` first")
+        raise PipelineError(
+            f"{run_dir}: no finished train stage to evaluate; run `make train RECIPE={loaded.path}` first"
+        )
     if recipe.quantize and done_fingerprint(run_dir / "quantize") is None:
         raise PipelineError(f"{run_dir}: no finished quantize stage; run `make quantize RECIPE={loaded.path}` first")
     stage_dir = run_dir / STAGE
@@ -106,8 +123,12 @@ def _generations(candidate: Candidate, rows: list[data.TaskRow], loaded: LoadedR
     """Generations and cost facts for one candidate, from the cache where it is complete."""
     settings = loaded.recipe.evaluate
     cache_key = stage_fingerprint(
-        candidate.fingerprint(), [r.prompt for r in rows], settings.max_new_tokens, settings.batch_size,
-        loaded.recipe.data.chat_template, loaded.recipe.model.dtype,
+        candidate.fingerprint(),
+        [r.prompt for r in rows],
+        settings.max_new_tokens,
+        settings.batch_size,
+        loaded.recipe.data.chat_template,
+        loaded.recipe.model.dtype,
     )
     cache = stage_dir / "generations" / f"{candidate.name}.jsonl"
     cost_path = stage_dir / "generations" / f"{candidate.name}.cost.json"
@@ -129,8 +150,9 @@ def _generations(candidate: Candidate, rows: list[data.TaskRow], loaded: LoadedR
         prompts = [data.prompt_token_ids(tokenizer, row.prompt, chat) for row in rows]
         todo = [i for i in range(len(rows)) if i not in cached]
         log(STAGE, f"{candidate.name}: generating {len(todo)} answers ({len(cached)} cached)")
-        for batch in generate_batches(model, tokenizer, prompts, todo, settings.max_new_tokens, settings.batch_size,
-                                      desc=candidate.name):
+        for batch in generate_batches(
+            model, tokenizer, prompts, todo, settings.max_new_tokens, settings.batch_size, desc=candidate.name
+        ):
             with cache.open("a") as f:
                 for entry in batch:
                     f.write(json.dumps(entry) + "\n")
@@ -143,8 +165,15 @@ def _generations(candidate: Candidate, rows: list[data.TaskRow], loaded: LoadedR
     return generations, cost
 
 
-def generate_batches(model, tokenizer, prompts: list[list[int]], row_ids: list[int], max_new_tokens: int,
-                     batch_size: int, desc: str = "generate"):
+def generate_batches(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    row_ids: list[int],
+    max_new_tokens: int,
+    batch_size: int,
+    desc: str = "generate",
+):
     """Greedy, left-padded batched generation; yields one list of cache entries per batch.
 
     Rows are grouped by prompt length so batches carry little padding.
@@ -152,8 +181,12 @@ def generate_batches(model, tokenizer, prompts: list[list[int]], row_ids: list[i
     from transformers import GenerationConfig
 
     eos_ids = _eos_ids(model, tokenizer)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_ids,
-                              pad_token_id=tokenizer.pad_token_id)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos_ids,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     order = sorted(row_ids, key=lambda i: len(prompts[i]))
     device = next(model.parameters()).device
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
@@ -164,19 +197,22 @@ def generate_batches(model, tokenizer, prompts: list[list[int]], row_ids: list[i
         _sync()
         started = time.perf_counter()
         with torch.inference_mode():
-            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                    generation_config=config)
+            output = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=config
+            )
         _sync()
         seconds_per_row = (time.perf_counter() - started) / len(ids)
         entries = []
-        for i, sequence in zip(ids, output[:, width:].tolist()):
+        for i, sequence in zip(ids, output[:, width:].tolist(), strict=True):
             answer = _until_eos(sequence, eos_ids)
-            entries.append({
-                "row": i,
-                "prediction": tokenizer.decode(answer, skip_special_tokens=True).strip(),
-                "generated_tokens": min(len(answer) + 1, len(sequence)),  # the EOS, where there was one, counts
-                "seconds": seconds_per_row,
-            })
+            entries.append(
+                {
+                    "row": i,
+                    "prediction": tokenizer.decode(answer, skip_special_tokens=True).strip(),
+                    "generated_tokens": min(len(answer) + 1, len(sequence)),  # the EOS, where there was one, counts
+                    "seconds": seconds_per_row,
+                }
+            )
         yield entries
 
 
@@ -212,8 +248,14 @@ def _load_candidate(candidate: Candidate, dtype: torch.dtype):
     return model, tokenizer
 
 
-def _cost(candidate: Candidate, model, generations: list[dict], prompts: list[list[int]], load_seconds: float,
-          peak_bytes: int) -> dict:
+def _cost(
+    candidate: Candidate,
+    model,
+    generations: list[dict],
+    prompts: list[list[int]],
+    load_seconds: float,
+    peak_bytes: int,
+) -> dict:
     seconds = [g["seconds"] for g in generations]
     tokens = sum(g["generated_tokens"] for g in generations)
     size = dir_size_bytes(Path(candidate.source.location)) if candidate.source.is_local else None

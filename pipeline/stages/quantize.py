@@ -29,7 +29,9 @@ STAGE = "quantize"
 
 
 def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
-    return stage_fingerprint(STAGE, done_fingerprint(run_dir / "train"), [v.model_dump() for v in loaded.recipe.quantize])
+    return stage_fingerprint(
+        STAGE, done_fingerprint(run_dir / "train"), [v.model_dump() for v in loaded.recipe.quantize]
+    )
 
 
 def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
@@ -38,7 +40,9 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     recipe = loaded.recipe
     adapter_dir = run_dir / "train" / "adapter"
     if done_fingerprint(run_dir / "train") is None or not adapter_dir.is_dir():
-        raise PipelineError(f"{run_dir}: no finished train stage to quantize; run `make train RECIPE={loaded.path}` first")
+        raise PipelineError(
+            f"{run_dir}: no finished train stage to quantize; run `make train RECIPE={loaded.path}` first"
+        )
     stage_dir = run_dir / STAGE
     stage_dir.mkdir(parents=True, exist_ok=True)
 

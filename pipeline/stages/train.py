@@ -25,8 +25,12 @@ def fingerprint(loaded: LoadedRecipe) -> str:
     r = loaded.recipe
     base = models.resolve_model(r.model.base)
     return stage_fingerprint(
-        STAGE, r.model.model_dump(), r.lora.model_dump(), r.train.model_dump(),
-        data.data_fingerprint(r.data), base.fingerprint,
+        STAGE,
+        r.model.model_dump(),
+        r.lora.model_dump(),
+        r.train.model_dump(),
+        data.data_fingerprint(r.data),
+        base.fingerprint,
     )
 
 
@@ -48,8 +52,13 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     rows = data.load_rows(recipe.data, "train")
     examples, dropped = data.training_examples(tokenizer, rows, chat, recipe.data.max_seq_len)
     if not examples:
-        raise PipelineError(f"data.max_seq_len: all {len(rows)} training rows are longer than {recipe.data.max_seq_len} tokens")
-    log(STAGE, f"{len(examples)} training rows ({dropped} dropped as longer than {recipe.data.max_seq_len} tokens)")
+        raise PipelineError(
+            f"data.max_seq_len: all {len(rows)} training rows are longer than {recipe.data.max_seq_len} tokens"
+        )
+    log(
+        STAGE,
+        f"{len(examples)} training rows ({dropped} dropped as longer than {recipe.data.max_seq_len} tokens)",
+    )
 
     dtype = models.compute_dtype(recipe.model.dtype)
     model = models.load_model(source, dtype, trust_remote_code=recipe.model.trust_remote_code)
@@ -57,8 +66,11 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     model = get_peft_model(
         model,
         LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules=lora.target_modules, task_type="CAUSAL_LM",
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
         ),
     )
     trainable, total = model.get_nb_trainable_parameters()
@@ -126,7 +138,9 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         "resumed_from": last,
     }
     write_json_atomic(stage_dir / "result.json", result)
-    shutil.rmtree(checkpoints_dir, ignore_errors=True)  # the adapter is final; checkpoints only served resuming
+    # The adapter is final; checkpoints only served resuming.
+    shutil.rmtree(checkpoints_dir, ignore_errors=True)
+    (stage_dir / "checkpoints.owner").unlink(missing_ok=True)
     mark_done(stage_dir, stage_fp)
     log(STAGE, f"done: {result['steps']} steps, final loss {result['final_loss']:.4f}, {seconds:.1f}s")
     return result
@@ -161,7 +175,12 @@ class LossLog(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
-            row = {"step": state.global_step, "epoch": logs.get("epoch"), "loss": logs["loss"],
-                   "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm")}
+            row = {
+                "step": state.global_step,
+                "epoch": logs.get("epoch"),
+                "loss": logs["loss"],
+                "lr": logs.get("learning_rate"),
+                "grad_norm": logs.get("grad_norm"),
+            }
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")

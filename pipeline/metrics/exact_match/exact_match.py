@@ -37,5 +37,5 @@ class ExactMatch(evaluate.Metric):
             text = text.strip()
             return text.lower() if ignore_case else text
 
-        per_row = [int(normalize(p) == normalize(r)) for p, r in zip(predictions, references)]
+        per_row = [int(normalize(p) == normalize(r)) for p, r in zip(predictions, references, strict=True)]
         return {"exact_match": sum(per_row) / len(per_row) if per_row else 0.0, "per_row": per_row}

@@ -1,0 +1,63 @@
+# The front door. Every target sets up .venv on first use (torch first: the CPU build where no CUDA
+# is present), so a fresh clone needs only `make train` or `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+RECIPE ?= recipes/tiny.yaml
+SET    ?=
+RUNS   ?= runs
+TORCH_VERSION := 2.13.0
+RECIPE_ARGS = $(RECIPE) --runs-dir $(RUNS) $(foreach s,$(SET),--set $(s))
+TINY_MODELS := build/tiny-models/base/model.safetensors
+
+.DEFAULT_GOAL := help
+.PHONY: help setup train quantize eval report validate tiny-models test lint clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@echo "  variables: RECIPE=recipes/x.yaml  SET=\"train.epochs=3 lora.r=8\"  RUNS=runs"
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# Keep a torch that is already there (GPU users install their CUDA build first, see README).
+	@$(PY) -c "import torch" 2>/dev/null || { \
+	  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	    $(PY) -m pip install torch==$(TORCH_VERSION); \
+	  else \
+	    $(PY) -m pip install torch==$(TORCH_VERSION)+cpu 2>/dev/null || \
+	    $(PY) -m pip install torch==$(TORCH_VERSION)+cpu --extra-index-url https://download.pytorch.org/whl/cpu; \
+	  fi; }
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $@
+
+setup: $(VENV)/.installed ## create .venv and install everything (other targets do this themselves)
+
+$(TINY_MODELS): data/intents/train.jsonl pipeline/models.py | $(VENV)/.installed
+	$(VENV)/bin/specialist tiny-models --out build/tiny-models --corpus data/intents/train.jsonl
+
+tiny-models: $(TINY_MODELS) ## build the tiny random-init models (recipes/tiny.yaml, tests)
+
+train: $(VENV)/.installed $(TINY_MODELS) ## run every stage of RECIPE: train, quantize, evaluate, report
+	$(VENV)/bin/specialist run $(RECIPE_ARGS)
+
+quantize: $(VENV)/.installed ## rerun the quantize stage on RECIPE's run
+	$(VENV)/bin/specialist quantize $(RECIPE_ARGS)
+
+eval: $(VENV)/.installed ## rerun the evaluate stage on RECIPE's run (cached generations are reused)
+	$(VENV)/bin/specialist eval $(RECIPE_ARGS)
+
+report: $(VENV)/.installed ## rebuild report.json / report.md from RECIPE's evaluation (no generation)
+	$(VENV)/bin/specialist report $(RECIPE_ARGS)
+
+validate: $(VENV)/.installed $(TINY_MODELS) ## check RECIPE, its data and models without training
+	$(VENV)/bin/specialist validate $(RECIPE_ARGS)
+
+test: $(VENV)/.installed ## run the test suite (unit + integration on tiny models)
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed ## ruff check and format check
+	$(VENV)/bin/ruff check pipeline tests data
+	$(VENV)/bin/ruff format --check pipeline tests data
+
+clean: ## remove runs/ and build/ (keeps .venv)
+	rm -rf runs build

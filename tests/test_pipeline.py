@@ -1,0 +1,167 @@
+"""The whole pipeline through the CLI on tiny random-init models."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline import data
+from pipeline.cli import main
+from pipeline.models import ModelSource, load_model, load_tokenizer
+from pipeline.recipe import load_recipe
+from pipeline.stages import train as train_stage
+
+pytestmark = pytest.mark.integration
+
+
+def run_cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+@pytest.fixture
+def finished_run(tiny_recipe, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert run_cli("run", tiny_recipe, "--runs-dir", runs) == 0
+    capsys.readouterr()
+    loaded = load_recipe(tiny_recipe)
+    return loaded, runs / "tiny-test" / loaded.run_id
+
+
+def test_run_writes_the_run_folder(finished_run):
+    _, run_dir = finished_run
+    files = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
+    expected = {
+        "recipe.resolved.yaml",
+        "manifest.json",
+        "train/adapter/adapter_model.safetensors",
+        "train/adapter/adapter_config.json",
+        "train/metrics.jsonl",
+        "train/result.json",
+        "train/.done.json",
+        "quantize/merged/model.safetensors",
+        "quantize/bnb-nf4/model.safetensors",
+        "quantize/bnb-int8/model.safetensors",
+        "quantize/result.json",
+        "quantize/.done.json",
+        "evaluate/results.json",
+        "evaluate/report.json",
+        "evaluate/report.md",
+        "evaluate/.done.json",
+        *(f"evaluate/generations/{c}.jsonl" for c in ("base", "specialized", "bnb-nf4", "bnb-int8", "reference")),
+    }
+    assert expected <= files
+    assert not any("checkpoint" in f or ".tmp-" in f for f in files)  # no leftovers of an unfinished write
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["versions"]["transformers"] == "5.23.0" and manifest["data_fingerprint"]
+
+
+def test_training_logs_loss_per_step_and_changes_only_the_adapter(finished_run, tiny_models):
+    _, run_dir = finished_run
+    steps = [json.loads(line) for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == list(range(1, 13))  # 96 rows / 16 per step * 2 epochs
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    adapter = load_file(run_dir / "train" / "adapter" / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
+    base = load_file(tiny_models["base"] / "model.safetensors")
+    merged = load_file(run_dir / "quantize" / "merged" / "model.safetensors")
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(base[q_proj], merged[q_proj])  # the adapter was merged in
+    assert torch.equal(base["model.embed_tokens.weight"], merged["model.embed_tokens.weight"])
+
+
+def test_report_has_every_candidate_with_its_numbers(finished_run):
+    loaded, run_dir = finished_run
+    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    assert list(report["candidates"]) == ["base", "specialized", "bnb-nf4", "bnb-int8", "reference"]
+    targets = [row.target.strip() for row in data.load_rows(loaded.recipe.data, "eval")]
+    for name, candidate in report["candidates"].items():
+        lines = (run_dir / "evaluate" / "generations" / f"{name}.jsonl").read_text().splitlines()[1:]
+        predictions = {e["row"]: e["prediction"] for e in map(json.loads, lines)}
+        by_hand = sum(predictions[i] == t for i, t in enumerate(targets)) / len(targets)
+        assert candidate["metrics"]["exact_match"]["value"] == by_hand, name
+        low, high = candidate["metrics"]["exact_match"]["ci95"]
+        assert low <= by_hand <= high
+        for key in (
+            "seconds_per_example_p50",
+            "peak_memory_bytes",
+            "size_on_disk_bytes",
+            "generated_tokens_per_second",
+            "prompt_tokens_per_example",
+        ):
+            assert candidate[key] is not None and candidate[key] >= 0, (name, key)
+    sizes = {n: c["size_on_disk_bytes"] for n, c in report["candidates"].items()}
+    assert sizes["bnb-nf4"] < sizes["bnb-int8"] < sizes["base"] < sizes["reference"]
+    assert report["gates"]["passed"] is True
+    assert "## Verdict" in (run_dir / "evaluate" / "report.md").read_text()
+
+
+def test_adapter_and_quantized_variants_load_back_and_generate(finished_run):
+    from peft import PeftModel
+
+    _, run_dir = finished_run
+    adapter_dir = run_dir / "train" / "adapter"
+    tokenizer = load_tokenizer(ModelSource(str(adapter_dir), None, True))
+    prompt = torch.tensor([tokenizer("Message: where is my parcel?\nIntent:")["input_ids"]])
+    base_config = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    specialized = PeftModel.from_pretrained(
+        load_model(ModelSource(base_config, None, True), torch.float32), adapter_dir
+    )
+    for model in [specialized] + [
+        load_model(ModelSource(str(run_dir / "quantize" / kind), None, True), torch.float32)
+        for kind in ("bnb-nf4", "bnb-int8")
+    ]:
+        out = model.generate(input_ids=prompt, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        assert out.shape[1] > prompt.shape[1]
+
+
+def test_rerun_skips_finished_stages_and_report_does_not_generate(finished_run, tiny_recipe, capsys, monkeypatch):
+    loaded, run_dir = finished_run
+    runs = run_dir.parent.parent
+    assert run_cli("run", tiny_recipe, "--runs-dir", runs) == 0
+    err = capsys.readouterr().err
+    for stage in ("train", "quantize", "evaluate"):
+        assert f"[{stage}] already done for this recipe and data; skipped" in err
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("report must not generate")
+
+    monkeypatch.setattr("pipeline.stages.evaluate.generate_batches", no_generation)
+    assert run_cli("report", tiny_recipe, "--runs-dir", runs) == 0
+    # eval reruns from the generation cache, without generating either
+    assert run_cli("eval", tiny_recipe, "--runs-dir", runs) == 0
+    assert "5" not in [line for line in capsys.readouterr().err.splitlines() if "generating" in line]
+
+
+def test_killed_training_resumes_from_its_last_checkpoint(tiny_recipe, tmp_path, capsys, monkeypatch):
+    runs = tmp_path / "runs"
+    original = train_stage.LossLog.on_log
+
+    def die_at_step_6(self, args, state, control, logs=None, **kwargs):
+        original(self, args, state, control, logs=logs, **kwargs)
+        if state.global_step == 6:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_stage.LossLog, "on_log", die_at_step_6)
+    assert run_cli("train", tiny_recipe, "--runs-dir", runs) == 130
+    monkeypatch.setattr(train_stage.LossLog, "on_log", original)
+    assert run_cli("train", tiny_recipe, "--runs-dir", runs) == 0
+    err = capsys.readouterr().err
+    assert "resuming from" in err and "checkpoint-4" in err
+    run_dir = runs / "tiny-test" / load_recipe(tiny_recipe).run_id
+    steps = [json.loads(line)["step"] for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
+
+
+def test_stage_out_of_order_is_a_clear_error(tiny_recipe, tmp_path, capsys):
+    assert run_cli("eval", tiny_recipe, "--runs-dir", tmp_path / "runs") == 2
+    err = capsys.readouterr().err
+    assert "no finished train stage to evaluate; run `make train" in err and "Traceback" not in err
+
+
+def test_bad_recipe_exits_2_with_file_and_line(write_recipe, capsys):
+    path = write_recipe("name: t\nmodel:\n  bsae: x\n")
+    assert run_cli("validate", path) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:3: model.bsae: unknown key (did you mean 'model.base'?)" in err
+    assert "Traceback" not in err
