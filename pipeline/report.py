@@ -141,7 +141,7 @@ def render_markdown(report: dict, flips: list[dict]) -> str:
         f"Run `{report['run_id']}`, {report['eval_rows']} eval rows, metric `{metric}` "
         "(95% bootstrap interval in brackets). Latency is per example, amortized over a batch.",
         "",
-        "| candidate | role | " + metric + " | vs specialized (won/lost, p) | size on disk | peak memory "
+        "| candidate | role | " + metric + " | specialized won/lost here (McNemar p) | size on disk | peak memory "
         "| s/example p50 | p95 | gen tokens/s | prompt tokens |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -216,7 +216,7 @@ def flipped_rows(report: dict, generations: dict[str, list[dict]], rows: list, l
                 {
                     "row": i,
                     "source": rows[i].source,
-                    "expected": rows[i].target,
+                    "expected": rows[i].target.strip(),
                     "base": generations["base"][i]["prediction"],
                     "specialized": generations["specialized"][i]["prediction"],
                     "kind": kind[:-5],
