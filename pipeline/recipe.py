@@ -87,6 +87,12 @@ class ReferenceSection(Section):
         None,
         description="Prompt template for the reference only (e.g. with the label list); default: data.prompt.",
     )
+    system: str | None = Field(
+        None, description="System message for the reference's chat template (replaces the model's default one)."
+    )
+    chat_template: Literal["auto", "never"] = Field(
+        "auto", description="auto: the reference answers through its tokenizer's chat template, if it has one."
+    )
 
 
 class GatesSection(Section):

@@ -148,7 +148,7 @@ def message(rng: random.Random, phrasing: str) -> str:
     return text[0].upper() + text[1:] if rng.random() < 0.5 else text
 
 
-def generate(train_per_intent: int = 80, test_per_intent: int = 30, seed: int = 0) -> tuple[list, list]:
+def generate(train_per_intent: int = 80, test_per_intent: int = 20, seed: int = 0) -> tuple[list, list]:
     rng = random.Random(seed)
     train, test = [], []
     for label, phrasings in INTENTS.items():

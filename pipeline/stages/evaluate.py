@@ -46,11 +46,15 @@ class Candidate:
     adapter_dir: Path | None = None
     quantized: bool = False  # weights already quantized on disk (bnb serialization)
     prompt_template: str | None = None  # None: data.prompt
+    system: str | None = None  # system message, where the chat template is used
+    chat_template: str | None = None  # None: data.chat_template
     trust_remote_code: bool = False
 
     def fingerprint(self) -> str:
         adapter = _file_stats(self.adapter_dir) if self.adapter_dir else None
-        return stage_fingerprint(self.source.fingerprint, adapter, self.prompt_template)
+        return stage_fingerprint(
+            self.source.fingerprint, adapter, self.prompt_template, self.system, self.chat_template
+        )
 
 
 def candidates(loaded: LoadedRecipe, run_dir: Path) -> list[Candidate]:
@@ -73,7 +77,16 @@ def candidates(loaded: LoadedRecipe, run_dir: Path) -> list[Candidate]:
     reference = recipe.evaluate.reference
     if reference:
         source = models.resolve_model(reference.model, "evaluate.reference.model")
-        found.append(Candidate("reference", "reference", source, prompt_template=reference.prompt))
+        found.append(
+            Candidate(
+                "reference",
+                "reference",
+                source,
+                prompt_template=reference.prompt,
+                system=reference.system,
+                chat_template=reference.chat_template,
+            )
+        )
     return found
 
 
@@ -146,8 +159,8 @@ def _generations(candidate: Candidate, rows: list[data.TaskRow], loaded: LoadedR
         started = time.perf_counter()
         model, tokenizer = _load_candidate(candidate, dtype)
         load_seconds = time.perf_counter() - started
-        chat = data.uses_chat_template(tokenizer, loaded.recipe.data.chat_template)
-        prompts = [data.prompt_token_ids(tokenizer, row.prompt, chat) for row in rows]
+        chat = data.uses_chat_template(tokenizer, candidate.chat_template or loaded.recipe.data.chat_template)
+        prompts = [data.prompt_token_ids(tokenizer, row.prompt, chat, candidate.system) for row in rows]
         todo = [i for i in range(len(rows)) if i not in cached]
         log(STAGE, f"{candidate.name}: generating {len(todo)} answers ({len(cached)} cached)")
         for batch in generate_batches(
