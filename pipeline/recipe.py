@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,6 +73,9 @@ class TrainSection(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     seed: int = Field(0, description="Seed for weight init, shuffling and dropout.")
     save_steps: int = Field(50, gt=0, description="Write a resumable checkpoint every N steps.")
+    qlora: bool = Field(
+        False, description="QLoRA: train the adapter on a 4-bit (bitsandbytes nf4) copy of the base to save memory."
+    )
 
 
 class QuantizeVariant(Section):
@@ -106,8 +109,10 @@ class GatesSection(Section):
 
 
 class EvaluateSection(Section):
-    metrics: list[Literal["exact_match"]] = Field(
-        ["exact_match"], min_length=1, description="Task metrics; the first one decides gates."
+    metrics: list[str] = Field(
+        ["exact_match"],
+        min_length=1,
+        description="Task metrics, by name of a module in pipeline/metrics/; the first one decides gates.",
     )
     ignore_case: bool = Field(False, description="Compare predictions and references case-insensitively.")
     max_new_tokens: int = Field(16, gt=0, description="Longest generated answer in tokens.")
@@ -119,15 +124,17 @@ class EvaluateSection(Section):
 
 class Recipe(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name; runs go to runs/<name>/.")
-    model: ModelSection
-    data: DataSection
-    lora: LoraSection = Field(default_factory=LoraSection)
-    train: TrainSection = Field(default_factory=TrainSection)
+    model: ModelSection = Field(description="The base model to specialize and how to load it.")
+    data: DataSection = Field(description="Where the task's rows are and how they become prompts and targets.")
+    lora: LoraSection = Field(default_factory=LoraSection, description="The LoRA adapter's shape.")
+    train: TrainSection = Field(default_factory=TrainSection, description="Optimization settings.")
     quantize: list[QuantizeVariant] = Field(
         default_factory=lambda: [QuantizeVariant(kind="bnb-nf4"), QuantizeVariant(kind="bnb-int8")],
         description="Quantized variants of the merged specialized model to build and evaluate.",
     )
-    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    evaluate: EvaluateSection = Field(
+        default_factory=EvaluateSection, description="How the candidates are compared, and the gates they must pass."
+    )
 
 
 @dataclass(frozen=True)
@@ -136,10 +143,25 @@ class LoadedRecipe:
     path: Path
     resolved: dict[str, Any]  # plain data, paths absolute: what recipe.resolved.yaml holds
     sha256: str
+    origins: dict[tuple, tuple[str, int]] = field(default_factory=dict, compare=False, repr=False)
+
+    def error_at(self, loc: tuple, message: str) -> str:
+        """A message located at the file and line where the field at `loc` was written."""
+        return _located(loc, message, self.origins, self.path)
 
     @property
     def run_id(self) -> str:
         return self.sha256[:12]
+
+
+def json_schema() -> str:
+    """The recipe's JSON Schema, generated from the models above (recipes/schema.json)."""
+    schema = Recipe.model_json_schema()
+    schema["properties"]["extends"] = {
+        "type": "string",
+        "description": "Another recipe file (relative to this one) whose fields this one extends and overrides.",
+    }
+    return json.dumps(schema, indent=2) + "\n"
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -158,16 +180,21 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
         raise PipelineError(_format_validation_errors(e, origins, path)) from None
+    problems = cross_field_problems(recipe)
+    if problems:
+        raise PipelineError("\n".join(_located(loc, message, origins, path) for loc, message in problems))
     resolved = recipe.model_dump(mode="json")
     digest = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
-    return LoadedRecipe(recipe=recipe, path=path, resolved=resolved, sha256=digest)
+    return LoadedRecipe(recipe=recipe, path=path, resolved=resolved, sha256=digest, origins=origins)
 
 
-def _load_with_extends(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[tuple, Origin]]:
+def _load_with_extends(
+    path: Path, chain: tuple[Path, ...], referenced_at: str = ""
+) -> tuple[dict, dict[tuple, Origin]]:
     path = path.resolve()
     if path in chain:
-        cycle = " -> ".join(str(p) for p in (*chain, path))
-        raise PipelineError(f"{chain[-1]}: extends: cycle in recipe inheritance: {cycle}")
+        cycle = " -> ".join(p.name for p in (*chain, path))
+        raise PipelineError(f"{referenced_at}: extends: cycle in recipe inheritance: {cycle}")
     data, origins = _read_yaml_mapping(path)
     parent = data.pop("extends", None)
     if parent is None:
@@ -178,7 +205,7 @@ def _load_with_extends(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[
     if not parent_path.is_file():
         line = origins[("extends",)][1]
         raise PipelineError(f"{path}:{line}: extends: no such recipe file {parent_path}")
-    base, base_origins = _load_with_extends(parent_path, (*chain, path))
+    base, base_origins = _load_with_extends(parent_path, (*chain, path), f"{path}:{origins[('extends',)][1]}")
     _deep_merge(base, data)
     base_origins.update({k: v for k, v in origins.items() if k != ("extends",)})
     return base, base_origins
@@ -273,20 +300,64 @@ def _resolve_paths(data: dict, origins: dict[tuple, Origin]) -> None:
             parent[loc[-1]] = str(candidate)
 
 
+def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """Rules that span fields, which users would otherwise learn from a crash or a wasted run."""
+    from pipeline.metrics import available_metrics
+
+    problems = []
+    known_metrics = available_metrics()
+    for i, metric in enumerate(recipe.evaluate.metrics):
+        if metric not in known_metrics:
+            close = difflib.get_close_matches(metric, known_metrics, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; known: {', '.join(known_metrics)}"
+            problems.append((("evaluate", "metrics", i), f"unknown metric {metric!r}{hint}"))
+    gates = recipe.evaluate.gates
+    if gates.min_gap_closed is not None and recipe.evaluate.reference is None:
+        problems.append((("evaluate", "gates", "min_gap_closed"), "needs evaluate.reference.model to measure a gap"))
+    if gates.quantized_max_drop is not None and not recipe.quantize:
+        problems.append(
+            (("evaluate", "gates", "quantized_max_drop"), "no quantize variants to check; add some under quantize:")
+        )
+    kinds = [v.kind for v in recipe.quantize]
+    for i, kind in enumerate(kinds):
+        if kind in kinds[:i]:
+            problems.append((("quantize", i, "kind"), f"{kind} is listed twice"))
+    if Path(recipe.data.train).resolve() == Path(recipe.data.eval).resolve():
+        problems.append((("data", "eval"), "is the training file: evaluate on rows the model was not trained on"))
+    from pipeline.data import template_fields
+
+    if not template_fields(recipe.data.prompt):
+        problems.append((("data", "prompt"), "uses no {field} of the rows, so every prompt would be the same"))
+    if not recipe.data.target.strip():
+        problems.append((("data", "target"), "is empty: there would be nothing to learn"))
+    reference = recipe.evaluate.reference
+    if reference and reference.system and reference.chat_template == "never":
+        problems.append((("evaluate", "reference", "system"), "needs the chat template; remove chat_template: never"))
+    if recipe.train.qlora:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            problems.append((("train", "qlora"), "needs bitsandbytes: pip install bitsandbytes"))
+    return problems
+
+
+def _located(loc: tuple, message: str, origins: dict[tuple, Origin], path: Path) -> str:
+    file, line = _origin_of(loc, origins, path)
+    where = f"{file}:{line}" if file != "--set" else "--set"
+    return f"{where}: {'.'.join(str(p) for p in loc)}: {message}"
+
+
 def _format_validation_errors(error: ValidationError, origins: dict[tuple, Origin], path: Path) -> str:
     lines = []
     for item in error.errors():
         loc = tuple(item["loc"])
-        field = ".".join(str(p) for p in loc) or "(top level)"
-        file, line = _origin_of(loc, origins, path)
-        where = f"{file}:{line}" if file != "--set" else "--set"
         if item["type"] == "extra_forbidden":
             message = "unknown key" + _did_you_mean(loc)
         elif item["type"] == "missing":
             message = "required field is missing"
         else:
             message = item["msg"]
-        lines.append(f"{where}: {field}: {message}")
+        lines.append(_located(loc, message, origins, path) if loc else f"{path}:1: {message}")
     return "\n".join(lines)
 
 
@@ -303,8 +374,8 @@ def _did_you_mean(loc: tuple) -> str:
     for part in loc[:-1]:
         if isinstance(part, int) or model is None:
             continue
-        field = model.model_fields.get(part)
-        model = _model_in(field.annotation) if field else None
+        info = model.model_fields.get(part)
+        model = _model_in(info.annotation) if info else None
     if model is None:
         return ""
     key = str(loc[-1])

@@ -165,3 +165,14 @@ def test_bad_recipe_exits_2_with_file_and_line(write_recipe, capsys):
     err = capsys.readouterr().err
     assert f"{path}:3: model.bsae: unknown key (did you mean 'model.base'?)" in err
     assert "Traceback" not in err
+
+
+def test_qlora_trains_an_adapter_on_a_4bit_base(tiny_recipe, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    overrides = ["--set", "train.qlora=true", "--set", "train.max_steps=2"]
+    assert run_cli("train", tiny_recipe, "--runs-dir", runs, *overrides) == 0
+    assert "QLoRA (nf4 base)" in capsys.readouterr().err
+    run_dir = runs / "tiny-test" / load_recipe(tiny_recipe, overrides[1::2]).run_id
+    adapter = load_file(run_dir / "train" / "adapter" / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
+    assert all(v.dtype == torch.float32 for v in adapter.values())  # the adapter itself stays full precision

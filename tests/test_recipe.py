@@ -98,3 +98,27 @@ def test_empty_file_and_a_list_at_top_level(write_recipe):
 def test_unknown_quantize_kind_in_a_list(write_recipe):
     path = write_recipe(MINIMAL + "quantize:\n  - kind: bnb-nf4\n  - kind: gptq\n")
     assert error_of(path).startswith(f"{path}:11: quantize.1.kind: Input should be 'bnb-nf4' or 'bnb-int8'")
+
+
+def test_schema_json_is_current():
+    from pipeline.recipe import json_schema
+
+    shipped = Path(__file__).parent.parent / "recipes" / "schema.json"
+    assert shipped.read_text() == json_schema(), "recipes/schema.json is stale: run `make schema`"
+
+
+def test_every_field_has_a_description():
+    from pydantic import BaseModel
+
+    from pipeline.recipe import Recipe, _model_in
+
+    undocumented, todo = [], [Recipe]
+    while todo:
+        model = todo.pop()
+        for name, info in model.model_fields.items():
+            if not info.description:
+                undocumented.append(f"{model.__name__}.{name}")
+            nested = _model_in(info.annotation)
+            if nested and issubclass(nested, BaseModel):
+                todo.append(nested)
+    assert undocumented == []

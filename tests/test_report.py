@@ -78,6 +78,7 @@ def test_report_numbers_comparisons_and_gates(results, write_recipe):
         data: {train: a.jsonl, eval: b.jsonl, prompt: "{x}", target: "{y}"}
         evaluate:
           bootstrap_samples: 200
+          reference: {model: org/big}
           gates: {specialized_min: 0.7, min_gap_closed: 0.9, quantized_max_drop: 0.2}
     """)
     report = build_report(results, load_recipe(recipe))

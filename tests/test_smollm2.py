@@ -57,7 +57,7 @@ def test_real_pipeline_on_a_handful_of_rows(smollm2, write_recipe, intents_rows,
           reference:
             model: packaged:smollm2-135m-instruct
             system: "Reply with one intent label only."
-            prompt: "Intents: cancel_order, track_order, return_item, refund_status\nMessage: {{text}}\nIntent:"
+            prompt: "Intents: cancel_order, track_order, return_item, refund_status\\nMessage: {{text}}\\nIntent:"
     """)
     runs = tmp_path / "runs"
     assert main(["run", str(recipe), "--runs-dir", str(runs)]) == 0

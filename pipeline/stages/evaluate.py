@@ -113,7 +113,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
 
     results = {}
     for candidate in candidates(loaded, run_dir):
-        rows = data.load_rows(recipe.data, "eval", candidate.prompt_template)
+        rows = data.load_rows(recipe.data, "eval", candidate.prompt_template, "evaluate.reference.prompt")
         generations, cost = _generations(candidate, rows, loaded, stage_dir)
         predictions = [g["prediction"] for g in generations]
         references = [row.target for row in rows]

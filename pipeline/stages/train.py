@@ -61,7 +61,14 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     )
 
     dtype = models.compute_dtype(recipe.model.dtype)
-    model = models.load_model(source, dtype, trust_remote_code=recipe.model.trust_remote_code)
+    if recipe.train.qlora:
+        from peft import prepare_model_for_kbit_training
+
+        # QLoRA: the frozen base in 4-bit nf4, the adapter in full precision on top of it.
+        model = models.load_model(source, dtype, "bnb-nf4", recipe.model.trust_remote_code)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model = models.load_model(source, dtype, trust_remote_code=recipe.model.trust_remote_code)
     lora = recipe.lora
     model = get_peft_model(
         model,
@@ -74,7 +81,8 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         ),
     )
     trainable, total = model.get_nb_trainable_parameters()
-    log(STAGE, f"LoRA: {trainable:,} trainable of {total:,} parameters ({dtype}, {models.device()})")
+    method = "QLoRA (nf4 base)" if recipe.train.qlora else "LoRA"
+    log(STAGE, f"{method}: {trainable:,} trainable of {total:,} parameters ({dtype}, {models.device()})")
 
     on_cuda = torch.cuda.is_available()
     train = recipe.train

