@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
             f"(re)run the {stage} stage on this recipe's run folder",
         )
     recipe_verb("validate", _validate, "check a recipe, its data and its model references without training")
+    inspect = recipe_verb("inspect", _inspect, "show training rows with the trained tokens marked, and length stats")
+    inspect.add_argument("--rows", type=int, default=3, help="how many rows to show (default 3)")
 
     schema = verbs.add_parser("schema", help="write the recipe JSON Schema (for editor completion)")
     schema.add_argument("--out", type=Path, default=Path("recipes/schema.json"))
@@ -158,6 +160,14 @@ def _validate(args) -> int:
     loaded = load_recipe(args.recipe, args.overrides)
     summary = validate.check(loaded)
     validate.print_summary(summary, args.runs_dir / loaded.recipe.name)
+    return 0
+
+
+def _inspect(args) -> int:
+    from pipeline import inspect_data
+    from pipeline.recipe import load_recipe
+
+    inspect_data.run(load_recipe(args.recipe, args.overrides), args.rows)
     return 0
 
 

@@ -37,19 +37,54 @@ class ModelSection(Section):
 
 
 class DataSection(Section):
-    train: Path = Field(description="Training rows: a .jsonl file, relative to the recipe's folder.")
-    eval: Path = Field(description="Evaluation rows (never trained on): a .jsonl file.")
-    format: Literal["prompt_completion"] = Field(
-        "prompt_completion", description="How rows become text: prompt and target templates."
+    train: str = Field(
+        description="Training rows: a .jsonl, .json, .csv or .parquet file (relative to the recipe's folder), or "
+        "hub:org/name[@revision] for a Hugging Face dataset."
     )
-    prompt: str = Field(description="Prompt template; {field} is replaced by that field of the row.")
-    target: str = Field(description="Target (completion) template; only these tokens carry the loss.")
+    eval: str | None = Field(
+        None,
+        description="Evaluation rows, never trained on (same forms as train). Default: carve eval_fraction of "
+        "the training rows out, seeded.",
+    )
+    train_split: str = Field("train", description="Split of a hub: train source.")
+    eval_split: str = Field("test", description="Split of a hub: eval source.")
+    hub_config: str | None = Field(None, description="Configuration name of hub: datasets that have several.")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of training rows held out when eval is not given.")
+    split_seed: int = Field(0, description="Seed of the held-out split.")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Rename columns before formatting: {name in the data: name in templates}."
+    )
+    format: Literal["prompt_completion", "alpaca", "messages"] = Field(
+        "prompt_completion",
+        description="How rows become text. prompt_completion: the prompt and target templates. alpaca: "
+        "instruction/input/output columns in the Alpaca prompt. messages: a list of {role, content} turns "
+        "rendered with the chat template; every assistant turn is trained, the last one is evaluated.",
+    )
+    prompt: str | None = Field(
+        None, description="Prompt template (prompt_completion); {field} is replaced by that field of the row."
+    )
+    target: str | None = Field(
+        None, description="Target template (prompt_completion); only these tokens (and EOS) carry the loss."
+    )
+    messages_field: str = Field("messages", description="Column that holds the turns (format: messages).")
     chat_template: Literal["auto", "never"] = Field(
         "auto",
-        description="auto: wrap the prompt as a user turn with the tokenizer's own chat template when it "
-        "has one; never: use the plain prompt text.",
+        description="auto: render prompts with the tokenizer's chat template (or chat_template_file) when there "
+        "is one; never: use the plain prompt text.",
     )
-    max_seq_len: int = Field(256, gt=8, description="Longest training sequence in tokens; longer rows are dropped.")
+    chat_template_file: Path | None = Field(
+        None, description="A Jinja chat template file to use instead of the tokenizer's own (relative to the recipe)."
+    )
+    max_seq_len: int = Field(256, gt=8, description="Longest training sequence in tokens.")
+    too_long: Literal["drop", "truncate"] = Field(
+        "drop", description="What happens to rows longer than max_seq_len: dropped, or cut at max_seq_len."
+    )
+    packing: bool = Field(
+        False, description="Pack short rows together into sequences of up to max_seq_len (attention stays per row)."
+    )
+    overlap: Literal["warn", "error"] = Field(
+        "warn", description="Rows whose prompt occurs in both train and eval: reported (warn), or refused (error)."
+    )
     max_train_rows: int | None = Field(None, gt=0, description="Use only the first N training rows.")
     max_eval_rows: int | None = Field(None, gt=0, description="Use only the first N evaluation rows.")
 
@@ -285,6 +320,7 @@ def _resolve_paths(data: dict, origins: dict[tuple, Origin]) -> None:
     for loc, is_model in (
         (("data", "train"), False),
         (("data", "eval"), False),
+        (("data", "chat_template_file"), False),
         (("model", "base"), True),
         (("evaluate", "reference", "model"), True),
     ):
@@ -292,7 +328,7 @@ def _resolve_paths(data: dict, origins: dict[tuple, Origin]) -> None:
         for part in loc[:-1]:
             parent = parent.get(part) if isinstance(parent, dict) else None
         value = parent.get(loc[-1]) if isinstance(parent, dict) else None
-        if not isinstance(value, str) or Path(value).is_absolute():
+        if not isinstance(value, str) or Path(value).is_absolute() or value.startswith("hub:"):
             continue
         file, _ = origins.get(loc, ("--set", 0))
         candidate = ((Path.cwd() if file == "--set" else Path(file).parent) / value).resolve()
@@ -322,15 +358,30 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     for i, kind in enumerate(kinds):
         if kind in kinds[:i]:
             problems.append((("quantize", i, "kind"), f"{kind} is listed twice"))
-    if Path(recipe.data.train).resolve() == Path(recipe.data.eval).resolve():
-        problems.append((("data", "eval"), "is the training file: evaluate on rows the model was not trained on"))
+    d = recipe.data
+    if d.eval == d.train and (not d.train.startswith("hub:") or d.eval_split == d.train_split):
+        problems.append((("data", "eval"), "is the training data: evaluate on rows the model was not trained on"))
     from pipeline.data import template_fields
 
-    if not template_fields(recipe.data.prompt):
-        problems.append((("data", "prompt"), "uses no {field} of the rows, so every prompt would be the same"))
-    if not recipe.data.target.strip():
-        problems.append((("data", "target"), "is empty: there would be nothing to learn"))
+    if d.format == "prompt_completion":
+        for name in ("prompt", "target"):
+            if getattr(d, name) is None:
+                problems.append((("data", name), "format prompt_completion needs a template here"))
+        if d.prompt is not None and not template_fields(d.prompt):
+            problems.append((("data", "prompt"), "uses no {field} of the rows, so every prompt would be the same"))
+        if d.target is not None and not d.target.strip():
+            problems.append((("data", "target"), "is empty: there would be nothing to learn"))
+    else:
+        for name in ("prompt", "target"):
+            if getattr(d, name) is not None:
+                problems.append((("data", name), f"is for format prompt_completion; format {d.format} builds its own"))
+    if d.format == "messages" and d.chat_template == "never":
+        problems.append((("data", "chat_template"), "format messages is rendered with a chat template; use auto"))
+    if d.chat_template_file is not None and not Path(d.chat_template_file).is_file():
+        problems.append((("data", "chat_template_file"), f"no such file {d.chat_template_file}"))
     reference = recipe.evaluate.reference
+    if reference and reference.prompt and d.format != "prompt_completion":
+        problems.append((("evaluate", "reference", "prompt"), "applies to format prompt_completion only"))
     if reference and reference.system and reference.chat_template == "never":
         problems.append((("evaluate", "reference", "system"), "needs the chat template; remove chat_template: never"))
     if recipe.train.qlora:

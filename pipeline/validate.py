@@ -26,17 +26,35 @@ def check(loaded: LoadedRecipe) -> dict:
     notes: list[str] = []
 
     for split in ("train", "eval"):
-        path = Path(getattr(recipe.data, split))
+        source = getattr(recipe.data, split)
+        if source is None or source.startswith("hub:"):
+            continue
+        path = Path(source)
         if not path.is_file():
             problems.append(loaded.error_at(("data", split), f"no such file {path}"))
-        elif path.suffix != ".jsonl":
-            problems.append(loaded.error_at(("data", split), f"{path.name}: unsupported file type; use .jsonl"))
+        elif path.suffix not in data.FILE_TYPES:
+            problems.append(
+                loaded.error_at(
+                    ("data", split), f"{path.name}: unsupported file type; use {', '.join(data.FILE_TYPES)}"
+                )
+            )
     if problems:
         raise PipelineError("\n".join(problems))
-    train_rows = data.load_rows(recipe.data, "train")
-    eval_rows = data.load_rows(recipe.data, "eval")
+    splits = data.load_splits(recipe.data)
+    train_rows, eval_rows = splits.train, splits.eval
     if recipe.evaluate.reference and recipe.evaluate.reference.prompt:
         data.load_rows(recipe.data, "eval", recipe.evaluate.reference.prompt, "evaluate.reference.prompt")
+    if splits.overlap_normalized:
+        message = (
+            f"{splits.overlap_normalized} eval rows have a prompt that is also in train ({splits.overlap_exact} "
+            "verbatim, the rest after normalizing case and whitespace): their scores measure recall, not skill"
+        )
+        if recipe.data.overlap == "error":
+            problems.append(loaded.error_at(("data", "overlap"), message))
+        else:
+            notes.append(message)
+    if splits.duplicates_in_train:
+        notes.append(f"{splits.duplicates_in_train} training rows repeat an earlier row's prompt")
 
     base = _available_model(loaded, ("model", "base"), recipe.model.base, problems, notes)
     if recipe.evaluate.reference:
@@ -55,10 +73,20 @@ def check(loaded: LoadedRecipe) -> dict:
             )
         problems += _target_module_problems(loaded, config)
         tokenizer = models.load_tokenizer(base, recipe.model.trust_remote_code)
+        data.apply_chat_template_file(tokenizer, recipe.data)
         chat = data.uses_chat_template(tokenizer, recipe.data.chat_template)
-        lengths = [len(data.training_example(tokenizer, row, chat)["input_ids"]) for row in train_rows]
+        if recipe.data.format == "messages" and not chat:
+            problems.append(
+                loaded.error_at(
+                    ("data", "format"),
+                    "messages needs a chat template and the base's tokenizer has "
+                    "none; name one with data.chat_template_file",
+                )
+            )
+            raise PipelineError("\n".join(problems))
+        lengths = data.training_examples(tokenizer, train_rows, chat, recipe.data).lengths
         too_long = sum(n > recipe.data.max_seq_len for n in lengths)
-        if too_long == len(lengths):
+        if too_long == len(lengths) and recipe.data.too_long == "drop":
             problems.append(
                 loaded.error_at(
                     ("data", "max_seq_len"),
@@ -129,7 +157,8 @@ def _target_module_problems(loaded: LoadedRecipe, config) -> list[str]:
 def _summary(loaded: LoadedRecipe, train_rows, eval_rows, lengths: list[int] | None, notes: list[str]) -> dict:
     recipe = loaded.recipe
     train = recipe.train
-    usable = len(train_rows) if lengths is None else sum(n <= recipe.data.max_seq_len for n in lengths)
+    fits = len(train_rows) if lengths is None else sum(n <= recipe.data.max_seq_len for n in lengths)
+    usable = len(train_rows) if recipe.data.too_long == "truncate" else fits
     steps_per_epoch = math.ceil(usable / (train.batch_size * train.grad_accum))
     summary = {
         "recipe": str(loaded.path),
@@ -153,6 +182,7 @@ def _summary(loaded: LoadedRecipe, train_rows, eval_rows, lengths: list[int] | N
             "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
             "max": ordered[-1],
             "over_max_seq_len": sum(n > recipe.data.max_seq_len for n in lengths),
+            "too_long": recipe.data.too_long,
         }
     summary["notes"] = notes
     return summary
@@ -168,7 +198,7 @@ def print_summary(summary: dict, runs_dir: Path) -> None:
         t = summary["train_tokens"]
         print(
             f"  tokens per training row: min {t['min']}, median {t['median']}, p95 {t['p95']}, max {t['max']}; "
-            f"{t['over_max_seq_len']} over data.max_seq_len (dropped)"
+            f"{t['over_max_seq_len']} over data.max_seq_len ({t['too_long']})"
         )
     print(f"  evaluation: {summary['eval_rows']} rows, candidates: {', '.join(summary['candidates'])}")
     print(f"  first prompt: {summary['first_prompt']!r} -> target {summary['first_target']!r}")

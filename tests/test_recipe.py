@@ -27,7 +27,7 @@ def test_minimal_recipe_gets_schema_defaults_and_paths_relative_to_the_recipe(wr
     loaded = load_recipe(write_recipe(MINIMAL))
     assert loaded.recipe.lora.r == 16
     assert [v.kind for v in loaded.recipe.quantize] == ["bnb-nf4", "bnb-int8"]
-    assert loaded.recipe.data.train == tmp_path / "train.jsonl"
+    assert loaded.recipe.data.train == str(tmp_path / "train.jsonl")
     assert loaded.recipe.model.base == "org/model"  # not a folder here: stays a Hub id
     assert len(loaded.run_id) == 12
 

@@ -3,7 +3,8 @@
 Deterministic (seeded): `python data/intents/generate.py` rewrites train.jsonl and test.jsonl beside
 this file. Every message is built from an intent's phrasings, slot values (order numbers, products,
 cities) and an optional greeting or sign-off. A quarter of each intent's phrasings appear only in the
-test split, so the test set asks for generalization, not recall; no test message occurs in train.
+test split, so the test set asks for generalization, not recall; no test message occurs in train,
+even after normalizing case and whitespace.
 """
 
 from __future__ import annotations
@@ -148,24 +149,34 @@ def message(rng: random.Random, phrasing: str) -> str:
     return text[0].upper() + text[1:] if rng.random() < 0.5 else text
 
 
+def normalized(text: str) -> str:
+    """How the pipeline compares rows for duplicates and leaks: case and whitespace do not count."""
+    return " ".join(text.lower().split())
+
+
 def generate(train_per_intent: int = 80, test_per_intent: int = 20, seed: int = 0) -> tuple[list, list]:
     rng = random.Random(seed)
     train, test = [], []
+    taken: dict[str, str] = {}  # normalized texts used by any intent so far: no message has two labels
     for label, phrasings in INTENTS.items():
         shuffled = phrasings[:]
         rng.shuffle(shuffled)
         held_out = shuffled[: len(shuffled) // 4]  # these phrasings never appear in training
         seen = shuffled[len(held_out) :]
-        train_texts: set[str] = set()
+        train_texts: dict[str, str] = {}
         while len(train_texts) < train_per_intent:
-            train_texts.add(message(rng, rng.choice(seen)))
-        test_texts: set[str] = set()
+            text = message(rng, rng.choice(seen))
+            if normalized(text) not in taken:
+                train_texts.setdefault(normalized(text), text)
+        test_texts: dict[str, str] = {}
         while len(test_texts) < test_per_intent:
             text = message(rng, rng.choice(held_out if rng.random() < 0.5 else seen))
-            if text not in train_texts:
-                test_texts.add(text)
-        train += [{"text": t, "label": label} for t in sorted(train_texts)]
-        test += [{"text": t, "label": label} for t in sorted(test_texts)]
+            if normalized(text) not in train_texts and normalized(text) not in taken:
+                test_texts.setdefault(normalized(text), text)
+        taken.update(train_texts)
+        taken.update(test_texts)
+        train += [{"text": t, "label": label} for t in sorted(train_texts.values())]
+        test += [{"text": t, "label": label} for t in sorted(test_texts.values())]
     rng.shuffle(train)
     rng.shuffle(test)
     return train, test

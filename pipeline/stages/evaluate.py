@@ -138,9 +138,11 @@ def _generations(candidate: Candidate, rows: list[data.TaskRow], loaded: LoadedR
     cache_key = stage_fingerprint(
         candidate.fingerprint(),
         [r.prompt for r in rows],
+        [r.messages for r in rows] if rows and rows[0].messages else None,
         settings.max_new_tokens,
         settings.batch_size,
         loaded.recipe.data.chat_template,
+        _text_of(loaded.recipe.data.chat_template_file) if candidate.role != "reference" else None,
         loaded.recipe.model.dtype,
     )
     cache = stage_dir / "generations" / f"{candidate.name}.jsonl"
@@ -159,8 +161,10 @@ def _generations(candidate: Candidate, rows: list[data.TaskRow], loaded: LoadedR
         started = time.perf_counter()
         model, tokenizer = _load_candidate(candidate, dtype)
         load_seconds = time.perf_counter() - started
+        if candidate.role != "reference":  # the reference keeps its own chat template
+            data.apply_chat_template_file(tokenizer, loaded.recipe.data)
         chat = data.uses_chat_template(tokenizer, candidate.chat_template or loaded.recipe.data.chat_template)
-        prompts = [data.prompt_token_ids(tokenizer, row.prompt, chat, candidate.system) for row in rows]
+        prompts = [data.prompt_ids(tokenizer, row, chat, candidate.system) for row in rows]
         todo = [i for i in range(len(rows)) if i not in cached]
         log(STAGE, f"{candidate.name}: generating {len(todo)} answers ({len(cached)} cached)")
         for batch in generate_batches(
@@ -323,6 +327,10 @@ def _read_cache(cache: Path, cache_key: str) -> dict[int, dict]:
     if len(entries) != len(lines) - 1:
         cache.write_text("".join(json.dumps(x) + "\n" for x in [{"cache_key": cache_key}, *entries.values()]))
     return entries
+
+
+def _text_of(path: Path | None) -> str | None:
+    return Path(path).read_text(encoding="utf-8") if path is not None else None
 
 
 def _file_stats(folder: Path) -> list:

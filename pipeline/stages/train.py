@@ -48,17 +48,24 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
 
     source = models.resolve_model(recipe.model.base)
     tokenizer = models.load_tokenizer(source, recipe.model.trust_remote_code)
+    data.apply_chat_template_file(tokenizer, recipe.data)
     chat = data.uses_chat_template(tokenizer, recipe.data.chat_template)
-    rows = data.load_rows(recipe.data, "train")
-    examples, dropped = data.training_examples(tokenizer, rows, chat, recipe.data.max_seq_len)
+    splits = data.load_splits(recipe.data)
+    tokenized = data.training_examples(tokenizer, splits.train, chat, recipe.data)
+    examples = tokenized.examples
     if not examples:
         raise PipelineError(
-            f"data.max_seq_len: all {len(rows)} training rows are longer than {recipe.data.max_seq_len} tokens"
+            f"data.max_seq_len: all {len(splits.train)} training rows are longer than {recipe.data.max_seq_len} tokens"
         )
     log(
         STAGE,
-        f"{len(examples)} training rows ({dropped} dropped as longer than {recipe.data.max_seq_len} tokens)",
+        f"{len(examples)} training rows ({tokenized.dropped} dropped, {tokenized.truncated} truncated at "
+        f"{recipe.data.max_seq_len} tokens; {splits.duplicates_in_train} duplicates in train; "
+        f"{splits.overlap_normalized} eval prompts also in train)",
     )
+    sequences = data.pack(examples, recipe.data.max_seq_len) if recipe.data.packing else examples
+    if recipe.data.packing:
+        log(STAGE, f"packed {len(examples)} rows into {len(sequences)} sequences of up to {recipe.data.max_seq_len}")
 
     dtype = models.compute_dtype(recipe.model.dtype)
     if recipe.train.qlora:
@@ -69,6 +76,8 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
         model = models.load_model(source, dtype, trust_remote_code=recipe.model.trust_remote_code)
+    # No KV cache in training; without one, packed rows (position_ids restarting at 0) attend only within themselves.
+    model.config.use_cache = False
     lora = recipe.lora
     model = get_peft_model(
         model,
@@ -114,7 +123,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=examples,
+        train_dataset=sequences,
         data_collator=lambda batch: data.pad_batch(batch, tokenizer.pad_token_id),
         callbacks=[LossLog(metrics_path)],
     )
@@ -134,7 +143,12 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     trained_tokens = sum(sum(1 for label in ex["labels"] if label != data.IGNORE_INDEX) for ex in examples)
     result = {
         "rows": len(examples),
-        "rows_dropped_too_long": dropped,
+        "rows_dropped_too_long": tokenized.dropped,
+        "rows_truncated": tokenized.truncated,
+        "duplicates_in_train": splits.duplicates_in_train,
+        "eval_overlap_exact": splits.overlap_exact,
+        "eval_overlap_normalized": splits.overlap_normalized,
+        "sequences": len(sequences),
         "steps": trainer.state.global_step,
         "train_loss": output.training_loss,
         "final_loss": _last_loss(metrics_path),
