@@ -51,6 +51,7 @@ def test_run_writes_the_run_folder(finished_run):
         *(f"evaluate/generations/{c}.jsonl" for c in ("base", "specialized", "bnb-nf4", "bnb-int8", "reference")),
     }
     assert expected <= files
+    assert any(f.startswith("data/train-tokenized-") for f in files)
     assert not any("checkpoint" in f or ".tmp-" in f for f in files)  # no leftovers of an unfinished write
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["versions"]["transformers"] == "5.23.0" and manifest["data_fingerprint"]
@@ -131,6 +132,12 @@ def test_rerun_skips_finished_stages_and_report_does_not_generate(finished_run, 
     # eval reruns from the generation cache, without generating either
     assert run_cli("eval", tiny_recipe, "--runs-dir", runs) == 0
     assert "5" not in [line for line in capsys.readouterr().err.splitlines() if "generating" in line]
+
+
+def test_rerunning_train_reuses_the_tokenized_rows(finished_run, tiny_recipe, monkeypatch):
+    _, run_dir = finished_run
+    monkeypatch.setattr(data, "training_examples", lambda *a, **k: pytest.fail("tokenized again"))
+    assert run_cli("train", tiny_recipe, "--runs-dir", run_dir.parent.parent) == 0
 
 
 def test_killed_training_resumes_from_its_last_checkpoint(tiny_recipe, tmp_path, capsys, monkeypatch):

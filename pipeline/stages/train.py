@@ -6,6 +6,7 @@ train/checkpoints/ (resumable: a killed run continues from its last checkpoint).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -51,7 +52,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     data.apply_chat_template_file(tokenizer, recipe.data)
     chat = data.uses_chat_template(tokenizer, recipe.data.chat_template)
     splits = data.load_splits(recipe.data)
-    tokenized = data.training_examples(tokenizer, splits.train, chat, recipe.data)
+    tokenized = _tokenized(run_dir, tokenizer, splits, chat, recipe, source)
     examples = tokenized.examples
     if not examples:
         raise PipelineError(
@@ -166,6 +167,17 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     mark_done(stage_dir, stage_fp)
     log(STAGE, f"done: {result['steps']} steps, final loss {result['final_loss']:.4f}, {seconds:.1f}s")
     return result
+
+
+def _tokenized(run_dir: Path, tokenizer, splits, chat: bool, recipe, source) -> data.Tokenized:
+    """Tokenized training rows, cached in the run folder under the data fingerprint and the tokenizer."""
+    key = stage_fingerprint(data.data_fingerprint(recipe.data), source.fingerprint, chat)
+    cache = run_dir / "data" / f"train-tokenized-{key[:16]}.json"
+    if cache.is_file():
+        return data.Tokenized(**json.loads(cache.read_text()))
+    tokenized = data.training_examples(tokenizer, splits.train, chat, recipe.data)
+    write_json_atomic(cache, dataclasses.asdict(tokenized))
+    return tokenized
 
 
 def _discard_stale_checkpoints(stage_dir: Path, stage_fp: str) -> None:
