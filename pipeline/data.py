@@ -38,11 +38,17 @@ class TaskRow:
     source: str  # file:line (or file row N) the row came from
     prompt: str | None = None  # the prompt text, before any chat template
     messages: tuple[dict, ...] | None = None  # the whole conversation; the last turn is the assistant's answer
+    plain: bool = False  # format text: never wrapped in a chat template
+
+    def exact_key(self) -> str:
+        """What 'the same row' means for overlap counts: the prompt; for format text, the whole text."""
+        if self.messages is not None:
+            return json.dumps(self.messages[:-1])
+        return f"{self.prompt} {self.target}".strip() if self.plain else self.prompt
 
     def dedup_key(self) -> str:
-        """What 'the same row' means for duplicate and overlap counts: the prompt, normalized."""
-        text = self.prompt if self.messages is None else json.dumps(self.messages[:-1])
-        return re.sub(r"\s+", " ", text).strip().lower()
+        """exact_key after lowercasing and collapsing whitespace."""
+        return re.sub(r"\s+", " ", self.exact_key()).strip().lower()
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -155,7 +161,19 @@ def format_row(
     where: str,
     prompt_template: str | None = None,
     prompt_field: str = "data.prompt",
+    for_eval: bool = False,
 ) -> TaskRow:
+    if section.format == "text":
+        text = row.get(section.text_field)
+        if not isinstance(text, str) or not text.strip():
+            raise PipelineError(f"{where}: format text needs a non-empty text column {section.text_field!r}")
+        if not for_eval:
+            return TaskRow(prompt="", target=text, source=where, plain=True)
+        words = text.split()
+        if len(words) < 2:
+            raise PipelineError(f"{where}: an eval text needs at least two words (the first half is the prompt)")
+        half = len(words) // 2
+        return TaskRow(prompt=" ".join(words[:half]), target=" ".join(words[half:]), source=where, plain=True)
     if section.format == "prompt_completion":
         return TaskRow(
             prompt=render(prompt_template or section.prompt, row, where, prompt_field),
@@ -220,7 +238,7 @@ def load_splits(section: DataSection, prompt_template: str | None = None, prompt
         eval_raw = read_source(section.eval, section, "eval")
     train = [format_row(section, row, where) for where, row in train_raw[: section.max_train_rows]]
     eval_rows = [
-        format_row(section, row, where, prompt_template, prompt_field)
+        format_row(section, row, where, prompt_template, prompt_field, for_eval=True)
         for where, row in eval_raw[: section.max_eval_rows]
     ]
     seen: set[str] = set()
@@ -233,10 +251,10 @@ def load_splits(section: DataSection, prompt_template: str | None = None, prompt
     own_eval = (
         eval_rows
         if prompt_template is None
-        else [format_row(section, row, where) for where, row in eval_raw[: section.max_eval_rows]]
+        else [format_row(section, row, where, for_eval=True) for where, row in eval_raw[: section.max_eval_rows]]
     )
-    exact_train = {r.prompt if r.messages is None else json.dumps(r.messages[:-1]) for r in train}
-    exact = sum((r.prompt if r.messages is None else json.dumps(r.messages[:-1])) in exact_train for r in own_eval)
+    exact_train = {r.exact_key() for r in train}
+    exact = sum(r.exact_key() in exact_train for r in own_eval)
     normalized = sum(r.dedup_key() in seen for r in own_eval)
     return Splits(train, eval_rows, duplicates, exact, normalized)
 
@@ -287,7 +305,7 @@ def prompt_token_ids(tokenizer, prompt: str, chat: bool, system: str | None = No
 def prompt_ids(tokenizer, row: TaskRow, chat: bool, system: str | None = None) -> list[int]:
     """What a candidate is asked at evaluation for this row: everything before the answer."""
     if row.messages is None:
-        return prompt_token_ids(tokenizer, row.prompt, chat, system)
+        return prompt_token_ids(tokenizer, row.prompt, chat and not row.plain, system)
     messages = list(row.messages[:-1])
     if system and messages and messages[0]["role"] == "system":
         messages = messages[1:]
@@ -298,7 +316,7 @@ def training_example(tokenizer, row: TaskRow, chat: bool) -> dict[str, list[int]
     """input_ids and labels; only answer tokens and the EOS that ends them carry labels."""
     if row.messages is not None:
         return _messages_example(tokenizer, row)
-    prompt = prompt_token_ids(tokenizer, row.prompt, chat)
+    prompt = prompt_token_ids(tokenizer, row.prompt, chat and not row.plain)
     target = tokenizer(row.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return {"input_ids": prompt + target, "labels": [IGNORE_INDEX] * len(prompt) + target}
 

@@ -54,11 +54,13 @@ class DataSection(Section):
     columns: dict[str, str] = Field(
         default_factory=dict, description="Rename columns before formatting: {name in the data: name in templates}."
     )
-    format: Literal["prompt_completion", "alpaca", "messages"] = Field(
+    format: Literal["prompt_completion", "alpaca", "messages", "text"] = Field(
         "prompt_completion",
         description="How rows become text. prompt_completion: the prompt and target templates. alpaca: "
         "instruction/input/output columns in the Alpaca prompt. messages: a list of {role, content} turns "
-        "rendered with the chat template; every assistant turn is trained, the last one is evaluated.",
+        "rendered with the chat template; every assistant turn is trained, the last one is evaluated. text: "
+        "plain text for continued pre-training (every token trained); evaluation asks for the second half of each "
+        "eval text given the first.",
     )
     prompt: str | None = Field(
         None, description="Prompt template (prompt_completion); {field} is replaced by that field of the row."
@@ -67,6 +69,7 @@ class DataSection(Section):
         None, description="Target template (prompt_completion); only these tokens (and EOS) carry the loss."
     )
     messages_field: str = Field("messages", description="Column that holds the turns (format: messages).")
+    text_field: str = Field("text", description="Column that holds the text (format: text).")
     chat_template: Literal["auto", "never"] = Field(
         "auto",
         description="auto: render prompts with the tokenizer's chat template (or chat_template_file) when there "

@@ -265,3 +265,14 @@ def test_fingerprint_changes_with_the_bytes_and_the_section(tmp_path):
     assert data.data_fingerprint(s.model_copy(update={"prompt": "Q2: {text}"})) != first
     write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": "c"}])
     assert data.data_fingerprint(s) != first
+
+
+def test_text_format_trains_every_token_and_evaluates_the_second_half(tmp_path, chat_tokenizer):
+    train = [{"text": "the quick brown fox jumps"}, {"text": "The  quick brown fox JUMPS"}]
+    s = section(tmp_path, train, [{"text": "a b c d e"}, {"text": "the quick brown fox jumps"}], format="text")
+    splits = data.load_splits(s)
+    example = data.training_example(chat_tokenizer, splits.train[0], chat=True)  # never chat-wrapped
+    assert labelled(chat_tokenizer, example) == "the quick brown fox jumps<eos>"
+    assert (splits.eval[0].prompt, splits.eval[0].target) == ("a b", "c d e")
+    assert chat_tokenizer.decode(data.prompt_ids(chat_tokenizer, splits.eval[0], chat=True)) == "a b"
+    assert (splits.duplicates_in_train, splits.overlap_exact, splits.overlap_normalized) == (1, 1, 1)
