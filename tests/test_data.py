@@ -276,3 +276,10 @@ def test_text_format_trains_every_token_and_evaluates_the_second_half(tmp_path, 
     assert (splits.eval[0].prompt, splits.eval[0].target) == ("a b", "c d e")
     assert chat_tokenizer.decode(data.prompt_ids(chat_tokenizer, splits.eval[0], chat=True)) == "a b"
     assert (splits.duplicates_in_train, splits.overlap_exact, splits.overlap_normalized) == (1, 1, 1)
+
+
+def test_inspect_marks_exactly_the_trained_tokens(tokenizer):
+    from pipeline.inspect_data import marked_text
+
+    row = TaskRow(prompt="Q: hi\nA:", target=" yes", source="x:1")
+    assert marked_text(tokenizer, data.training_example(tokenizer, row, chat=False)) == "Q: hi\nA:[[ yes<eos>]]"
