@@ -144,13 +144,20 @@ class GatesSection(Section):
     quantized_max_drop: float | None = Field(
         None, ge=0, description="No quantized variant may score more than this below the specialized model."
     )
+    max_latency_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="The specialized model's p50 seconds per example, divided by the reference's, must be at most "
+        "this (0.2: five times as fast); needs a reference.",
+    )
 
 
 class EvaluateSection(Section):
     metrics: list[str] = Field(
         ["exact_match"],
         min_length=1,
-        description="Task metrics, by name of a module in pipeline/metrics/; the first one decides gates.",
+        description="Task metrics: exact_match, accuracy, macro_f1, rouge_l, chrf, json_match, or your own as "
+        "file.py:function (relative to the recipe) returning one score per row. The first one decides gates.",
     )
     ignore_case: bool = Field(False, description="Compare predictions and references case-insensitively.")
     max_new_tokens: int = Field(16, gt=0, description="Longest generated answer in tokens.")
@@ -214,6 +221,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
     for override in overrides:
         _apply_override(data, origins, override)
     _resolve_paths(data, origins)
+    _resolve_metric_paths(data, origins)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
@@ -314,6 +322,19 @@ def _apply_override(data: dict, origins: dict[tuple, Origin], override: str) -> 
     origins[parts] = ("--set", 0)
 
 
+def _resolve_metric_paths(data: dict, origins: dict[tuple, Origin]) -> None:
+    """A user metric `file.py:function` names a file relative to the recipe that wrote it."""
+    section = data.get("evaluate")
+    metrics = section.get("metrics") if isinstance(section, dict) else None
+    if not isinstance(metrics, list):
+        return
+    for i, metric in enumerate(metrics):
+        if isinstance(metric, str) and ".py:" in metric and not Path(metric).is_absolute():
+            file, _ = origins.get(("evaluate", "metrics", i), origins.get(("evaluate", "metrics"), ("--set", 0)))
+            folder = Path.cwd() if file == "--set" else Path(file).parent
+            metrics[i] = str((folder / metric).resolve())
+
+
 def _resolve_paths(data: dict, origins: dict[tuple, Origin]) -> None:
     """Paths are relative to the recipe file that wrote them (the current directory for --set).
 
@@ -346,6 +367,11 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     problems = []
     known_metrics = available_metrics()
     for i, metric in enumerate(recipe.evaluate.metrics):
+        if ":" in metric:  # a user metric, file.py:function or package.module:function
+            target = metric.rpartition(":")[0]
+            if target.endswith(".py") and not Path(target).is_file():
+                problems.append((("evaluate", "metrics", i), f"no such file {target}"))
+            continue
         if metric not in known_metrics:
             close = difflib.get_close_matches(metric, known_metrics, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f"; known: {', '.join(known_metrics)}"
@@ -353,6 +379,8 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     gates = recipe.evaluate.gates
     if gates.min_gap_closed is not None and recipe.evaluate.reference is None:
         problems.append((("evaluate", "gates", "min_gap_closed"), "needs evaluate.reference.model to measure a gap"))
+    if gates.max_latency_ratio is not None and recipe.evaluate.reference is None:
+        problems.append((("evaluate", "gates", "max_latency_ratio"), "needs evaluate.reference.model to compare with"))
     if gates.quantized_max_drop is not None and not recipe.quantize:
         problems.append(
             (("evaluate", "gates", "quantized_max_drop"), "no quantize variants to check; add some under quantize:")

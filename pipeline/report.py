@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.metrics import score_function
 from pipeline.recipe import LoadedRecipe
 from pipeline.runs import log, write_json_atomic, write_text_atomic
 
@@ -24,14 +26,36 @@ REPORT_SCHEMA_VERSION = 1
 # --- statistics (pure) --------------------------------------------------------------------------
 
 
-def bootstrap_ci(per_row: list[int | float], samples: int, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap 95% interval of the mean of per-row scores."""
+def bootstrap_ci(
+    per_row: list[float], samples: int, seed: int = 0, recompute: Callable[[list[int]], float] | None = None
+) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval: of the mean of per-row scores, or of `recompute(row indices)`
+    for metrics that are not a mean of rows (macro F1)."""
     if not per_row:
         return (0.0, 0.0)
     rng = random.Random(seed)
     n = len(per_row)
-    means = sorted(sum(per_row[rng.randrange(n)] for _ in range(n)) / n for _ in range(samples))
-    return (means[int(0.025 * (samples - 1))], means[int(math.ceil(0.975 * (samples - 1)))])
+    values = []
+    for _ in range(samples):
+        picked = [rng.randrange(n) for _ in range(n)]
+        values.append(recompute(picked) if recompute else sum(per_row[i] for i in picked) / n)
+    values.sort()
+    return (values[int(0.025 * (samples - 1))], values[int(math.ceil(0.975 * (samples - 1)))])
+
+
+def paired_bootstrap_p(a: list[float], b: list[float], samples: int, seed: int = 0) -> float:
+    """Two-sided p-value that mean(a) and mean(b) differ, resampling rows in pairs."""
+    rng = random.Random(seed)
+    n = len(a)
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    if not any(diffs):
+        return 1.0
+    at_or_below = at_or_above = 0
+    for _ in range(samples):
+        mean_diff = sum(diffs[rng.randrange(n)] for _ in range(n)) / n
+        at_or_below += mean_diff <= 0
+        at_or_above += mean_diff >= 0
+    return min(1.0, 2 * min(at_or_below, at_or_above) / samples)
 
 
 def gap_closed(specialized: float, base: float, reference: float) -> float | None:
@@ -51,13 +75,18 @@ def mcnemar_exact_p(wins: int, losses: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def paired(specialized_rows: list[int], other_rows: list[int]) -> dict:
+def paired(specialized_rows: list[float], other_rows: list[float], samples: int = 1000, seed: int = 0) -> dict:
+    """Specialized vs another candidate on the same rows: McNemar for 0/1 scores, else a paired bootstrap."""
     wins = [i for i, (s, o) in enumerate(zip(specialized_rows, other_rows, strict=True)) if s > o]
     losses = [i for i, (s, o) in enumerate(zip(specialized_rows, other_rows, strict=True)) if s < o]
+    binary = set(specialized_rows) | set(other_rows) <= {0, 1}
     return {
         "wins": len(wins),
         "losses": len(losses),
-        "p_value": mcnemar_exact_p(len(wins), len(losses)),
+        "test": "mcnemar_exact" if binary else "paired_bootstrap",
+        "p_value": mcnemar_exact_p(len(wins), len(losses))
+        if binary
+        else paired_bootstrap_p(specialized_rows, other_rows, samples, seed),
         "won_rows": wins,
         "lost_rows": losses,
     }
@@ -66,17 +95,31 @@ def paired(specialized_rows: list[int], other_rows: list[int]) -> dict:
 # --- building the report ------------------------------------------------------------------------
 
 
-def build_report(results: dict, loaded: LoadedRecipe) -> dict:
-    """The report as data; everything in report.md comes from here."""
+def build_report(results: dict, loaded: LoadedRecipe, texts: dict[str, tuple[list, list]] | None = None) -> dict:
+    """The report as data; everything in report.md comes from here.
+
+    `texts` maps a candidate to its (predictions, references); it is needed only for metrics that are
+    not a mean of rows, whose intervals are recomputed on resampled rows.
+    """
     settings = loaded.recipe.evaluate
     metric = settings.metrics[0]
     candidates = results["candidates"]
+    seed = loaded.recipe.train.seed
     report_candidates = {}
     for name, result in candidates.items():
         entry = {"role": result["role"], "metrics": {}}
         for metric_name, scores in result["metrics"].items():
-            low, high = bootstrap_ci(scores["per_row"], settings.bootstrap_samples, seed=loaded.recipe.train.seed)
-            entry["metrics"][metric_name] = {"value": scores["value"], "ci95": [low, high]}
+            recompute = None
+            if not scores.get("mean_of_rows", True) and texts and name in texts:
+                score = score_function(metric_name)
+                predictions, references = texts[name]
+
+                def recompute(rows, score=score, p=predictions, r=references):
+                    return score([p[i] for i in rows], [r[i] for i in rows], settings.ignore_case)[0]
+
+            low, high = bootstrap_ci(scores["per_row"], settings.bootstrap_samples, seed, recompute)
+            extras = {k: v for k, v in scores.items() if k not in ("value", "per_row", "mean_of_rows")}
+            entry["metrics"][metric_name] = {"value": scores["value"], "ci95": [low, high], **extras}
         entry.update({k: v for k, v in result.items() if k not in ("role", "metrics")})
         report_candidates[name] = entry
 
@@ -88,7 +131,8 @@ def build_report(results: dict, loaded: LoadedRecipe) -> dict:
         specialized_rows = candidates["specialized"]["metrics"][metric]["per_row"]
         for name, result in candidates.items():
             if name != "specialized":
-                comparisons[name] = paired(specialized_rows, result["metrics"][metric]["per_row"])
+                other_rows = result["metrics"][metric]["per_row"]
+                comparisons[name] = paired(specialized_rows, other_rows, settings.bootstrap_samples, seed)
 
     gap = None
     if value("reference") is not None and value("base") is not None and value("specialized") is not None:
@@ -130,32 +174,51 @@ def evaluate_gates(loaded: LoadedRecipe, candidates: dict, metric: str, gap: flo
             "value": worst,
             "passed": worst <= gates.quantized_max_drop + 1e-12,
         }
+    if gates.max_latency_ratio is not None:
+        ratio = None
+        if "reference" in candidates and "specialized" in candidates:
+            ratio = (
+                candidates["specialized"]["seconds_per_example_p50"]
+                / candidates["reference"]["seconds_per_example_p50"]
+            )
+        checks["max_latency_ratio"] = {
+            "threshold": gates.max_latency_ratio,
+            "value": ratio,
+            "passed": ratio is not None and ratio <= gates.max_latency_ratio,
+        }
     return {"passed": all(c["passed"] for c in checks.values()), "checks": checks}
 
 
-def render_markdown(report: dict, flips: list[dict]) -> str:
+def render_markdown(report: dict, flips: list[dict], plot: str | None = None) -> str:
     metric = report["metric"]
+    metric_names = list(next(iter(report["candidates"].values()))["metrics"])
     lines = [
         f"# {report['recipe']}: specialized vs base vs reference",
         "",
-        f"Run `{report['run_id']}`, {report['eval_rows']} eval rows, metric `{metric}` "
-        "(95% bootstrap interval in brackets). Latency is per example, amortized over a batch.",
+        f"Run `{report['run_id']}`, {report['eval_rows']} eval rows, same rows and greedy decoding for every "
+        f"candidate; gates use `{metric}`. 95% bootstrap intervals in brackets. Latency is per example, "
+        "amortized over a batch.",
         "",
-        "| candidate | role | " + metric + " | specialized won/lost here (McNemar p) | size on disk | peak memory "
-        "| s/example p50 | p95 | gen tokens/s | prompt tokens |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| candidate | role | " + " | ".join(metric_names) + " | specialized won/lost here (p) | parameters "
+        "| size on disk | peak memory | s/example p50 | p95 | gen tokens/s | prompt tokens |",
+        "|---" * (len(metric_names) + 10) + "|",
     ]
     for name, c in report["candidates"].items():
-        m = c["metrics"][metric]
+        scores = " | ".join(
+            f"{m['value']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
+            for m in (c["metrics"][n] for n in metric_names)
+        )
         comparison = report["comparisons"].get(name)
         versus = f"{comparison['wins']}/{comparison['losses']}, p={comparison['p_value']:.3g}" if comparison else "—"
         lines.append(
-            f"| {name} | {c['role']} | {m['value']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}] | {versus} "
+            f"| {name} | {c['role']} | {scores} | {versus} | {_millions(c.get('parameters'))} "
             f"| {_mb(c['size_on_disk_bytes'])} | {_mb(c['peak_memory_bytes'])} "
             f"| {c['seconds_per_example_p50']:.4f} | {c['seconds_per_example_p95']:.4f} "
-            f"| {_num(c['generated_tokens_per_second'])} | {c['prompt_tokens_per_example']:.1f} |"
+            f"| {_num(c['generated_tokens_per_second'], 1)} | {c['prompt_tokens_per_example']:.1f} |"
         )
     lines += ["", "## Verdict", "", *verdict(report), ""]
+    if plot:
+        lines += [f"![{metric} against peak memory and latency]({plot})", ""]
     gates = report["gates"]
     if gates["checks"]:
         lines += ["## Gates", ""]
@@ -163,16 +226,16 @@ def render_markdown(report: dict, flips: list[dict]) -> str:
             mark = "PASS" if check["passed"] else "FAIL"
             lines.append(f"- **{mark}** `{gate}`: {_num(check['value'])} (threshold {check['threshold']})")
         lines.append("")
-    if flips:
+    for other in dict.fromkeys(flip["versus"] for flip in flips):
         lines += [
-            "## Rows that flipped (specialized vs base)",
+            f"## Rows that flipped: specialized vs {other}",
             "",
-            "| row | expected | base | specialized |",
-            "|---|---|---|---|",
+            f"| row | | expected | {other} | specialized |",
+            "|---|---|---|---|---|",
         ]
-        for flip in flips:
+        for flip in (f for f in flips if f["versus"] == other):
             lines.append(
-                f"| {flip['source']} | {_cell(flip['expected'])} | {_cell(flip['base'])} "
+                f"| {flip['source']} | {flip['kind']} | {_cell(flip['expected'])} | {_cell(flip['other'])} "
                 f"| {_cell(flip['specialized'])} |"
             )
         lines.append("")
@@ -205,9 +268,12 @@ def verdict(report: dict) -> list[str]:
     return said
 
 
-def flipped_rows(report: dict, generations: dict[str, list[dict]], rows: list, limit: int = 10) -> list[dict]:
-    comparison = report["comparisons"].get("base")
-    if not comparison:
+def flipped_rows(
+    report: dict, generations: dict[str, list[dict]], rows: list, other: str, limit: int = 10
+) -> list[dict]:
+    """Up to limit/2 rows the specialized model won against `other`, and up to limit/2 it lost."""
+    comparison = report["comparisons"].get(other)
+    if not comparison or "specialized" not in generations:
         return []
     flips = []
     for kind in ("won_rows", "lost_rows"):
@@ -217,9 +283,10 @@ def flipped_rows(report: dict, generations: dict[str, list[dict]], rows: list, l
                     "row": i,
                     "source": rows[i].source,
                     "expected": rows[i].target.strip(),
-                    "base": generations["base"][i]["prediction"],
+                    "versus": other,
+                    "other": generations[other][i]["prediction"],
                     "specialized": generations["specialized"][i]["prediction"],
-                    "kind": kind[:-5],
+                    "kind": kind[:-5],  # won or lost, from the specialized model's side
                 }
             )
     return flips
@@ -232,19 +299,55 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     if not results_path.is_file():
         raise PipelineError(f"{run_dir}: no evaluation results; run `make eval RECIPE={loaded.path}` first")
     results = json.loads(results_path.read_text())
-    report = build_report(results, loaded)
     generations = {
         name: _read_generations(run_dir / "evaluate" / "generations" / f"{name}.jsonl")
-        for name in ("base", "specialized")
-        if name in results["candidates"]
+        for name in results["candidates"]
     }
     rows = data.load_rows(loaded.recipe.data, "eval")
-    flips = flipped_rows(report, generations, rows) if len(generations) == 2 else []
+    references = [row.target for row in rows]
+    texts = {name: ([g["prediction"] for g in gens], references) for name, gens in generations.items()}
+    report = build_report(results, loaded, texts)
+    flips = [flip for other in ("base", "reference") for flip in flipped_rows(report, generations, rows, other)]
     report["flipped_rows"] = flips
     write_json_atomic(run_dir / "evaluate" / "report.json", report)
-    write_text_atomic(run_dir / "evaluate" / "report.md", render_markdown(report, flips))
+    plot_path = run_dir / "evaluate" / "report.png"
+    write_plot(report, plot_path)
+    write_text_atomic(run_dir / "evaluate" / "report.md", render_markdown(report, flips, plot_path.name))
     log(STAGE, f"wrote {run_dir / 'evaluate' / 'report.md'}")
     return report
+
+
+def write_plot(report: dict, path: Path) -> None:
+    """The metric against peak memory and against latency, one point per candidate, with its 95% CI."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    metric = report["metric"]
+    colors = {"base": "tab:gray", "specialized": "tab:green", "quantized": "tab:olive", "reference": "tab:blue"}
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for axis, key, label in (
+        (axes[0], "peak_memory_bytes", "peak memory (MB, log)"),
+        (axes[1], "seconds_per_example_p50", "seconds per example, p50 (log)"),
+    ):
+        for name, c in report["candidates"].items():
+            m = c["metrics"][metric]
+            x = c[key] / 1e6 if key.endswith("bytes") else c[key]
+            x = max(x, 1e-6)
+            error = [[m["value"] - m["ci95"][0]], [m["ci95"][1] - m["value"]]]
+            axis.errorbar([x], [m["value"]], yerr=error, fmt="o", capsize=4, color=colors.get(c["role"], "black"))
+            axis.annotate(name, (x, m["value"]), textcoords="offset points", xytext=(6, 4), fontsize=9)
+        axis.set_xscale("log")
+        axis.set_xlabel(label)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel(metric)
+    figure.suptitle(f"{report['recipe']}: {metric} vs what it costs to run ({report['eval_rows']} rows)")
+    figure.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(tmp, dpi=110)
+    plt.close(figure)
+    tmp.replace(path)
 
 
 def _read_generations(path: Path) -> list[dict]:
@@ -256,8 +359,12 @@ def _mb(n: int | None) -> str:
     return "—" if n is None else f"{n / 1e6:.1f} MB"
 
 
-def _num(x: float | None) -> str:
-    return "—" if x is None else f"{x:.3f}"
+def _num(x: float | None, digits: int = 3) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def _millions(n: int | None) -> str:
+    return "—" if n is None else f"{n / 1e6:.1f}M"
 
 
 def _cell(text: str) -> str:

@@ -45,6 +45,7 @@ def test_run_writes_the_run_folder(finished_run):
         "quantize/result.json",
         "quantize/.done.json",
         "evaluate/results.json",
+        "evaluate/report.png",
         "evaluate/report.json",
         "evaluate/report.md",
         "evaluate/.done.json",
@@ -94,7 +95,10 @@ def test_report_has_every_candidate_with_its_numbers(finished_run):
     sizes = {n: c["size_on_disk_bytes"] for n, c in report["candidates"].items()}
     assert sizes["bnb-nf4"] < sizes["bnb-int8"] < sizes["base"] < sizes["reference"]
     assert report["gates"]["passed"] is True
-    assert "## Verdict" in (run_dir / "evaluate" / "report.md").read_text()
+    markdown = (run_dir / "evaluate" / "report.md").read_text()
+    assert "## Verdict" in markdown and "![exact_match against peak memory and latency](report.png)" in markdown
+    assert (run_dir / "evaluate" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["candidates"]["bnb-nf4"]["parameters"] == report["candidates"]["base"]["parameters"]
 
 
 def test_adapter_and_quantized_variants_load_back_and_generate(finished_run):

@@ -3,7 +3,7 @@
 import evaluate
 import pytest
 
-from pipeline.metrics import available_metrics, metric_path
+from pipeline.metrics import available_metrics, metric_path, score_function
 from pipeline.recipe import load_recipe
 from pipeline.report import bootstrap_ci, build_report, gap_closed, mcnemar_exact_p, render_markdown
 
@@ -15,7 +15,7 @@ def test_exact_match_module_loads_offline_by_path_and_scores_per_row():
         predictions=[" refund_status", "Track_order", "cancel"],
         references=["refund_status", "track_order", "cancel_order"],
     )
-    assert out == {"exact_match": 1 / 3, "per_row": [1, 0, 0]}
+    assert out == {"exact_match": 1 / 3, "per_row": [1, 0, 0], "mean_of_rows": True}
     out = metric.compute(predictions=["Track_order"], references=["track_order"], ignore_case=True)
     assert out["exact_match"] == 1.0
 
@@ -79,12 +79,13 @@ def test_report_numbers_comparisons_and_gates(results, write_recipe):
         evaluate:
           bootstrap_samples: 200
           reference: {model: org/big}
-          gates: {specialized_min: 0.7, min_gap_closed: 0.9, quantized_max_drop: 0.2}
+          gates: {specialized_min: 0.7, min_gap_closed: 0.9, quantized_max_drop: 0.2, max_latency_ratio: 0.5}
     """)
     report = build_report(results, load_recipe(recipe))
     assert report["candidates"]["specialized"]["metrics"]["exact_match"]["value"] == 0.75
     assert report["gap_closed"] == pytest.approx((0.75 - 0.25) / (1.0 - 0.25))
     assert report["comparisons"]["base"] == {
+        "test": "mcnemar_exact",
         "wins": 2,
         "losses": 0,
         "p_value": 0.5,
@@ -96,6 +97,7 @@ def test_report_numbers_comparisons_and_gates(results, write_recipe):
     assert checks["specialized_min"]["passed"] is True
     assert checks["min_gap_closed"]["passed"] is False  # 0.667 < 0.9
     assert checks["quantized_max_drop"]["value"] == pytest.approx(0.25) and not checks["quantized_max_drop"]["passed"]
+    assert checks["max_latency_ratio"]["value"] == pytest.approx(0.2) and checks["max_latency_ratio"]["passed"]
     assert report["gates"]["passed"] is False
 
     markdown = render_markdown(report, flips=[])
@@ -103,3 +105,89 @@ def test_report_numbers_comparisons_and_gates(results, write_recipe):
     assert "5.0x as fast as the reference" in markdown
     assert "peaks at 0.12x the reference's memory" in markdown
     assert "**FAIL** `min_gap_closed`: 0.667 (threshold 0.9)" in markdown
+
+
+def scores(name, predictions, references, **kw):
+    return evaluate.load(metric_path(name)).compute(predictions=predictions, references=references, **kw)
+
+
+def test_label_accuracy_forgives_case_quotes_and_punctuation():
+    out = scores(
+        "accuracy", ["`Cancel_Order`.", "track_order", "refund"], ["cancel_order", "track_order", "refund_status"]
+    )
+    assert out["per_row"] == [1.0, 1.0, 0.0]
+
+
+def test_macro_f1_by_hand():
+    preds, refs = ["a", "a", "b", "x", "a"], ["a", "b", "b", "c", "a"]
+    out = scores("macro_f1", preds, refs)
+    # a: tp 2 (rows 0, 4), fp 1 (row 1), fn 0 -> 4/5; b: tp 1, fp 0, fn 1 -> 2/3; c: 0
+    assert out["macro_f1"] == pytest.approx((4 / 5 + 2 / 3 + 0) / 3)
+    assert out["per_row"] == [1.0, 0.0, 1.0, 0.0, 1.0] and out["mean_of_rows"] is False
+
+
+def test_rouge_l_and_chrf_by_hand():
+    # LCS of "the cat sat" and "the cat sat down" is 3 words: F1 = 2 * 3 / (3 + 4)
+    assert scores("rouge_l", ["the cat sat"], ["The cat sat down"])["rouge_l"] == pytest.approx(6 / 7)
+    assert scores("rouge_l", ["dog"], ["cat"])["rouge_l"] == 0.0
+    assert scores("chrf", ["same text"], ["same text"])["chrf"] == pytest.approx(1.0)
+    assert scores("chrf", ["xyz"], ["abc"])["chrf"] == 0.0
+    assert 0.0 < scores("chrf", ["track order"], ["track_order"])["chrf"] < 1.0
+
+
+def test_json_match_scores_fields_and_validity():
+    out = scores(
+        "json_match",
+        ['{"city": "Lyon", "qty": 2}', '{"city": "Porto"}', "not json"],
+        ['{"city": "Lyon", "qty": 3}', '{"city": "Porto"}', '{"city": "Oslo"}'],
+    )
+    assert out["per_row"] == [0.5, 1.0, 0.0]
+    assert out["json_valid"] == pytest.approx(2 / 3)
+
+
+def test_paired_test_is_mcnemar_for_binary_rows_and_a_bootstrap_otherwise():
+    from pipeline.report import paired
+
+    assert paired([1, 1, 0], [0, 1, 0])["test"] == "mcnemar_exact"
+    graded = paired([0.9] * 30, [0.1] * 30, samples=200)
+    assert graded["test"] == "paired_bootstrap" and graded["wins"] == 30 and graded["p_value"] == 0.0
+    assert paired([0.5, 0.7], [0.5, 0.7], samples=200)["p_value"] == 1.0
+
+
+def test_macro_f1_interval_is_recomputed_on_resampled_rows(write_recipe):
+    recipe = load_recipe(
+        write_recipe("""
+        name: t
+        model: {base: org/m}
+        data: {train: a.jsonl, eval: b.jsonl, prompt: "{x}", target: "{y}"}
+        evaluate: {metrics: [macro_f1], bootstrap_samples: 200}
+    """)
+    )
+    preds, refs = ["a", "b"] * 20, ["a", "a"] * 20
+    value, per_row = score_function("macro_f1")(preds, refs)
+    results = {
+        "eval_rows": 40,
+        "candidates": {
+            "specialized": {
+                "role": "specialized",
+                **cost(),
+                "metrics": {"macro_f1": {"value": value, "per_row": per_row, "mean_of_rows": False}},
+            }
+        },
+    }
+    report = build_report(results, recipe, {"specialized": (preds, refs)})
+    low, high = report["candidates"]["specialized"]["metrics"]["macro_f1"]["ci95"]
+    # only label a is in the references: tp 20, fp 0, fn 20 -> F1 2/3, while the 0/1 rows average 0.5;
+    # an interval of the row mean would be centred on 0.5
+    assert value == pytest.approx(2 / 3)
+    assert low <= value <= high and (low + high) / 2 > 0.6
+
+
+def test_user_metric_from_a_file(tmp_path):
+    from pipeline.stages.evaluate import _scorer
+
+    (tmp_path / "my_metric.py").write_text(
+        "def length_ok(preds, refs):\n    return [len(p) <= len(r) for p, r in zip(preds, refs)]\n"
+    )
+    scorer = _scorer(f"{tmp_path / 'my_metric.py'}:length_ok")
+    assert scorer(["ab", "abcd"], ["abc", "abc"], False) == {"value": 0.5, "per_row": [1.0, 0.0], "mean_of_rows": True}

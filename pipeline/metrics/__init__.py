@@ -1,6 +1,25 @@
-"""Metric modules shipped with the package and loaded offline with `evaluate.load(path)`."""
+"""Task metrics: modules shipped with the package, loaded offline with `evaluate.load(path)`.
 
+Each module in a folder of its own (`exact_match/exact_match.py`, ...) defines a `RowMetric`
+subclass whose `score(predictions, references, ignore_case)` returns the metric's value and a score
+per row. Per-row scores are what confidence intervals and paired comparisons are built from; a
+metric that is not the mean of its rows (macro F1) says so with `MEAN_OF_ROWS = False`, and its
+interval is bootstrapped by recomputing it on resampled rows.
+
+A recipe may also name its own metric as `path/to/file.py:function` (relative to the recipe), where
+`function(predictions, references)` returns one score per row; its value is their mean.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
 from pathlib import Path
+
+import datasets
+import evaluate
+
+from pipeline.errors import PipelineError
 
 METRICS_DIR = Path(__file__).resolve().parent
 
@@ -12,3 +31,72 @@ def metric_path(name: str) -> str:
 
 def available_metrics() -> list[str]:
     return sorted(p.name for p in METRICS_DIR.iterdir() if (p / f"{p.name}.py").is_file())
+
+
+def normalize(text: str, ignore_case: bool) -> str:
+    text = text.strip()
+    return text.lower() if ignore_case else text
+
+
+class RowMetric(evaluate.Metric):
+    """An `evaluate` metric over string predictions and references that also returns per-row scores.
+
+    Subclasses define NAME, DESCRIPTION and a static `score(predictions, references, ignore_case)`
+    returning (value, per-row scores). Metric modules refer to this class as `metrics.RowMetric`, not
+    by importing the name: evaluate takes the first Metric class it finds in a module as the module's own.
+    """
+
+    NAME = ""
+    DESCRIPTION = ""
+    MEAN_OF_ROWS = True
+
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=self.DESCRIPTION,
+            citation="",
+            inputs_description="predictions, references: lists of strings; ignore_case: bool",
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
+        )
+
+    def _compute(self, predictions, references, ignore_case=False):
+        value, per_row = self.score(predictions, references, ignore_case)
+        return {self.NAME: value, "per_row": per_row, "mean_of_rows": self.MEAN_OF_ROWS}
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def user_metric(spec: str, recipe_dir: Path) -> Callable[[list[str], list[str]], list[float]]:
+    """Load `file.py:function` (relative to the recipe) or `package.module:function`."""
+    target, _, function = spec.rpartition(":")
+    if target.endswith(".py"):
+        path = (recipe_dir / target).resolve()
+        if not path.is_file():
+            raise PipelineError(f"evaluate.metrics: {spec}: no such file {path}")
+        module_spec = importlib.util.spec_from_file_location(f"user_metric_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise PipelineError(f"evaluate.metrics: {spec}: cannot import {target} ({e})") from None
+    scorer = getattr(module, function, None)
+    if not callable(scorer):
+        raise PipelineError(f"evaluate.metrics: {spec}: {target} has no function {function!r}")
+    return scorer
+
+
+def score_function(name: str) -> Callable[..., tuple[float, list[float]]]:
+    """The `score` of a shipped metric, for recomputing it on resampled rows (bootstrap intervals)."""
+    path = METRICS_DIR / name / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"pipeline_metric_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for value in vars(module).values():
+        if isinstance(value, type) and issubclass(value, RowMetric) and value is not RowMetric:
+            return value.score
+    raise PipelineError(f"{path}: no RowMetric subclass")

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from pipeline import data, models
 from pipeline.errors import PipelineError
-from pipeline.metrics import metric_path
+from pipeline.metrics import metric_path, user_metric
 from pipeline.recipe import LoadedRecipe
 from pipeline.runs import (
     dir_size_bytes,
@@ -109,7 +109,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         raise PipelineError(f"{run_dir}: no finished quantize stage; run `make quantize RECIPE={loaded.path}` first")
     stage_dir = run_dir / STAGE
     (stage_dir / "generations").mkdir(parents=True, exist_ok=True)
-    metrics = {name: hf_evaluate.load(metric_path(name)) for name in recipe.evaluate.metrics}
+    scorers = {name: _scorer(name) for name in recipe.evaluate.metrics}
 
     results = {}
     for candidate in candidates(loaded, run_dir):
@@ -117,12 +117,9 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         generations, cost = _generations(candidate, rows, loaded, stage_dir)
         predictions = [g["prediction"] for g in generations]
         references = [row.target for row in rows]
-        scores = {}
-        for name, metric in metrics.items():
-            computed = metric.compute(
-                predictions=predictions, references=references, ignore_case=recipe.evaluate.ignore_case
-            )
-            scores[name] = {"value": computed[name], "per_row": computed["per_row"]}
+        scores = {
+            name: scorer(predictions, references, recipe.evaluate.ignore_case) for name, scorer in scorers.items()
+        }
         results[candidate.name] = {"role": candidate.role, "metrics": scores, **cost}
         log(STAGE, f"{candidate.name}: " + ", ".join(f"{k}={v['value']:.3f}" for k, v in scores.items()))
 
@@ -130,6 +127,29 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     write_json_atomic(stage_dir / "results.json", out)
     mark_done(stage_dir, fingerprint(loaded, run_dir))
     return out
+
+
+def _scorer(name: str):
+    """A function (predictions, references, ignore_case) -> {"value", "per_row", "mean_of_rows", ...}."""
+    if ":" in name:
+        function = user_metric(name, Path.cwd())
+
+        def score_user(predictions, references, ignore_case):
+            per_row = [float(x) for x in function(predictions, references)]
+            if len(per_row) != len(predictions):
+                raise PipelineError(
+                    f"evaluate.metrics: {name} returned {len(per_row)} scores for {len(predictions)} rows"
+                )
+            return {"value": sum(per_row) / len(per_row), "per_row": per_row, "mean_of_rows": True}
+
+        return score_user
+    module = hf_evaluate.load(metric_path(name))
+
+    def score_shipped(predictions, references, ignore_case):
+        computed = module.compute(predictions=predictions, references=references, ignore_case=ignore_case)
+        return {"value": computed.pop(name), **computed}
+
+    return score_shipped
 
 
 def _generations(candidate: Candidate, rows: list[data.TaskRow], loaded: LoadedRecipe, stage_dir: Path):
@@ -283,6 +303,7 @@ def _cost(
         "model": candidate.source.location,
         "adapter_size_bytes": adapter_size,
         "size_on_disk_bytes": size,
+        "parameters": _parameters(candidate, model),
         "weights_memory_bytes": model.get_memory_footprint(),
         "peak_memory_bytes": peak_bytes,
         "load_seconds": round(load_seconds, 3),
@@ -294,6 +315,15 @@ def _cost(
         "prompt_tokens_per_example": sum(len(p) for p in prompts) / len(prompts),
         "device": str(models.device()),
     }
+
+
+def _parameters(candidate: Candidate, model) -> int:
+    """Parameter count; for a quantized variant, that of the merged model it was made from (bitsandbytes
+    packs several 4-bit weights into one stored element, so counting its tensors would undercount)."""
+    if candidate.quantized:
+        merged = json.loads((Path(candidate.source.location).parent / "result.json").read_text())
+        return merged["variants"]["merged"]["parameters"]
+    return sum(p.numel() for p in model.parameters())
 
 
 def _percentile(values: list[float], q: float) -> float:
