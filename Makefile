@@ -11,7 +11,7 @@ RECIPE_ARGS = $(RECIPE) --runs-dir $(RUNS) $(foreach s,$(SET),--set $(s))
 TINY_MODELS := build/tiny-models/base/model.safetensors
 
 .DEFAULT_GOAL := help
-.PHONY: help setup schema inspect models train quantize eval report validate tiny-models test lint clean
+.PHONY: help setup schema bench inspect models train quantize eval report validate tiny-models test lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -60,6 +60,9 @@ schema: $(VENV)/.installed ## regenerate recipes/schema.json from the recipe mod
 
 inspect: $(VENV)/.installed $(TINY_MODELS) ## show RECIPE's training rows with trained tokens marked, and length stats
 	$(VENV)/bin/specialist inspect $(RECIPE_ARGS)
+
+bench: $(VENV)/.installed $(TINY_MODELS) ## batched evaluation vs one-row-at-a-time generate on RECIPE's base (ratios)
+	$(VENV)/bin/specialist bench $(RECIPE_ARGS)
 
 test: $(VENV)/.installed ## run the test suite (unit + integration on tiny models)
 	$(PY) -m pytest -q

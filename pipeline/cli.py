@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
             f"(re)run the {stage} stage on this recipe's run folder",
         )
     recipe_verb("validate", _validate, "check a recipe, its data and its model references without training")
+    bench = recipe_verb("bench", _bench, "benchmark batched evaluation against one-row-at-a-time generate")
+    bench.add_argument("--rows", type=int, default=64, help="eval rows to generate (default 64)")
     inspect = recipe_verb("inspect", _inspect, "show training rows with the trained tokens marked, and length stats")
     inspect.add_argument("--rows", type=int, default=3, help="how many rows to show (default 3)")
 
@@ -160,6 +162,14 @@ def _validate(args) -> int:
     loaded = load_recipe(args.recipe, args.overrides)
     summary = validate.check(loaded)
     validate.print_summary(summary, args.runs_dir / loaded.recipe.name)
+    return 0
+
+
+def _bench(args) -> int:
+    from pipeline import bench
+    from pipeline.recipe import load_recipe
+
+    bench.run(load_recipe(args.recipe, args.overrides), args.rows)
     return 0
 
 

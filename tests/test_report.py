@@ -191,3 +191,12 @@ def test_user_metric_from_a_file(tmp_path):
     )
     scorer = _scorer(f"{tmp_path / 'my_metric.py'}:length_ok")
     assert scorer(["ab", "abcd"], ["abc", "abc"], False) == {"value": 0.5, "per_row": [1.0, 0.0], "mean_of_rows": True}
+
+
+def test_bench_gives_the_same_answers_both_ways(tiny_recipe, capsys):
+    from pipeline import bench
+
+    result = bench.run(load_recipe(tiny_recipe), rows=12)
+    assert result["identical"] == result["rows"] == 12
+    assert result["batched"]["tokens"] == result["naive"]["tokens"]  # same work, so tokens/s compare honestly
+    assert "batched / naive tokens/s" in capsys.readouterr().out
