@@ -236,3 +236,15 @@ def test_messages_format_with_a_chat_template_file_and_packing(write_recipe, tin
     assert specialized > report["candidates"]["base"]["metrics"]["exact_match"]["value"]
     # the eval prompt went through the recipe's chat template: system + user turn + assistant header
     assert report["candidates"]["specialized"]["prompt_tokens_per_example"] > 10
+
+
+def test_interrupted_evaluation_continues_from_its_generation_cache(finished_run, tiny_recipe, capsys):
+    _, run_dir = finished_run
+    cache = run_dir / "evaluate" / "generations" / "reference.jsonl"
+    complete = cache.read_text().splitlines()
+    # as if killed while writing the 4th answer: a header, 3 answers and half a line
+    cache.write_text("\n".join(complete[:4]) + "\n" + complete[4][:10])
+    (run_dir / "evaluate" / "generations" / "reference.cost.json").unlink()
+    assert run_cli("eval", tiny_recipe, "--runs-dir", run_dir.parent.parent) == 0
+    assert "[evaluate] reference: generating 21 answers (3 cached)" in capsys.readouterr().err
+    assert cache.read_text().splitlines()[:4] == complete[:4] and len(cache.read_text().splitlines()) == 25
