@@ -110,17 +110,22 @@ def load_model(
     dtype: torch.dtype,
     quantization: Quantization | None = None,
     trust_remote_code: bool = False,
+    keep_unquantized: list[str] = (),
 ):
-    """Load a causal LM on this machine's device, optionally quantized on load by bitsandbytes."""
+    """Load a causal LM on this machine's device, optionally quantized on load by bitsandbytes.
+
+    keep_unquantized: module name patterns bitsandbytes leaves alone (the output head always is).
+    """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs: dict = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
+    skip = {"llm_int8_skip_modules": [*keep_unquantized, "lm_head"]} if keep_unquantized else {}
     if quantization == "bnb-nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, **skip
         )
     elif quantization == "bnb-int8":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, **skip)
     if quantization:
         kwargs["device_map"] = {"": str(device())}
     model = _from_pretrained(AutoModelForCausalLM, source, **kwargs)

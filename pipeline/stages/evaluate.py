@@ -72,8 +72,8 @@ def candidates(loaded: LoadedRecipe, run_dir: Path) -> list[Candidate]:
         ),
     ]
     for variant in recipe.quantize:
-        folder = run_dir / "quantize" / variant.kind
-        found.append(Candidate(variant.kind, "quantized", models.ModelSource(str(folder), None, True), quantized=True))
+        folder = run_dir / "quantize" / variant.label
+        found.append(Candidate(variant.label, "quantized", models.ModelSource(str(folder), None, True), quantized=True))
     reference = recipe.evaluate.reference
     if reference:
         source = models.resolve_model(reference.model, "evaluate.reference.model")

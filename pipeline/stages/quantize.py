@@ -64,20 +64,34 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     merged_source = models.ModelSource(str(merged_dir), None, is_local=True)
     dtype = models.compute_dtype(recipe.model.dtype)
     for variant in recipe.quantize:
-        model = models.load_model(merged_source, dtype, quantization=variant.kind)
-        variant_dir = stage_dir / variant.kind
+        keep = variant.keep_full_precision + _edge_layers(merged_dir, variant.keep_edge_layers)
+        model = models.load_model(merged_source, dtype, quantization=variant.kind, keep_unquantized=keep)
+        variant_dir = stage_dir / variant.label
         tmp = temp_dir_for(variant_dir)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         replace_dir(tmp, variant_dir)
-        variants[variant.kind] = _facts(model, variant_dir)
+        variants[variant.label] = {**_facts(model, variant_dir), "kind": variant.kind, "kept_unquantized": keep}
         del model
-        log(STAGE, f"{variant.kind}: {variants[variant.kind]['size_on_disk_bytes'] / 1e6:.1f} MB on disk")
+        log(STAGE, f"{variant.label}: {variants[variant.label]['size_on_disk_bytes'] / 1e6:.1f} MB on disk")
 
     result = {"variants": variants}
     write_json_atomic(stage_dir / "result.json", result)
     mark_done(stage_dir, fingerprint(loaded, run_dir))
     return result
+
+
+def _edge_layers(model_dir: Path, count: int) -> list[str]:
+    """Module prefixes of the first and last `count` transformer blocks (model.layers.0, ...)."""
+    if count == 0:
+        return []
+    import json
+
+    layers = json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers")
+    if not layers:
+        raise PipelineError(f"quantize.keep_edge_layers: {model_dir}/config.json has no num_hidden_layers")
+    indices = sorted(set(range(min(count, layers))) | set(range(max(0, layers - count), layers)))
+    return [f"model.layers.{i}" for i in indices]
 
 
 def _facts(model, folder: Path) -> dict:
