@@ -248,3 +248,14 @@ def test_interrupted_evaluation_continues_from_its_generation_cache(finished_run
     assert run_cli("eval", tiny_recipe, "--runs-dir", run_dir.parent.parent) == 0
     assert "[evaluate] reference: generating 21 answers (3 cached)" in capsys.readouterr().err
     assert cache.read_text().splitlines()[:4] == complete[:4] and len(cache.read_text().splitlines()) == 25
+
+
+def test_training_is_reproducible_from_the_seed(tiny_recipe, tmp_path):
+    adapters = []
+    for attempt in ("a", "b"):
+        runs = tmp_path / attempt
+        assert run_cli("train", tiny_recipe, "--runs-dir", runs, "--set", "train.max_steps=3") == 0
+        run_dir = runs / "tiny-test" / load_recipe(tiny_recipe, ["train.max_steps=3"]).run_id
+        adapters.append(load_file(run_dir / "train" / "adapter" / "adapter_model.safetensors"))
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])

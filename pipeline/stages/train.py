@@ -12,7 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
-from transformers import TrainerCallback
+from transformers import TrainerCallback, set_seed
 
 from pipeline import data, models
 from pipeline.errors import PipelineError
@@ -69,6 +69,9 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         log(STAGE, f"packed {len(examples)} rows into {len(sequences)} sequences of up to {recipe.data.max_seq_len}")
 
     dtype = models.compute_dtype(recipe.model.dtype)
+    # Seed before the adapter exists: its initial weights are drawn in get_peft_model, before the
+    # Trainer would seed anything.
+    set_seed(recipe.train.seed)
     if recipe.train.qlora:
         from peft import prepare_model_for_kbit_training
 
