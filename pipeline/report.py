@@ -329,6 +329,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
 def write_plot(report: dict, path: Path) -> None:
     """The metric against peak memory and against latency, one point per candidate, with its 95% CI."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
@@ -340,14 +341,17 @@ def write_plot(report: dict, path: Path) -> None:
         (axes[0], "peak_memory_bytes", "peak memory (MB, log)"),
         (axes[1], "seconds_per_example_p50", "seconds per example, p50 (log)"),
     ):
-        for name, c in report["candidates"].items():
+        for offset, (name, c) in enumerate(report["candidates"].items()):
             m = c["metrics"][metric]
-            x = c[key] / 1e6 if key.endswith("bytes") else c[key]
-            x = max(x, 1e-6)
+            x = max(c[key] / 1e6 if key.endswith("bytes") else c[key], 1e-6)
             error = [[m["value"] - m["ci95"][0]], [m["ci95"][1] - m["value"]]]
             axis.errorbar([x], [m["value"]], yerr=error, fmt="o", capsize=4, color=colors.get(c["role"], "black"))
-            axis.annotate(name, (x, m["value"]), textcoords="offset points", xytext=(6, 4), fontsize=9)
+            # alternate label sides so candidates that sit close together stay readable
+            axis.annotate(
+                name, (x, m["value"]), textcoords="offset points", xytext=(6, 6 if offset % 2 == 0 else -12), fontsize=9
+            )
         axis.set_xscale("log")
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.set_xlabel(label)
         axis.grid(alpha=0.3)
     axes[0].set_ylabel(metric)
