@@ -259,3 +259,17 @@ def test_training_is_reproducible_from_the_seed(tiny_recipe, tmp_path):
         adapters.append(load_file(run_dir / "train" / "adapter" / "adapter_model.safetensors"))
     assert adapters[0].keys() == adapters[1].keys()
     assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+
+def test_quantize_refuses_a_keep_pattern_that_names_no_module(finished_run, tiny_recipe, capsys):
+    _, run_dir = finished_run
+    # the overrides make a new run folder; copy the finished training into it
+    overrides = ["quantize=[{kind: bnb-nf4, keep_full_precision: [transformer.h.0]}]"]
+    loaded = load_recipe(tiny_recipe, overrides)
+    new_run = run_dir.parent / loaded.run_id
+    import shutil
+
+    shutil.copytree(run_dir / "train", new_run / "train")
+    args = ["quantize", tiny_recipe, "--runs-dir", run_dir.parent.parent, "--set", overrides[0]]
+    assert run_cli(*args) == 2
+    assert "no module of the model is named 'transformer.h.0'" in capsys.readouterr().err

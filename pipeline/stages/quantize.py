@@ -66,6 +66,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     for variant in recipe.quantize:
         keep = variant.keep_full_precision + _edge_layers(merged_dir, variant.keep_edge_layers)
         model = models.load_model(merged_source, dtype, quantization=variant.kind, keep_unquantized=keep)
+        _check_kept_modules_exist(model, keep, variant.label)
         variant_dir = stage_dir / variant.label
         tmp = temp_dir_for(variant_dir)
         model.save_pretrained(tmp)
@@ -92,6 +93,17 @@ def _edge_layers(model_dir: Path, count: int) -> list[str]:
         raise PipelineError(f"quantize.keep_edge_layers: {model_dir}/config.json has no num_hidden_layers")
     indices = sorted(set(range(min(count, layers))) | set(range(max(0, layers - count), layers)))
     return [f"model.layers.{i}" for i in indices]
+
+
+def _check_kept_modules_exist(model, patterns: list[str], label: str) -> None:
+    """A pattern that names no module would silently keep nothing in full precision."""
+    names = [name for name, _ in model.named_modules()]
+    for pattern in patterns:
+        if not any(name == pattern or name.startswith(pattern + ".") or name.endswith(pattern) for name in names):
+            raise PipelineError(
+                f"quantize ({label}): no module of the model is named {pattern!r}; "
+                f"module names look like {names[len(names) // 2]!r}"
+            )
 
 
 def _facts(model, folder: Path) -> dict:
