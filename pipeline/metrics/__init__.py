@@ -41,14 +41,21 @@ def normalize(text: str, ignore_case: bool) -> str:
 class RowMetric(evaluate.Metric):
     """An `evaluate` metric over string predictions and references that also returns per-row scores.
 
-    Subclasses define NAME, DESCRIPTION and a static `score(predictions, references, ignore_case)`
-    returning (value, per-row scores). Metric modules refer to this class as `metrics.RowMetric`, not
-    by importing the name: evaluate takes the first Metric class it finds in a module as the module's own.
+    Subclasses define NAME, DESCRIPTION and a static `row_score(prediction, reference, ignore_case)`;
+    the value is the mean over rows. A metric that is not a mean of its rows (macro F1) overrides
+    `score(predictions, references, ignore_case)` -> (value, per-row scores) instead. Metric modules
+    refer to this class as `metrics.RowMetric`, not by importing the name: evaluate takes the first
+    Metric class it finds in a module as the module's own.
     """
 
     NAME = ""
     DESCRIPTION = ""
     MEAN_OF_ROWS = True
+
+    @classmethod
+    def score(cls, predictions: list[str], references: list[str], ignore_case: bool = False):
+        per_row = [float(cls.row_score(p, r, ignore_case)) for p, r in zip(predictions, references, strict=True)]
+        return mean(per_row), per_row
 
     def _info(self):
         return evaluate.MetricInfo(

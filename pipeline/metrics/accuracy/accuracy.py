@@ -2,7 +2,6 @@
 case, surrounding quotes and backticks, and trailing punctuation."""
 
 from pipeline import metrics
-from pipeline.metrics import mean
 
 
 def label(text: str) -> str:
@@ -14,6 +13,5 @@ class Accuracy(metrics.RowMetric):
     DESCRIPTION = __doc__
 
     @staticmethod
-    def score(predictions, references, ignore_case=True):
-        per_row = [float(label(p) == label(r)) for p, r in zip(predictions, references, strict=True)]
-        return mean(per_row), per_row
+    def row_score(prediction, reference, ignore_case):
+        return label(prediction) == label(reference)  # always case-insensitive

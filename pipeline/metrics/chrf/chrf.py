@@ -34,9 +34,5 @@ class ChrF(metrics.RowMetric):
     DESCRIPTION = __doc__
 
     @staticmethod
-    def score(predictions, references, ignore_case=False):
-        per_row = [
-            chrf(normalize(p, ignore_case), normalize(r, ignore_case))
-            for p, r in zip(predictions, references, strict=True)
-        ]
-        return mean(per_row), per_row
+    def row_score(prediction, reference, ignore_case):
+        return chrf(normalize(prediction, ignore_case), normalize(reference, ignore_case))

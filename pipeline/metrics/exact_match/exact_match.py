@@ -1,7 +1,7 @@
 """Exact match: 1 where the prediction equals the reference after stripping surrounding whitespace."""
 
 from pipeline import metrics
-from pipeline.metrics import mean, normalize
+from pipeline.metrics import normalize
 
 
 class ExactMatch(metrics.RowMetric):
@@ -9,9 +9,5 @@ class ExactMatch(metrics.RowMetric):
     DESCRIPTION = __doc__
 
     @staticmethod
-    def score(predictions, references, ignore_case=False):
-        per_row = [
-            float(normalize(p, ignore_case) == normalize(r, ignore_case))
-            for p, r in zip(predictions, references, strict=True)
-        ]
-        return mean(per_row), per_row
+    def row_score(prediction, reference, ignore_case):
+        return normalize(prediction, ignore_case) == normalize(reference, ignore_case)

@@ -33,9 +33,8 @@ class JsonMatch(metrics.RowMetric):
     DESCRIPTION = __doc__
 
     @staticmethod
-    def score(predictions, references, ignore_case=False):
-        per_row = [field_match(p, r) for p, r in zip(predictions, references, strict=True)]
-        return mean(per_row), per_row
+    def row_score(prediction, reference, ignore_case):
+        return field_match(prediction, reference)
 
     def _compute(self, predictions, references, ignore_case=False):
         out = super()._compute(predictions, references, ignore_case)

@@ -2,7 +2,6 @@
 the value is the mean over rows). Words are lowercased and split on whitespace."""
 
 from pipeline import metrics
-from pipeline.metrics import mean
 
 
 def lcs_length(a: list[str], b: list[str]) -> int:
@@ -28,6 +27,5 @@ class RougeL(metrics.RowMetric):
     DESCRIPTION = __doc__
 
     @staticmethod
-    def score(predictions, references, ignore_case=True):
-        per_row = [rouge_l(p, r) for p, r in zip(predictions, references, strict=True)]
-        return mean(per_row), per_row
+    def row_score(prediction, reference, ignore_case):
+        return rouge_l(prediction, reference)  # words are lowercased anyway
