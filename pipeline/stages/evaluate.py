@@ -112,8 +112,13 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     scorers = {name: _scorer(name) for name in recipe.evaluate.metrics}
 
     results = {}
+    rows_by_prompt: dict[str | None, list[data.TaskRow]] = {}  # read and render the data once per prompt template
     for candidate in candidates(loaded, run_dir):
-        rows = data.load_rows(recipe.data, "eval", candidate.prompt_template, "evaluate.reference.prompt")
+        if candidate.prompt_template not in rows_by_prompt:
+            rows_by_prompt[candidate.prompt_template] = data.load_rows(
+                recipe.data, "eval", candidate.prompt_template, "evaluate.reference.prompt"
+            )
+        rows = rows_by_prompt[candidate.prompt_template]
         generations, cost = _generations(candidate, rows, loaded, stage_dir)
         predictions = [g["prediction"] for g in generations]
         references = [row.target for row in rows]

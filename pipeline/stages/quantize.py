@@ -96,10 +96,15 @@ def _edge_layers(model_dir: Path, count: int) -> list[str]:
 
 
 def _check_kept_modules_exist(model, patterns: list[str], label: str) -> None:
-    """A pattern that names no module would silently keep nothing in full precision."""
+    """A pattern that names no module would silently keep nothing in full precision.
+
+    Matched the way transformers matches its modules-not-to-convert, so the check agrees with what it skipped.
+    """
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
     names = [name for name, _ in model.named_modules()]
     for pattern in patterns:
-        if not any(name == pattern or name.startswith(pattern + ".") or name.endswith(pattern) for name in names):
+        if all(should_convert_module(name, [pattern]) for name in names):
             raise PipelineError(
                 f"quantize ({label}): no module of the model is named {pattern!r}; "
                 f"module names look like {names[len(names) // 2]!r}"
