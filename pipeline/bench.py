@@ -13,12 +13,13 @@ import torch
 
 from pipeline import data, models
 from pipeline.recipe import LoadedRecipe
-from pipeline.stages.evaluate import PeakMemory, _eos_ids, _until_eos, generate_batches
+from pipeline.runtimes import PeakMemory
+from pipeline.runtimes.transformers import eos_token_ids, generate_batches, until_eos
 
 
 def naive_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """One model.generate call per row, no padding: what a first evaluation script usually does."""
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     device = next(model.parameters()).device
     answers = []
     for prompt in prompts:
@@ -31,7 +32,7 @@ def naive_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
                 eos_token_id=eos_ids,
                 pad_token_id=tokenizer.pad_token_id,
             )
-        answers.append(_until_eos(output[0, len(prompt) :].tolist(), eos_ids))
+        answers.append(until_eos(output[0, len(prompt) :].tolist(), eos_ids))
     return answers
 
 

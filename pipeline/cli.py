@@ -78,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     packaged.add_argument("names", nargs="*", metavar="NAME", help="packaged model names (default: all)")
     packaged.set_defaults(handler=_models)
 
+    llamacpp = verbs.add_parser(
+        "llamacpp", help="build (once per machine, cached) or reuse llama.cpp's Python bindings and GGUF converter"
+    )
+    llamacpp.set_defaults(handler=_llamacpp)
+
     tiny = verbs.add_parser("tiny-models", help="build the tiny random-init models the tiny recipe and tests use")
     tiny.add_argument("--out", type=Path, default=Path("build/tiny-models"))
     tiny.add_argument(
@@ -200,6 +205,15 @@ def _models(args) -> int:
 
     for name in args.names or PACKAGED:
         print(f"packaged:{name}: {packaged_model_dir(name, field='models')}")
+    return 0
+
+
+def _llamacpp(args) -> int:
+    from pipeline import llamacpp_install
+
+    converter = llamacpp_install.ensure()
+    print(f"llama-cpp-python {llamacpp_install.VERSION} ({' '.join(llamacpp_install.cmake_args())})")
+    print(f"converter: {converter}")
     return 0
 
 

@@ -302,14 +302,26 @@ def prompt_token_ids(tokenizer, prompt: str, chat: bool, system: str | None = No
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
 
-def prompt_ids(tokenizer, row: TaskRow, chat: bool, system: str | None = None) -> list[int]:
-    """What a candidate is asked at evaluation for this row: everything before the answer."""
+def prompt_text(tokenizer, row: TaskRow, chat: bool, system: str | None = None) -> tuple[str, bool]:
+    """What a candidate is asked at evaluation for this row, as text, and whether the tokenizer adds its
+    special tokens (BOS) to it: a plain prompt gets them, a chat-rendered one carries its own."""
     if row.messages is None:
-        return prompt_token_ids(tokenizer, row.prompt, chat and not row.plain, system)
-    messages = list(row.messages[:-1])
-    if system and messages and messages[0]["role"] == "system":
-        messages = messages[1:]
-    return _chat_ids(tokenizer, ([{"role": "system", "content": system}] if system else []) + messages, True)
+        if not chat or row.plain:
+            return row.prompt, True
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": row.prompt})
+    else:
+        messages = list(row.messages[:-1])
+        if system and messages and messages[0]["role"] == "system":
+            messages = messages[1:]
+        messages = ([{"role": "system", "content": system}] if system else []) + messages
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), False
+
+
+def prompt_ids(tokenizer, row: TaskRow, chat: bool, system: str | None = None) -> list[int]:
+    """What a candidate is asked at evaluation for this row: everything before the answer, as token ids."""
+    text, add_special = prompt_text(tokenizer, row, chat, system)
+    return tokenizer(text, add_special_tokens=add_special)["input_ids"]
 
 
 def training_example(tokenizer, row: TaskRow, chat: bool) -> dict[str, list[int]]:

@@ -116,9 +116,21 @@ class TrainSection(Section):
     )
 
 
+GGUF_TYPES = Literal[
+    "f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q5_1", "q4_k_m", "q4_k_s", "q4_0", "q4_1",
+    "iq4_nl", "iq4_xs", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k",
+]  # fmt: skip
+
+
 class QuantizeVariant(Section):
-    kind: Literal["bnb-nf4", "bnb-int8"] = Field(
-        description="bnb-nf4: 4-bit NormalFloat (QLoRA's format); bnb-int8: LLM.int8() 8-bit weights."
+    kind: Literal["bnb-nf4", "bnb-int8", "gguf"] = Field(
+        description="bnb-nf4: 4-bit NormalFloat (QLoRA's format); bnb-int8: LLM.int8() 8-bit weights; gguf: a "
+        "llama.cpp file (for llama.cpp, Ollama, LM Studio) of the given type, evaluated through llama.cpp."
+    )
+    type: GGUF_TYPES | None = Field(
+        None,
+        description="GGUF type (kind gguf only): f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, ... Tensors whose rows do "
+        "not divide into the type's blocks fall back to another type; the report lists the types written.",
     )
     name: str | None = Field(
         None,
@@ -139,7 +151,9 @@ class QuantizeVariant(Section):
 
     @property
     def label(self) -> str:
-        return self.name or self.kind
+        if self.name:
+            return self.name
+        return f"gguf-{self.type}" if self.kind == "gguf" else self.kind
 
 
 class ReferenceSection(Section):
@@ -185,6 +199,15 @@ class EvaluateSection(Section):
     reference: ReferenceSection | None = Field(None, description="The large model to compare against.")
     gates: GatesSection = Field(default_factory=GatesSection, description="Pass/fail thresholds.")
     bootstrap_samples: int = Field(1000, ge=100, description="Resamples for the 95% confidence intervals.")
+    latency_rows: int = Field(
+        16,
+        ge=0,
+        description="Rows each candidate answers again one request at a time (batch 1, after a warm-up) for the "
+        "single-request latency p50/p95: what a local user waits for one answer.",
+    )
+    threads: int | None = Field(
+        None, gt=0, description="CPU threads for generation, the same for every runtime. Default: torch's."
+    )
 
 
 class Recipe(Section):
@@ -405,6 +428,14 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
         problems.append(
             (("evaluate", "gates", "quantized_max_drop"), "no quantize variants to check; add some under quantize:")
         )
+    for i, variant in enumerate(recipe.quantize):
+        if variant.kind == "gguf" and variant.type is None:
+            problems.append((("quantize", i, "type"), "kind gguf needs a type: f16, q8_0, q4_k_m, q4_0, ..."))
+        if variant.kind != "gguf" and variant.type is not None:
+            problems.append((("quantize", i, "type"), f"is for kind gguf; {variant.kind} has no types"))
+        if variant.kind == "gguf" and (variant.keep_edge_layers or variant.keep_full_precision):
+            field = "keep_edge_layers" if variant.keep_edge_layers else "keep_full_precision"
+            problems.append((("quantize", i, field), "is for the bitsandbytes kinds; a gguf type sets every tensor"))
     labels = [v.label for v in recipe.quantize]
     for i, label in enumerate(labels):
         if label in labels[:i]:

@@ -95,11 +95,17 @@ def paired(specialized_rows: list[float], other_rows: list[float], samples: int 
 # --- building the report ------------------------------------------------------------------------
 
 
-def build_report(results: dict, loaded: LoadedRecipe, texts: dict[str, tuple[list, list]] | None = None) -> dict:
+def build_report(
+    results: dict,
+    loaded: LoadedRecipe,
+    texts: dict[str, tuple[list, list]] | None = None,
+    quantized: dict | None = None,
+) -> dict:
     """The report as data; everything in report.md comes from here.
 
     `texts` maps a candidate to its (predictions, references); it is needed only for metrics that are
-    not a mean of rows, whose intervals are recomputed on resampled rows.
+    not a mean of rows, whose intervals are recomputed on resampled rows. `quantized` is the quantize
+    stage's result.json, whose fidelity checks and GGUF tensor types the report carries.
     """
     settings = loaded.recipe.evaluate
     metric = settings.metrics[0]
@@ -147,7 +153,20 @@ def build_report(results: dict, loaded: LoadedRecipe, texts: dict[str, tuple[lis
         "comparisons": comparisons,
         "gap_closed": gap,
         "gates": evaluate_gates(loaded, candidates, metric, gap),
+        "fidelity": _fidelity(quantized),
     }
+
+
+def _fidelity(quantized: dict | None) -> dict:
+    """The quantize stage's checks: the merge, and per GGUF file its types, agreement, tokens and end token."""
+    if not quantized:
+        return {}
+    variants = quantized["variants"]
+    found = {"merge": variants["merged"].get("fidelity", {}).get("merge")}
+    for name, variant in variants.items():
+        if variant.get("kind") == "gguf":
+            found[name] = {"type": variant["type"], "tensor_types": variant["tensor_types"], **variant["fidelity"]}
+    return found
 
 
 def evaluate_gates(loaded: LoadedRecipe, candidates: dict, metric: str, gap: float | None) -> dict:
@@ -196,12 +215,14 @@ def render_markdown(report: dict, flips: list[dict], plot: str | None = None) ->
         f"# {report['recipe']}: specialized vs base vs reference",
         "",
         f"Run `{report['run_id']}`, {report['eval_rows']} eval rows, same rows and greedy decoding for every "
-        f"candidate; gates use `{metric}`. 95% bootstrap intervals in brackets. Latency is per example, "
-        "amortized over a batch.",
+        f"candidate; gates use `{metric}`. 95% bootstrap intervals in brackets. Latency: seconds per example "
+        "amortized over a batch (llama.cpp answers one request at a time), and per single request (batch 1, "
+        "after a warm-up) as a local user waits for one answer.",
         "",
-        "| candidate | role | " + " | ".join(metric_names) + " | specialized won/lost here (p) | parameters "
-        "| size on disk | peak memory | s/example p50 | p95 | gen tokens/s | prompt tokens |",
-        "|---" * (len(metric_names) + 10) + "|",
+        "| candidate | role | runtime | " + " | ".join(metric_names) + " | specialized won/lost here (p) "
+        "| parameters | size on disk | peak memory | s/example p50 | p95 | single request p50 | p95 "
+        "| gen tokens/s | prompt tokens |",
+        "|---" * (len(metric_names) + 13) + "|",
     ]
     for name, c in report["candidates"].items():
         scores = " | ".join(
@@ -211,12 +232,14 @@ def render_markdown(report: dict, flips: list[dict], plot: str | None = None) ->
         comparison = report["comparisons"].get(name)
         versus = f"{comparison['wins']}/{comparison['losses']}, p={comparison['p_value']:.3g}" if comparison else "—"
         lines.append(
-            f"| {name} | {c['role']} | {scores} | {versus} | {_millions(c.get('parameters'))} "
-            f"| {_mb(c['size_on_disk_bytes'])} | {_mb(c['peak_memory_bytes'])} "
+            f"| {name} | {c['role']} | {c.get('runtime', 'transformers')} | {scores} | {versus} "
+            f"| {_millions(c.get('parameters'))} | {_mb(c['size_on_disk_bytes'])} | {_mb(c['peak_memory_bytes'])} "
             f"| {c['seconds_per_example_p50']:.4f} | {c['seconds_per_example_p95']:.4f} "
+            f"| {_num(c.get('single_request_seconds_p50'), 4)} | {_num(c.get('single_request_seconds_p95'), 4)} "
             f"| {_num(c['generated_tokens_per_second'], 1)} | {c['prompt_tokens_per_example']:.1f} |"
         )
     lines += ["", "## Verdict", "", *verdict(report), ""]
+    lines += _fidelity_markdown(report)
     if plot:
         lines += [f"![{metric} against peak memory and latency]({plot})", ""]
     gates = report["gates"]
@@ -263,10 +286,77 @@ def verdict(report: dict) -> list[str]:
             said.append(
                 f"- It peaks at {spec['peak_memory_bytes'] / ref['peak_memory_bytes']:.2f}x the reference's memory."
             )
+    spec = c.get("specialized")
+    for name, candidate in c.items():
+        if candidate["role"] != "quantized" or spec is None:
+            continue
+        parts = [f"{metric} {value[name]:.3f} ({value[name] - value['specialized']:+.3f} vs specialized)"]
+        if spec.get("single_request_seconds_p50") and candidate.get("single_request_seconds_p50"):
+            speed = spec["single_request_seconds_p50"] / candidate["single_request_seconds_p50"]
+            parts.append(f"{speed:.1f}x the specialized model's single-request speed")
+        if spec.get("size_on_disk_bytes") and candidate.get("size_on_disk_bytes"):
+            parts.append(f"{candidate['size_on_disk_bytes'] / spec['size_on_disk_bytes']:.2f}x its size")
+        said.append(f"- {name} ({candidate.get('runtime', 'transformers')}): " + ", ".join(parts) + ".")
+    for name, check in report.get("fidelity", {}).items():
+        if name == "merge" or not check:
+            continue
+        parity = check["token_parity"]
+        if parity["identical"] != parity["prompts"]:
+            said.append(
+                f"- WARNING {name}: llama.cpp tokenizes {parity['prompts'] - parity['identical']} of "
+                f"{parity['prompts']} prompts differently from training (see Fidelity)."
+            )
+        if not check["end_token"]["same"]:
+            said.append(
+                f"- WARNING {name}: the file's end token is not the one the specialist was trained to end with."
+            )
     gates = report["gates"]
     if gates["checks"]:
         said.append("- Gates: " + ("all passed." if gates["passed"] else "FAILED; do not ship this run."))
     return said
+
+
+def _fidelity_markdown(report: dict) -> list[str]:
+    fidelity = report.get("fidelity") or {}
+    if not fidelity:
+        return []
+    lines = ["## Fidelity", ""]
+    merge = fidelity.get("merge")
+    if merge:
+        lines += [
+            f"Merge: the merged model agrees with base + adapter on {merge['top1_agreement']:.1%} of top-1 tokens "
+            f"over {merge['positions']} positions of {merge['rows']} eval rows (largest logit difference "
+            f"{merge['max_abs_logit_diff']:.2g}).",
+            "",
+        ]
+    files = {name: check for name, check in fidelity.items() if name != "merge"}
+    if files:
+        candidates = report["candidates"]
+        spec_stops = candidates.get("specialized", {}).get("stopped_at_end_token")
+        lines += [
+            "Each GGUF file against the merged model on the same tokens (teacher-forced eval rows), llama.cpp's "
+            "tokenization of every eval prompt against training's, and how often generation ended at the end token "
+            f"(specialized: {_pct(spec_stops)}).",
+            "",
+            "| file | type | tensor types written | top-1 agreement | NLL (merged) | prompts tokenized identically "
+            "| end token as trained | stopped at end token |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, check in files.items():
+            export, parity = check["export"], check["token_parity"]
+            types = ", ".join(f"{count} {kind}" for kind, count in check["tensor_types"].items())
+            lines.append(
+                f"| {name} | {check['type']} | {types} | {export['top1_agreement']:.3f} "
+                f"| {export['nll']:.3f} ({export['nll_merged']:.3f}) | {parity['identical']}/{parity['prompts']} "
+                f"| {'yes' if check['end_token']['same'] else 'NO'} "
+                f"| {_pct(candidates.get(name, {}).get('stopped_at_end_token'))} |"
+            )
+        lines.append("")
+    return lines
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{x:.0%}"
 
 
 def flipped_rows(
@@ -315,7 +405,9 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     rows = data.load_rows(loaded.recipe.data, "eval")
     references = [row.target for row in rows]
     texts = {name: ([g["prediction"] for g in gens], references) for name, gens in generations.items()}
-    report = build_report(results, loaded, texts)
+    quantize_result = run_dir / "quantize" / "result.json"
+    quantized = json.loads(quantize_result.read_text()) if quantize_result.is_file() else None
+    report = build_report(results, loaded, texts, quantized)
     flips = [flip for other in ("base", "reference") for flip in flipped_rows(report, generations, rows, other)]
     report["flipped_rows"] = flips
     write_json_atomic(run_dir / "evaluate" / "report.json", report)

@@ -131,7 +131,7 @@ def test_rerun_skips_finished_stages_and_report_does_not_generate(finished_run, 
     def no_generation(*args, **kwargs):
         raise AssertionError("report must not generate")
 
-    monkeypatch.setattr("pipeline.stages.evaluate.generate_batches", no_generation)
+    monkeypatch.setattr("pipeline.runtimes.transformers.generate_batches", no_generation)
     assert run_cli("report", tiny_recipe, "--runs-dir", runs) == 0
     # eval reruns from the generation cache, without generating either
     assert run_cli("eval", tiny_recipe, "--runs-dir", runs) == 0

@@ -101,10 +101,50 @@ def test_report_numbers_comparisons_and_gates(results, write_recipe):
     assert report["gates"]["passed"] is False
 
     markdown = render_markdown(report, flips=[])
-    assert "| specialized | specialized | 0.750 [" in markdown
+    assert "| specialized | specialized | transformers | 0.750 [" in markdown
     assert "5.0x as fast as the reference" in markdown
     assert "peaks at 0.12x the reference's memory" in markdown
     assert "**FAIL** `min_gap_closed`: 0.667 (threshold 0.9)" in markdown
+
+
+def test_gguf_variants_get_single_request_speed_and_a_fidelity_table_with_warnings(results, write_recipe):
+    recipe = write_recipe("""
+        name: t
+        model: {base: org/m}
+        data: {train: a.jsonl, eval: b.jsonl, prompt: "{x}", target: "{y}"}
+        quantize: [{kind: gguf, type: q4_k_m}]
+        evaluate: {bootstrap_samples: 200}
+    """)
+    del results["candidates"]["bnb-nf4"], results["candidates"]["reference"]
+    results["candidates"]["specialized"].update(single_request_seconds_p50=0.3, stopped_at_end_token=1.0)
+    results["candidates"]["gguf-q4_k_m"] = candidate(
+        "quantized", [1, 1, 1, 1], runtime="llama.cpp", single_request_seconds_p50=0.1, stopped_at_end_token=0.5
+    )
+    quantized = {
+        "variants": {
+            "merged": {
+                "fidelity": {"merge": {"rows": 4, "positions": 40, "top1_agreement": 1.0, "max_abs_logit_diff": 2e-5}}
+            },
+            "gguf-q4_k_m": {
+                "kind": "gguf",
+                "type": "q4_k_m",
+                "tensor_types": {"Q5_0": 166, "F32": 61},
+                "fidelity": {
+                    "export": {"rows": 4, "positions": 40, "top1_agreement": 0.84, "nll": 1.2, "nll_merged": 1.1},
+                    "token_parity": {"prompts": 4, "identical": 3, "mismatched_rows": [2]},
+                    "end_token": {"trained": 2, "gguf": 0, "same": False},
+                },
+            },
+        }
+    }
+    report = build_report(results, load_recipe(recipe), quantized=quantized)
+    assert report["fidelity"]["gguf-q4_k_m"]["tensor_types"] == {"Q5_0": 166, "F32": 61}
+    markdown = render_markdown(report, flips=[])
+    assert "- gguf-q4_k_m (llama.cpp): exact_match 1.000 (+0.250 vs specialized), 3.0x the specialized" in markdown
+    assert "WARNING gguf-q4_k_m: llama.cpp tokenizes 1 of 4 prompts differently" in markdown
+    assert "WARNING gguf-q4_k_m: the file's end token is not the one" in markdown
+    assert "| gguf-q4_k_m | q4_k_m | 166 Q5_0, 61 F32 | 0.840 | 1.200 (1.100) | 3/4 | NO | 50% |" in markdown
+    assert "agrees with base + adapter on 100.0% of top-1 tokens over 40 positions" in markdown
 
 
 def scores(name, predictions, references, **kw):

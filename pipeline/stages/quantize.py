@@ -1,19 +1,25 @@
 """Quantize stage: merge the adapter into the full-precision base, then build each quantized variant.
 
-Writes quantize/merged/ (the specialized model as one plain checkpoint) and quantize/<kind>/ per
-variant in the recipe (bitsandbytes nf4 / int8, serialized with save_pretrained), plus result.json
-with each variant's size on disk and in memory.
+Writes quantize/merged/ (the specialized model as one plain checkpoint) and quantize/<name>/ per variant
+in the recipe: bitsandbytes nf4 / int8 (serialized with save_pretrained), or a GGUF file written by
+llama.cpp's own converter and quantizer, with the tokenizer and an Ollama Modelfile beside it. Fidelity
+is checked where conversions break (pipeline/fidelity.py): the merge against base + adapter, each GGUF
+against the merged model, and llama.cpp's tokens against training's. result.json has each variant's
+size on disk and in memory, the GGUF tensor types actually written, and the fidelity figures.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
 
-from pipeline import models
+from pipeline import data, fidelity, gguf_export, llamacpp_install, models
 from pipeline.errors import PipelineError
-from pipeline.recipe import LoadedRecipe
+from pipeline.recipe import LoadedRecipe, QuantizeVariant
 from pipeline.runs import (
     dir_size_bytes,
     done_fingerprint,
@@ -23,14 +29,23 @@ from pipeline.runs import (
     stage_fingerprint,
     temp_dir_for,
     write_json_atomic,
+    write_text_atomic,
 )
+from pipeline.runtimes import llamacpp, prompts_for
 
 STAGE = "quantize"
 
 
 def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
+    recipe = loaded.recipe
+    uses_llamacpp = any(v.kind == "gguf" for v in recipe.quantize)
     return stage_fingerprint(
-        STAGE, done_fingerprint(run_dir / "train"), [v.model_dump() for v in loaded.recipe.quantize]
+        STAGE,
+        done_fingerprint(run_dir / "train"),
+        [v.model_dump() for v in recipe.quantize],
+        data.data_fingerprint(recipe.data),  # the fidelity checks run on eval rows
+        recipe.evaluate.max_new_tokens,  # in the Modelfile
+        llamacpp_install.VERSION if uses_llamacpp else None,
     )
 
 
@@ -45,25 +60,45 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         )
     stage_dir = run_dir / STAGE
     stage_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = models.load_tokenizer(models.ModelSource(str(adapter_dir), None, is_local=True))
+    data.apply_chat_template_file(tokenizer, recipe.data)
+    chat = data.uses_chat_template(tokenizer, recipe.data.chat_template)
+    eval_rows = data.load_rows(recipe.data, "eval")
+    sequences = fidelity.sample_sequences(tokenizer, eval_rows, chat)
 
     # Merge in float32 so the adapter's small deltas are not rounded away, then store in the compute dtype.
     source = models.resolve_model(recipe.model.base)
     base = models.load_model(source, torch.float32, trust_remote_code=recipe.model.trust_remote_code)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    specialized = PeftModel.from_pretrained(base, adapter_dir)
+    specialized_logits = fidelity.logits(specialized, sequences)
+    merged = specialized.merge_and_unload()
+    merged_logits = fidelity.logits(merged, sequences)
+    merge_check = fidelity.compare_logits(specialized_logits, merged_logits)
+    del specialized_logits
+    if merge_check["top1_agreement"] < fidelity.MERGE_MIN_TOP1:
+        raise PipelineError(
+            f"quantize: the merged model disagrees with base + adapter on {1 - merge_check['top1_agreement']:.1%} of "
+            f"the top-1 tokens of {merge_check['rows']} eval rows (max logit difference "
+            f"{merge_check['max_abs_logit_diff']:.3g}); the merge changed the model, so nothing was exported"
+        )
     merged.to(models.compute_dtype(recipe.model.dtype))
-    tokenizer = models.load_tokenizer(models.ModelSource(str(adapter_dir), None, is_local=True))
     merged_dir = stage_dir / "merged"
     tmp = temp_dir_for(merged_dir)
     merged.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     replace_dir(tmp, merged_dir)
-    variants = {"merged": _facts(merged, merged_dir)}
+    variants = {"merged": {**_facts(merged, merged_dir), "fidelity": {"merge": merge_check}}}
     del base, merged
-    log(STAGE, f"merged: {variants['merged']['size_on_disk_bytes'] / 1e6:.1f} MB")
+    log(
+        STAGE,
+        f"merged: {variants['merged']['size_on_disk_bytes'] / 1e6:.1f} MB; agrees with base + adapter on "
+        f"{merge_check['top1_agreement']:.1%} of top-1 tokens "
+        f"(max logit difference {merge_check['max_abs_logit_diff']:.2g})",
+    )
 
     merged_source = models.ModelSource(str(merged_dir), None, is_local=True)
     dtype = models.compute_dtype(recipe.model.dtype)
-    for variant in recipe.quantize:
+    for variant in (v for v in recipe.quantize if v.kind != "gguf"):
         keep = variant.keep_full_precision + _edge_layers(merged_dir, variant.keep_edge_layers)
         model = models.load_model(merged_source, dtype, quantization=variant.kind, keep_unquantized=keep)
         _check_kept_modules_exist(model, keep, variant.label)
@@ -76,18 +111,151 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         del model
         log(STAGE, f"{variant.label}: {variants[variant.label]['size_on_disk_bytes'] / 1e6:.1f} MB on disk")
 
+    gguf_variants = [v for v in recipe.quantize if v.kind == "gguf"]
+    if gguf_variants:
+        prompts = prompts_for(tokenizer, eval_rows, chat)
+        context = GgufContext(loaded, stage_dir, tokenizer, chat, eval_rows, prompts, sequences, merged_logits)
+        try:
+            for variant in gguf_variants:
+                variants[variant.label] = _export_gguf(variant, context, variants["merged"]["parameters"])
+        finally:
+            context.cleanup()
+
     result = {"variants": variants}
     write_json_atomic(stage_dir / "result.json", result)
     mark_done(stage_dir, fingerprint(loaded, run_dir))
     return result
 
 
+class GgufContext:
+    """What every GGUF export of one run shares: the converter, the f16 file, the eval prompts and logits."""
+
+    def __init__(self, loaded, stage_dir, tokenizer, chat, eval_rows, prompts, sequences, merged_logits):
+        self.recipe = loaded.recipe
+        self.stage_dir = stage_dir
+        self.tokenizer = tokenizer
+        self.chat = chat
+        self.eval_rows = eval_rows
+        self.prompts = prompts
+        self.sequences = sequences
+        self.merged_logits = merged_logits
+        self.converter = llamacpp_install.ensure()
+        self.threads = self.recipe.evaluate.threads or torch.get_num_threads()
+        self.gpu = torch.cuda.is_available()
+        self.plain_parts = None if chat else gguf_export.plain_prompt_parts(self.recipe.data.prompt)
+        self._source_dir: Path | None = None
+        self._f16: Path | None = None
+
+    def source_dir(self) -> Path:
+        """The merged model as the converter should see it: its weights and config, and a tokenizer whose chat
+        template is the one the specialist was trained with (for a plain-prompt specialist, the plain prompt)."""
+        if self._source_dir is None:
+            merged = self.stage_dir / "merged"
+            view = temp_dir_for(self.stage_dir / "gguf-source")
+            view.mkdir()
+            for path in merged.iterdir():
+                if path.suffix == ".safetensors" or path.name in ("config.json", "generation_config.json"):
+                    os.symlink(path.resolve(), view / path.name)
+            original = self.tokenizer.chat_template
+            if not self.chat:
+                self.tokenizer.chat_template = gguf_export.plain_chat_template(self.plain_parts)
+            try:
+                self.tokenizer.save_pretrained(view)
+            finally:
+                self.tokenizer.chat_template = original
+            self._source_dir = view
+        return self._source_dir
+
+    def f16_file(self) -> Path:
+        """The f16 GGUF that llama.cpp's quantizer starts from, converted once per run of the stage."""
+        if self._f16 is None:
+            folder = temp_dir_for(self.stage_dir / "gguf-f16")
+            folder.mkdir()
+            gguf_export.convert(self.converter, self.source_dir(), folder / "model.gguf", "f16", folder / "convert.log")
+            self._f16 = folder / "model.gguf"
+        return self._f16
+
+    def cleanup(self) -> None:
+        """The converter's view and the f16 intermediate are not artifacts: remove them."""
+        for path in (self._source_dir, self._f16.parent if self._f16 else None):
+            if path is not None:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _export_gguf(variant: QuantizeVariant, context: GgufContext, parameters: int) -> dict:
+    """Write quantize/<name>/model.gguf with its tokenizer and Modelfile, and check it against the merged model."""
+    recipe = context.recipe
+    variant_dir = context.stage_dir / variant.label
+    tmp = temp_dir_for(variant_dir)
+    tmp.mkdir()
+    gguf_file = tmp / "model.gguf"
+    if variant.type in gguf_export.CONVERTER_TYPES:
+        gguf_export.convert(context.converter, context.source_dir(), gguf_file, variant.type, tmp / "convert.log")
+    else:
+        gguf_export.quantize(context.f16_file(), gguf_file, variant.type, tmp / "quantize.log", context.threads)
+    context.tokenizer.save_pretrained(tmp)  # the eval prompts are rendered with it, as in training
+    eos_text = context.tokenizer.eos_token
+    template = gguf_export.ollama_template(context.tokenizer, context.chat, context.plain_parts)
+    system = _common_system(context.eval_rows) if context.chat else None
+    write_text_atomic(
+        tmp / "Modelfile",
+        gguf_export.modelfile("model.gguf", template, [eos_text], recipe.evaluate.max_new_tokens, system),
+    )
+    facts = llamacpp.call_in_child(
+        llamacpp.inspect_gguf,
+        str(gguf_file),
+        context.sequences,
+        [{"ids": p.ids, "text": p.text, "add_special": p.add_special} for p in context.prompts],
+        context.threads,
+        context.gpu,
+    )
+    export = fidelity.compare_export(context.merged_logits, context.sequences, facts)
+    parity = fidelity.token_parity(context.prompts, facts["token_ids"], context.tokenizer)
+    end_token = {
+        "trained": context.tokenizer.eos_token_id,
+        "gguf": facts["eos_token_id"],
+        "same": facts["eos_token_id"] == context.tokenizer.eos_token_id,
+    }
+    types = gguf_export.tensor_types(gguf_file)
+    replace_dir(tmp, variant_dir)
+    size = (variant_dir / "model.gguf").stat().st_size
+    log(
+        STAGE,
+        f"{variant.label}: {size / 1e6:.1f} MB ({', '.join(f'{n} {t}' for t, n in types.items())}); top-1 agreement "
+        f"with merged {export['top1_agreement']:.3f}, NLL {export['nll']:.3f} vs {export['nll_merged']:.3f}; "
+        f"tokens identical on {parity['identical']}/{parity['prompts']} prompts",
+    )
+    if not end_token["same"]:
+        log(
+            STAGE,
+            f"{variant.label}: WARNING the file's end token is {end_token['gguf']}, "
+            f"training ended with {end_token['trained']}",
+        )
+    return {
+        "path": variant.label,
+        "kind": "gguf",
+        "type": variant.type,
+        "file": "model.gguf",
+        "size_on_disk_bytes": size,
+        "memory_footprint_bytes": size,
+        "parameters": parameters,
+        "tensor_types": types,
+        "fidelity": {"export": export, "token_parity": parity, "end_token": end_token},
+    }
+
+
+def _common_system(rows: list[data.TaskRow]) -> str | None:
+    """The system message every eval conversation starts with, if there is one they share."""
+    systems = {
+        row.messages[0]["content"] if row.messages and row.messages[0]["role"] == "system" else None for row in rows
+    }
+    return systems.pop() if len(systems) == 1 else None
+
+
 def _edge_layers(model_dir: Path, count: int) -> list[str]:
     """Module prefixes of the first and last `count` transformer blocks (model.layers.0, ...)."""
     if count == 0:
         return []
-    import json
-
     layers = json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers")
     if not layers:
         raise PipelineError(f"quantize.keep_edge_layers: {model_dir}/config.json has no num_hidden_layers")

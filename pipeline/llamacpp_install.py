@@ -1,0 +1,177 @@
+"""llama.cpp for GGUF export and evaluation: the pinned llama-cpp-python, built once per machine.
+
+PyPI ships llama-cpp-python as source only. Its sdist vendors llama.cpp, including the converter
+(`convert_hf_to_gguf.py`, its `conversion/` package and its own `gguf-py`, which the PyPI `gguf`
+package does not replace). `ensure()` downloads the sdist (pinned sha256), builds a wheel with
+explicit CPU flags, and keeps wheel and converter in $SPECIALIST_CACHE/llama.cpp/<key>/, keyed by
+version, build flags and machine, so fresh clones, CI and later runs reuse them; then it installs
+the wheel into the running environment.
+
+Build flags: `CMAKE_ARGS` from the environment when set (CUDA users: `CMAKE_ARGS="-DGGML_CUDA=on"`),
+else a portable CPU build: on x86-64 with AVX2 the x86-64-v3 level (AVX2, FMA, F16C, BMI2; Intel
+Haswell / AMD Zen and later) instead of llama.cpp's default -march=native, which makes a wheel that
+can crash with SIGILL on another CPU.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+from pipeline.models import cache_root
+
+VERSION = "0.3.36"
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+X86_64_V3 = [
+    "-DGGML_NATIVE=OFF",
+    "-DGGML_AVX=ON",
+    "-DGGML_AVX2=ON",
+    "-DGGML_FMA=ON",
+    "-DGGML_F16C=ON",
+    "-DGGML_BMI2=ON",
+]
+# The multimodal (llava/mtmd) library is not needed to run or convert text models; skipping it saves build time.
+COMMON_ARGS = ["-DLLAVA_BUILD=OFF"]
+
+
+def cmake_args() -> list[str]:
+    """The build flags: the user's CMAKE_ARGS, else the portable CPU set for this machine."""
+    user = os.environ.get("CMAKE_ARGS", "").split()
+    if user:
+        return [*COMMON_ARGS, *user]
+    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma", "f16c"} <= _cpu_flags():
+        return [*COMMON_ARGS, *X86_64_V3]
+    return [*COMMON_ARGS, "-DGGML_NATIVE=OFF"]
+
+
+def install_dir() -> Path:
+    """Where this build's wheel and converter are cached: one folder per version, flags and machine."""
+    key = hashlib.sha256(" ".join([VERSION, platform.machine(), *cmake_args()]).encode()).hexdigest()[:12]
+    return cache_root() / "llama.cpp" / f"{VERSION}-{key}"
+
+
+def converter_script() -> Path:
+    return install_dir() / "converter" / "convert_hf_to_gguf.py"
+
+
+def ensure() -> Path:
+    """Make `import llama_cpp` work at VERSION and the converter available; returns the converter script.
+
+    Builds only when this machine has no cached wheel for these flags. A lock makes two runs that start
+    at once wait for one build instead of racing.
+    """
+    folder = install_dir()
+    if _installed_version() == VERSION and converter_script().is_file():
+        return converter_script()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(folder.parent / f".{folder.name}.lock"):
+        wheel = next(folder.glob("llama_cpp_python-*.whl"), None)
+        if wheel is None or not converter_script().is_file():
+            _build(folder)
+            wheel = next(folder.glob("llama_cpp_python-*.whl"))
+        if _installed_version() != VERSION:
+            _log(f"installing {wheel.name} from {folder}")
+            _pip("install", "--no-deps", "--force-reinstall", str(wheel))
+            importlib.invalidate_caches()
+    if _installed_version() != VERSION:
+        raise PipelineError(f"llama-cpp-python {VERSION} was installed from {folder} but cannot be found")
+    return converter_script()
+
+
+def _build(folder: Path) -> None:
+    args = cmake_args()
+    _log(f"building llama-cpp-python {VERSION} once for this machine ({' '.join(args)}); about 3 min on 2 cores")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        requirements = tmp / "requirements.txt"
+        requirements.write_text(f"llama-cpp-python=={VERSION} --hash=sha256:{SDIST_SHA256}\n")
+        _pip(
+            "download", "--no-deps", "--no-binary", ":all:", "--require-hashes", "-r", str(requirements), "-d", str(tmp)
+        )
+        sdist = next(tmp.glob("llama_cpp_python-*.tar.gz"))
+        _extract_converter(sdist, tmp / "converter")
+        env = {**os.environ, "CMAKE_ARGS": " ".join(args), "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1)}
+        log_path = tmp / "build.log"
+        with log_path.open("w") as log_file:
+            done = subprocess.run(
+                [sys.executable, "-m", "pip", "wheel", "--no-deps", str(sdist), "-w", str(tmp)],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        if done.returncode != 0:
+            kept = folder.parent / f"build-failed-{folder.name}.log"
+            shutil.copy(log_path, kept)
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+            raise PipelineError(
+                f"building llama-cpp-python {VERSION} failed (log: {kept}); it needs cmake and a C++ compiler "
+                f"(Debian: apt-get install cmake g++). Last lines:\n{tail}"
+            )
+        sdist.unlink()
+        requirements.unlink()
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _extract_converter(sdist: Path, out: Path) -> None:
+    """convert_hf_to_gguf.py with the conversion/ and gguf-py/ it imports, as vendored in the sdist."""
+    wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/", "LICENSE")
+    with tarfile.open(sdist) as archive:
+        for member in archive.getmembers():
+            _, _, inner = member.name.partition("/vendor/llama.cpp/")
+            if inner and inner.startswith(wanted) and member.isfile():
+                member.name = inner
+                archive.extract(member, out, filter="data")
+    if not (out / "convert_hf_to_gguf.py").is_file():
+        raise PipelineError(f"{sdist.name}: no vendor/llama.cpp/convert_hf_to_gguf.py inside; the sdist changed")
+
+
+def _installed_version() -> str | None:
+    try:
+        return metadata.version("llama_cpp_python")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _pip(*args) -> None:
+    done = subprocess.run([sys.executable, "-m", "pip", *map(str, args)], capture_output=True, text=True)
+    if done.returncode != 0:
+        last = "\n".join(done.stderr.strip().splitlines()[-5:]) or "(no output)"
+        raise PipelineError(f"pip {args[0]} for llama-cpp-python {VERSION} failed (it needs PyPI once):\n{last}")
+
+
+@contextmanager
+def _lock(path: Path):
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def _log(message: str) -> None:
+    print(f"[llama.cpp] {message}", file=sys.stderr, flush=True)

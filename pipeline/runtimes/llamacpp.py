@@ -1,0 +1,173 @@
+"""The llama.cpp runtime: a GGUF file through llama-cpp-python, in a process of its own.
+
+Each candidate runs in a fresh child process so its peak memory is its own (RSS above the child's
+baseline before loading). Prompts go in as text and llama.cpp tokenizes them, as llama.cpp, Ollama or
+LM Studio would for a user; the token counts it used come back with the answers. Requests run one at a
+time (llama.cpp's Python API serves one sequence), with the KV cache reset between rows so no row
+reuses another's prompt, greedy, stopping at the model's end-of-generation tokens.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue as queue_module
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+from pipeline.runtimes import GenerationJob, OnBatch, PeakMemory, Prompt
+
+
+def run(gguf_file: Path, job: GenerationJob, on_batch: OnBatch, gpu: bool) -> dict:
+    """Generate job.todo (reporting each batch of rows as it finishes) and time job.latency_rows."""
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch, no earlier models
+    messages = context.Queue()
+    child = context.Process(
+        target=_child_main, args=(str(gguf_file), _job_dict(job), gpu, messages), name=f"llama.cpp {gguf_file.name}"
+    )
+    child.start()
+    try:
+        while True:
+            try:
+                kind, payload = messages.get(timeout=5)
+            except queue_module.Empty:
+                if not child.is_alive():
+                    raise PipelineError(
+                        f"{gguf_file}: the llama.cpp process died (exit code {child.exitcode}) without an answer; "
+                        "out of memory, or a build for another CPU (rebuild: delete $SPECIALIST_CACHE/llama.cpp)"
+                    ) from None
+                continue
+            if kind == "batch":
+                on_batch(payload)
+            elif kind == "error":
+                raise PipelineError(f"{gguf_file}: llama.cpp failed:\n{payload}")
+            else:
+                return payload
+    finally:
+        child.join(timeout=30)
+        if child.is_alive():
+            child.kill()
+
+
+def _job_dict(job: GenerationJob) -> dict:
+    return {**asdict(job), "prompts": [asdict(p) for p in job.prompts]}
+
+
+def open_model(gguf_file: str, n_ctx: int, threads: int, gpu: bool, logits_all: bool = False):
+    import llama_cpp
+
+    return llama_cpp.Llama(
+        model_path=gguf_file,
+        n_ctx=n_ctx,
+        n_batch=n_ctx,
+        n_ubatch=n_ctx,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_gpu_layers=-1 if gpu else 0,
+        logits_all=logits_all,
+        seed=0,
+        verbose=False,
+    )
+
+
+def tokenize(llm, prompt: Prompt) -> list[int]:
+    """The prompt text as llama.cpp tokenizes it: special tokens in the text parsed, BOS as the file says."""
+    return llm.tokenize(prompt.text.encode("utf-8"), add_bos=prompt.add_special, special=True)
+
+
+def complete(llm, ids: list[int], max_new_tokens: int) -> dict:
+    """One greedy request from a clean KV cache: the answer text, tokens generated, and whether it stopped.
+
+    The answer is decoded with invalid UTF-8 replaced, as the transformers runtime decodes it, so the same
+    tokens give the same text in both.
+    """
+    import llama_cpp
+
+    llm.reset()
+    answer: list[int] = []
+    stopped = False
+    started = time.perf_counter()
+    for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+        if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):  # llama.cpp's own end-of-generation set
+            stopped = True
+            break
+        answer.append(token)
+        if len(answer) >= max_new_tokens:
+            break
+    seconds = time.perf_counter() - started
+    return {
+        "prediction": llm.detokenize(answer, prev_tokens=ids).decode("utf-8", errors="replace").strip(),
+        "generated_tokens": len(answer) + stopped,  # the end token counts, as elsewhere
+        "seconds": seconds,
+        "stopped": stopped,
+    }
+
+
+def _child_main(gguf_file: str, job: dict, gpu: bool, messages) -> None:
+    try:
+        import llama_cpp  # noqa: F401 - the runtime's own code is not the candidate's memory (torch is not either)
+
+        prompts = [Prompt(**p) for p in job["prompts"]]
+        with PeakMemory(cuda=False) as memory:
+            started = time.perf_counter()
+            # context: the longest prompt (its HF token count, plus slack for a tokenizer that differs) + answer
+            n_ctx = max(len(p.ids) for p in prompts) + job["max_new_tokens"] + 64
+            llm = open_model(gguf_file, n_ctx, job["threads"], gpu)
+            load_seconds = time.perf_counter() - started
+            ids = [tokenize(llm, p) for p in prompts]
+            complete(llm, ids[0], job["max_new_tokens"])  # warm-up, untimed
+            todo = job["todo"]
+            for start in range(0, len(todo), job["batch_size"]):
+                batch = [
+                    {"row": row, **complete(llm, ids[row], job["max_new_tokens"])}
+                    for row in todo[start : start + job["batch_size"]]
+                ]
+                messages.put(("batch", batch))
+            single = [complete(llm, ids[row], job["max_new_tokens"])["seconds"] for row in job["latency_rows"]]
+        facts = {
+            "runtime": "llama.cpp",
+            "weights_memory_bytes": Path(gguf_file).stat().st_size,
+            "peak_memory_bytes": memory.peak_bytes,
+            "load_seconds": round(load_seconds, 3),
+            "single_request_seconds": single,
+            "prompt_tokens": [len(x) for x in ids],
+            "device": "cuda" if gpu else "cpu",
+            "threads": job["threads"],
+        }
+        messages.put(("done", facts))
+    except Exception:  # noqa: BLE001 - everything goes back to the parent, which names the file
+        messages.put(("error", traceback.format_exc(limit=4)))
+
+
+def call_in_child(function, *args):
+    """Run one of this module's functions in a fresh process (llama.cpp and torch each bring an OpenMP)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+def inspect_gguf(gguf_file: str, sequences: list[list[int]], prompts: list[dict], threads: int, gpu: bool) -> dict:
+    """What the fidelity checks need from a GGUF file, computed in its own process: per sequence the
+    top-1 token and the negative log-likelihood of the next token at every position; llama.cpp's token
+    ids for each prompt; and the file's end token and chat template."""
+    import numpy as np
+
+    n_ctx = max([len(s) for s in sequences] + [len(p["ids"]) + 64 for p in prompts]) + 8
+    llm = open_model(gguf_file, n_ctx, threads, gpu, logits_all=True)
+    top1, nll = [], []
+    for ids in sequences:
+        llm.reset()
+        llm.eval(ids)
+        logits = np.asarray(llm.scores[: len(ids) - 1], dtype=np.float64)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        top1.append(logits.argmax(axis=1).tolist())
+        nll.append((-log_probs[np.arange(len(ids) - 1), ids[1:]]).tolist())
+    return {
+        "top1": top1,
+        "nll": nll,
+        "token_ids": [tokenize(llm, Prompt(**p)) for p in prompts],
+        "eos_token_id": llm.token_eos(),
+        "chat_template": llm.metadata.get("tokenizer.chat_template"),
+    }

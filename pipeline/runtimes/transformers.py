@@ -1,0 +1,149 @@
+"""The transformers runtime: a model folder (or a base + adapter) in this process, batched greedy generation."""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from pipeline import models
+from pipeline.errors import PipelineError
+from pipeline.runtimes import GenerationJob, OnBatch, PeakMemory
+
+
+def run(
+    source: models.ModelSource,
+    adapter_dir: Path | None,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    tokenizer,
+    job: GenerationJob,
+    on_batch: OnBatch,
+    desc: str,
+) -> dict:
+    """Generate job.todo in batches (reporting each batch), then time job.latency_rows one request at a time."""
+    with PeakMemory() as memory:
+        started = time.perf_counter()
+        model = load(source, adapter_dir, dtype, trust_remote_code)
+        load_seconds = time.perf_counter() - started
+        prompts = [p.ids for p in job.prompts]
+        for batch in generate_batches(model, tokenizer, prompts, job.todo, job.max_new_tokens, job.batch_size, desc):
+            on_batch(batch)
+        single = single_request_seconds(model, tokenizer, prompts, job.latency_rows, job.max_new_tokens)
+    facts = {
+        "runtime": "transformers",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "weights_memory_bytes": model.get_memory_footprint(),
+        "peak_memory_bytes": memory.peak_bytes,
+        "load_seconds": round(load_seconds, 3),
+        "single_request_seconds": single,
+        "prompt_tokens": [len(p) for p in prompts],
+        "device": str(models.device()),
+        "threads": torch.get_num_threads(),
+    }
+    del model
+    gc.collect()
+    return facts
+
+
+def load(source: models.ModelSource, adapter_dir: Path | None, dtype: torch.dtype, trust_remote_code: bool):
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        if not adapter_dir.is_dir():
+            raise PipelineError(f"{adapter_dir}: no adapter; run the train stage first")
+        base = models.load_model(source, dtype, trust_remote_code=trust_remote_code)
+        model = PeftModel.from_pretrained(base, adapter_dir)
+    else:
+        # Quantized variants carry their bitsandbytes config in config.json; from_pretrained restores it.
+        model = models.load_model(source, dtype, trust_remote_code=trust_remote_code)
+    model.eval()
+    return model
+
+
+def single_request_seconds(model, tokenizer, prompts: list[list[int]], rows: list[int], max_new_tokens: int):
+    """Seconds per request, one row at a time as a local user sends them, after one untimed warm-up."""
+    if not rows:
+        return []
+    list(generate_batches(model, tokenizer, prompts, rows[:1], max_new_tokens, 1, "warm-up"))
+    seconds = []
+    for row in rows:
+        (entry,) = next(generate_batches(model, tokenizer, prompts, [row], max_new_tokens, 1, "single requests"))
+        seconds.append(entry["seconds"])
+    return seconds
+
+
+def generate_batches(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    row_ids: list[int],
+    max_new_tokens: int,
+    batch_size: int,
+    desc: str = "generate",
+):
+    """Greedy, left-padded batched generation; yields one list of entries per batch.
+
+    Rows are grouped by prompt length so batches carry little padding.
+    """
+    from transformers import GenerationConfig
+
+    eos_ids = eos_token_ids(model, tokenizer)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos_ids,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    order = sorted(row_ids, key=lambda i: len(prompts[i]))
+    device = next(model.parameters()).device
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+        ids = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in ids)
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(prompts[i])) + prompts[i] for i in ids])
+        attention = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in ids])
+        _sync()
+        started = time.perf_counter()
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=config
+            )
+        _sync()
+        seconds_per_row = (time.perf_counter() - started) / len(ids)
+        entries = []
+        for i, sequence in zip(ids, output[:, width:].tolist(), strict=True):
+            answer = until_eos(sequence, eos_ids)
+            stopped = len(answer) < len(sequence)
+            entries.append(
+                {
+                    "row": i,
+                    "prediction": tokenizer.decode(answer, skip_special_tokens=True).strip(),
+                    "generated_tokens": len(answer) + stopped,  # the end token, where there was one, counts
+                    "seconds": seconds_per_row,
+                    "stopped": stopped,
+                }
+            )
+        yield entries
+
+
+def until_eos(sequence: list[int], eos_ids: list[int]) -> list[int]:
+    for position, token in enumerate(sequence):
+        if token in eos_ids:
+            return sequence[:position]
+    return sequence
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    configured = model.generation_config.eos_token_id
+    ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()

@@ -1,0 +1,229 @@
+"""GGUF export with llama.cpp's tools, evaluation through llama.cpp, and the fidelity checks, on tiny models.
+
+llama.cpp (llama-cpp-python) is built once per machine into $SPECIALIST_CACHE and reused; the first
+test session on a new machine pays the build (about 3 minutes on 2 cores).
+"""
+
+import json
+import shutil
+
+import jinja2
+import pytest
+import torch
+
+from pipeline import gguf_export, llamacpp_install
+from pipeline.cli import main
+from pipeline.data import read_jsonl
+from pipeline.fidelity import token_parity
+from pipeline.models import ModelSource, load_tokenizer
+from pipeline.recipe import load_recipe
+from pipeline.runtimes import Prompt
+
+pytestmark = pytest.mark.integration
+
+GGUF_VARIANTS = "quantize=[{kind: gguf, type: f16}, {kind: gguf, type: q8_0}, {kind: gguf, type: q4_0}]"
+
+
+@pytest.fixture(scope="module")
+def gguf_run(tiny_models, tmp_path_factory):
+    """The tiny recipe trained once, exported to three GGUF types and evaluated through llama.cpp."""
+    llamacpp_install.ensure()
+    folder = tmp_path_factory.mktemp("gguf")
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(
+        "name: gguf-test\n"
+        f"model: {{base: {tiny_models['base']}}}\n"
+        "data:\n"
+        f"  train: {folder / 'train.jsonl'}\n"
+        f"  eval: {folder / 'test.jsonl'}\n"
+        '  prompt: "Message: {text}\\nIntent:"\n'
+        '  target: " {label}"\n'
+        "  chat_template: never\n"
+        "train: {epochs: 10, batch_size: 16, lr: 5.0e-3}\n"
+        "evaluate: {max_new_tokens: 6, batch_size: 8, bootstrap_samples: 200, latency_rows: 4}\n"
+    )
+    from tests.conftest import INTENTS
+
+    for name, count in (("train.jsonl", 160), ("test.jsonl", 24)):
+        source = INTENTS / ("train.jsonl" if name == "train.jsonl" else "test.jsonl")
+        rows = [row for _, row in read_jsonl(source)][:count]
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = folder / "runs"
+    assert main(["run", str(recipe), "--runs-dir", str(runs), "--set", GGUF_VARIANTS]) == 0
+    loaded = load_recipe(recipe, [GGUF_VARIANTS])
+    return loaded, runs / "gguf-test" / loaded.run_id
+
+
+def _predictions(run_dir, name):
+    lines = (run_dir / "evaluate" / "generations" / f"{name}.jsonl").read_text().splitlines()[1:]
+    return {e["row"]: e for e in map(json.loads, lines)}
+
+
+def test_each_gguf_type_is_written_by_llamacpp_with_its_tensor_types(gguf_run):
+    _, run_dir = gguf_run
+    result = json.loads((run_dir / "quantize" / "result.json").read_text())["variants"]
+    for label, main_type in (("gguf-f16", "F16"), ("gguf-q8_0", "Q8_0"), ("gguf-q4_0", "Q4_0")):
+        folder = run_dir / "quantize" / label
+        assert {"model.gguf", "Modelfile", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+        assert (folder / "model.gguf").read_bytes()[:4] == b"GGUF"
+        types = result[label]["tensor_types"]
+        assert types == gguf_export.tensor_types(folder / "model.gguf")
+        assert max(types, key=types.get) == main_type  # the linear weights; norms stay F32
+        assert result[label]["size_on_disk_bytes"] == (folder / "model.gguf").stat().st_size
+    sizes = [result[label]["size_on_disk_bytes"] for label in ("gguf-f16", "gguf-q8_0", "gguf-q4_0")]
+    assert sizes == sorted(sizes, reverse=True)
+    # intermediates (the converter's view of the merged model, the f16 file quantizing starts from) are gone
+    assert sorted(p.name for p in (run_dir / "quantize").iterdir() if p.name.startswith(".gguf")) == []
+
+
+def test_f16_file_answers_exactly_like_the_specialist_and_lower_types_drift(gguf_run):
+    _, run_dir = gguf_run
+    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    fidelity = report["fidelity"]
+    assert fidelity["merge"]["top1_agreement"] == 1.0 and fidelity["merge"]["max_abs_logit_diff"] < 1e-3
+    assert fidelity["gguf-f16"]["export"]["top1_agreement"] >= 0.99
+    assert fidelity["gguf-q4_0"]["export"]["top1_agreement"] < fidelity["gguf-f16"]["export"]["top1_agreement"]
+    assert abs(fidelity["gguf-f16"]["export"]["nll"] - fidelity["gguf-f16"]["export"]["nll_merged"]) < 0.01
+    specialized, f16 = _predictions(run_dir, "specialized"), _predictions(run_dir, "gguf-f16")
+    same = sum(f16[i]["prediction"] == specialized[i]["prediction"] for i in f16)
+    assert same >= 23, [(specialized[i]["prediction"], f16[i]["prediction"]) for i in f16]  # of 24
+    candidate = report["candidates"]["gguf-f16"]
+    assert candidate["runtime"] == "llama.cpp" and candidate["role"] == "quantized"
+    assert report["comparisons"]["gguf-f16"]["wins"] == report["comparisons"]["gguf-f16"]["losses"] == 0
+
+
+def test_llamacpp_tokenizes_the_prompts_as_training_did_and_stops_at_the_trained_end_token(gguf_run):
+    _, run_dir = gguf_run
+    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    for label in ("gguf-f16", "gguf-q8_0", "gguf-q4_0"):
+        check = report["fidelity"][label]
+        assert check["token_parity"]["identical"] == check["token_parity"]["prompts"] == 24
+        assert check["end_token"]["same"]
+    specialized = _predictions(run_dir, "specialized")
+    f16 = _predictions(run_dir, "gguf-f16")
+    # llama.cpp ends an answer at the trained end token ("stop", not the length limit) where the specialist does
+    assert [f16[i]["stopped"] for i in f16] == [specialized[i]["stopped"] for i in f16]
+    assert sum(e["stopped"] for e in f16.values()) >= 18
+    stops = report["candidates"]["gguf-f16"]["stopped_at_end_token"]
+    assert (
+        stops
+        == report["candidates"]["specialized"]["stopped_at_end_token"]
+        > report["candidates"]["base"]["stopped_at_end_token"]
+    )
+
+
+def test_every_candidate_has_single_request_latency(gguf_run):
+    _, run_dir = gguf_run
+    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    for name, candidate in report["candidates"].items():
+        assert candidate["single_request_rows"] == 4, name
+        assert 0 < candidate["single_request_seconds_p50"] <= candidate["single_request_seconds_p95"], name
+    markdown = (run_dir / "evaluate" / "report.md").read_text()
+    assert "single request p50" in markdown and "## Fidelity" in markdown
+    assert "| gguf-q4_0 | q4_0 |" in markdown
+
+
+def test_gguf_and_modelfile_carry_the_prompt_the_specialist_was_trained_on(gguf_run):
+    loaded, run_dir = gguf_run
+    folder = run_dir / "quantize" / "gguf-q4_0"
+    text = "where is my parcel?"
+    trained_prompt = loaded.recipe.data.prompt.format(text=text)
+    meta = gguf_export.metadata(folder / "model.gguf", ("tokenizer.chat_template",))
+    chat_template = jinja2.Template(meta["tokenizer.chat_template"])
+    assert chat_template.render(messages=[{"role": "user", "content": text}]) == trained_prompt
+    modelfile = (folder / "Modelfile").read_text()
+    assert modelfile.count("FROM ./model.gguf") == 1 and "PARAMETER temperature 0" in modelfile
+    template = modelfile.split('TEMPLATE """')[1].split('"""')[0]
+    assert template.replace("{{ .Prompt }}", text) == trained_prompt
+    tokenizer = load_tokenizer(ModelSource(str(folder), None, True))
+    assert f"PARAMETER stop {json.dumps(tokenizer.eos_token)}" in modelfile
+
+
+def test_killed_llamacpp_evaluation_continues_from_its_cache(gguf_run, capsys):
+    loaded, run_dir = gguf_run
+    cache = run_dir / "evaluate" / "generations" / "gguf-q8_0.jsonl"
+    complete = cache.read_text().splitlines()
+    cache.write_text("\n".join(complete[:6]) + "\n" + complete[6][:7])  # header, 5 answers, half a line
+    (run_dir / "evaluate" / "generations" / "gguf-q8_0.cost.json").unlink()
+    recipe = loaded.path
+    assert main(["eval", str(recipe), "--runs-dir", str(run_dir.parent.parent), "--set", GGUF_VARIANTS]) == 0
+    assert "[evaluate] gguf-q8_0: generating 19 answers (5 cached)" in capsys.readouterr().err
+    assert cache.read_text().splitlines()[:6] == complete[:6] and len(cache.read_text().splitlines()) == 25
+
+
+def test_a_merge_that_changes_answers_is_an_error(gguf_run, capsys, monkeypatch):
+    from peft.tuners.tuners_utils import BaseTuner
+
+    loaded, run_dir = gguf_run
+    original = BaseTuner.merge_and_unload
+
+    def broken_merge(self, *args, **kwargs):
+        model = original(self, *args, **kwargs)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.mlp.down_proj.weight.mul_(-3.0)
+        return model
+
+    monkeypatch.setattr(BaseTuner, "merge_and_unload", broken_merge)
+    assert main(["quantize", str(loaded.path), "--runs-dir", str(run_dir.parent.parent), "--set", GGUF_VARIANTS]) == 2
+    err = capsys.readouterr().err
+    assert "the merge changed the model, so nothing was exported" in err and "Traceback" not in err
+
+
+def test_token_parity_names_the_first_prompt_llamacpp_reads_differently(tiny_models):
+    tokenizer = load_tokenizer(ModelSource(str(tiny_models["base"]), None, True))
+    prompts = [Prompt(tokenizer(t)["input_ids"], t, True) for t in ("Message: hi", "Message: refund")]
+    parity = token_parity(prompts, [prompts[0].ids, prompts[1].ids[:-1]], tokenizer)
+    assert parity["identical"] == 1 and parity["mismatched_rows"] == [1]
+    assert parity["first_mismatch"]["text"] == "Message: refund"
+    assert len(parity["first_mismatch"]["llama_cpp"]) == len(parity["first_mismatch"]["expected"]) - 1
+
+
+def test_plain_prompt_parts_split_around_the_one_field():
+    assert gguf_export.plain_prompt_parts("Classify.\nMessage: {text}\nIntent:") == (
+        "Classify.\nMessage: ",
+        "\nIntent:",
+    )
+    assert gguf_export.plain_prompt_parts("Literal {{braces}}: {text}") == ("Literal {braces}: ", "")
+    assert gguf_export.plain_prompt_parts("{title}: {body}") is None  # the client sends the whole prompt
+    assert gguf_export.plain_chat_template(None) == "{{ messages[-1]['content'] }}"
+
+
+def test_ollama_template_of_a_chat_specialist_reproduces_its_chat_template(tiny_models):
+    tokenizer = load_tokenizer(ModelSource(str(tiny_models["base"]), None, True))
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<eos>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    template = gguf_export.ollama_template(tokenizer, chat=True, parts=None)
+    with_system, without_system = (
+        template.removeprefix("{{ if .System }}").removesuffix("{{ end }}").split("{{ else }}")
+    )
+    user = [{"role": "user", "content": "P"}]
+    system = [{"role": "system", "content": "S"}]
+    render = tokenizer.apply_chat_template
+    assert without_system.replace("{{ .Prompt }}", "P") == render(user, add_generation_prompt=True, tokenize=False)
+    filled = with_system.replace("{{ .System }}", "S").replace("{{ .Prompt }}", "P")
+    assert filled == render(system + user, add_generation_prompt=True, tokenize=False)
+
+
+def test_build_flags_are_portable_unless_the_user_sets_cmake_args(monkeypatch):
+    monkeypatch.delenv("CMAKE_ARGS", raising=False)
+    default = llamacpp_install.cmake_args()
+    assert "-DGGML_NATIVE=OFF" in default
+    default_dir = llamacpp_install.install_dir()
+    monkeypatch.setenv("CMAKE_ARGS", "-DGGML_CUDA=on")
+    assert llamacpp_install.cmake_args()[-1] == "-DGGML_CUDA=on"
+    assert llamacpp_install.install_dir() != default_dir  # another build, cached beside the first
+
+
+def test_an_unknown_pre_tokenizer_is_an_error_naming_llamacpp(tiny_models, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["base"], model)
+    tokenizer = json.loads((model / "tokenizer.json").read_text())
+    tokenizer["pre_tokenizer"] = {"type": "Whitespace"}
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="does not know this tokenizer's pre-tokenizer"):
+        gguf_export.convert(llamacpp_install.ensure(), model, tmp_path / "x.gguf", "f16", tmp_path / "convert.log")
