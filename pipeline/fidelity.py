@@ -21,11 +21,17 @@ MAX_SAMPLE_TOKENS = 128  # long rows are cut here: the comparison is per positio
 MERGE_MIN_TOP1 = 0.99  # float32 merges agree exactly; below this the merged file is not the trained model
 
 
-def sample_sequences(tokenizer, rows: list[data.TaskRow], chat: bool) -> list[list[int]]:
-    """Token ids of up to SAMPLE_ROWS eval rows spread over the file, each prompt + answer + end token."""
+def sample_sequences(tokenizer, rows: list[data.TaskRow], chat: bool) -> tuple[list[list[int]], list[list[int]]]:
+    """Up to SAMPLE_ROWS eval rows spread over the file: each one's token ids (prompt + answer + end token),
+    and the positions whose next token is part of the answer (what the specialist was trained to predict)."""
     step = max(1, len(rows) // SAMPLE_ROWS)
-    picked = rows[::step][:SAMPLE_ROWS]
-    return [data.training_example(tokenizer, row, chat)["input_ids"][:MAX_SAMPLE_TOKENS] for row in picked]
+    sequences, answer_positions = [], []
+    for row in rows[::step][:SAMPLE_ROWS]:
+        example = data.training_example(tokenizer, row, chat)
+        labels = example["labels"][:MAX_SAMPLE_TOKENS]
+        sequences.append(example["input_ids"][:MAX_SAMPLE_TOKENS])
+        answer_positions.append([i - 1 for i in range(1, len(labels)) if labels[i] != data.IGNORE_INDEX])
+    return sequences, answer_positions
 
 
 def logits(model, sequences: list[list[int]]) -> list[torch.Tensor]:
@@ -51,23 +57,33 @@ def compare_logits(reference: list[torch.Tensor], other: list[torch.Tensor]) -> 
     }
 
 
-def compare_export(merged: list[torch.Tensor], sequences: list[list[int]], gguf: dict) -> dict:
-    """A GGUF's top-1 tokens and NLL (from runtimes.llamacpp.inspect_gguf) against the merged model's."""
-    positions = agree = 0
-    nll_merged = nll_gguf = 0.0
-    for logits_m, ids, top1, nll in zip(merged, sequences, gguf["top1"], gguf["nll"], strict=True):
+def compare_export(
+    merged: list[torch.Tensor], sequences: list[list[int]], answer_positions: list[list[int]], gguf: dict
+) -> dict:
+    """A GGUF's top-1 tokens and NLL (from runtimes.llamacpp.inspect_gguf) against the merged model's: over
+    every position, and over the answer positions alone (a specialist's prompt positions matter less: it was
+    never trained to predict them)."""
+    totals = {"all": [0, 0, 0.0, 0.0], "answer": [0, 0, 0.0, 0.0]}  # positions, agree, NLL gguf, NLL merged
+    for logits_m, ids, answer, top1, nll in zip(
+        merged, sequences, answer_positions, gguf["top1"], gguf["nll"], strict=True
+    ):
         n = len(ids) - 1  # positions that predict a next token
-        agree += int((logits_m[:n].argmax(-1) == torch.tensor(top1)).sum())
-        nll_merged += float(torch.nn.functional.cross_entropy(logits_m[:n], torch.tensor(ids[1:]), reduction="sum"))
-        nll_gguf += sum(nll)
-        positions += n
-    return {
-        "rows": len(sequences),
-        "positions": positions,
-        "top1_agreement": agree / positions,
-        "nll": nll_gguf / positions,
-        "nll_merged": nll_merged / positions,
-    }
+        agree = (logits_m[:n].argmax(-1) == torch.tensor(top1)).tolist()
+        nll_m = torch.nn.functional.cross_entropy(logits_m[:n], torch.tensor(ids[1:]), reduction="none").tolist()
+        for name, picked in (("all", range(n)), ("answer", answer)):
+            total = totals[name]
+            total[0] += len(picked)
+            total[1] += sum(agree[i] for i in picked)
+            total[2] += sum(nll[i] for i in picked)
+            total[3] += sum(nll_m[i] for i in picked)
+    found = {"rows": len(sequences)}
+    for name, (positions, agree, nll_g, nll_m) in totals.items():
+        prefix = "" if name == "all" else "answer_"
+        found[f"{prefix}positions"] = positions
+        found[f"{prefix}top1_agreement"] = agree / positions if positions else None
+        found[f"{prefix}nll"] = nll_g / positions if positions else None
+        found[f"{prefix}nll_merged"] = nll_m / positions if positions else None
+    return found
 
 
 def token_parity(prompts: list[Prompt], llama_ids: list[list[int]], tokenizer) -> dict:

@@ -334,20 +334,23 @@ def _fidelity_markdown(report: dict) -> list[str]:
         candidates = report["candidates"]
         spec_stops = candidates.get("specialized", {}).get("stopped_at_end_token")
         lines += [
-            "Each GGUF file against the merged model on the same tokens (teacher-forced eval rows), llama.cpp's "
-            "tokenization of every eval prompt against training's, and how often generation ended at the end token "
+            "Each GGUF file against the merged model on the same tokens (teacher-forced eval rows): top-1 agreement "
+            "and mean NLL over every position and over the answer positions alone; llama.cpp's tokenization of "
+            "every eval prompt against training's; and how often generation ended at the end token "
             f"(specialized: {_pct(spec_stops)}).",
             "",
-            "| file | type | tensor types written | top-1 agreement | NLL (merged) | prompts tokenized identically "
-            "| end token as trained | stopped at end token |",
-            "|---|---|---|---|---|---|---|---|",
+            "| file | type | tensor types written | top-1 agreement | on answers | NLL (merged) | answer NLL (merged) "
+            "| prompts tokenized identically | end token as trained | stopped at end token |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, check in files.items():
             export, parity = check["export"], check["token_parity"]
             types = ", ".join(f"{count} {kind}" for kind, count in check["tensor_types"].items())
             lines.append(
                 f"| {name} | {check['type']} | {types} | {export['top1_agreement']:.3f} "
-                f"| {export['nll']:.3f} ({export['nll_merged']:.3f}) | {parity['identical']}/{parity['prompts']} "
+                f"| {_num(export.get('answer_top1_agreement'))} | {export['nll']:.3f} ({export['nll_merged']:.3f}) "
+                f"| {_num(export.get('answer_nll'))} ({_num(export.get('answer_nll_merged'))}) "
+                f"| {parity['identical']}/{parity['prompts']} "
                 f"| {'yes' if check['end_token']['same'] else 'NO'} "
                 f"| {_pct(candidates.get(name, {}).get('stopped_at_end_token'))} |"
             )
@@ -419,7 +422,9 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
 
 
 def write_plot(report: dict, path: Path) -> None:
-    """The metric against peak memory and against latency, one point per candidate, with its 95% CI."""
+    """The metric against peak memory and against single-request latency, one point per candidate with its
+    95% CI; each candidate has its own color and marker, named in the legend (labels beside points collide
+    when quantized variants sit close together)."""
     import matplotlib
     import matplotlib.ticker
 
@@ -427,28 +432,37 @@ def write_plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     metric = report["metric"]
-    colors = {"base": "tab:gray", "specialized": "tab:green", "quantized": "tab:olive", "reference": "tab:blue"}
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    candidates = report["candidates"]
+    single = all(c.get("single_request_seconds_p50") for c in candidates.values())
+    latency_key = "single_request_seconds_p50" if single else "seconds_per_example_p50"
+    latency_label = "seconds per single request, p50 (log)" if single else "seconds per example, p50 (log)"
+    role_colors = {"base": "tab:gray", "specialized": "tab:green", "reference": "tab:blue"}
+    other_colors = iter(["tab:olive", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:cyan", "tab:red"] * 3)
+    markers = iter("osD^vP*Xhp<>" * 3)
+    style = {name: (role_colors.get(c["role"]) or next(other_colors), next(markers)) for name, c in candidates.items()}
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
     for axis, key, label in (
         (axes[0], "peak_memory_bytes", "peak memory (MB, log)"),
-        (axes[1], "seconds_per_example_p50", "seconds per example, p50 (log)"),
+        (axes[1], latency_key, latency_label),
     ):
-        for offset, (name, c) in enumerate(report["candidates"].items()):
+        for name, c in candidates.items():
             m = c["metrics"][metric]
             x = max(c[key] / 1e6 if key.endswith("bytes") else c[key], 1e-6)
             error = [[m["value"] - m["ci95"][0]], [m["ci95"][1] - m["value"]]]
-            axis.errorbar([x], [m["value"]], yerr=error, fmt="o", capsize=4, color=colors.get(c["role"], "black"))
-            # alternate label sides so candidates that sit close together stay readable
-            axis.annotate(
-                name, (x, m["value"]), textcoords="offset points", xytext=(6, 6 if offset % 2 == 0 else -12), fontsize=9
+            color, marker = style[name]
+            runtime = f" ({c['runtime']})" if c.get("runtime") == "llama.cpp" else ""
+            axis.errorbar(
+                [x], [m["value"]], yerr=error, fmt=marker, capsize=4, color=color, markersize=7, label=name + runtime
             )
         axis.set_xscale("log")
         axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.set_xlabel(label)
         axis.grid(alpha=0.3)
     axes[0].set_ylabel(metric)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="center left", bbox_to_anchor=(0.86, 0.5), fontsize=9, frameon=False)
     figure.suptitle(f"{report['recipe']}: {metric} vs what it costs to run ({report['eval_rows']} rows)")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 0.86, 1))
     tmp = path.with_name(f".{path.name}.tmp.png")
     figure.savefig(tmp, dpi=110)
     plt.close(figure)

@@ -98,9 +98,42 @@ def check(loaded: LoadedRecipe) -> dict:
         notes.append(f"model.dtype {recipe.model.dtype} on a CPU is many times slower than float32; use auto")
     if recipe.train.qlora and not torch.cuda.is_available():
         notes.append("train.qlora on a CPU works but is slower than plain LoRA; it saves memory, not time")
+    problems += _llamacpp_problems(loaded, notes)
     if problems:
         raise PipelineError("\n".join(problems))
     return _summary(loaded, train_rows, eval_rows, lengths, notes)
+
+
+def _llamacpp_problems(loaded: LoadedRecipe, notes: list[str]) -> list[str]:
+    """GGUF variants need llama.cpp: built once per machine, which needs cmake and a C++ compiler."""
+    from pipeline import gguf_export, llamacpp_install
+
+    recipe = loaded.recipe
+    first = next((i for i, v in enumerate(recipe.quantize) if v.kind == "gguf"), None)
+    if first is None:
+        return []
+    if recipe.data.format == "prompt_completion" and gguf_export.plain_prompt_parts(recipe.data.prompt) is None:
+        if recipe.data.chat_template == "never":
+            notes.append(
+                "data.prompt uses several fields, so the GGUF's chat template and Ollama TEMPLATE pass the user's "
+                "message through as it is: clients send the whole rendered prompt"
+            )
+    if llamacpp_install.is_ready():
+        return []
+    missing = llamacpp_install.missing_build_tools()
+    if missing:
+        return [
+            loaded.error_at(
+                ("quantize", first, "kind"),
+                f"gguf needs llama.cpp, built here from source once, and this machine has no {' or '.join(missing)}; "
+                "install them (Debian: apt-get install cmake g++) or drop the gguf variants",
+            )
+        ]
+    notes.append(
+        f"quantize: a run builds llama-cpp-python {llamacpp_install.VERSION} once for this machine (about 3 min on "
+        f"2 cores) into {llamacpp_install.install_dir()}, or installs it from there"
+    )
+    return []
 
 
 def _available_model(loaded: LoadedRecipe, loc: tuple, ref: str, problems: list, notes: list):

@@ -130,7 +130,16 @@ def test_gguf_variants_get_single_request_speed_and_a_fidelity_table_with_warnin
                 "type": "q4_k_m",
                 "tensor_types": {"Q5_0": 166, "F32": 61},
                 "fidelity": {
-                    "export": {"rows": 4, "positions": 40, "top1_agreement": 0.84, "nll": 1.2, "nll_merged": 1.1},
+                    "export": {
+                        "rows": 4,
+                        "positions": 40,
+                        "top1_agreement": 0.84,
+                        "nll": 1.2,
+                        "nll_merged": 1.1,
+                        "answer_top1_agreement": 0.95,
+                        "answer_nll": 0.1,
+                        "answer_nll_merged": 0.05,
+                    },
                     "token_parity": {"prompts": 4, "identical": 3, "mismatched_rows": [2]},
                     "end_token": {"trained": 2, "gguf": 0, "same": False},
                 },
@@ -143,7 +152,8 @@ def test_gguf_variants_get_single_request_speed_and_a_fidelity_table_with_warnin
     assert "- gguf-q4_k_m (llama.cpp): exact_match 1.000 (+0.250 vs specialized), 3.0x the specialized" in markdown
     assert "WARNING gguf-q4_k_m: llama.cpp tokenizes 1 of 4 prompts differently" in markdown
     assert "WARNING gguf-q4_k_m: the file's end token is not the one" in markdown
-    assert "| gguf-q4_k_m | q4_k_m | 166 Q5_0, 61 F32 | 0.840 | 1.200 (1.100) | 3/4 | NO | 50% |" in markdown
+    row = "| gguf-q4_k_m | q4_k_m | 166 Q5_0, 61 F32 | 0.840 | 0.950 | 1.200 (1.100) | 0.100 (0.050) | 3/4 | NO | 50% |"
+    assert row in markdown
     assert "agrees with base + adapter on 100.0% of top-1 tokens over 40 positions" in markdown
 
 

@@ -51,7 +51,7 @@ def test_real_pipeline_on_a_handful_of_rows(smollm2, write_recipe, intents_rows,
           max_train_rows: 24
           max_eval_rows: 8
         train: {{max_steps: 6, batch_size: 4, lr: 2.0e-3}}
-        quantize: [{{kind: bnb-nf4}}]
+        quantize: [{{kind: bnb-nf4}}, {{kind: gguf, type: q8_0}}]
         evaluate:
           max_new_tokens: 6
           batch_size: 8
@@ -67,7 +67,7 @@ def test_real_pipeline_on_a_handful_of_rows(smollm2, write_recipe, intents_rows,
     losses = [json.loads(line)["loss"] for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 6 and min(losses[-2:]) < losses[0]
     report = json.loads((run_dir / "evaluate" / "report.json").read_text())
-    assert list(report["candidates"]) == ["base", "specialized", "bnb-nf4", "reference"]
+    assert list(report["candidates"]) == ["base", "specialized", "bnb-nf4", "gguf-q8_0", "reference"]
     reference = report["candidates"]["reference"]
     base = report["candidates"]["base"]
     # the reference went through the chat template with its system message: a longer prompt than the base's
@@ -75,3 +75,10 @@ def test_real_pipeline_on_a_handful_of_rows(smollm2, write_recipe, intents_rows,
     assert report["candidates"]["bnb-nf4"]["size_on_disk_bytes"] < base["size_on_disk_bytes"] / 3
     generations = (run_dir / "evaluate" / "generations" / "specialized.jsonl").read_text().splitlines()[1:]
     assert len(generations) == 8 and all(json.loads(g)["generated_tokens"] > 0 for g in generations)
+    # the GGUF of a real model: llama.cpp's SmolLM2 tokenizer reads every prompt as training did, the file
+    # ends answers with the trained end token, and its prompt token counts are the transformers ones
+    gguf = report["fidelity"]["gguf-q8_0"]
+    assert gguf["token_parity"]["identical"] == gguf["token_parity"]["prompts"] == 8
+    assert gguf["end_token"]["same"] and gguf["export"]["answer_top1_agreement"] >= 0.9
+    assert report["candidates"]["gguf-q8_0"]["prompt_tokens_per_example"] == base["prompt_tokens_per_example"]
+    assert report["candidates"]["gguf-q8_0"]["runtime"] == "llama.cpp"

@@ -64,7 +64,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     data.apply_chat_template_file(tokenizer, recipe.data)
     chat = data.uses_chat_template(tokenizer, recipe.data.chat_template)
     eval_rows = data.load_rows(recipe.data, "eval")
-    sequences = fidelity.sample_sequences(tokenizer, eval_rows, chat)
+    sequences, answer_positions = fidelity.sample_sequences(tokenizer, eval_rows, chat)
 
     # Merge in float32 so the adapter's small deltas are not rounded away, then store in the compute dtype.
     source = models.resolve_model(recipe.model.base)
@@ -114,7 +114,9 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     gguf_variants = [v for v in recipe.quantize if v.kind == "gguf"]
     if gguf_variants:
         prompts = prompts_for(tokenizer, eval_rows, chat)
-        context = GgufContext(loaded, stage_dir, tokenizer, chat, eval_rows, prompts, sequences, merged_logits)
+        context = GgufContext(
+            loaded, stage_dir, tokenizer, chat, eval_rows, prompts, sequences, answer_positions, merged_logits
+        )
         try:
             for variant in gguf_variants:
                 variants[variant.label] = _export_gguf(variant, context, variants["merged"]["parameters"])
@@ -130,7 +132,9 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
 class GgufContext:
     """What every GGUF export of one run shares: the converter, the f16 file, the eval prompts and logits."""
 
-    def __init__(self, loaded, stage_dir, tokenizer, chat, eval_rows, prompts, sequences, merged_logits):
+    def __init__(
+        self, loaded, stage_dir, tokenizer, chat, eval_rows, prompts, sequences, answer_positions, merged_logits
+    ):
         self.recipe = loaded.recipe
         self.stage_dir = stage_dir
         self.tokenizer = tokenizer
@@ -138,6 +142,7 @@ class GgufContext:
         self.eval_rows = eval_rows
         self.prompts = prompts
         self.sequences = sequences
+        self.answer_positions = answer_positions
         self.merged_logits = merged_logits
         self.converter = llamacpp_install.ensure()
         self.threads = self.recipe.evaluate.threads or torch.get_num_threads()
@@ -209,7 +214,7 @@ def _export_gguf(variant: QuantizeVariant, context: GgufContext, parameters: int
         context.threads,
         context.gpu,
     )
-    export = fidelity.compare_export(context.merged_logits, context.sequences, facts)
+    export = fidelity.compare_export(context.merged_logits, context.sequences, context.answer_positions, facts)
     parity = fidelity.token_parity(context.prompts, facts["token_ids"], context.tokenizer)
     end_token = {
         "trained": context.tokenizer.eos_token_id,
@@ -222,7 +227,8 @@ def _export_gguf(variant: QuantizeVariant, context: GgufContext, parameters: int
     log(
         STAGE,
         f"{variant.label}: {size / 1e6:.1f} MB ({', '.join(f'{n} {t}' for t, n in types.items())}); top-1 agreement "
-        f"with merged {export['top1_agreement']:.3f}, NLL {export['nll']:.3f} vs {export['nll_merged']:.3f}; "
+        f"with merged {export['top1_agreement']:.3f} (answers {export['answer_top1_agreement'] or 0:.3f}), NLL "
+        f"{export['nll']:.3f} vs {export['nll_merged']:.3f}; "
         f"tokens identical on {parity['identical']}/{parity['prompts']} prompts",
     )
     if not end_token["same"]:
