@@ -6,6 +6,7 @@ test session on a new machine pays the build (about 3 minutes on 2 cores).
 
 import json
 import shutil
+from pathlib import Path
 
 import jinja2
 import pytest
@@ -229,3 +230,29 @@ def test_an_unknown_pre_tokenizer_is_an_error_naming_llamacpp(tiny_models, tmp_p
 
     with pytest.raises(PipelineError, match="does not know this tokenizer's pre-tokenizer"):
         gguf_export.convert(llamacpp_install.ensure(), model, tmp_path / "x.gguf", "f16", tmp_path / "convert.log")
+
+
+def test_a_chat_client_gets_the_specialists_answer_from_the_user_text_alone(gguf_run):
+    """llama.cpp's chat API (as llama-server's /v1/chat/completions uses it) wraps the user's message in the
+    template embedded in the file, which is the plain prompt the specialist was trained on."""
+    from pipeline.runtimes.llamacpp import call_in_child
+
+    loaded, run_dir = gguf_run
+    rows = [row for _, row in read_jsonl(Path(loaded.recipe.data.eval))][:6]
+    answers = call_in_child(
+        _chat_answers, str(run_dir / "quantize" / "gguf-f16" / "model.gguf"), [r["text"] for r in rows]
+    )
+    evaluated = _predictions(run_dir, "gguf-f16")
+    # the chat API drops an invalid UTF-8 byte where evaluation shows U+FFFD (the tiny models emit some)
+    assert answers == [evaluated[i]["prediction"].replace("\ufffd", "") for i in range(6)]
+
+
+def _chat_answers(gguf_file: str, texts: list[str]) -> list[str]:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(gguf_file, n_ctx=256, n_threads=2, verbose=False)
+    replies = [
+        llm.create_chat_completion([{"role": "user", "content": t}], temperature=0.0, top_k=1, max_tokens=6)
+        for t in texts
+    ]
+    return [r["choices"][0]["message"]["content"].strip() for r in replies]
