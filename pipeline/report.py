@@ -464,7 +464,7 @@ def write_plot(report: dict, path: Path) -> None:
     figure.suptitle(f"{report['recipe']}: {metric} vs what it costs to run ({report['eval_rows']} rows)")
     figure.tight_layout(rect=(0, 0, 0.86, 1))
     tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=110)
+    figure.savefig(tmp, dpi=110, bbox_inches="tight")  # the legend sits outside the axes
     plt.close(figure)
     tmp.replace(path)
 
