@@ -68,10 +68,10 @@ def single_request_seconds(model, tokenizer, prompts: list[list[int]], rows: lis
     """Seconds per request, one row at a time as a local user sends them, after one untimed warm-up."""
     if not rows:
         return []
-    list(generate_batches(model, tokenizer, prompts, rows[:1], max_new_tokens, 1, "warm-up"))
+    list(generate_batches(model, tokenizer, prompts, rows[:1], max_new_tokens, 1, progress=False))  # warm-up
     seconds = []
-    for row in rows:
-        (entry,) = next(generate_batches(model, tokenizer, prompts, [row], max_new_tokens, 1, "single requests"))
+    for row in tqdm(rows, desc="single requests", unit="request", leave=False):
+        (entry,) = next(generate_batches(model, tokenizer, prompts, [row], max_new_tokens, 1, progress=False))
         seconds.append(entry["seconds"])
     return seconds
 
@@ -84,6 +84,7 @@ def generate_batches(
     max_new_tokens: int,
     batch_size: int,
     desc: str = "generate",
+    progress: bool = True,
 ):
     """Greedy, left-padded batched generation; yields one list of entries per batch.
 
@@ -100,7 +101,8 @@ def generate_batches(
     )
     order = sorted(row_ids, key=lambda i: len(prompts[i]))
     device = next(model.parameters()).device
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", leave=False) if progress else starts:
         ids = order[start : start + batch_size]
         width = max(len(prompts[i]) for i in ids)
         input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(prompts[i])) + prompts[i] for i in ids])
