@@ -67,6 +67,9 @@ def open_model(gguf_file: str, n_ctx: int, threads: int, gpu: bool, logits_all: 
         n_threads_batch=threads,
         n_gpu_layers=-1 if gpu else 0,
         logits_all=logits_all,
+        # llama.cpp's own tools (llama-server, llama-cli, Ollama's runner) default to flash attention "auto", on
+        # wherever the backend has it; llama-cpp-python defaults to off. Measured: 15% faster SmolLM2 requests.
+        flash_attn=True,
         seed=0,
         verbose=False,
     )
