@@ -289,19 +289,6 @@ def uses_chat_template(tokenizer, setting: str) -> bool:
     return setting == "auto" and bool(getattr(tokenizer, "chat_template", None))
 
 
-def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def prompt_token_ids(tokenizer, prompt: str, chat: bool, system: str | None = None) -> list[int]:
-    """Token ids of a prompt string as the model sees it, ending where the answer starts."""
-    if chat:
-        messages = [{"role": "system", "content": system}] if system else []
-        return _chat_ids(tokenizer, [*messages, {"role": "user", "content": prompt}], add_generation_prompt=True)
-    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
-
-
 def prompt_text(tokenizer, row: TaskRow, chat: bool, system: str | None = None) -> tuple[str, bool]:
     """What a candidate is asked at evaluation for this row, as text, and whether the tokenizer adds its
     special tokens (BOS) to it: a plain prompt gets them, a chat-rendered one carries its own."""
@@ -328,7 +315,7 @@ def training_example(tokenizer, row: TaskRow, chat: bool) -> dict[str, list[int]
     """input_ids and labels; only answer tokens and the EOS that ends them carry labels."""
     if row.messages is not None:
         return _messages_example(tokenizer, row)
-    prompt = prompt_token_ids(tokenizer, row.prompt, chat and not row.plain)
+    prompt = prompt_ids(tokenizer, row, chat)
     target = tokenizer(row.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return {"input_ids": prompt + target, "labels": [IGNORE_INDEX] * len(prompt) + target}
 

@@ -26,24 +26,24 @@ from pipeline.errors import PipelineError
 
 # llama.cpp file types: written by the converter directly, or by the quantizer from the f16 file.
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
-QUANTIZER_TYPES = {  # name: llama_ftype (llama.h)
-    "q4_0": 2,
-    "q4_1": 3,
+QUANTIZER_TYPES = {  # name: llama_ftype (llama.h); the IQ types that need an importance matrix are left out
+    "q6_k": 18,
+    "q5_k_m": 17,
+    "q5_k_s": 16,
     "q5_0": 8,
     "q5_1": 9,
-    "q2_k": 10,
-    "q3_k_s": 11,
-    "q3_k_m": 12,
-    "q3_k_l": 13,
-    "q4_k_s": 14,
     "q4_k_m": 15,
-    "q5_k_s": 16,
-    "q5_k_m": 17,
-    "q6_k": 18,
+    "q4_k_s": 14,
+    "q4_0": 2,
+    "q4_1": 3,
     "iq4_nl": 25,
     "iq4_xs": 30,
+    "q3_k_l": 13,
+    "q3_k_m": 12,
+    "q3_k_s": 11,
+    "q2_k": 10,
 }
-TYPES = (*CONVERTER_TYPES, *QUANTIZER_TYPES)
+TYPES = (*CONVERTER_TYPES, *QUANTIZER_TYPES)  # the recipe's quantize[].type accepts exactly these
 
 
 def convert(converter: Path, model_dir: Path, out_file: Path, out_type: str, log_path: Path) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipeline import gguf_export
 from pipeline.errors import PipelineError
 
 
@@ -116,18 +117,12 @@ class TrainSection(Section):
     )
 
 
-GGUF_TYPES = Literal[
-    "f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q5_1", "q4_k_m", "q4_k_s", "q4_0", "q4_1",
-    "iq4_nl", "iq4_xs", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k",
-]  # fmt: skip
-
-
 class QuantizeVariant(Section):
     kind: Literal["bnb-nf4", "bnb-int8", "gguf"] = Field(
         description="bnb-nf4: 4-bit NormalFloat (QLoRA's format); bnb-int8: LLM.int8() 8-bit weights; gguf: a "
         "llama.cpp file (for llama.cpp, Ollama, LM Studio) of the given type, evaluated through llama.cpp."
     )
-    type: GGUF_TYPES | None = Field(
+    type: Literal[gguf_export.TYPES] | None = Field(
         None,
         description="GGUF type (kind gguf only): f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, ... Tensors whose rows do "
         "not divide into the type's blocks fall back to another type; the report lists the types written.",
