@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 
-STAGE_ORDER = ("train", "quantize", "evaluate", "report")
+STAGE_ORDER = ("distill", "train", "quantize", "evaluate", "report")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,16 +110,15 @@ def _load(args, check: bool = False):
 
 def _stage_module(stage: str):
     from pipeline import report
-    from pipeline.stages import evaluate, quantize, train
+    from pipeline.stages import distill, evaluate, quantize, train
 
-    return {"train": train, "quantize": quantize, "evaluate": evaluate, "report": report}[stage]
+    return {"distill": distill, "train": train, "quantize": quantize, "evaluate": evaluate, "report": report}[stage]
 
 
 def _fingerprint(stage: str, loaded, run_dir: Path) -> str | None:
-    module = _stage_module(stage)
     if stage == "report":
         return None  # cheap; always rebuilt
-    return module.fingerprint(loaded) if stage == "train" else module.fingerprint(loaded, run_dir)
+    return _stage_module(stage).fingerprint(loaded, run_dir)
 
 
 def _run_all(args) -> int:
@@ -129,6 +128,8 @@ def _run_all(args) -> int:
     log("run", f"run folder {run_dir}")
     report = None
     for stage in STAGE_ORDER:
+        if stage == "distill" and loaded.recipe.distill is None:
+            continue
         fingerprint = _fingerprint(stage, loaded, run_dir)
         if fingerprint and not args.force and is_done(run_dir / stage, fingerprint):
             log(stage, "already done for this recipe and data; skipped")
@@ -181,8 +182,12 @@ def _bench(args) -> int:
 def _inspect(args) -> int:
     from pipeline import inspect_data
     from pipeline.recipe import load_recipe
+    from pipeline.runs import run_dir_for
+    from pipeline.stages.distill import labelled_file
 
-    inspect_data.run(load_recipe(args.recipe, args.overrides), args.rows)
+    loaded = load_recipe(args.recipe, args.overrides)
+    distilled = labelled_file(run_dir_for(loaded, args.runs_dir))
+    inspect_data.run(loaded, args.rows, distilled if loaded.recipe.distill and distilled.is_file() else None)
     return 0
 
 

@@ -226,9 +226,17 @@ class Splits:
     overlap_normalized: int  # ... after lowercasing and collapsing whitespace
 
 
-def load_splits(section: DataSection, prompt_template: str | None = None, prompt_field: str = "data.prompt") -> Splits:
-    """Train and eval rows, formatted; eval carved from train (seeded) when the recipe gives none."""
-    train_raw = read_source(section.train, section, "train")
+def load_splits(
+    section: DataSection,
+    prompt_template: str | None = None,
+    prompt_field: str = "data.prompt",
+    distilled: Path | None = None,
+) -> Splits:
+    """Train and eval rows, formatted; eval carved from train (seeded) when the recipe gives none.
+
+    distilled: the distill stage's labelled rows, trained on after data.train's gold rows.
+    """
+    train_raw = read_source(section.train, section, "train") if section.train is not None else []
     if section.eval is None:
         shuffled = train_raw[:]
         random.Random(section.split_seed).shuffle(shuffled)
@@ -236,7 +244,10 @@ def load_splits(section: DataSection, prompt_template: str | None = None, prompt
         eval_raw, train_raw = shuffled[:held_out], shuffled[held_out:]
     else:
         eval_raw = read_source(section.eval, section, "eval")
-    train = [format_row(section, row, where) for where, row in train_raw[: section.max_train_rows]]
+    train_raw = train_raw[: section.max_train_rows]
+    if distilled is not None:
+        train_raw = train_raw + _read_file(distilled)  # written with data.columns already applied
+    train = [format_row(section, row, where) for where, row in train_raw]
     eval_rows = [
         format_row(section, row, where, prompt_template, prompt_field, for_eval=True)
         for where, row in eval_raw[: section.max_eval_rows]

@@ -10,6 +10,7 @@ import statistics
 import sys
 
 from pipeline import data, models
+from pipeline.errors import PipelineError
 from pipeline.recipe import LoadedRecipe
 
 TRAINED_START, TRAINED_END = "[[", "]]"
@@ -37,13 +38,18 @@ def _piece(tokenizer, ids: list[int], trained: bool, start: str, end: str) -> st
     return f"{start}{text}{end}" if trained else text
 
 
-def run(loaded: LoadedRecipe, rows: int = 3) -> dict:
+def run(loaded: LoadedRecipe, rows: int = 3, distilled=None) -> dict:
+    """distilled: the distill stage's labelled rows (a run's distill/labelled.jsonl), shown after the gold rows."""
     recipe = loaded.recipe
     source = models.resolve_model(recipe.model.base)
     tokenizer = models.load_tokenizer(source, recipe.model.trust_remote_code)
     data.apply_chat_template_file(tokenizer, recipe.data)
     chat = data.uses_chat_template(tokenizer, recipe.data.chat_template)
-    splits = data.load_splits(recipe.data)
+    if recipe.distill and distilled is None:
+        print("distill: no labelled rows yet (run the distill stage); showing the gold rows only\n", file=sys.stderr)
+    splits = data.load_splits(recipe.data, distilled=distilled)
+    if not splits.train:
+        raise PipelineError(f"{loaded.path}: no training rows to show yet; run the distill stage first")
     tokenized = data.training_examples(tokenizer, splits.train, chat, recipe.data)
     color = sys.stdout.isatty()
     legend = "trained tokens in green" if color else f"trained tokens between {TRAINED_START} and {TRAINED_END}"

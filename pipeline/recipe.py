@@ -38,9 +38,10 @@ class ModelSection(Section):
 
 
 class DataSection(Section):
-    train: str = Field(
+    train: str | None = Field(
+        None,
         description="Training rows: a .jsonl, .json, .csv or .parquet file (relative to the recipe's folder), or "
-        "hub:org/name[@revision] for a Hugging Face dataset."
+        "hub:org/name[@revision] for a Hugging Face dataset. May be left out when distill: labels the inputs.",
     )
     eval: str | None = Field(
         None,
@@ -205,6 +206,35 @@ class EvaluateSection(Section):
     )
 
 
+class DistillSection(Section):
+    inputs: str = Field(
+        description="Unlabelled inputs the teacher answers: a .jsonl, .json, .csv or .parquet file (relative to the "
+        "recipe) or hub:org/name[@revision], in data.format with data.columns applied. A gold answer in a row is "
+        "ignored: the teacher's answer replaces it."
+    )
+    split: str = Field("train", description="Split of a hub: inputs source.")
+    max_inputs: int | None = Field(
+        None, gt=0, description="Label at most this many inputs, a seeded random sample (data.split_seed)."
+    )
+    teacher: ReferenceSection | None = Field(
+        None,
+        description="The model that labels the inputs, with its prompt, system message and chat template. "
+        "Default: evaluate.reference, so the report compares the student with its teacher.",
+    )
+    choices: list[str] | Literal["eval_labels"] | None = Field(
+        None,
+        description="A closed answer set: the teacher's decoding is constrained to these answers (token by token), "
+        "and its probability of the answer is recorded. eval_labels: the answers that occur in the eval rows.",
+    )
+    min_confidence: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Keep only rows where the teacher's probability of its answer (renormalized over the choices, "
+        "where there are choices) is at least this; the dropped rows are counted in the report.",
+    )
+
+
 class Recipe(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name; runs go to runs/<name>/.")
     model: ModelSection = Field(description="The base model to specialize and how to load it.")
@@ -218,6 +248,17 @@ class Recipe(Section):
     evaluate: EvaluateSection = Field(
         default_factory=EvaluateSection, description="How the candidates are compared, and the gates they must pass."
     )
+    distill: DistillSection | None = Field(
+        None,
+        description="Label unlabelled inputs with a large teacher model and train on its answers (with data.train's "
+        "gold rows too, where given).",
+    )
+
+    def teacher(self) -> ReferenceSection | None:
+        """The distillation teacher: distill.teacher, else the evaluation reference."""
+        if self.distill is None:
+            return None
+        return self.distill.teacher or self.evaluate.reference
 
 
 @dataclass(frozen=True)
@@ -383,8 +424,10 @@ def _resolve_paths(data: dict, origins: dict[tuple, Origin]) -> None:
         (("data", "train"), False),
         (("data", "eval"), False),
         (("data", "chat_template_file"), False),
+        (("distill", "inputs"), False),
         (("model", "base"), True),
         (("evaluate", "reference", "model"), True),
+        (("distill", "teacher", "model"), True),
     ):
         parent = data
         for part in loc[:-1]:
@@ -437,7 +480,12 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
             field = "name" if recipe.quantize[i].name else "kind"
             problems.append((("quantize", i, field), f"{label} is listed twice; give one of them a name"))
     d = recipe.data
-    if d.eval == d.train and (not d.train.startswith("hub:") or d.eval_split == d.train_split):
+    problems += _distill_problems(recipe)
+    if d.train is None and recipe.distill is None:
+        problems.append((("data", "train"), "required field is missing (or add a distill: section to label inputs)"))
+    if d.train is None and d.eval is None:
+        problems.append((("data", "eval"), "is needed when there is no data.train to hold rows out of"))
+    if d.train is not None and d.eval == d.train and (not d.train.startswith("hub:") or d.eval_split == d.train_split):
         problems.append((("data", "eval"), "is the training data: evaluate on rows the model was not trained on"))
     from pipeline.data import template_fields
 
@@ -467,6 +515,33 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
             import bitsandbytes  # noqa: F401
         except ImportError:
             problems.append((("train", "qlora"), "needs bitsandbytes: pip install bitsandbytes"))
+    return problems
+
+
+def _distill_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
+    distill = recipe.distill
+    if distill is None:
+        return []
+    problems = []
+    if recipe.teacher() is None:
+        problems.append((("distill",), "needs a teacher: add distill.teacher, or evaluate.reference (the default)"))
+    if recipe.data.format == "text":
+        problems.append((("distill",), "format text has no answers to label; use prompt_completion, alpaca, messages"))
+    if isinstance(distill.choices, list):
+        if not distill.choices or not all(isinstance(c, str) and c.strip() for c in distill.choices):
+            problems.append((("distill", "choices"), "must list at least one non-empty answer"))
+        elif len(set(distill.choices)) != len(distill.choices):
+            problems.append((("distill", "choices"), "lists an answer twice"))
+    if recipe.data.format == "prompt_completion" and recipe.data.target is not None:
+        from pipeline.data import template_fields
+
+        if len(template_fields(recipe.data.target)) != 1:
+            problems.append(
+                (
+                    ("data", "target"),
+                    "distill: puts the teacher's answer in one field of the target; use one {field}",
+                )
+            )
     return problems
 
 

@@ -239,6 +239,7 @@ def render_markdown(report: dict, flips: list[dict], plot: str | None = None) ->
             f"| {_num(c['generated_tokens_per_second'], 1)} | {c['prompt_tokens_per_example']:.1f} |"
         )
     lines += ["", "## Verdict", "", *verdict(report), ""]
+    lines += _distillation_markdown(report)
     lines += _fidelity_markdown(report)
     if plot:
         lines += [f"![{metric} against peak memory and latency]({plot})", ""]
@@ -411,6 +412,18 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     quantize_result = run_dir / "quantize" / "result.json"
     quantized = json.loads(quantize_result.read_text()) if quantize_result.is_file() else None
     report = build_report(results, loaded, texts, quantized)
+    distill_result = run_dir / "distill" / "result.json"
+    if loaded.recipe.distill and distill_result.is_file():
+        train_result = json.loads((run_dir / "train" / "result.json").read_text())
+        gold_rows = len(data.load_splits(loaded.recipe.data).train)
+        report["distillation"] = distillation(
+            report,
+            json.loads(distill_result.read_text()),
+            generations,
+            gold_rows,
+            train_result["train_seconds"],
+            teacher_is_reference=loaded.recipe.distill.teacher is None,
+        )
     flips = [flip for other in ("base", "reference") for flip in flipped_rows(report, generations, rows, other)]
     report["flipped_rows"] = flips
     write_json_atomic(run_dir / "evaluate" / "report.json", report)
@@ -419,6 +432,82 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     write_text_atomic(run_dir / "evaluate" / "report.md", render_markdown(report, flips, plot_path.name))
     log(STAGE, f"wrote {run_dir / 'evaluate' / 'report.md'}")
     return report
+
+
+def distillation(
+    report: dict,
+    labelling: dict,
+    generations: dict[str, list[dict]],
+    gold_rows: int,
+    train_seconds: float,
+    teacher_is_reference: bool,
+) -> dict:
+    """What distillation bought: rows labelled and dropped, the teacher's time, the student's agreement with its
+    teacher on the eval rows, and after how many answers the student's lower cost paid the labelling back."""
+    found = {
+        "teacher": labelling["teacher"],
+        "inputs": labelling["inputs"],
+        "labelled_rows": labelling["labelled"],
+        "dropped_rows": labelling["dropped"],
+        "gold_rows": gold_rows,
+        "teacher_seconds": labelling["teacher_seconds"],
+        "teacher_seconds_per_input": labelling["teacher_seconds_per_input"],
+        "teacher_gold_agreement": labelling.get("teacher_gold_agreement"),
+        "kept_gold_agreement": labelling.get("kept_gold_agreement"),
+        "train_seconds": train_seconds,
+        "agreement_with_teacher": None,
+        "break_even_answers": None,
+        "break_even_answers_with_training": None,
+    }
+    candidates = report["candidates"]
+    if teacher_is_reference and "reference" in generations and "specialized" in generations:
+        pairs = zip(generations["specialized"], generations["reference"], strict=True)
+        found["agreement_with_teacher"] = sum(s["prediction"] == r["prediction"] for s, r in pairs) / len(
+            generations["specialized"]
+        )
+        saving = (
+            candidates["reference"]["seconds_per_example_p50"] - candidates["specialized"]["seconds_per_example_p50"]
+        )
+        if saving > 0:
+            found["break_even_answers"] = math.ceil(labelling["teacher_seconds"] / saving)
+            found["break_even_answers_with_training"] = math.ceil(
+                (labelling["teacher_seconds"] + train_seconds) / saving
+            )
+    return found
+
+
+def _distillation_markdown(report: dict) -> list[str]:
+    d = report.get("distillation")
+    if not d:
+        return []
+    metric = report["metric"]
+    lines = [
+        "## Distillation",
+        "",
+        f"- The teacher ({d['teacher']}) labelled {d['labelled_rows']} of {d['inputs']} inputs ({d['dropped_rows']} "
+        f"dropped) in {d['teacher_seconds']:.0f} s ({d['teacher_seconds_per_input']:.2f} s an input); the student "
+        f"trained on those and {d['gold_rows']} gold rows.",
+    ]
+    if d.get("teacher_gold_agreement") is not None:
+        lines.append(
+            f"- The inputs carried gold answers (not used for training): the teacher gave them for "
+            f"{d['teacher_gold_agreement']:.1%} of the inputs, and for {_pct(d.get('kept_gold_agreement'))} of the "
+            "rows kept for training, which bounds what a student of these labels can learn."
+        )
+    if d["agreement_with_teacher"] is not None:
+        student = report["candidates"]["specialized"]["metrics"][metric]["value"]
+        teacher = report["candidates"]["reference"]["metrics"][metric]["value"]
+        lines.append(
+            f"- On the eval rows the student gives its teacher's answer {d['agreement_with_teacher']:.1%} of the time; "
+            f"{metric} against the gold answers: student {student:.3f}, teacher {teacher:.3f}."
+        )
+    if d["break_even_answers"] is not None:
+        lines.append(
+            f"- Break-even: after {d['break_even_answers']:,} answers the student's lower cost per answer has paid "
+            f"back the labelling ({d['break_even_answers_with_training']:,} with its {d['train_seconds']:.0f} s of "
+            "training)."
+        )
+    return lines + [""]
 
 
 def write_plot(report: dict, path: Path) -> None:

@@ -42,6 +42,16 @@ def check(loaded: LoadedRecipe) -> dict:
         raise PipelineError("\n".join(problems))
     splits = data.load_splits(recipe.data)
     train_rows, eval_rows = splits.train, splits.eval
+    if recipe.distill:
+        from pipeline.stages import distill
+
+        inputs = distill.teacher_rows(recipe)  # every input renders through the teacher's prompt
+        notes.append(
+            f"distill: the teacher ({recipe.teacher().model}) labels {len(inputs)} inputs from "
+            f"{recipe.distill.inputs} before training ({len(train_rows)} gold training rows beside them)"
+        )
+        if recipe.distill.teacher:
+            _available_model(loaded, ("distill", "teacher", "model"), recipe.distill.teacher.model, problems, notes)
     if recipe.evaluate.reference and recipe.evaluate.reference.prompt:
         data.load_rows(recipe.data, "eval", recipe.evaluate.reference.prompt, "evaluate.reference.prompt")
     if splits.overlap_normalized:
@@ -84,9 +94,9 @@ def check(loaded: LoadedRecipe) -> dict:
                 )
             )
             raise PipelineError("\n".join(problems))
-        lengths = data.training_examples(tokenizer, train_rows, chat, recipe.data).lengths
-        too_long = sum(n > recipe.data.max_seq_len for n in lengths)
-        if too_long == len(lengths) and recipe.data.too_long == "drop":
+        lengths = data.training_examples(tokenizer, train_rows, chat, recipe.data).lengths or None
+        too_long = sum(n > recipe.data.max_seq_len for n in lengths or [])
+        if lengths and too_long == len(lengths) and recipe.data.too_long == "drop":
             problems.append(
                 loaded.error_at(
                     ("data", "max_seq_len"),
@@ -101,7 +111,7 @@ def check(loaded: LoadedRecipe) -> dict:
     problems += _llamacpp_problems(loaded, notes)
     if problems:
         raise PipelineError("\n".join(problems))
-    return _summary(loaded, train_rows, eval_rows, lengths, notes)
+    return _summary(loaded, train_rows, eval_rows, lengths, notes, len(inputs) if recipe.distill else 0)
 
 
 def _llamacpp_problems(loaded: LoadedRecipe, notes: list[str]) -> list[str]:
@@ -187,11 +197,13 @@ def _target_module_problems(loaded: LoadedRecipe, config) -> list[str]:
     ]
 
 
-def _summary(loaded: LoadedRecipe, train_rows, eval_rows, lengths: list[int] | None, notes: list[str]) -> dict:
+def _summary(
+    loaded: LoadedRecipe, train_rows, eval_rows, lengths: list[int] | None, notes: list[str], distill_inputs: int
+) -> dict:
     recipe = loaded.recipe
     train = recipe.train
     fits = len(train_rows) if lengths is None else sum(n <= recipe.data.max_seq_len for n in lengths)
-    usable = len(train_rows) if recipe.data.too_long == "truncate" else fits
+    usable = (len(train_rows) if recipe.data.too_long == "truncate" else fits) + distill_inputs  # at most
     steps_per_epoch = math.ceil(usable / (train.batch_size * train.grad_accum))
     summary = {
         "recipe": str(loaded.path),
@@ -204,8 +216,8 @@ def _summary(loaded: LoadedRecipe, train_rows, eval_rows, lengths: list[int] | N
         "candidates": ["base", "specialized", *(v.label for v in recipe.quantize)]
         + (["reference"] if recipe.evaluate.reference else []),
         "reference": recipe.evaluate.reference.model if recipe.evaluate.reference else None,
-        "first_prompt": train_rows[0].prompt,
-        "first_target": train_rows[0].target,
+        "first_prompt": (train_rows or eval_rows)[0].prompt,
+        "first_target": (train_rows or eval_rows)[0].target,
     }
     if lengths:
         ordered = sorted(lengths)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import time
 from pathlib import Path
 
@@ -85,10 +86,14 @@ def generate_batches(
     batch_size: int,
     desc: str = "generate",
     progress: bool = True,
+    allowed_tokens=None,
+    confidence: bool = False,
 ):
     """Greedy, left-padded batched generation; yields one list of entries per batch.
 
-    Rows are grouped by prompt length so batches carry little padding.
+    Rows are grouped by prompt length so batches carry little padding. allowed_tokens(generated ids) ->
+    token ids constrains each step (a closed answer set); with confidence, each entry also has the model's
+    probability of its answer: the product of its tokens' probabilities after that constraint.
     """
     from transformers import GenerationConfig
 
@@ -98,6 +103,8 @@ def generate_batches(
         do_sample=False,
         eos_token_id=eos_ids,
         pad_token_id=tokenizer.pad_token_id,
+        output_scores=confidence,
+        return_dict_in_generate=True,
     )
     order = sorted(row_ids, key=lambda i: len(prompts[i]))
     device = next(model.parameters()).device
@@ -109,25 +116,34 @@ def generate_batches(
         attention = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in ids])
         _sync()
         started = time.perf_counter()
+        constraint = {}
+        if allowed_tokens is not None:
+            constraint["prefix_allowed_tokens_fn"] = lambda _, sequence, w=width: allowed_tokens(sequence[w:].tolist())
         with torch.inference_mode():
             output = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=config
+                input_ids=input_ids.to(device),
+                attention_mask=attention.to(device),
+                generation_config=config,
+                **constraint,
             )
         _sync()
         seconds_per_row = (time.perf_counter() - started) / len(ids)
         entries = []
-        for i, sequence in zip(ids, output[:, width:].tolist(), strict=True):
+        for position, (i, sequence) in enumerate(zip(ids, output.sequences[:, width:].tolist(), strict=True)):
             answer = until_eos(sequence, eos_ids)
             stopped = len(answer) < len(sequence)
-            entries.append(
-                {
-                    "row": i,
-                    "prediction": tokenizer.decode(answer, skip_special_tokens=True).strip(),
-                    "generated_tokens": len(answer) + stopped,  # the end token, where there was one, counts
-                    "seconds": seconds_per_row,
-                    "stopped": stopped,
-                }
-            )
+            entry = {
+                "row": i,
+                "prediction": tokenizer.decode(answer, skip_special_tokens=True).strip(),
+                "generated_tokens": len(answer) + stopped,  # the end token, where there was one, counts
+                "seconds": seconds_per_row,
+                "stopped": stopped,
+            }
+            if confidence:
+                steps = sequence[: len(answer) + stopped]
+                log_p = sum(float(output.scores[t][position].log_softmax(-1)[token]) for t, token in enumerate(steps))
+                entry["confidence"] = math.exp(log_p)
+            entries.append(entry)
         yield entries
 
 

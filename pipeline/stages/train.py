@@ -17,12 +17,21 @@ from transformers import TrainerCallback, set_seed
 from pipeline import data, models
 from pipeline.errors import PipelineError
 from pipeline.recipe import LoadedRecipe
-from pipeline.runs import log, mark_done, replace_dir, stage_fingerprint, temp_dir_for, write_json_atomic
+from pipeline.runs import (
+    done_fingerprint,
+    log,
+    mark_done,
+    replace_dir,
+    stage_fingerprint,
+    temp_dir_for,
+    write_json_atomic,
+)
+from pipeline.stages import distill as distill_stage
 
 STAGE = "train"
 
 
-def fingerprint(loaded: LoadedRecipe) -> str:
+def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
     r = loaded.recipe
     base = models.resolve_model(r.model.base)
     return stage_fingerprint(
@@ -32,6 +41,7 @@ def fingerprint(loaded: LoadedRecipe) -> str:
         r.train.model_dump(),
         data.data_fingerprint(r.data),
         base.fingerprint,
+        done_fingerprint(run_dir / "distill") if r.distill else None,  # relabelled rows: train again
     )
 
 
@@ -43,7 +53,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
 
     recipe = loaded.recipe
     stage_dir = run_dir / STAGE
-    stage_fp = fingerprint(loaded)
+    stage_fp = fingerprint(loaded, run_dir)
     checkpoints_dir = stage_dir / "checkpoints"
     _discard_stale_checkpoints(stage_dir, stage_fp)
 
@@ -51,7 +61,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     tokenizer = models.load_tokenizer(source, recipe.model.trust_remote_code)
     data.apply_chat_template_file(tokenizer, recipe.data)
     chat = data.uses_chat_template(tokenizer, recipe.data.chat_template)
-    splits = data.load_splits(recipe.data)
+    splits = data.load_splits(recipe.data, distilled=_distilled_rows(loaded, run_dir))
     tokenized = _tokenized(run_dir, tokenizer, splits, chat, recipe, source)
     examples = tokenized.examples
     if not examples:
@@ -172,9 +182,18 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     return result
 
 
+def _distilled_rows(loaded: LoadedRecipe, run_dir: Path) -> Path | None:
+    if loaded.recipe.distill is None:
+        return None
+    if done_fingerprint(run_dir / "distill") is None:
+        raise PipelineError(f"{run_dir}: no finished distill stage; run `make train RECIPE={loaded.path}`")
+    return distill_stage.labelled_file(run_dir)
+
+
 def _tokenized(run_dir: Path, tokenizer, splits, chat: bool, recipe, source) -> data.Tokenized:
     """Tokenized training rows, cached in the run folder under the data fingerprint and the tokenizer."""
-    key = stage_fingerprint(data.data_fingerprint(recipe.data), source.fingerprint, chat)
+    distilled = done_fingerprint(run_dir / "distill") if recipe.distill else None
+    key = stage_fingerprint(data.data_fingerprint(recipe.data), source.fingerprint, chat, distilled)
     cache = run_dir / "data" / f"train-tokenized-{key[:16]}.json"
     if cache.is_file():
         return data.Tokenized(**json.loads(cache.read_text()))

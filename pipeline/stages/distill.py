@@ -1,0 +1,270 @@
+"""Distill stage: the teacher (by default the evaluation reference) answers unlabelled inputs once.
+
+The inputs are read like any data source and rendered with the teacher's prompt by the same code
+evaluation uses. Answers are generated in batches (greedy; constrained token by token to a closed answer
+set where the recipe gives one) and appended as each batch finishes to runs/<recipe name>/distill-answers.jsonl,
+keyed by the teacher and the exact prompt: a killed run continues where it stopped, and no run of the recipe
+(another min_confidence, other training settings) asks the teacher the same thing twice, while a changed
+teacher or prompt asks again. The labelled rows go to
+distill/labelled.jsonl (the inputs with data.columns applied, the teacher's answer in the answer field),
+which the train stage reads after data.train's gold rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+from pipeline import data, models, runtimes
+from pipeline.errors import PipelineError
+from pipeline.recipe import LoadedRecipe, Recipe
+from pipeline.runs import log, mark_done, stage_fingerprint, write_json_atomic, write_text_atomic
+
+STAGE = "distill"
+
+
+def labelled_file(run_dir: Path) -> Path:
+    return run_dir / STAGE / "labelled.jsonl"
+
+
+def answers_file(run_dir: Path) -> Path:
+    """The teacher's answers, shared by every run of the recipe (runs/<name>/): keyed, so sharing is safe."""
+    return run_dir.parent / "distill-answers.jsonl"
+
+
+def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str | None:
+    recipe = loaded.recipe
+    if recipe.distill is None:
+        return None
+    teacher = recipe.teacher()
+    return stage_fingerprint(
+        STAGE,
+        recipe.distill.model_dump(),
+        teacher.model_dump(),
+        models.resolve_model(teacher.model, "distill.teacher.model").fingerprint,
+        data.data_fingerprint(recipe.data),
+        _source_bytes_digest(recipe.distill.inputs),
+        recipe.evaluate.max_new_tokens,
+        recipe.evaluate.batch_size,
+    )
+
+
+def answer_field(recipe: Recipe) -> str:
+    """The field of an input row the teacher's answer goes into."""
+    section = recipe.data
+    if section.format == "prompt_completion":
+        (field,) = data.template_fields(section.target)
+        return field
+    if section.format == "alpaca":
+        return "output"
+    return section.messages_field
+
+
+def teacher_rows(recipe: Recipe) -> list[tuple[str, dict, data.TaskRow]]:
+    """(where, input row, the row as the teacher is asked it) for each input, sampled as the recipe says.
+
+    A gold answer in the input is blanked before rendering: the teacher must not see it.
+    """
+    distill, section, teacher = recipe.distill, recipe.data, recipe.teacher()
+    raw = data.read_source(distill.inputs, section, distill.split)
+    if distill.max_inputs and distill.max_inputs < len(raw):
+        picked = sorted(random.Random(section.split_seed).sample(range(len(raw)), distill.max_inputs))
+        raw = [raw[i] for i in picked]
+    field = answer_field(recipe)
+    prompt_field = "distill.teacher.prompt" if distill.teacher else "evaluate.reference.prompt"
+    rows = []
+    for where, row in raw:
+        asked = {**row, field: _blank_answer(section.format, row.get(field), where, field)}
+        rows.append((where, row, data.format_row(section, asked, where, teacher.prompt, prompt_field, for_eval=True)))
+    if not rows:
+        raise PipelineError(f"distill.inputs: {distill.inputs} has no rows")
+    return rows
+
+
+def choices(recipe: Recipe) -> list[str] | None:
+    setting = recipe.distill.choices
+    if setting == "eval_labels":
+        return sorted({row.target.strip() for row in data.load_rows(recipe.data, "eval")})
+    return setting
+
+
+def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
+    from pipeline.runtimes import transformers as transformers_runtime
+
+    recipe = loaded.recipe
+    if recipe.distill is None:
+        raise PipelineError(f"{loaded.path}: the recipe has no distill: section, so there is nothing to label")
+    distill, teacher = recipe.distill, recipe.teacher()
+    stage_dir = run_dir / STAGE
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    inputs = teacher_rows(recipe)
+    source = models.resolve_model(teacher.model, "distill.teacher.model")
+    tokenizer = models.load_tokenizer(source)
+    chat = data.uses_chat_template(tokenizer, teacher.chat_template)
+    prompts = runtimes.prompts_for(tokenizer, [row for _, _, row in inputs], chat, teacher.system)
+    answer_set = choices(recipe)
+    settings = recipe.evaluate
+    teacher_key = stage_fingerprint(source.fingerprint, answer_set, settings.max_new_tokens)
+    keys = [hashlib.sha256(f"{teacher_key}\n{p.text}".encode()).hexdigest()[:32] for p in prompts]
+    cache_path = answers_file(run_dir)
+    cached = _read_answers(cache_path)
+    todo = [i for i, key in enumerate(keys) if key not in cached]
+    log(
+        STAGE,
+        f"teacher {teacher.model}: {len(todo)} of {len(inputs)} inputs to label ({len(inputs) - len(todo)} cached)",
+    )
+    peak = None
+    if todo:
+        dtype = models.compute_dtype(recipe.model.dtype)
+        trie = AnswerTrie.for_choices(tokenizer, answer_set) if answer_set else None
+        with runtimes.PeakMemory() as memory:
+            model = transformers_runtime.load(source, None, dtype, False)
+            batches = transformers_runtime.generate_batches(
+                model,
+                tokenizer,
+                [p.ids for p in prompts],
+                todo,
+                settings.max_new_tokens,
+                settings.batch_size,
+                desc="teacher",
+                allowed_tokens=trie.allowed if trie else None,
+                confidence=True,
+            )
+            for batch in batches:
+                with cache_path.open("a") as f:
+                    for entry in batch:
+                        record = {"key": keys[entry["row"]], **{k: v for k, v in entry.items() if k != "row"}}
+                        f.write(json.dumps(record) + "\n")
+                        cached[record["key"]] = record
+        peak = memory.peak_bytes
+        del model
+
+    answers = [cached[key] for key in keys]
+    field = answer_field(recipe)
+    kept, dropped, kept_gold = [], 0, []
+    for (_, row, _), answer in zip(inputs, answers, strict=True):
+        if distill.min_confidence is not None and answer["confidence"] < distill.min_confidence:
+            dropped += 1
+            continue
+        if not answer["prediction"]:
+            dropped += 1  # an empty answer teaches nothing
+            continue
+        kept_gold.append((_gold_answer(row.get(field)), answer["prediction"]))
+        kept.append({**row, field: _filled_answer(recipe.data.format, row.get(field), answer["prediction"])})
+    if not kept:
+        raise PipelineError(
+            f"distill: none of the teacher's {len(answers)} answers was kept (min_confidence "
+            f"{distill.min_confidence}); lower distill.min_confidence or check the teacher's prompt"
+        )
+    write_text_atomic(labelled_file(run_dir), "".join(json.dumps(row) + "\n" for row in kept))
+    confidences = sorted(a["confidence"] for a in answers)
+    gold = [(_gold_answer(row.get(field)), a["prediction"]) for (_, row, _), a in zip(inputs, answers, strict=True)]
+    result = {
+        "teacher": teacher.model,
+        "inputs": len(inputs),
+        "labelled": len(kept),
+        "dropped": dropped,
+        "min_confidence": distill.min_confidence,
+        "choices": answer_set,
+        "confidence_median": confidences[len(confidences) // 2],
+        # where the inputs carry gold answers (ignored for training): how often the teacher gave them, over all
+        # inputs and over the rows kept for training
+        "gold_answers": sum(1 for g, _ in gold if g),
+        "teacher_gold_agreement": _agreement(gold),
+        "kept_gold_agreement": _agreement(kept_gold),
+        "teacher_seconds": sum(a["seconds"] for a in answers),
+        "teacher_seconds_per_input": sum(a["seconds"] for a in answers) / len(answers),
+        "teacher_generated_tokens": sum(a["generated_tokens"] for a in answers),
+        "teacher_peak_memory_bytes": peak,
+        "answers_from_cache": len(inputs) - len(todo),
+    }
+    write_json_atomic(stage_dir / "result.json", result)
+    mark_done(stage_dir, fingerprint(loaded, run_dir))
+    log(STAGE, f"{len(kept)} rows labelled, {dropped} dropped; teacher time {result['teacher_seconds']:.1f}s")
+    return result
+
+
+class AnswerTrie:
+    """The token sequences of a closed answer set, for decoding that can only produce one of them.
+
+    Each answer is tokenized as it follows a prompt, with and without a leading space, and ends with the
+    end token; at every step the teacher may only continue some answer's sequence.
+    """
+
+    def __init__(self, sequences: list[list[int]], finished: list[int]):
+        self.finished = finished  # what a row that has ended may still emit (generate pads finished rows)
+        self.root: dict = {}
+        for sequence in sequences:
+            node = self.root
+            for token in sequence:
+                node = node.setdefault(token, {})
+
+    @classmethod
+    def for_choices(cls, tokenizer, answers: list[str]) -> AnswerTrie:
+        end = tokenizer.eos_token_id
+        sequences = []
+        for answer in answers:
+            for text in (answer, " " + answer):
+                sequences.append(tokenizer(text, add_special_tokens=False)["input_ids"] + [end])
+        return cls(sequences, sorted({end, tokenizer.pad_token_id}))
+
+    def allowed(self, generated: list[int]) -> list[int]:
+        node = self.root
+        for token in generated:
+            node = node.get(token)
+            if node is None:  # past the end of an answer
+                return self.finished
+        return list(node) or self.finished
+
+
+def _blank_answer(format: str, value, where: str, field: str):
+    if format == "messages":
+        if not isinstance(value, list) or not value:
+            raise PipelineError(f"{where}: column {field!r} must be a non-empty list of {{role, content}} turns")
+        turns = value[:-1] if isinstance(value[-1], dict) and value[-1].get("role") == "assistant" else value
+        return [*turns, {"role": "assistant", "content": ""}]
+    return ""
+
+
+def _filled_answer(format: str, value, answer: str):
+    if format == "messages":
+        turns = value[:-1] if value and value[-1].get("role") == "assistant" else value
+        return [*turns, {"role": "assistant", "content": answer}]
+    return answer
+
+
+def _agreement(pairs: list[tuple[str | None, str]]) -> float | None:
+    scored = [gold == answer for gold, answer in pairs if gold]
+    return sum(scored) / len(scored) if scored else None
+
+
+def _gold_answer(value) -> str | None:
+    if isinstance(value, list):  # messages: the last assistant turn, if the conversation has one
+        last = value[-1] if value and isinstance(value[-1], dict) else {}
+        value = last.get("content") if last.get("role") == "assistant" else None
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def _read_answers(path: Path) -> dict[str, dict]:
+    """Answers of earlier (maybe killed) runs by key; a line cut short by a kill is dropped."""
+    if not path.is_file():
+        return {}
+    text = path.read_text()
+    answers = {}
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        answers[record["key"]] = record
+    if text and not text.endswith("\n"):  # rewrite clean, so the next append starts on a line of its own
+        path.write_text("".join(json.dumps(r) + "\n" for r in answers.values()))
+    return answers
+
+
+def _source_bytes_digest(source: str) -> str:
+    if source.startswith("hub:") or not Path(source).is_file():
+        return source
+    return hashlib.sha256(Path(source).read_bytes()).hexdigest()
