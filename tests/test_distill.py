@@ -142,3 +142,16 @@ def test_a_conversation_gets_the_teachers_answer_as_its_last_assistant_turn():
         *asked,
         {"role": "assistant", "content": "track_order"},
     ]
+
+
+def test_gold_rows_and_the_teachers_rows_train_together_and_are_counted(distill_recipe, tmp_path):
+    gold = [row for _, row in read_jsonl(INTENTS / "train.jsonl")][100:124]
+    (tmp_path / "gold.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gold))
+    runs = tmp_path / "runs"
+    overrides = [f"data.train={tmp_path / 'gold.jsonl'}", "quantize=[]"]
+    args = ["run", str(distill_recipe), "--runs-dir", str(runs)]
+    assert main([*args, "--set", overrides[0], "--set", overrides[1]]) == 0
+    run_dir = _run_dir(distill_recipe, runs, overrides)
+    assert json.loads((run_dir / "train" / "result.json").read_text())["rows"] == 24 + 60
+    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    assert (report["distillation"]["gold_rows"], report["distillation"]["labelled_rows"]) == (24, 60)
