@@ -85,7 +85,7 @@ def missing_build_tools() -> list[str]:
     """What a build would need and this machine lacks; empty when llama.cpp is installed or cached already."""
     if is_ready():
         return []
-    if next(install_dir().glob("llama_cpp_python-*.whl"), None) and converter_script().is_file():
+    if _cached_wheel(install_dir()) and converter_script().is_file():
         return []
     return [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
 
@@ -113,10 +113,10 @@ def ensure() -> Path:
         return converter_script()
     folder.parent.mkdir(parents=True, exist_ok=True)
     with _lock(folder.parent / f".{folder.name}.lock"):
-        wheel = next(folder.glob("llama_cpp_python-*.whl"), None)
+        wheel = _cached_wheel(folder)
         if wheel is None or not converter_script().is_file():
             _build(folder)
-            wheel = next(folder.glob("llama_cpp_python-*.whl"))
+            wheel = _cached_wheel(folder)
         if not is_ready():
             _log(f"installing {wheel.name} from {folder}")
             _pip("install", "--no-deps", "--force-reinstall", wheel)
@@ -126,6 +126,10 @@ def ensure() -> Path:
     if not is_ready():
         raise PipelineError(f"llama-cpp-python {VERSION} was installed from {folder} but cannot be found")
     return converter_script()
+
+
+def _cached_wheel(folder: Path) -> Path | None:
+    return next(folder.glob("llama_cpp_python-*.whl"), None)
 
 
 def _build_marker() -> Path | None:

@@ -406,7 +406,8 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         name: _read_generations(run_dir / "evaluate" / "generations" / f"{name}.jsonl")
         for name in results["candidates"]
     }
-    rows = data.load_rows(loaded.recipe.data, "eval")
+    splits = data.load_splits(loaded.recipe.data)  # read once: eval rows here, gold training rows below
+    rows = splits.eval
     references = [row.target for row in rows]
     texts = {name: ([g["prediction"] for g in gens], references) for name, gens in generations.items()}
     quantize_result = run_dir / "quantize" / "result.json"
@@ -415,7 +416,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     distill_result = run_dir / "distill" / "result.json"
     if loaded.recipe.distill and distill_result.is_file():
         train_result = json.loads((run_dir / "train" / "result.json").read_text())
-        gold_rows = len(data.load_splits(loaded.recipe.data).train)
+        gold_rows = len(splits.train)
         report["distillation"] = distillation(
             report,
             json.loads(distill_result.read_text()),

@@ -10,6 +10,7 @@ size on disk and in memory, the GGUF tensor types actually written, and the fide
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -210,7 +211,7 @@ def _export_gguf(variant: QuantizeVariant, context: GgufContext, parameters: int
         llamacpp.inspect_gguf,
         str(gguf_file),
         context.sequences,
-        [{"ids": p.ids, "text": p.text, "add_special": p.add_special} for p in context.prompts],
+        [dataclasses.asdict(p) for p in context.prompts],
         context.threads,
         context.gpu,
     )
