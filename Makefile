@@ -11,11 +11,11 @@ RECIPE_ARGS = $(RECIPE) --runs-dir $(RUNS) $(foreach s,$(SET),--set $(s))
 TINY_MODELS := build/tiny-models/base/model.safetensors
 
 .DEFAULT_GOAL := help
-.PHONY: help setup schema bench inspect models llamacpp train quantize eval report validate tiny-models test lint clean
+.PHONY: help setup schema bench inspect models llamacpp train quantize eval report publish validate tiny-models test lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
-	@echo "  variables: RECIPE=recipes/x.yaml  SET=\"train.epochs=3 lora.r=8\"  RUNS=runs"
+	@echo "  variables: RECIPE=recipes/x.yaml  SET=\"train.epochs=3 lora.r=8\"  RUNS=runs  DRY_RUN=1 (publish)"
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,9 @@ quantize: $(VENV)/.installed ## rerun the quantize stage on RECIPE's run
 
 eval: $(VENV)/.installed ## rerun the evaluate stage on RECIPE's run (cached generations are reused)
 	$(VENV)/bin/specialist eval $(RECIPE_ARGS)
+
+publish: $(VENV)/.installed ## upload RECIPE's finished run to the Hub (DRY_RUN=1: only build runs/.../publish/; ALLOW_FAILED_GATES=1)
+	$(VENV)/bin/specialist publish $(RECIPE_ARGS) $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(if $(filter 1 yes true,$(ALLOW_FAILED_GATES)),--allow-failed-gates)
 
 report: $(VENV)/.installed ## rebuild report.json / report.md from RECIPE's evaluation (no generation)
 	$(VENV)/bin/specialist report $(RECIPE_ARGS)

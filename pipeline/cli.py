@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted: finished stages and checkpoints are kept; rerun to continue", file=sys.stderr)
         return 130
@@ -61,6 +61,18 @@ def _parser() -> argparse.ArgumentParser:
             _run_one(stage),
             f"(re)run the {stage} stage on this recipe's run folder",
         )
+    publish = recipe_verb(
+        "publish",
+        _publish,
+        "build the Hub bundle of this recipe's finished run (adapter, model card with the evaluation, report, "
+        "recipe) in its publish/ folder and upload it to the repo named in the recipe's publish: section",
+    )
+    publish.add_argument("--dry-run", action="store_true", help="build the bundle and list it; upload nothing")
+    publish.add_argument(
+        "--allow-failed-gates",
+        action="store_true",
+        help="publish a run whose gates failed (its card then says so at the top)",
+    )
     recipe_verb("validate", _validate, "check a recipe, its data and its model references without training")
     bench = recipe_verb("bench", _bench, "benchmark batched evaluation against one-row-at-a-time generate")
     bench.add_argument("--rows", type=int, default=64, help="eval rows to generate (default 64)")
@@ -155,9 +167,25 @@ def _report_exit(report: dict | None, run_dir: Path) -> int:
         return 0
     print(run_dir / "evaluate" / "report.md")
     if not report["gates"]["passed"]:
-        failed = [name for name, check in report["gates"]["checks"].items() if not check["passed"]]
-        print(f"gates failed: {', '.join(failed)}", file=sys.stderr)
+        from pipeline.report import failed_gates
+
+        print(f"gates failed: {', '.join(failed_gates(report))}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _publish(args) -> int:
+    from pipeline.recipe import load_recipe
+    from pipeline.runs import run_dir_for
+    from pipeline.stages import publish
+
+    loaded = load_recipe(args.recipe, args.overrides)
+    publish.run(
+        loaded,
+        run_dir_for(loaded, args.runs_dir),
+        dry_run=args.dry_run,
+        allow_failed_gates=args.allow_failed_gates,
+    )
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The one error type users see: the CLI prints it without a traceback and exits non-zero."""
+"""The errors users see: the CLI prints them without a traceback and exits with their code."""
 
 
 class PipelineError(Exception):
@@ -7,3 +7,14 @@ class PipelineError(Exception):
     The message names the file, line or field, and says what to do. Real bugs are other exceptions
     and keep their traceback.
     """
+
+    exit_code = 2
+
+
+class RemoteError(PipelineError):
+    """A service the pipeline talks to (the Hub) could not be reached or refused the request.
+
+    Its own exit code, so a scheduled job can tell "retry later" from "fix the recipe".
+    """
+
+    exit_code = 3

@@ -159,6 +159,9 @@ class PackagedModel:
     sha256: str
     size_bytes: int
     converted_bytes: int  # about: float32 safetensors after dequantizing
+    hub_id: str  # the checkpoint these weights were quantized from, which a model card names as base_model
+    gguf_type: str  # what they were quantized to: an adapter trained on them is trained on that
+    license: str
 
 
 def _parts(dist: str, count: int, wheel_hashes: list[str], version: str) -> dict:
@@ -177,6 +180,9 @@ PACKAGED: dict[str, PackagedModel] = {
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         size_bytes=98_362_432,
         converted_bytes=540_000_000,
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        gguf_type="Q4_1",
+        license="apache-2.0",
     ),
     "qwen2.5-coder-0.5b-instruct": PackagedModel(
         **_parts(
@@ -195,6 +201,9 @@ PACKAGED: dict[str, PackagedModel] = {
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         size_bytes=491_400_064,
         converted_bytes=2_520_000_000,
+        hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
+        gguf_type="Q4_K_M",
+        license="apache-2.0",
     ),
     "qwen2.5-coder-1.5b-instruct": PackagedModel(
         **_parts(
@@ -229,6 +238,9 @@ PACKAGED: dict[str, PackagedModel] = {
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         size_bytes=1_117_320_768,
         converted_bytes=7_110_000_000,
+        hub_id="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+        gguf_type="Q4_K_M",
+        license="apache-2.0",
     ),
 }
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline import gguf_export
 from pipeline.errors import PipelineError
@@ -235,6 +236,50 @@ class DistillSection(Section):
     )
 
 
+HUB_ID = r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*"
+
+
+class PublishSection(Section):
+    repo: str = Field(
+        description="Hub model repository to publish to, as owner/name (your user or an organization you write to).",
+    )
+    private: bool = Field(True, description="Create the repository private (ignored when it exists already).")
+    revision: str = Field(
+        "main",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$",
+        description="Branch to commit to; created from main when it does not exist.",
+    )
+    merged: bool = Field(False, description="Also upload the merged model (base + adapter) under merged/.")
+    gguf: bool | list[str] = Field(
+        False,
+        description="Also upload exported GGUF files: true for every gguf variant, or a list of variant names "
+        "(e.g. [gguf-q4_k_m]). Each goes to the repo root as <recipe name>-<type>.gguf with its Ollama Modelfile.",
+    )
+    license: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9._-]*$",
+        description="License id for the card (e.g. apache-2.0, mit, other); default: the packaged base's license.",
+    )
+    tags: list[str] = Field(default_factory=list, description="Extra tags for the card.")
+    base_model: str | None = Field(
+        None,
+        description="Hub id of the base checkpoint, for the card and the adapter's config, when model.base is a "
+        "local folder or .gguf file (packaged: and Hub bases name theirs).",
+    )
+    dataset: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$",
+        description="Hub dataset id the card names (default: data.train when it is hub:org/name).",
+    )
+
+    @field_validator("repo", "base_model")
+    @classmethod
+    def _hub_id(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(HUB_ID, value):
+            raise ValueError(f"{value!r} is not a Hub repo id; expected owner/name, e.g. your-name/my-specialist")
+        return value
+
+
 class Recipe(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name; runs go to runs/<name>/.")
     model: ModelSection = Field(description="The base model to specialize and how to load it.")
@@ -252,6 +297,10 @@ class Recipe(Section):
         None,
         description="Label unlabelled inputs with a large teacher model and train on its answers (with data.train's "
         "gold rows too, where given).",
+    )
+
+    publish: PublishSection | None = Field(
+        None, description="Where `make publish` uploads the adapter, its model card and the evidence."
     )
 
     def teacher(self) -> ReferenceSection | None:
@@ -309,7 +358,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
     if problems:
         raise PipelineError("\n".join(_located(loc, message, origins, path) for loc, message in problems))
     resolved = recipe.model_dump(mode="json")
-    digest = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
+    # Where a run is published changes nothing it trained or measured: the run id leaves it out, so
+    # adding a publish: section (or SET=publish.repo=...) after a run publishes that same run.
+    identity = {key: value for key, value in resolved.items() if key != "publish"}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return LoadedRecipe(recipe=recipe, path=path, resolved=resolved, sha256=digest, origins=origins)
 
 
@@ -441,6 +493,24 @@ def _resolve_paths(data: dict, origins: dict[tuple, Origin]) -> None:
             parent[loc[-1]] = str(candidate)
 
 
+def _publish_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
+    publish = recipe.publish
+    if publish is None:
+        return []
+    problems = []
+    gguf_labels = [v.label for v in recipe.quantize if v.kind == "gguf"]
+    if publish.gguf is True and not gguf_labels:
+        message = "no gguf variants under quantize: to publish; add {kind: gguf, type: ...}"
+        problems.append((("publish", "gguf"), message))
+    if isinstance(publish.gguf, list):
+        for i, name in enumerate(publish.gguf):
+            if name not in gguf_labels:
+                known = ", ".join(gguf_labels) or "none: add {kind: gguf, type: ...} under quantize:"
+                message = f"{name!r} is not a gguf variant of this recipe (known: {known})"
+                problems.append((("publish", "gguf", i), message))
+    return problems
+
+
 def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     """Rules that span fields, which users would otherwise learn from a crash or a wasted run."""
     from pipeline.metrics import available_metrics
@@ -481,6 +551,7 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
             problems.append((("quantize", i, field), f"{label} is listed twice; give one of them a name"))
     d = recipe.data
     problems += _distill_problems(recipe)
+    problems += _publish_problems(recipe)
     if d.train is None and recipe.distill is None:
         problems.append((("data", "train"), "required field is missing (or add a distill: section to label inputs)"))
     if d.train is None and d.eval is None:
@@ -560,7 +631,7 @@ def _format_validation_errors(error: ValidationError, origins: dict[tuple, Origi
         elif item["type"] == "missing":
             message = "required field is missing"
         else:
-            message = item["msg"]
+            message = item["msg"].removeprefix("Value error, ")  # our validators' messages stand alone
         lines.append(_located(loc, message, origins, path) if loc else f"{path}:1: {message}")
     return "\n".join(lines)
 

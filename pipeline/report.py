@@ -210,7 +210,6 @@ def evaluate_gates(loaded: LoadedRecipe, candidates: dict, metric: str, gap: flo
 
 def render_markdown(report: dict, flips: list[dict], plot: str | None = None) -> str:
     metric = report["metric"]
-    metric_names = list(next(iter(report["candidates"].values()))["metrics"])
     lines = [
         f"# {report['recipe']}: specialized vs base vs reference",
         "",
@@ -219,6 +218,35 @@ def render_markdown(report: dict, flips: list[dict], plot: str | None = None) ->
         "amortized over a batch (llama.cpp answers one request at a time), and per single request (batch 1, "
         "after a warm-up) as a local user waits for one answer.",
         "",
+        *candidates_table(report),
+    ]
+    lines += ["", "## Verdict", "", *verdict(report), ""]
+    lines += distillation_markdown(report)
+    lines += fidelity_markdown(report)
+    if plot:
+        lines += [f"![{metric} against peak memory and latency]({plot})", ""]
+    lines += gates_markdown(report)
+    for other in dict.fromkeys(flip["versus"] for flip in flips):
+        lines += [
+            f"## Rows that flipped: specialized vs {other}",
+            "",
+            f"| row | | input | expected | {other} | specialized |",
+            "|---|---|---|---|---|---|",
+        ]
+        for flip in (f for f in flips if f["versus"] == other):
+            lines.append(
+                f"| {Path(flip['source']).name} | {flip['kind']} | {_cell(flip['input'][-60:])} "
+                f"| {_cell(flip['expected'])} | {_cell(flip['other'])} "
+                f"| {_cell(flip['specialized'])} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def candidates_table(report: dict) -> list[str]:
+    """Every candidate's scores with intervals, paired test against the specialist, and costs."""
+    metric_names = list(next(iter(report["candidates"].values()))["metrics"])
+    lines = [
         "| candidate | role | runtime | " + " | ".join(metric_names) + " | specialized won/lost here (p) "
         "| parameters | size on disk | peak memory | s/example p50 | p95 | single request p50 | p95 "
         "| gen tokens/s | prompt tokens |",
@@ -238,33 +266,22 @@ def render_markdown(report: dict, flips: list[dict], plot: str | None = None) ->
             f"| {_num(c.get('single_request_seconds_p50'), 4)} | {_num(c.get('single_request_seconds_p95'), 4)} "
             f"| {_num(c['generated_tokens_per_second'], 1)} | {c['prompt_tokens_per_example']:.1f} |"
         )
-    lines += ["", "## Verdict", "", *verdict(report), ""]
-    lines += _distillation_markdown(report)
-    lines += _fidelity_markdown(report)
-    if plot:
-        lines += [f"![{metric} against peak memory and latency]({plot})", ""]
+    return lines
+
+
+def gates_markdown(report: dict) -> list[str]:
     gates = report["gates"]
-    if gates["checks"]:
-        lines += ["## Gates", ""]
-        for gate, check in gates["checks"].items():
-            mark = "PASS" if check["passed"] else "FAIL"
-            lines.append(f"- **{mark}** `{gate}`: {_num(check['value'])} (threshold {check['threshold']})")
-        lines.append("")
-    for other in dict.fromkeys(flip["versus"] for flip in flips):
-        lines += [
-            f"## Rows that flipped: specialized vs {other}",
-            "",
-            f"| row | | input | expected | {other} | specialized |",
-            "|---|---|---|---|---|---|",
-        ]
-        for flip in (f for f in flips if f["versus"] == other):
-            lines.append(
-                f"| {Path(flip['source']).name} | {flip['kind']} | {_cell(flip['input'][-60:])} "
-                f"| {_cell(flip['expected'])} | {_cell(flip['other'])} "
-                f"| {_cell(flip['specialized'])} |"
-            )
-        lines.append("")
-    return "\n".join(lines)
+    if not gates["checks"]:
+        return []
+    lines = ["## Gates", ""]
+    for gate, check in gates["checks"].items():
+        mark = "PASS" if check["passed"] else "FAIL"
+        lines.append(f"- **{mark}** `{gate}`: {_num(check['value'])} (threshold {check['threshold']})")
+    return [*lines, ""]
+
+
+def failed_gates(report: dict) -> list[str]:
+    return [name for name, check in report["gates"]["checks"].items() if not check["passed"]]
 
 
 def verdict(report: dict) -> list[str]:
@@ -317,7 +334,7 @@ def verdict(report: dict) -> list[str]:
     return said
 
 
-def _fidelity_markdown(report: dict) -> list[str]:
+def fidelity_markdown(report: dict) -> list[str]:
     fidelity = report.get("fidelity") or {}
     if not fidelity:
         return []
@@ -477,7 +494,7 @@ def distillation(
     return found
 
 
-def _distillation_markdown(report: dict) -> list[str]:
+def distillation_markdown(report: dict) -> list[str]:
     d = report.get("distillation")
     if not d:
         return []

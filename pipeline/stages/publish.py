@@ -1,0 +1,605 @@
+"""Publish: the adapter with its evidence, to the Hugging Face Hub.
+
+The bundle is built first in runs/<name>/<id>/publish/ -- exactly the files that are uploaded: the
+adapter, a model card (README.md) carrying the evaluation against the base and the reference, the
+resolved recipe and the report -- then pushed with huggingface_hub (create_repo, create_branch,
+upload_folder). A dry run stops after the bundle. The token comes from HF_TOKEN or the user's login
+and is handed to huggingface_hub only: no file, log line or message of ours contains it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import PipelineError, RemoteError
+from pipeline.models import PACKAGED
+from pipeline.recipe import LoadedRecipe
+from pipeline.report import (
+    candidates_table,
+    distillation_markdown,
+    failed_gates,
+    fidelity_markdown,
+    gates_markdown,
+    verdict,
+)
+from pipeline.runs import log, replace_dir, temp_dir_for, write_json_atomic
+
+STAGE = "publish"
+PUBLISHED_RECORD = "published.json"  # beside the bundle, not in it: what was pushed where, and when
+EVIDENCE = ("report.md", "report.png", "report.json")
+CARD_TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}\n"
+
+
+class GatesFailed(PipelineError):
+    """The run's gates failed and the user did not ask to publish it anyway."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Bundle:
+    folder: Path
+    files: dict[str, int]  # path in the repo -> bytes
+    card: str
+
+
+def run(loaded: LoadedRecipe, run_dir: Path, *, dry_run: bool = False, allow_failed_gates: bool = False) -> dict:
+    section = loaded.recipe.publish
+    if section is None:
+        raise PipelineError(
+            f"{loaded.path}: no publish: section; add `publish: {{repo: your-name/{loaded.recipe.name}}}` "
+            f"or pass SET=publish.repo=your-name/{loaded.recipe.name}"
+        )
+    report = finished_report(loaded, run_dir)
+    failed = failed_gates(report)
+    if failed and not allow_failed_gates:
+        raise GatesFailed(
+            f"run {run_dir} failed its gates ({', '.join(failed)}); not publishing it. To publish it anyway, with "
+            "the failure stated at the top of its card: ALLOW_FAILED_GATES=1 (specialist publish --allow-failed-gates)"
+        )
+    bundle = build_bundle(loaded, run_dir, report)
+    where = f"{section.repo}@{section.revision} ({'private' if section.private else 'public'})"
+    total = sum(bundle.files.values())
+    log(STAGE, f"bundle {bundle.folder}: {len(bundle.files)} files, {total / 1e6:.1f} MB")
+    for path, size in bundle.files.items():
+        log(STAGE, f"  {path} ({size:,} bytes)")
+    if dry_run:
+        log(STAGE, f"dry run: nothing uploaded; without DRY_RUN these files would go to {where}")
+        return {"bundle": str(bundle.folder), "files": bundle.files, "repo": section.repo, "uploaded": False}
+    record = upload(bundle, loaded, report)
+    write_json_atomic(run_dir / PUBLISHED_RECORD, record)
+    if record["changed"]:
+        log(STAGE, f"published to {where}: {record['commit_url']}")
+    else:
+        log(STAGE, f"{where} already has this bundle; nothing changed (commit {record['commit']})")
+    return record
+
+
+def finished_report(loaded: LoadedRecipe, run_dir: Path) -> dict:
+    """The run's report, refusing a run whose evaluation or adapter is missing."""
+    report_path = run_dir / "evaluate" / "report.json"
+    adapter = run_dir / "train" / "adapter" / "adapter_model.safetensors"
+    if not report_path.is_file() or not (run_dir / "evaluate" / ".done.json").is_file() or not adapter.is_file():
+        raise PipelineError(
+            f"{run_dir}: no finished run of {loaded.path} to publish (adapter and report are missing); "
+            f"run `make train RECIPE={loaded.path}` first"
+        )
+    return json.loads(report_path.read_text())
+
+
+# --- the bundle ---------------------------------------------------------------------------------
+
+
+def build_bundle(loaded: LoadedRecipe, run_dir: Path, report: dict) -> Bundle:
+    """Write runs/.../publish/ atomically: the same run always gives the same bytes."""
+    section = loaded.recipe.publish
+    final = run_dir / "publish"
+    tmp = temp_dir_for(final)
+    tmp.mkdir(parents=True)
+    base_id = base_model_id(loaded)
+    adapter = run_dir / "train" / "adapter"
+    for path in sorted(adapter.iterdir()):
+        if path.is_file() and path.name != "README.md":  # peft's placeholder card; ours replaces it
+            _link_or_copy(path, tmp / path.name)
+    if base_id:  # the adapter points at the Hub checkpoint, not at this machine's folder
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = base_id
+        (tmp / "adapter_config.json").unlink()
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name in EVIDENCE:
+        source = run_dir / "evaluate" / name
+        if name.endswith((".md", ".json")):
+            (tmp / name).write_text(public_text(source.read_text()))
+        else:
+            _link_or_copy(source, tmp / name)
+    (tmp / "recipe.resolved.yaml").write_text(public_text(yaml.safe_dump(loaded.resolved, sort_keys=False)))
+    if section.merged:
+        merged = run_dir / "quantize" / "merged"
+        if not (merged / "config.json").is_file():
+            raise PipelineError(f"publish.merged: {merged} has no merged model; rerun `make quantize`")
+        (tmp / "merged").mkdir()
+        for path in sorted(merged.iterdir()):
+            if path.is_file() and not path.name.startswith("."):
+                _link_or_copy(path, tmp / "merged" / path.name)
+    gguf_files = {}
+    for label in gguf_labels(loaded):
+        folder = run_dir / "quantize" / label
+        if not (folder / "model.gguf").is_file():
+            raise PipelineError(f"publish.gguf: {label} has no model.gguf in {folder}; rerun `make quantize`")
+        file_name = gguf_file_name(loaded, label)
+        _link_or_copy(folder / "model.gguf", tmp / file_name)
+        modelfile = (folder / "Modelfile").read_text().replace("FROM ./model.gguf", f"FROM ./{file_name}")
+        (tmp / f"Modelfile.{label.removeprefix('gguf-')}").write_text(modelfile)
+        gguf_files[label] = file_name
+    card = model_card(loaded, run_dir, report, base_id, gguf_files)
+    (tmp / "README.md").write_text(card)
+    replace_dir(tmp, final)
+    files = {
+        path.relative_to(final).as_posix(): path.stat().st_size for path in sorted(final.rglob("*")) if path.is_file()
+    }
+    return Bundle(final, files, card)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link costs no disk for the multi-GB files; run artifacts are replaced by rename, never
+    rewritten in place, so the bundle's bytes stay the ones it was built from."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def gguf_labels(loaded: LoadedRecipe) -> list[str]:
+    section = loaded.recipe.publish
+    every = [v.label for v in loaded.recipe.quantize if v.kind == "gguf"]
+    if section.gguf is True:
+        return every
+    return list(section.gguf) if section.gguf else []
+
+
+def gguf_file_name(loaded: LoadedRecipe, label: str) -> str:
+    """<recipe>-<type>.gguf: llama.cpp's `-hf repo:TYPE` and Ollama's hf.co/repo:TYPE find files by type."""
+    return f"{loaded.recipe.name}-{label.removeprefix('gguf-')}.gguf"
+
+
+def base_model_id(loaded: LoadedRecipe) -> str | None:
+    """The Hub id of the checkpoint the adapter sits on, where there is one."""
+    if loaded.recipe.publish.base_model:
+        return loaded.recipe.publish.base_model
+    base = loaded.recipe.model.base
+    if base.startswith("packaged:"):
+        return PACKAGED[base.removeprefix("packaged:")].hub_id
+    if _is_hub_id(base):
+        return base.partition("@")[0]
+    return None
+
+
+def _model_name(ref: str) -> str:
+    """How the card names a model reference: its Hub id, never a path on this machine."""
+    if ref.startswith("packaged:"):
+        return PACKAGED[ref.removeprefix("packaged:")].hub_id
+    if _is_hub_id(ref):
+        return ref
+    return f"a local model ({Path(ref).name})"
+
+
+def _is_hub_id(ref: str) -> bool:
+    return not Path(ref).expanduser().exists() and ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
+
+
+def public_text(text: str) -> str:
+    """Paths on this machine, as the card and evidence show them: relative to the project, or ~/."""
+    for prefix, shown in ((str(Path.cwd()) + "/", ""), (str(Path.home()) + "/", "~/")):
+        if len(prefix) > 2:
+            text = text.replace(prefix, shown)
+    return text
+
+
+# --- the model card -----------------------------------------------------------------------------
+
+
+def card_data(loaded: LoadedRecipe, report: dict, base_id: str | None, gguf: bool):
+    """The card's metadata: what the Hub indexes, with a model-index entry per candidate and metric."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    section = loaded.recipe.publish
+    data = loaded.recipe.data
+    dataset = section.dataset
+    if dataset is None and data.train and data.train.startswith("hub:"):
+        dataset = data.train.removeprefix("hub:")
+    eval_source = data.eval or data.train or ""
+    if eval_source.startswith("hub:"):
+        dataset_type, split = eval_source.removeprefix("hub:"), data.eval_split if data.eval else "held-out"
+    else:
+        dataset_type, split = Path(eval_source).name, "test" if data.eval else "held-out"
+    dataset_name = f"{loaded.recipe.name}: {report['eval_rows']} held-out rows of {dataset_type}"
+    results = [
+        EvalResult(
+            task_type="text-generation",
+            task_name=loaded.recipe.name,
+            dataset_type=dataset_type,
+            dataset_name=dataset_name,
+            dataset_split=split,
+            metric_type=metric,
+            metric_name=f"{metric} ({candidate})",
+            metric_value=values["value"],
+        )
+        for candidate, c in report["candidates"].items()
+        for metric, values in c["metrics"].items()
+    ]
+    license_id = section.license
+    if license_id is None and loaded.recipe.model.base.startswith("packaged:"):
+        license_id = PACKAGED[loaded.recipe.model.base.removeprefix("packaged:")].license
+    tags = ["specialist", "lora", "peft", "text-generation", *(["gguf"] if gguf else []), *section.tags]
+    return ModelCardData(
+        base_model=base_id,
+        library_name="peft",
+        pipeline_tag="text-generation",
+        license=license_id,
+        tags=list(dict.fromkeys(tags)),
+        datasets=[dataset] if dataset else None,
+        model_name=section.repo,
+        eval_results=results,
+    )
+
+
+def model_card(loaded: LoadedRecipe, run_dir: Path, report: dict, base_id: str | None, gguf_files: dict) -> str:
+    from huggingface_hub import ModelCard
+
+    body = _card_body(loaded, run_dir, report, base_id, gguf_files)
+    data = card_data(loaded, report, base_id, bool(gguf_files))
+    return str(ModelCard.from_template(data, template_str=CARD_TEMPLATE, body=body))
+
+
+def _card_body(loaded: LoadedRecipe, run_dir: Path, report: dict, base_id: str | None, gguf_files: dict) -> str:
+    recipe = loaded.recipe
+    section = recipe.publish
+    metric = report["metric"]
+    c = report["candidates"]
+    spec = c["specialized"]["metrics"][metric]
+    lines: list[str] = []
+    failed = failed_gates(report)
+    if failed:
+        lines += [
+            f"> **Warning: this run failed its gates ({', '.join(failed)}).** It was published anyway on request; "
+            "see Gates below before you use it.",
+            "",
+        ]
+    base_name = base_id or _model_name(recipe.model.base)
+    lines += [
+        f"# {section.repo.split('/')[1]}",
+        "",
+        f"A LoRA adapter that specializes **{base_name}** on one task (`{recipe.name}`), trained and measured by "
+        f"specialist. On {report['eval_rows']} held-out rows it scores {metric} "
+        f"**{spec['value']:.3f}** [{spec['ci95'][0]:.3f}, {spec['ci95'][1]:.3f}]" + _summary_versus(report) + ".",
+        "",
+    ]
+    if recipe.model.base.startswith("packaged:"):
+        packaged = PACKAGED[recipe.model.base.removeprefix("packaged:")]
+        lines += [
+            f"It was trained and evaluated on {packaged.hub_id}'s {packaged.gguf_type} GGUF weights expanded to "
+            "float32, not on the original checkpoint: on the original weights it should do at least as well, "
+            "but the numbers below were measured on the former.",
+            "",
+        ]
+    lines += ["## Evaluation", "", *_candidates_list(loaded, report), ""]
+    lines += [
+        "Same rows and greedy decoding for every candidate; 95% bootstrap intervals in brackets; the won/lost "
+        "column is the specialist's paired result against that candidate (exact McNemar test). Latency is per "
+        "example amortized over a batch, and per single request as a user waits for one answer; memory is the "
+        "peak while answering.",
+        "",
+        *candidates_table(report),
+        "",
+        "![the metric against peak memory and latency](report.png)",
+        "",
+        "### Verdict",
+        "",
+        *verdict(report),
+        "",
+        *_demote(gates_markdown(report)),
+        *_demote(fidelity_markdown(report)),
+        *_demote(distillation_markdown(report)),
+    ]
+    lines += _usage(loaded, run_dir, report, gguf_files)
+    lines += _training(loaded, run_dir, report)
+    lines += [
+        "## Files",
+        "",
+        "- `adapter_model.safetensors`, `adapter_config.json`: the LoRA adapter (with the tokenizer it was "
+        "trained with).",
+        "- `report.md`, `report.json`, `report.png`: the full evaluation, including the rows that flipped.",
+        "- `recipe.resolved.yaml`: the recipe that produced this run, every default filled in.",
+    ]
+    if section.merged:
+        lines.append("- `merged/`: base and adapter merged into one model, for runtimes without peft.")
+    for label, file_name in gguf_files.items():
+        lines.append(
+            f"- `{file_name}`, `Modelfile.{label.removeprefix('gguf-')}`: the merged model as GGUF "
+            f"{label.removeprefix('gguf-')} for llama.cpp / Ollama, evaluated above as {label}."
+        )
+    lines += ["", f"Generated by specialist from run `{report['run_id']}` of recipe `{recipe.name}`."]
+    return "\n".join(lines)
+
+
+def _summary_versus(report: dict) -> str:
+    metric = report["metric"]
+    c = report["candidates"]
+    parts = []
+    if "base" in c:
+        parts.append(f"{c['base']['metrics'][metric]['value']:.3f} for its general base")
+    if "reference" in c:
+        ref, spec = c["reference"], c["specialized"]
+        text = f"{ref['metrics'][metric]['value']:.3f} for the reference"
+        if spec["seconds_per_example_p50"] and ref["seconds_per_example_p50"]:
+            speed = ref["seconds_per_example_p50"] / spec["seconds_per_example_p50"]
+            text += f", which it answers {speed:.1f}x as fast"
+        parts.append(text)
+    return f", against {' and '.join(parts)}" if parts else ""
+
+
+def _candidates_list(loaded: LoadedRecipe, report: dict) -> list[str]:
+    recipe = loaded.recipe
+    lines = []
+    for name, c in report["candidates"].items():
+        if c["role"] == "base":
+            what = f"{_model_name(recipe.model.base)} as it is, same prompt"
+        elif c["role"] == "specialized":
+            what = "base + this adapter"
+        elif c["role"] == "reference":
+            what = f"{_model_name(recipe.evaluate.reference.model)}, the large general model, given its own prompt"
+        else:
+            what = f"the merged specialist quantized ({c.get('runtime', 'transformers')})"
+        lines.append(f"- **{name}**: {what}")
+    return lines
+
+
+def _demote(lines: list[str]) -> list[str]:
+    """The report's sections, one heading level down inside the card's Evaluation."""
+    return [f"#{line}" if line.startswith("## ") else line for line in lines]
+
+
+def _usage(loaded: LoadedRecipe, run_dir: Path, report: dict, gguf_files: dict) -> list[str]:
+    repo = loaded.recipe.publish.repo
+    prompt, add_special = example_prompt(loaded, run_dir)
+    max_new = loaded.recipe.evaluate.max_new_tokens
+    lines = [
+        "## How to use",
+        "",
+        "The adapter answers prompts built exactly as in training; this is the first evaluation row's, as the "
+        "model saw it:",
+        "",
+        "```text",
+        prompt,
+        "```",
+        "",
+        "```python",
+        "from peft import AutoPeftModelForCausalLM",
+        "from transformers import AutoTokenizer",
+        "",
+        f'model = AutoPeftModelForCausalLM.from_pretrained("{repo}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+        f"prompt = {prompt!r}",
+        f'inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens={add_special})',
+        f"output = model.generate(**inputs, max_new_tokens={max_new}, do_sample=False)",
+        'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+        "```",
+        "",
+    ]
+    if loaded.recipe.publish.merged:
+        lines += [
+            f'Without peft, the merged model: `AutoModelForCausalLM.from_pretrained("{repo}", subfolder="merged")`.',
+            "",
+        ]
+    if gguf_files:
+        label, file_name = next(iter(gguf_files.items()))
+        tag = label.removeprefix("gguf-").upper()
+        lines += [
+            "With llama.cpp or Ollama (the GGUF carries the trained prompt as its chat template, so a chat "
+            "message is wrapped in it; greedy decoding as evaluated):",
+            "",
+            "```sh",
+            f'llama-cli -hf {repo}:{tag} -p "your input" --temp 0',
+            f"ollama run hf.co/{repo}:{tag}",
+            f"# or, with the Modelfile of this repo: ollama create {loaded.recipe.name} -f "
+            f"Modelfile.{label.removeprefix('gguf-')}",
+            "```",
+            "",
+        ]
+    return lines
+
+
+def example_prompt(loaded: LoadedRecipe, run_dir: Path) -> tuple[str, bool]:
+    """The first eval row's prompt as the model saw it, and whether the tokenizer adds BOS to it."""
+    from transformers import AutoTokenizer
+
+    from pipeline import data
+
+    tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "train" / "adapter"))
+    row = data.load_splits(loaded.recipe.data).eval[0]
+    chat = data.uses_chat_template(tokenizer, loaded.recipe.data.chat_template)
+    return data.prompt_text(tokenizer, row, chat)
+
+
+def _training(loaded: LoadedRecipe, run_dir: Path, report: dict) -> list[str]:
+    recipe = loaded.recipe
+    train = _read_json(run_dir / "train" / "result.json")
+    manifest = _read_json(run_dir / "manifest.json")
+    lora = recipe.lora
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
+    rows = [
+        ("base model", _model_name(recipe.model.base)),
+        ("training rows", train.get("rows")),
+        ("evaluation rows", report["eval_rows"]),
+        ("data fingerprint", f"`{manifest.get('data_fingerprint', '?')[:16]}`"),
+        ("LoRA", f"r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g}, on {targets}"),
+        ("QLoRA (4-bit base)", "yes" if recipe.train.qlora else "no"),
+        ("epochs / steps", f"{recipe.train.epochs:g} / {train.get('steps')}"),
+        ("batch size x accumulation", f"{recipe.train.batch_size} x {recipe.train.grad_accum}"),
+        ("learning rate", f"{recipe.train.lr:g}"),
+        ("seed", recipe.train.seed),
+        ("final training loss", f"{train['final_loss']:.4f}" if train.get("final_loss") is not None else None),
+        ("training time", f"{train['train_seconds']:.0f} s" if train.get("train_seconds") else None),
+        ("trained on", _machine(manifest.get("machine", {}))),
+        (
+            "versions",
+            ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items() if v),
+        ),
+        ("run id", f"`{report['run_id']}`"),
+    ]
+    lines = ["## Training", "", "| | |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in rows if value is not None]
+    lines += [
+        "",
+        "## Recipe",
+        "",
+        "<details><summary>recipe.resolved.yaml: every field of the recipe this run used, defaults filled in</summary>",
+        "",
+        "```yaml",
+        public_text(yaml.safe_dump(loaded.resolved, sort_keys=False)).rstrip(),
+        "```",
+        "",
+        "</details>",
+        "",
+    ]
+    return lines
+
+
+def _machine(machine: dict) -> str | None:
+    if not machine:
+        return None
+    if machine.get("gpu"):
+        return f"{machine.get('gpu_count', 1)} x {machine['gpu']}"
+    return f"CPU, {machine.get('cpu_count')} cores"
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# --- upload -------------------------------------------------------------------------------------
+
+
+def upload(bundle: Bundle, loaded: LoadedRecipe, report: dict) -> dict:
+    """Push the bundle: create the repo and branch where needed, then one commit of what changed."""
+    from huggingface_hub import HfApi, get_token
+
+    section = loaded.recipe.publish
+    token = get_token()
+    if not token:
+        raise PipelineError(
+            "publish: no Hugging Face token; set HF_TOKEN to a write token (https://huggingface.co/settings/tokens) "
+            f"or run `hf auth login`. The bundle is ready in {bundle.folder}"
+        )
+    for path in bundle.folder.rglob("*"):
+        if path.is_file() and path.stat().st_size < 50_000_000 and token.encode() in path.read_bytes():
+            raise PipelineError(
+                f"publish: {path.relative_to(bundle.folder)} contains your Hugging Face token; "
+                "remove it from the recipe or data before publishing"
+            )
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    api = HfApi(endpoint=endpoint, token=token)
+    repo, revision = section.repo, section.revision
+    with _hub_errors("checking the token", token, bundle, api.endpoint, repo):
+        me = api.whoami()
+    _check_namespace(me, repo, bundle)
+    with _hub_errors(f"creating {repo}", token, bundle, api.endpoint, repo):
+        api.create_repo(repo, private=section.private, exist_ok=True)
+        if revision != "main":
+            api.create_branch(repo, branch=revision, exist_ok=True)
+        before = _head(api, repo, revision)
+    message = f"specialist: publish run {report['run_id']} of recipe {loaded.recipe.name}"
+    metric = report["metric"]
+    spec = report["candidates"]["specialized"]["metrics"][metric]["value"]
+    description = (
+        f"{metric} {spec:.3f} on {report['eval_rows']} held-out rows; gates "
+        f"{'passed' if report['gates']['passed'] else 'FAILED: ' + ', '.join(failed_gates(report))}."
+    )
+    with _hub_errors(f"uploading to {repo}@{revision}", token, bundle, api.endpoint, repo):
+        info = api.upload_folder(
+            repo_id=repo,
+            folder_path=bundle.folder,
+            revision=revision,
+            commit_message=message,
+            commit_description=description,
+        )
+    return {
+        "repo": repo,
+        "revision": revision,
+        "private": section.private,
+        "commit": info.oid,
+        "commit_url": info.commit_url,
+        "changed": info.oid != before,
+        "run_id": report["run_id"],
+        "files": bundle.files,
+    }
+
+
+def _head(api, repo: str, revision: str) -> str | None:
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    try:
+        return api.repo_info(repo, revision=revision).sha
+    except RevisionNotFoundError:
+        return None
+
+
+def _check_namespace(me: dict, repo: str, bundle: Bundle) -> None:
+    """Fail before writing anything when the token cannot publish there at all."""
+    user = me.get("name", "?")
+    namespaces = {user, *(org.get("name") for org in me.get("orgs", []))}
+    owner = repo.split("/")[0]
+    if owner not in namespaces:
+        raise PipelineError(
+            f"publish.repo: {repo} is under '{owner}', which this token's user ('{user}') cannot publish to "
+            f"(yours: {', '.join(sorted(n for n in namespaces if n))}); use one of those as the owner. "
+            f"The bundle is kept in {bundle.folder}"
+        )
+    role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise PipelineError(
+            "publish: the Hugging Face token is read-only; create a write token and set HF_TOKEN. "
+            f"The bundle is kept in {bundle.folder}"
+        )
+
+
+@contextlib.contextmanager
+def _hub_errors(action: str, token: str, bundle: Bundle, endpoint: str, repo: str):
+    """The Hub's failures as messages a user can act on; the token scrubbed from anything shown."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    kept = f"The bundle is kept in {bundle.folder}; rerun `make publish` to retry."
+    try:
+        yield
+    except OfflineModeIsEnabled:
+        raise RemoteError(f"publish: HF_HUB_OFFLINE is set; unset it to publish. {kept}") from None
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        detail = _scrub(e.server_message or str(e).splitlines()[0], token)
+        if status == 401:
+            message = f"publish: the Hub rejected the token (401) while {action}; check HF_TOKEN or `hf auth login`"
+            raise PipelineError(f"{message}. {kept}") from None
+        if status in (403, 404):
+            raise PipelineError(
+                f"publish.repo: {repo}: not allowed ({status}) while {action}: {detail}. The repository may belong "
+                f"to someone else, or the token may lack write access to it. {kept}"
+            ) from None
+        if status is not None and 400 <= status < 500:
+            raise PipelineError(f"publish: the Hub refused {action} ({status}): {detail}. {kept}") from None
+        raise RemoteError(f"publish: the Hub failed while {action} ({status}): {detail}. {kept}") from None
+    except (httpx2.HTTPError, OSError) as e:
+        raise RemoteError(
+            f"publish: could not reach {endpoint} while {action} ({type(e).__name__}: {_scrub(str(e), token)}). {kept}"
+        ) from None
+
+
+def _scrub(text: str, token: str) -> str:
+    return text.replace(token, "<token>") if token else text
