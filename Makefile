@@ -7,15 +7,16 @@ RECIPE ?= recipes/demo.yaml
 SET    ?=
 RUNS   ?= runs
 TORCH_VERSION := 2.13.0
-RECIPE_ARGS = $(RECIPE) --runs-dir $(RUNS) $(foreach s,$(SET),--set $(s))
+NPROC  ?= $(GPUS)
+RECIPE_ARGS = $(RECIPE) --runs-dir $(RUNS) $(foreach s,$(SET),--set $(s)) $(if $(NPROC),--set train.processes=$(NPROC))
 TINY_MODELS := build/tiny-models/base/model.safetensors
 
 .DEFAULT_GOAL := help
-.PHONY: help setup schema bench inspect models llamacpp train quantize eval report publish validate tiny-models test lint clean
+.PHONY: help setup schema bench inspect models llamacpp train quantize eval report publish submit validate tiny-models test lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
-	@echo "  variables: RECIPE=recipes/x.yaml  SET=\"train.epochs=3 lora.r=8\"  RUNS=runs  DRY_RUN=1 (publish)"
+	@echo "  variables: RECIPE=recipes/x.yaml  SET=\"train.epochs=3 lora.r=8\"  RUNS=runs  NPROC=2 (or GPUS=2: training processes)  DRY_RUN=1 (publish)"
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +55,9 @@ eval: $(VENV)/.installed ## rerun the evaluate stage on RECIPE's run (cached gen
 
 publish: $(VENV)/.installed ## upload RECIPE's finished run to the Hub (DRY_RUN=1: only build runs/.../publish/; ALLOW_FAILED_GATES=1)
 	$(VENV)/bin/specialist publish $(RECIPE_ARGS) $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(if $(filter 1 yes true,$(ALLOW_FAILED_GATES)),--allow-failed-gates)
+
+submit: $(VENV)/.installed $(TINY_MODELS) ## submit RECIPE as a job: SCHEDULER=slurm (default) or sky; WAIT=1 waits (slurm)
+	$(VENV)/bin/specialist submit $(or $(SCHEDULER),slurm) $(RECIPE_ARGS) $(if $(filter 1 yes true,$(WAIT)),--wait) $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run)
 
 report: $(VENV)/.installed ## rebuild report.json / report.md from RECIPE's evaluation (no generation)
 	$(VENV)/bin/specialist report $(RECIPE_ARGS)

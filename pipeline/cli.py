@@ -73,6 +73,18 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="publish a run whose gates failed (its card then says so at the top)",
     )
+    submit = verbs.add_parser(
+        "submit",
+        help="run this recipe as a job: a Slurm batch script or a SkyPilot task, written into the run folder "
+        "and submitted",
+    )
+    submit.add_argument("scheduler", choices=["slurm", "sky"], help="where the job runs")
+    submit.add_argument("recipe", type=Path, help="recipe YAML file")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders go (default: runs)")
+    submit.add_argument("--wait", action="store_true", help="slurm: wait for the job and exit with its exit code")
+    submit.add_argument("--dry-run", action="store_true", help="write the script / task file; submit nothing")
+    submit.set_defaults(handler=_submit)
     recipe_verb("validate", _validate, "check a recipe, its data and its model references without training")
     bench = recipe_verb("bench", _bench, "benchmark batched evaluation against one-row-at-a-time generate")
     bench.add_argument("--rows", type=int, default=64, help="eval rows to generate (default 64)")
@@ -107,17 +119,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args, check: bool = False):
+def _load_recipe(args, check: bool = False):
     from pipeline import validate
-    from pipeline.data import data_fingerprint
     from pipeline.recipe import load_recipe
-    from pipeline.runs import prepare_run_dir
 
     loaded = load_recipe(args.recipe, args.overrides)
     if check:
         validate.check(loaded)  # seconds now rather than a failure an hour into the run
-    run_dir = prepare_run_dir(loaded, args.runs_dir, data_fingerprint(loaded.recipe.data))
-    return loaded, run_dir
+    return loaded
+
+
+def _prepare(loaded, args) -> Path:
+    from pipeline.data import data_fingerprint
+    from pipeline.runs import prepare_run_dir
+
+    return prepare_run_dir(loaded, args.runs_dir, data_fingerprint(loaded.recipe.data))
 
 
 def _stage_module(stage: str):
@@ -134,28 +150,36 @@ def _fingerprint(stage: str, loaded, run_dir: Path) -> str | None:
 
 
 def _run_all(args) -> int:
-    from pipeline.runs import is_done, log
+    from pipeline.runs import StopSignal, is_done, log, run_dir_for, run_lock
 
-    loaded, run_dir = _load(args, check=True)
-    log("run", f"run folder {run_dir}")
-    report = None
-    for stage in STAGE_ORDER:
-        if stage == "distill" and loaded.recipe.distill is None:
-            continue
-        fingerprint = _fingerprint(stage, loaded, run_dir)
-        if fingerprint and not args.force and is_done(run_dir / stage, fingerprint):
-            log(stage, "already done for this recipe and data; skipped")
-            continue
-        result = _stage_module(stage).run(loaded, run_dir)
-        if stage == "report":
-            report = result
+    loaded = _load_recipe(args, check=True)
+    StopSignal.install()
+    with run_lock(run_dir_for(loaded, args.runs_dir)):
+        run_dir = _prepare(loaded, args)
+        log("run", f"run folder {run_dir}")
+        report = None
+        for stage in STAGE_ORDER:
+            if stage == "distill" and loaded.recipe.distill is None:
+                continue
+            fingerprint = _fingerprint(stage, loaded, run_dir)
+            if fingerprint and not args.force and is_done(run_dir / stage, fingerprint):
+                log(stage, "already done for this recipe and data; skipped")
+                continue
+            result = _stage_module(stage).run(loaded, run_dir)
+            if stage == "report":
+                report = result
     return _report_exit(report, run_dir)
 
 
 def _run_one(stage: str):
     def handler(args) -> int:
-        loaded, run_dir = _load(args)
-        result = _stage_module(stage).run(loaded, run_dir)
+        from pipeline.runs import StopSignal, run_dir_for, run_lock
+
+        loaded = _load_recipe(args)
+        StopSignal.install()
+        with run_lock(run_dir_for(loaded, args.runs_dir)):
+            run_dir = _prepare(loaded, args)
+            result = _stage_module(stage).run(loaded, run_dir)
         return _report_exit(result, run_dir) if stage == "report" else 0
 
     return handler
@@ -176,17 +200,33 @@ def _report_exit(report: dict | None, run_dir: Path) -> int:
 
 def _publish(args) -> int:
     from pipeline.recipe import load_recipe
-    from pipeline.runs import run_dir_for
+    from pipeline.runs import run_dir_for, run_lock
     from pipeline.stages import publish
 
     loaded = load_recipe(args.recipe, args.overrides)
-    publish.run(
-        loaded,
-        run_dir_for(loaded, args.runs_dir),
-        dry_run=args.dry_run,
-        allow_failed_gates=args.allow_failed_gates,
-    )
+    run_dir = run_dir_for(loaded, args.runs_dir)
+    if not run_dir.is_dir():
+        publish.finished_report(loaded, run_dir)  # the error that says to train first
+    with run_lock(run_dir):
+        publish.run(loaded, run_dir, dry_run=args.dry_run, allow_failed_gates=args.allow_failed_gates)
     return 0
+
+
+def _submit(args) -> int:
+    from pipeline.launch import skypilot, slurm
+
+    loaded = _load_recipe(args, check=True)
+    run_dir = _prepare(loaded, args)
+    if args.scheduler == "sky":
+        return skypilot.submit(loaded, run_dir, dry_run=args.dry_run)
+    if args.dry_run:
+        path = run_dir / "slurm" / "job.sbatch"
+        from pipeline.runs import write_text_atomic
+
+        write_text_atomic(path, slurm.script(loaded, run_dir))
+        print(path)
+        return 0
+    return slurm.submit(loaded, run_dir, wait=args.wait)
 
 
 def _validate(args) -> int:

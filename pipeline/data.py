@@ -287,6 +287,15 @@ def data_fingerprint(section: DataSection) -> str:
     return digest.hexdigest()
 
 
+def inputs_fingerprint(recipe) -> str:
+    """The data section's fingerprint and the distillation inputs' bytes: what a run was made from."""
+    digest = hashlib.sha256(data_fingerprint(recipe.data).encode())
+    inputs = recipe.distill.inputs if recipe.distill else None
+    if inputs and not inputs.startswith("hub:"):
+        digest.update(Path(inputs).read_bytes() if Path(inputs).is_file() else b"<missing>")
+    return digest.hexdigest()
+
+
 # --- tokenization -------------------------------------------------------------------------------
 
 

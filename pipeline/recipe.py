@@ -7,6 +7,7 @@ the documentation of every field.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import re
@@ -114,6 +115,12 @@ class TrainSection(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     seed: int = Field(0, description="Seed for weight init, shuffling and dropout.")
     save_steps: int = Field(50, gt=0, description="Write a resumable checkpoint every N steps.")
+    processes: int = Field(
+        1,
+        ge=1,
+        description="Training processes (data parallel, one per GPU; on CPU they share the cores), launched with "
+        "accelerate. The effective batch is batch_size x processes x grad_accum. make train NPROC=2 sets it.",
+    )
     qlora: bool = Field(
         False, description="QLoRA: train the adapter on a 4-bit (bitsandbytes nf4) copy of the base to save memory."
     )
@@ -280,6 +287,30 @@ class PublishSection(Section):
         return value
 
 
+class LaunchSection(Section):
+    gpus: int = Field(0, ge=0, description="GPUs for the job (Slurm --gres=gpu:N, SkyPilot accelerators).")
+    gpu_type: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]+$", description="GPU model, e.g. A100 or H100 (Slurm gres type, SkyPilot)."
+    )
+    cpus: int | None = Field(None, gt=0, description="CPU cores for the job.")
+    memory: str | None = Field(
+        None, pattern=r"^[0-9]+[KMGT]?$", description="Memory for the job, Slurm style: 64G, 512000M."
+    )
+    time: str | None = Field(
+        None,
+        pattern=r"^([0-9]+-)?[0-9]{1,2}(:[0-9]{2}){0,2}$",
+        description="Time limit, Slurm style: HH:MM:SS, D-HH:MM:SS or minutes.",
+    )
+    partition: str | None = Field(None, pattern=r"^[A-Za-z0-9_.,-]+$", description="Slurm partition.")
+    account: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="Slurm account to charge.")
+    signal_seconds: int = Field(
+        120,
+        gt=0,
+        description="Slurm warns the job this long before its time limit: it checkpoints, exits and requeues itself.",
+    )
+    cloud: str | None = Field(None, pattern=r"^[a-z0-9]+$", description="SkyPilot cloud (aws, gcp, ...); any if unset.")
+
+
 class Recipe(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name; runs go to runs/<name>/.")
     model: ModelSection = Field(description="The base model to specialize and how to load it.")
@@ -302,6 +333,10 @@ class Recipe(Section):
     publish: PublishSection | None = Field(
         None, description="Where `make publish` uploads the adapter, its model card and the evidence."
     )
+    launch: LaunchSection = Field(
+        default_factory=LaunchSection,
+        description="Resources when the run is submitted as a job (`specialist submit slurm|sky`).",
+    )
 
     def teacher(self) -> ReferenceSection | None:
         """The distillation teacher: distill.teacher, else the evaluation reference."""
@@ -322,9 +357,12 @@ class LoadedRecipe:
         """A message located at the file and line where the field at `loc` was written."""
         return _located(loc, message, self.origins, self.path)
 
-    @property
+    @functools.cached_property
     def run_id(self) -> str:
-        return self.sha256[:12]
+        """The recipe's hash and its data's: new data in the same files is a new run, the old one kept."""
+        from pipeline.data import inputs_fingerprint
+
+        return hashlib.sha256(f"{self.sha256}:{inputs_fingerprint(self.recipe)}".encode()).hexdigest()[:12]
 
 
 def json_schema() -> str:
@@ -358,9 +396,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
     if problems:
         raise PipelineError("\n".join(_located(loc, message, origins, path) for loc, message in problems))
     resolved = recipe.model_dump(mode="json")
-    # Where a run is published changes nothing it trained or measured: the run id leaves it out, so
-    # adding a publish: section (or SET=publish.repo=...) after a run publishes that same run.
-    identity = {key: value for key, value in resolved.items() if key != "publish"}
+    # Where a run is published or which cluster runs it changes nothing it trained or measured: the run
+    # id leaves those out, so adding publish: or launch: settings after a run refers to that same run.
+    identity = {key: value for key, value in resolved.items() if key not in ("publish", "launch")}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return LoadedRecipe(recipe=recipe, path=path, resolved=resolved, sha256=digest, origins=origins)
 

@@ -6,11 +6,14 @@ always lands in the same folder and a rerun finds the stages it already finished
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.errors import PipelineError
 from pipeline.recipe import LoadedRecipe
 
 DONE_MARKER = ".done.json"
@@ -32,6 +36,8 @@ def run_dir_for(loaded: LoadedRecipe, runs_root: Path) -> Path:
 def prepare_run_dir(loaded: LoadedRecipe, runs_root: Path, data_fingerprint: str) -> Path:
     """Create the run folder (if new) with the resolved recipe and the manifest."""
     run_dir = run_dir_for(loaded, runs_root)
+    if in_launched_process():  # a training rank under accelerate: the launching process wrote these
+        return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "recipe.resolved.yaml", yaml.safe_dump(loaded.resolved, sort_keys=False))
     manifest = {
@@ -85,6 +91,83 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+def is_main_process() -> bool:
+    """False in the other ranks of a multi-process training launch: only rank 0 writes run files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def in_launched_process() -> bool:
+    """Whether this process is one of several started by accelerate launch / torchrun."""
+    return "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+class Interrupted(PipelineError):
+    """Asked to stop (a scheduler's warning signal): finished stages and a fresh checkpoint are kept."""
+
+    exit_code = 130
+
+
+class StopSignal:
+    """SIGUSR1 / SIGTERM, as Slurm sends before a time limit or preemption, become a clean stop.
+
+    While the train stage runs, the signal only sets `requested`: training saves a checkpoint at the
+    end of its current step and exits. Elsewhere it interrupts at once; caches keep what was done.
+    """
+
+    requested = False
+    training = False
+
+    @classmethod
+    def install(cls) -> None:
+        if in_launched_process():  # a training rank: ranks must stop at the same step, so they just die
+            return
+        for signum in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(signum, cls._handle)
+
+    @classmethod
+    def _handle(cls, signum, frame) -> None:
+        cls.requested = True
+        if not cls.training:
+            raise Interrupted(f"stopped by signal {signal.Signals(signum).name}; rerun to continue")
+
+
+class RunLocked(PipelineError):
+    """Another process is working on this run folder."""
+
+    exit_code = 4
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold the run folder's lock for the duration; a second process on the same run exits at once.
+
+    flock, so the lock dies with its process: a killed run never leaves a stale lock behind.
+    """
+    if in_launched_process():  # the launching process holds it for its training ranks
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / ".lock"
+    handle = path.open("a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RunLocked(
+                f"{run_dir} is in use by {holder}; this run of the recipe is already going. Wait for it to "
+                "finish (or stop it) and rerun: finished stages are skipped"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {platform.node()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
 
 
 # --- atomic writes ------------------------------------------------------------------------------

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +22,11 @@ from pipeline import data, models
 from pipeline.errors import PipelineError
 from pipeline.recipe import LoadedRecipe
 from pipeline.runs import (
+    Interrupted,
+    StopSignal,
     done_fingerprint,
+    in_launched_process,
+    is_main_process,
     log,
     mark_done,
     replace_dir,
@@ -52,10 +60,14 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     from transformers.trainer_utils import get_last_checkpoint
 
     recipe = loaded.recipe
+    if recipe.train.processes > 1 and not in_launched_process():
+        return _launch(loaded, run_dir)
+    main_process = is_main_process()
     stage_dir = run_dir / STAGE
     stage_fp = fingerprint(loaded, run_dir)
     checkpoints_dir = stage_dir / "checkpoints"
-    _discard_stale_checkpoints(stage_dir, stage_fp)
+    if main_process:
+        _discard_stale_checkpoints(stage_dir, stage_fp)
 
     source = models.resolve_model(recipe.model.base)
     tokenizer = models.load_tokenizer(source, recipe.model.trust_remote_code)
@@ -109,6 +121,13 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
 
     on_cuda = torch.cuda.is_available()
     train = recipe.train
+    effective_batch = train.batch_size * train.processes * train.grad_accum
+    if main_process:
+        log(
+            STAGE,
+            f"effective batch {effective_batch} = {train.batch_size} per process x {train.processes} "
+            f"process{'es' if train.processes > 1 else ''} x {train.grad_accum} accumulated",
+        )
     args = TrainingArguments(
         output_dir=str(checkpoints_dir),
         num_train_epochs=train.epochs,
@@ -131,7 +150,9 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         fp16=on_cuda and dtype == torch.float16,
         optim="adamw_torch_fused" if on_cuda else "adamw_torch",
         remove_unused_columns=False,
-        disable_tqdm=False,
+        disable_tqdm=not main_process,
+        # LoRA leaves the frozen base without gradients by design; DDP need not search for unused ones.
+        ddp_find_unused_parameters=False if train.processes > 1 else None,
     )
     metrics_path = stage_dir / "metrics.jsonl"
     trainer = Trainer(
@@ -139,14 +160,28 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         args=args,
         train_dataset=sequences,
         data_collator=lambda batch: data.pad_batch(batch, tokenizer.pad_token_id),
-        callbacks=[LossLog(metrics_path)],
+        callbacks=[LossLog(metrics_path), CheckpointOnSignal()],
     )
     last = get_last_checkpoint(str(checkpoints_dir)) if checkpoints_dir.is_dir() else None
     if last:
         log(STAGE, f"resuming from {last}")
     started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=last)
+    StopSignal.training = True
+    try:
+        output = trainer.train(resume_from_checkpoint=last)
+    finally:
+        StopSignal.training = False
     seconds = time.perf_counter() - started
+    if StopSignal.requested:
+        raise Interrupted(
+            f"train: stopped by a signal at step {trainer.state.global_step} after saving a checkpoint in "
+            f"{checkpoints_dir}; rerun (or let the scheduler requeue) to resume from it"
+        )
+    if not main_process:  # rank 0 writes the adapter and the results; the others only trained
+        log(STAGE, f"rank {args.process_index}/{train.processes}: {trainer.state.global_step} steps")
+        return {"steps": trainer.state.global_step}
+    if train.processes > 1:
+        log(STAGE, f"rank 0/{train.processes}: {trainer.state.global_step} steps")
 
     adapter_dir = stage_dir / "adapter"
     tmp = temp_dir_for(adapter_dir)
@@ -164,6 +199,8 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         "eval_overlap_normalized": splits.overlap_normalized,
         "sequences": len(sequences),
         "steps": trainer.state.global_step,
+        "processes": train.processes,
+        "effective_batch_size": effective_batch,
         "train_loss": output.training_loss,
         "final_loss": _last_loss(metrics_path),
         "trainable_parameters": trainable,
@@ -182,6 +219,61 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     return result
 
 
+def _launch(loaded: LoadedRecipe, run_dir: Path) -> dict:
+    """Train with `processes` ranks under accelerate launch (DDP), then read what rank 0 wrote.
+
+    The ranks load the run's resolved recipe, so they train exactly this run. On CPU the ranks share
+    the cores (OMP threads split between them) and talk over gloo; on CUDA each rank gets a GPU.
+    """
+    import socket
+
+    import torch
+
+    processes = loaded.recipe.train.processes
+    if torch.cuda.is_available() and torch.cuda.device_count() < processes:
+        raise PipelineError(
+            f"train.processes: {processes} processes need {processes} GPUs; this machine has "
+            f"{torch.cuda.device_count()}"
+        )
+    with socket.socket() as s:  # a free port per launch: two jobs on one machine must not collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+        "--mixed_precision", "no",  # the Trainer's bf16/fp16 arguments decide precision
+        "--dynamo_backend", "no", "--main_process_port", str(port),
+        "-m", "pipeline", "train", str(run_dir / "recipe.resolved.yaml"),
+        "--runs-dir", str(run_dir.parent.parent),
+    ]  # fmt: skip
+    log(STAGE, f"launching {processes} training processes with accelerate (port {port})")
+    child = subprocess.Popen(command, env=env, start_new_session=True)
+    StopSignal.training = True  # a stop signal ends the ranks together; they resume from their last checkpoint
+    try:
+        while child.poll() is None:
+            if StopSignal.requested:
+                os.killpg(child.pid, signal.SIGTERM)
+                child.wait()
+                raise Interrupted(
+                    f"train: stopped by a signal; rerun (or let the scheduler requeue) to resume from the last "
+                    f"checkpoint in {run_dir / STAGE / 'checkpoints'} (every train.save_steps steps)"
+                )
+            time.sleep(0.2)
+    finally:
+        StopSignal.training = False
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    if child.returncode != 0:
+        raise PipelineError(
+            f"train: the {processes} training processes failed (exit {child.returncode}); their output is "
+            f"above. Rerun to resume from the last checkpoint in {run_dir / STAGE / 'checkpoints'}"
+        )
+    return json.loads((run_dir / STAGE / "result.json").read_text())
+
+
 def _distilled_rows(loaded: LoadedRecipe, run_dir: Path) -> Path | None:
     if loaded.recipe.distill is None:
         return None
@@ -198,7 +290,8 @@ def _tokenized(run_dir: Path, tokenizer, splits, chat: bool, recipe, source) -> 
     if cache.is_file():
         return data.Tokenized(**json.loads(cache.read_text()))
     tokenized = data.training_examples(tokenizer, splits.train, chat, recipe.data)
-    write_json_atomic(cache, dataclasses.asdict(tokenized))
+    if is_main_process():
+        write_json_atomic(cache, dataclasses.asdict(tokenized))
     return tokenized
 
 
@@ -217,6 +310,16 @@ def _last_loss(metrics_path: Path) -> float | None:
     return losses[-1] if losses else None
 
 
+class CheckpointOnSignal(TrainerCallback):
+    """On a scheduler's stop signal: save a checkpoint at the end of this step and stop training."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if StopSignal.requested:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
 class LossLog(TrainerCallback):
     """Append {"step", "loss", "lr", ...} per logged step to metrics.jsonl; on resume, drop later rows."""
 
@@ -224,13 +327,13 @@ class LossLog(TrainerCallback):
         self.path = path
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.path.is_file():
+        if state.is_world_process_zero and self.path.is_file():
             lines = self.path.read_text().splitlines()
             kept = [line for line in lines if json.loads(line)["step"] <= state.global_step]
             self.path.write_text("".join(line + "\n" for line in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
+        if logs and "loss" in logs and state.is_world_process_zero:
             row = {
                 "step": state.global_step,
                 "epoch": logs.get("epoch"),

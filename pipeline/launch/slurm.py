@@ -1,0 +1,110 @@
+"""`specialist submit slurm`: an sbatch script in the run folder, submitted with sbatch.
+
+Preemption-safe: Slurm signals the batch shell `launch.signal_seconds` before the time limit; the
+script passes the signal on, the pipeline checkpoints and exits, and the script requeues the job, which
+resumes from that checkpoint (finished stages are skipped).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+from pipeline.recipe import LoadedRecipe
+from pipeline.runs import log, write_text_atomic
+
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def script(loaded: LoadedRecipe, run_dir: Path) -> str:
+    launch = loaded.recipe.launch
+    processes = loaded.recipe.train.processes
+    options = [
+        f"--job-name=specialist-{loaded.recipe.name}",
+        f"--output={run_dir / 'slurm' / '%j.out'}",
+        "--open-mode=append",  # a requeued job's log continues the same file
+        "--nodes=1",
+        "--ntasks=1",
+        "--requeue",
+        f"--signal=B:USR1@{launch.signal_seconds}",
+        f"--chdir={Path.cwd()}",
+    ]
+    if launch.cpus:
+        options.append(f"--cpus-per-task={launch.cpus}")
+    if launch.memory:
+        options.append(f"--mem={launch.memory}")
+    if launch.time:
+        options.append(f"--time={launch.time}")
+    if launch.partition:
+        options.append(f"--partition={launch.partition}")
+    if launch.account:
+        options.append(f"--account={launch.account}")
+    gpus = max(launch.gpus, processes if launch.gpus else 0)
+    if gpus:
+        options.append(f"--gres=gpu:{launch.gpu_type + ':' if launch.gpu_type else ''}{gpus}")
+    command = [sys.executable, "-m", "pipeline", "run", str(run_dir / "recipe.resolved.yaml")]
+    command += ["--runs-dir", str(run_dir.parent.parent)]
+    lines = ["#!/bin/bash", *(f"#SBATCH {option}" for option in options)]
+    lines += [
+        "# Written by specialist: the run of this recipe, as a job. Logs: the --output file above.",
+        "set -u",
+        'echo "[slurm] job $SLURM_JOB_ID on $(hostname), restart ${SLURM_RESTART_COUNT:-0}"',
+        "requeue() {",
+        '  echo "[slurm] stop signal: checkpointing, then requeueing job $SLURM_JOB_ID"',
+        '  kill -USR1 "$pipeline" 2>/dev/null',
+        '  wait "$pipeline"',
+        '  scontrol requeue "$SLURM_JOB_ID"',
+        "  exit 0",
+        "}",
+        "trap requeue USR1 TERM",
+        f"{shlex.join(command)} &",
+        "pipeline=$!",
+        'wait "$pipeline"',
+        "code=$?",
+        'echo "[slurm] pipeline exited with $code"',
+        'exit "$code"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def submit(loaded: LoadedRecipe, run_dir: Path, wait: bool = False) -> int:
+    """Write runs/.../slurm/job.sbatch and sbatch it; with wait, return the job's exit code."""
+    path = run_dir / "slurm" / "job.sbatch"
+    write_text_atomic(path, script(loaded, run_dir))
+    path.chmod(0o755)
+    try:
+        out = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise PipelineError(f"submit slurm: sbatch is not installed here; the script is ready in {path}") from None
+    if out.returncode != 0:
+        raise PipelineError(f"submit slurm: sbatch refused {path}: {out.stderr.strip()}")
+    job = out.stdout.strip().split(";")[0]
+    log("submit", f"Slurm job {job}: {path}; log {run_dir / 'slurm' / (job + '.out')}")
+    print(job)
+    return wait_for(job) if wait else 0
+
+
+def job_state(job: str) -> tuple[str, int | None]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise PipelineError(f"submit slurm: scontrol cannot find job {job}: {out.stderr.strip()}")
+    state = re.search(r"JobState=(\S+)", out.stdout).group(1)
+    code = re.search(r"ExitCode=(\d+):(\d+)", out.stdout)
+    return state, int(code.group(1)) if code else None
+
+
+def wait_for(job: str, poll_seconds: float = 2.0) -> int:
+    """Wait until the job has finished for good (a requeued job is not finished) and return its exit code."""
+    while True:
+        state, code = job_state(job)
+        if state in FINISHED:
+            log("submit", f"Slurm job {job} {state.lower()} (exit {code})")
+            if state != "COMPLETED" and not code:
+                return 1
+            return code or 0
+        time.sleep(poll_seconds)

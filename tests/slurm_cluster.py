@@ -1,0 +1,122 @@
+"""A real single-node Slurm cluster for the tests: munged, slurmctld and slurmd started by hand in a
+temporary folder (no systemd), on free ports, stopped afterwards.
+
+Needs Debian's slurmctld, slurmd, slurm-client and munge (`.ci/run` installs them) and root, as slurmd
+runs jobs as their user. `start()` returns None with the reason when the daemons cannot run here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue")
+
+
+@dataclass
+class SlurmCluster:
+    folder: Path
+    conf: Path
+    pids: list[int]
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "SLURM_CONF": str(self.conf)}
+
+    def stop(self) -> None:
+        for pid in reversed(self.pids):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def why_not() -> str | None:
+    missing = [name for name in DAEMONS if shutil.which(name) is None and not Path(f"/usr/sbin/{name}").exists()]
+    if missing:
+        return f"Slurm is not installed ({', '.join(missing)} missing): apt-get install slurmctld slurmd slurm-client munge"
+    if os.geteuid() != 0:
+        return "slurmd must run as root to start jobs"
+    return None
+
+
+def start(folder: Path) -> tuple[SlurmCluster | None, str | None]:
+    reason = why_not()
+    if reason:
+        return None, reason
+    folder.mkdir(parents=True, exist_ok=True)
+    pids = []
+    munge_socket = Path("/run/munge/munge.socket.2")
+    if not munge_socket.exists():
+        Path("/run/munge").mkdir(parents=True, exist_ok=True)
+        shutil.chown("/run/munge", "munge", "munge")
+        subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=False, capture_output=True)
+        for _ in range(50):
+            if munge_socket.exists():
+                break
+            time.sleep(0.1)
+    if not munge_socket.exists():
+        return None, "munged did not start (no /run/munge/munge.socket.2)"
+    node = subprocess.run(["/usr/sbin/slurmd", "-C"], capture_output=True, text=True).stdout.splitlines()[0]
+    facts = dict(item.split("=", 1) for item in node.split()[1:])
+    for sub in ("state", "spool"):
+        (folder / sub).mkdir(exist_ok=True)
+    conf = folder / "slurm.conf"
+    conf.write_text(
+        f"""ClusterName=specialist-test
+SlurmctldHost=localhost
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+StateSaveLocation={folder}/state
+SlurmdSpoolDir={folder}/spool
+SlurmctldPidFile={folder}/slurmctld.pid
+SlurmdPidFile={folder}/slurmd.pid
+SlurmctldLogFile={folder}/slurmctld.log
+SlurmdLogFile={folder}/slurmd.log
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MpiDefault=none
+ReturnToService=2
+JobRequeue=1
+MinJobAge=600
+SchedulerParameters=requeue_setup_env_fail
+NodeName=localhost NodeAddr=127.0.0.1 CPUs={facts["CPUs"]} RealMemory={int(facts["RealMemory"]) - 512} State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+"""
+    )
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    cluster = SlurmCluster(folder, conf, pids)
+    for command in (["/usr/sbin/slurmctld", "-D", "-i"], ["/usr/sbin/slurmd", "-D", "-N", "localhost"]):
+        log = (folder / f"{Path(command[0]).name}.stdout").open("w")
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        pids.append(process.pid)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout.strip()
+        if out in ("idle", "mixed", "allocated"):
+            return cluster, None
+        time.sleep(0.3)
+    cluster.stop()
+    log_tail = (folder / "slurmctld.log").read_text()[-500:] if (folder / "slurmctld.log").exists() else ""
+    return None, f"the Slurm node did not become idle within 30 s (sinfo: {out!r}); {log_tail}"
