@@ -98,7 +98,7 @@ class DataSection(Section):
 
 class LoraSection(Section):
     r: int = Field(16, gt=0, description="LoRA rank.")
-    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: Literal["all-linear"] | list[str] = Field(
         "all-linear", description="Which Linear layers get adapters: all-linear or a list of module names."

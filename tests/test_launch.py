@@ -1,0 +1,162 @@
+"""Runs as jobs: two training processes under accelerate, the run lock, reruns on new data, a real
+single-node Slurm cluster (tests/slurm_cluster.py) running and requeueing the pipeline, SkyPilot task files."""
+
+import json
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.recipe import load_recipe
+from pipeline.runs import run_dir_for, run_lock
+from tests import slurm_cluster
+
+pytestmark = pytest.mark.integration
+
+
+def test_two_processes_train_the_same_steps_and_rank_0_alone_writes(tiny_recipe, tmp_path, capfd):
+    runs = tmp_path / "runs"
+    args = ["run", str(tiny_recipe), "--runs-dir", str(runs), "--set", "train.processes=2"]
+    assert main(args) == 0
+    err = capfd.readouterr().err
+    run_dir = run_dir_for(load_recipe(tiny_recipe, ["train.processes=2"]), runs)
+    result = json.loads((run_dir / "train" / "result.json").read_text())
+    # 96 rows, 2 epochs, 16 rows per process x 2 processes per step
+    assert result["processes"] == 2 and result["effective_batch_size"] == 32 and result["steps"] == 6
+    assert "rank 0/2: 6 steps" in err and "rank 1/2: 6 steps" in err
+    assert err.count("[train] done:") == 1  # one adapter, one result, one done marker
+    assert "effective batch 32 = 16 per process x 2 processes x 1 accumulated" in err
+    steps = [json.loads(line)["step"] for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))  # logged once per step, not once per rank
+    assert (run_dir / "train" / "adapter" / "adapter_model.safetensors").is_file()
+    assert main(args) == 0
+    assert "[train] already done for this recipe and data; skipped" in capfd.readouterr().err
+
+
+def test_a_second_invocation_of_a_running_recipe_exits_at_once(tiny_recipe, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    run_dir = run_dir_for(load_recipe(tiny_recipe), runs)
+    with run_lock(run_dir):
+        started = time.perf_counter()
+        assert main(["run", str(tiny_recipe), "--runs-dir", str(runs)]) == 4
+        assert time.perf_counter() - started < 10
+        err = capsys.readouterr().err
+        assert f"{run_dir} is in use by pid" in err and "already going" in err
+        assert main(["train", str(tiny_recipe), "--runs-dir", str(runs)]) == 4
+    assert not (run_dir / "train").exists()
+
+
+def test_new_data_in_the_same_files_is_a_new_run(tiny_recipe, intents_rows):
+    before = load_recipe(tiny_recipe).run_id
+    assert load_recipe(tiny_recipe).run_id == before  # unchanged data: the same run, whose stages are done
+    train, _ = intents_rows
+    train.write_text(train.read_text() + json.dumps({"text": "where is my parcel", "label": "track_order"}) + "\n")
+    assert load_recipe(tiny_recipe).run_id != before
+
+
+# --- Slurm -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    cluster, reason = slurm_cluster.start(tmp_path_factory.mktemp("slurm"))
+    if cluster is None:
+        pytest.skip(f"no Slurm here: {reason}")
+    yield cluster
+    cluster.stop()
+
+
+def test_a_slurm_job_runs_the_recipe_and_returns_its_exit_code(slurm, tiny_recipe, tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+    runs = tmp_path / "runs"
+    args = ["submit", "slurm", str(tiny_recipe), "--runs-dir", str(runs), "--set", "launch.cpus=2", "--wait"]
+    assert main(args) == 0
+    run_dir = run_dir_for(load_recipe(tiny_recipe), runs)
+    script = (run_dir / "slurm" / "job.sbatch").read_text()
+    assert "#SBATCH --cpus-per-task=2" in script and "#SBATCH --requeue" in script
+    assert "#SBATCH --signal=B:USR1@120" in script
+    job = capfd.readouterr().out.strip().splitlines()[0]
+    log = (run_dir / "slurm" / f"{job}.out").read_text()
+    assert "[slurm] pipeline exited with 0" in log
+    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    assert set(report["candidates"]) >= {"base", "specialized", "reference"}
+    # failed gates come back as the job's exit code 1
+    assert main([*args, "--set", "evaluate.gates.specialized_min=1.01"]) == 1
+
+
+def test_a_slurm_job_signalled_before_its_time_limit_checkpoints_requeues_and_resumes(
+    slurm, tiny_recipe, tmp_path, monkeypatch, capfd
+):
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+    runs = tmp_path / "runs"
+    overrides = ["train.max_steps=400", "train.save_steps=1000"]  # no periodic checkpoint: only the signal's
+    args = ["submit", "slurm", str(tiny_recipe), "--runs-dir", str(runs)]
+    assert main([*args, *(a for o in overrides for a in ("--set", o))]) == 0
+    job = capfd.readouterr().out.strip().splitlines()[0]
+    run_dir = run_dir_for(load_recipe(tiny_recipe, overrides), runs)
+    metrics = run_dir / "train" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 20):
+        assert time.time() < deadline, "training never started"
+        time.sleep(0.2)
+    # what Slurm sends signal_seconds before the time limit
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm.env, check=True)
+    while "Restarts=1" not in _job(slurm, job):
+        assert time.time() < deadline, _job(slurm, job)
+        time.sleep(0.5)
+    # Slurm holds a requeued job back a while before it may start again; the test does not wait for that
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm.env, check=True)
+    while "JobState=COMPLETED" not in _job(slurm, job):
+        assert "JobState=FAILED" not in _job(slurm, job)
+        assert time.time() < deadline + 120, _job(slurm, job)
+        time.sleep(0.5)
+    log = (run_dir / "slurm" / f"{job}.out").read_text()
+    assert "[slurm] stop signal: checkpointing, then requeueing" in log
+    assert "train: stopped by a signal at step" in log
+    assert "restart 1" in log and "resuming from" in log
+    result = json.loads((run_dir / "train" / "result.json").read_text())
+    assert result["steps"] == 400 and "checkpoint-" in result["resumed_from"]
+
+
+def _job(slurm, job: str) -> str:
+    return subprocess.run(["scontrol", "show", "job", "-o", job], env=slurm.env, capture_output=True, text=True).stdout
+
+
+# --- SkyPilot --------------------------------------------------------------------------------------
+
+
+def test_the_skypilot_task_mounts_the_data_and_names_the_token_without_its_value(
+    tiny_recipe, intents_rows, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("HF_TOKEN", "hf_secretValueNeverWritten")
+    runs = tmp_path / "runs"
+    sets = ["launch.gpus=2", "launch.gpu_type=H100", "launch.cpus=16", "launch.memory=64G", "launch.cloud=aws"]
+    assert main(["submit", "sky", str(tiny_recipe), "--runs-dir", str(runs), "--dry-run", *_sets(sets)]) == 0
+    run_dir = run_dir_for(load_recipe(tiny_recipe, sets), runs)
+    path = run_dir / "sky" / "task.yaml"
+    text = path.read_text()
+    assert "hf_secretValueNeverWritten" not in text
+    task = yaml.safe_load(text)
+    assert task["resources"] == {"accelerators": "H100:2", "cpus": "16+", "memory": "64+", "infra": "aws"}
+    assert task["secrets"] == {"HF_TOKEN": None}
+    assert task["setup"] == "make setup"
+    assert task["run"] == f"make train RECIPE={run_dir / 'recipe.resolved.yaml'} RUNS=runs"
+    train, test = intents_rows
+    assert {str(train), str(test), str(run_dir / "recipe.resolved.yaml")} <= set(task["file_mounts"])
+    assert all(remote == local for remote, local in task["file_mounts"].items())  # same paths on the cloud VM
+
+
+def test_skypilot_reads_the_task_file(tiny_recipe, tmp_path):
+    sky = pytest.importorskip("sky", reason="SkyPilot is an optional extra: pip install 'specialist-pipeline[sky]'")
+    runs = tmp_path / "runs"
+    assert main(["submit", "sky", str(tiny_recipe), "--runs-dir", str(runs), "--dry-run", "--set", "launch.gpus=1"]) == 0
+    path = run_dir_for(load_recipe(tiny_recipe, ["launch.gpus=1"]), runs) / "sky" / "task.yaml"
+    task = sky.Task.from_yaml(str(path))
+    assert task.run == yaml.safe_load(path.read_text())["run"]
+    assert "A100:1" in str(task.resources)
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
