@@ -47,7 +47,8 @@ def _free_port() -> int:
 def why_not() -> str | None:
     missing = [name for name in DAEMONS if shutil.which(name) is None and not Path(f"/usr/sbin/{name}").exists()]
     if missing:
-        return f"Slurm is not installed ({', '.join(missing)} missing): apt-get install slurmctld slurmd slurm-client munge"
+        install = "apt-get install slurmctld slurmd slurm-client munge"
+        return f"Slurm is not installed ({', '.join(missing)} missing): {install}"
     if os.geteuid() != 0:
         return "slurmd must run as root to start jobs"
     return None

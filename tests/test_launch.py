@@ -151,7 +151,8 @@ def test_the_skypilot_task_mounts_the_data_and_names_the_token_without_its_value
 def test_skypilot_reads_the_task_file(tiny_recipe, tmp_path):
     sky = pytest.importorskip("sky", reason="SkyPilot is an optional extra: pip install 'specialist-pipeline[sky]'")
     runs = tmp_path / "runs"
-    assert main(["submit", "sky", str(tiny_recipe), "--runs-dir", str(runs), "--dry-run", "--set", "launch.gpus=1"]) == 0
+    args = ["submit", "sky", str(tiny_recipe), "--runs-dir", str(runs), "--dry-run", "--set", "launch.gpus=1"]
+    assert main(args) == 0
     path = run_dir_for(load_recipe(tiny_recipe, ["launch.gpus=1"]), runs) / "sky" / "task.yaml"
     task = sky.Task.from_yaml(str(path))
     assert task.run == yaml.safe_load(path.read_text())["run"]
