@@ -205,6 +205,7 @@ def _publish(args) -> int:
 
     loaded = load_recipe(args.recipe, args.overrides)
     run_dir = run_dir_for(loaded, args.runs_dir)
+    publish.publish_section(loaded)
     if not run_dir.is_dir():
         publish.finished_report(loaded, run_dir)  # the error that says to train first
     with run_lock(run_dir):

@@ -26,10 +26,8 @@ def task(loaded: LoadedRecipe, run_dir: Path) -> dict:
     project = Path.cwd()
     resolved = run_dir / "recipe.resolved.yaml"
     mounts = {str(resolved): str(resolved)}
-    for source in (recipe.data.train, recipe.data.eval, recipe.data.chat_template_file,
-                   recipe.distill.inputs if recipe.distill else None):  # fmt: skip
-        if source and not str(source).startswith("hub:") and Path(source).is_file():
-            mounts[str(Path(source).resolve())] = str(Path(source).resolve())
+    for path in local_inputs(recipe):
+        mounts[str(path)] = str(path)
     resources: dict = {}
     gpus = max(launch.gpus, recipe.train.processes if launch.gpus else 0)
     if gpus:
@@ -49,6 +47,28 @@ def task(loaded: LoadedRecipe, run_dir: Path) -> dict:
         "setup": "make setup",
         "run": f"make train RECIPE={resolved} RUNS=runs",
     }
+
+
+def local_inputs(recipe) -> list[Path]:
+    """Every file or folder on this machine the recipe reads: data, templates, user metrics, local models."""
+    teacher = recipe.teacher()
+    candidates = [
+        recipe.data.train,
+        recipe.data.eval,
+        recipe.data.chat_template_file,
+        recipe.distill.inputs if recipe.distill else None,
+        recipe.model.base,
+        recipe.evaluate.reference.model if recipe.evaluate.reference else None,
+        teacher.model if teacher else None,
+        *(metric.rpartition(":")[0] for metric in recipe.evaluate.metrics if ".py:" in metric),
+    ]
+    paths = []
+    for source in candidates:
+        if source and not str(source).startswith(("hub:", "packaged:")) and Path(source).exists():
+            path = Path(source).resolve()
+            if path not in paths:
+                paths.append(path)
+    return paths
 
 
 def _gigabytes(memory: str) -> int:

@@ -51,12 +51,7 @@ class Bundle:
 
 
 def run(loaded: LoadedRecipe, run_dir: Path, *, dry_run: bool = False, allow_failed_gates: bool = False) -> dict:
-    section = loaded.recipe.publish
-    if section is None:
-        raise PipelineError(
-            f"{loaded.path}: no publish: section; add `publish: {{repo: your-name/{loaded.recipe.name}}}` "
-            f"or pass SET=publish.repo=your-name/{loaded.recipe.name}"
-        )
+    section = publish_section(loaded)
     report = finished_report(loaded, run_dir)
     failed = failed_gates(report)
     if failed and not allow_failed_gates:
@@ -80,6 +75,15 @@ def run(loaded: LoadedRecipe, run_dir: Path, *, dry_run: bool = False, allow_fai
     else:
         log(STAGE, f"{where} already has this bundle; nothing changed (commit {record['commit']})")
     return record
+
+
+def publish_section(loaded: LoadedRecipe):
+    if loaded.recipe.publish is None:
+        raise PipelineError(
+            f"{loaded.path}: no publish: section; add `publish: {{repo: your-name/{loaded.recipe.name}}}` "
+            f"or pass SET=publish.repo=your-name/{loaded.recipe.name}"
+        )
+    return loaded.recipe.publish
 
 
 def finished_report(loaded: LoadedRecipe, run_dir: Path) -> dict:
