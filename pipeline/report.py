@@ -17,7 +17,7 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 from pipeline.metrics import score_function
 from pipeline.recipe import LoadedRecipe
-from pipeline.runs import log, write_json_atomic, write_text_atomic
+from pipeline.runs import done_fingerprint, log, mark_done, stage_fingerprint, write_json_atomic, write_text_atomic
 
 STAGE = "report"
 REPORT_SCHEMA_VERSION = 1
@@ -412,6 +412,21 @@ def _input_text(row) -> str:
     return next((m["content"] for m in reversed(row.messages) if m["role"] == "user"), "")
 
 
+def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
+    """What the report is built from: the finished evaluation (and training, labelling) of this run."""
+    return stage_fingerprint(
+        STAGE,
+        REPORT_SCHEMA_VERSION,
+        done_fingerprint(run_dir / "evaluate"),
+        done_fingerprint(run_dir / "train"),
+        done_fingerprint(run_dir / "distill"),
+    )
+
+
+def read(run_dir: Path) -> dict:
+    return json.loads((run_dir / "evaluate" / "report.json").read_text())
+
+
 def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     from pipeline import data
 
@@ -448,6 +463,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     plot_path = run_dir / "evaluate" / "report.png"
     write_plot(report, plot_path)
     write_text_atomic(run_dir / "evaluate" / "report.md", render_markdown(report, flips, plot_path.name))
+    mark_done(run_dir / STAGE, fingerprint(loaded, run_dir))
     log(STAGE, f"wrote {run_dir / 'evaluate' / 'report.md'}")
     return report
 

@@ -128,7 +128,7 @@ def _job(slurm, job: str) -> str:
 
 
 def test_the_skypilot_task_mounts_the_data_and_names_the_token_without_its_value(
-    tiny_recipe, intents_rows, tmp_path, monkeypatch
+    tiny_recipe, tiny_models, intents_rows, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("HF_TOKEN", "hf_secretValueNeverWritten")
     runs = tmp_path / "runs"
@@ -144,7 +144,8 @@ def test_the_skypilot_task_mounts_the_data_and_names_the_token_without_its_value
     assert task["setup"] == "make setup"
     assert task["run"] == f"make train RECIPE={run_dir / 'recipe.resolved.yaml'} RUNS=runs"
     train, test = intents_rows
-    assert {str(train), str(test), str(run_dir / "recipe.resolved.yaml")} <= set(task["file_mounts"])
+    local = {str(train), str(test), str(run_dir / "recipe.resolved.yaml"), str(tiny_models["base"])}
+    assert local | {str(tiny_models["reference"])} <= set(task["file_mounts"])
     assert all(remote == local for remote, local in task["file_mounts"].items())  # same paths on the cloud VM
 
 

@@ -123,10 +123,12 @@ def test_adapter_and_quantized_variants_load_back_and_generate(finished_run):
 def test_rerun_skips_finished_stages_and_report_does_not_generate(finished_run, tiny_recipe, capsys, monkeypatch):
     loaded, run_dir = finished_run
     runs = run_dir.parent.parent
+    report = (run_dir / "evaluate" / "report.json").stat().st_mtime_ns
     assert run_cli("run", tiny_recipe, "--runs-dir", runs) == 0
     err = capsys.readouterr().err
-    for stage in ("train", "quantize", "evaluate"):
+    for stage in ("train", "quantize", "evaluate", "report"):  # unchanged data (a nightly job): nothing to do
         assert f"[{stage}] already done for this recipe and data; skipped" in err
+    assert (run_dir / "evaluate" / "report.json").stat().st_mtime_ns == report
 
     def no_generation(*args, **kwargs):
         raise AssertionError("report must not generate")
