@@ -162,6 +162,9 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         data_collator=lambda batch: data.pad_batch(batch, tokenizer.pad_token_id),
         callbacks=[LossLog(metrics_path), CheckpointOnSignal()],
     )
+    if main_process and train.processes > 1:
+        kind = trainer.accelerator.distributed_type.value
+        log(STAGE, f"distributed: {kind} over {trainer.args.world_size} processes")
     last = get_last_checkpoint(str(checkpoints_dir)) if checkpoints_dir.is_dir() else None
     if last:
         log(STAGE, f"resuming from {last}")
