@@ -23,7 +23,19 @@ from pipeline.errors import PipelineError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinity pass every comparison check silently (NaN < 0.9 is False): never a valid setting
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _no_blank_text(cls, value: Any) -> Any:
+        """An empty or whitespace-only string is never a setting: it is a key left unfinished."""
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty; write a value, or remove the key to use the default")
+        for i, item in enumerate(value if isinstance(value, list) else []):
+            if isinstance(item, str) and not item.strip():
+                raise ValueError(f"item {i} is empty; write a value or remove the item")
+        return value
 
 
 class ModelSection(Section):
@@ -54,7 +66,7 @@ class DataSection(Section):
     eval_split: str = Field("test", description="Split of a hub: eval source.")
     hub_config: str | None = Field(None, description="Configuration name of hub: datasets that have several.")
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of training rows held out when eval is not given.")
-    split_seed: int = Field(0, description="Seed of the held-out split.")
+    split_seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the held-out split.")
     columns: dict[str, str] = Field(
         default_factory=dict, description="Rename columns before formatting: {name in the data: name in templates}."
     )
@@ -97,8 +109,8 @@ class DataSection(Section):
 
 
 class LoraSection(Section):
-    r: int = Field(16, gt=0, description="LoRA rank.")
-    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    r: int = Field(16, gt=0, le=4096, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, le=100_000, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: Literal["all-linear"] | list[str] = Field(
         "all-linear", description="Which Linear layers get adapters: all-linear or a list of module names."
@@ -106,18 +118,19 @@ class LoraSection(Section):
 
 
 class TrainSection(Section):
-    epochs: float = Field(1.0, gt=0, description="Passes over the training rows.")
+    epochs: float = Field(1.0, gt=0, le=10_000, description="Passes over the training rows.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (wins over epochs).")
     batch_size: int = Field(8, gt=0, description="Rows per device per step.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    lr: float = Field(1e-3, gt=0, lt=1, description="Peak learning rate (below 1: no optimizer converges above).")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps spent warming up the LR.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    seed: int = Field(0, description="Seed for weight init, shuffling and dropout.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for weight init, shuffling and dropout.")
     save_steps: int = Field(50, gt=0, description="Write a resumable checkpoint every N steps.")
     processes: int = Field(
         1,
         ge=1,
+        le=1024,
         description="Training processes (data parallel, one per GPU; on CPU they share the cores), launched with "
         "accelerate. The effective batch is batch_size x processes x grad_accum. make train NPROC=2 sets it.",
     )
@@ -198,11 +211,11 @@ class EvaluateSection(Section):
         "file.py:function (relative to the recipe) returning one score per row. The first one decides gates.",
     )
     ignore_case: bool = Field(False, description="Compare predictions and references case-insensitively.")
-    max_new_tokens: int = Field(16, gt=0, description="Longest generated answer in tokens.")
+    max_new_tokens: int = Field(16, gt=0, le=32_768, description="Longest generated answer in tokens.")
     batch_size: int = Field(16, gt=0, description="Rows generated together (left-padded, greedy).")
     reference: ReferenceSection | None = Field(None, description="The large model to compare against.")
     gates: GatesSection = Field(default_factory=GatesSection, description="Pass/fail thresholds.")
-    bootstrap_samples: int = Field(1000, ge=100, description="Resamples for the 95% confidence intervals.")
+    bootstrap_samples: int = Field(1000, ge=100, le=100_000, description="Resamples for the 95% confidence intervals.")
     latency_rows: int = Field(
         16,
         ge=0,
@@ -210,7 +223,7 @@ class EvaluateSection(Section):
         "single-request latency p50/p95: what a local user waits for one answer.",
     )
     threads: int | None = Field(
-        None, gt=0, description="CPU threads for generation, the same for every runtime. Default: torch's."
+        None, gt=0, le=1024, description="CPU threads for generation, the same for every runtime. Default: torch's."
     )
 
 
@@ -426,6 +439,42 @@ def _load_with_extends(
     return base, base_origins
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """YAML 1.2's core schema instead of PyYAML's YAML 1.1, so values mean what they look like:
+    `no`, `off`, `y` stay words (a label named "no" is not False), `8:00:00` stays a time (not 28800
+    seconds in base 60), `0755` is 755, and `1e-3` is a number. true/false are booleans; a bool field
+    also takes yes/no/on/off, which the schema reads as the user meant."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:bool",
+            "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}  # fmt: skip
+for _tag, _pattern, _first in (
+    ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("tag:yaml.org,2002:int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+    (
+        "tag:yaml.org,2002:float",
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+        "-+0123456789.",
+    ),
+):
+    RecipeLoader.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    value = loader.construct_scalar(node)
+    if value.startswith(("0o", "0x")):
+        return int(value, 0)
+    return int(value)  # decimal, leading zeros and all
+
+
+RecipeLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+MAX_YAML_VALUES = 100_000  # far beyond any recipe; what stops aliases of aliases from expanding
+
+
 def _read_yaml_mapping(path: Path) -> tuple[dict, dict[tuple, Origin]]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -433,32 +482,55 @@ def _read_yaml_mapping(path: Path) -> tuple[dict, dict[tuple, Origin]]:
         raise PipelineError(f"{path}: recipe file not found") from None
     except UnicodeDecodeError as e:
         raise PipelineError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=RecipeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise PipelineError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
-    if data is None:
+    if node is None:
         raise PipelineError(f"{path}:1: the recipe is empty; it needs at least name, model and data")
-    if not isinstance(data, dict):
+    if not isinstance(node, yaml.MappingNode):
         raise PipelineError(f"{path}:1: a recipe must be a mapping of sections (name:, model:, data:, ...)")
     origins: dict[tuple, Origin] = {}
-    _collect_lines(node, (), str(path), origins)
+    _collect_lines(node, (), str(path), origins, [0])
+    try:
+        data = RecipeLoader(text).get_single_data()
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise PipelineError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
     return data, origins
 
 
-def _collect_lines(node: yaml.Node, prefix: tuple, file: str, out: dict[tuple, Origin]) -> None:
+def _collect_lines(node: yaml.Node, prefix: tuple, file: str, out: dict[tuple, Origin], count: list[int]) -> None:
+    """Where each value was written; and the checks that need the YAML itself rather than its values."""
+    count[0] += 1
+    if count[0] > MAX_YAML_VALUES:
+        raise PipelineError(
+            f"{file}:{node.start_mark.line + 1}: this recipe expands to more than {MAX_YAML_VALUES:,} values "
+            "(aliases that repeat aliases); write the values out instead"
+        )
     out.setdefault(prefix, (file, node.start_mark.line + 1))
     if isinstance(node, yaml.MappingNode):
+        first_seen: dict = {}
         for key_node, value_node in node.value:
+            line = key_node.start_mark.line + 1
+            if isinstance(key_node, yaml.ScalarNode) and key_node.value != "<<":
+                if key_node.value in first_seen:
+                    dotted = ".".join(str(p) for p in (*prefix, key_node.value))
+                    raise PipelineError(
+                        f"{file}:{line}: {dotted}: written twice in one mapping (first at line "
+                        f"{first_seen[key_node.value]}); YAML would silently keep only this one. Keep one of them"
+                    )
+                first_seen[key_node.value] = line
             key = (*prefix, key_node.value)
-            out[key] = (file, key_node.start_mark.line + 1)
-            _collect_lines(value_node, key, file, out)
+            out[key] = (file, line)
+            _collect_lines(value_node, key, file, out, count)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _collect_lines(item, (*prefix, i), file, out)
+            _collect_lines(item, (*prefix, i), file, out, count)
 
 
 def _deep_merge(base: dict, override: dict) -> None:
@@ -476,7 +548,7 @@ def _apply_override(data: dict, origins: dict[tuple, Origin], override: str) -> 
         raise PipelineError(f"--set {override!r}: expected key.path=value, for example train.epochs=3")
     parts = tuple(key.strip().split("."))
     try:
-        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+        value = yaml.load(raw_value, Loader=RecipeLoader) if raw_value.strip() else ""
     except yaml.YAMLError:
         value = raw_value  # a plain string; the schema decides whether it fits
     node = data
@@ -566,6 +638,18 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
             hint = f" (did you mean '{close[0]}'?)" if close else f"; known: {', '.join(known_metrics)}"
             problems.append((("evaluate", "metrics", i), f"unknown metric {metric!r}{hint}"))
     gates = recipe.evaluate.gates
+    gate_metric = recipe.evaluate.metrics[0] if recipe.evaluate.metrics else None
+    if gate_metric in known_metrics:  # every shipped metric lies in [0, 1]; a user's own metric may not
+        for name in ("specialized_min", "quantized_max_drop"):
+            value = getattr(gates, name)
+            if value is not None and not 0 <= value <= 1:
+                problems.append(
+                    (
+                        ("evaluate", "gates", name),
+                        f"{value:g} is outside what {gate_metric} can take (0 to 1), so this gate could never "
+                        f"{'pass' if value > 1 else 'fail'}; write a value from 0 to 1",
+                    )
+                )
     if gates.min_gap_closed is not None and recipe.evaluate.reference is None:
         problems.append((("evaluate", "gates", "min_gap_closed"), "needs evaluate.reference.model to measure a gap"))
     if gates.max_latency_ratio is not None and recipe.evaluate.reference is None:

@@ -204,7 +204,7 @@ def _summary(
     train = recipe.train
     fits = len(train_rows) if lengths is None else sum(n <= recipe.data.max_seq_len for n in lengths)
     usable = (len(train_rows) if recipe.data.too_long == "truncate" else fits) + distill_inputs  # at most
-    steps_per_epoch = math.ceil(usable / (train.batch_size * train.grad_accum))
+    steps_per_epoch = math.ceil(usable / (train.batch_size * train.grad_accum * train.processes))
     summary = {
         "recipe": str(loaded.path),
         "run_id": loaded.run_id,

@@ -122,3 +122,46 @@ def test_every_field_has_a_description():
             if nested and issubclass(nested, BaseModel):
                 todo.append(nested)
     assert undocumented == []
+
+
+def test_yaml_means_what_it_looks_like(write_recipe):
+    """YAML 1.1 would read `no` as False, 8:00:00 as 28800 and 0755 as octal 493; the recipe loader reads
+    YAML 1.2's core schema, and bool fields still take yes/no/on/off."""
+    path = write_recipe(
+        MINIMAL
+        + "  split_seed: 0755\n"
+        + "  packing: yes\n"
+        + "train: {qlora: off, lr: 1e-3}\n"
+        + "launch: {time: 8:00:00}\n"
+        + "distill:\n  inputs: train.jsonl\n  choices: [yes, no, on, off, null_label]\n"
+        + "evaluate:\n  reference: {model: org/big}\n"
+    )
+    recipe = load_recipe(path).recipe
+    assert recipe.data.split_seed == 755
+    assert recipe.data.packing is True and recipe.train.qlora is False
+    assert recipe.train.lr == 0.001
+    assert recipe.launch.time == "8:00:00"
+    assert recipe.distill.choices == ["yes", "no", "on", "off", "null_label"]
+
+
+def test_overrides_read_values_like_the_file(write_recipe):
+    loaded = load_recipe(write_recipe(MINIMAL), ["launch.time=1:30:00", "data.split_seed=010"])
+    assert loaded.recipe.launch.time == "1:30:00" and loaded.recipe.data.split_seed == 10
+
+
+def test_a_byte_order_mark_and_crlf_line_ends_are_read_as_written(write_recipe, tmp_path):
+    path = tmp_path / "windows.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + MINIMAL.lstrip().replace("\n", "\r\n").encode())
+    assert load_recipe(path).recipe.data.prompt == "{text}"
+
+
+def test_anchors_and_merge_keys_work_and_are_not_duplicates(write_recipe):
+    path = write_recipe(
+        MINIMAL
+        + "lora:\n  <<: {r: 8, alpha: 16}\n  dropout: 0.1\n"
+        + "evaluate:\n  reference: {model: org/big, prompt: &p 'Classify: {text}'}\n"
+        + "distill: {inputs: train.jsonl, teacher: {model: org/big, prompt: *p}}\n"
+    )
+    recipe = load_recipe(path).recipe
+    assert (recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout) == (8, 16, 0.1)
+    assert recipe.distill.teacher.prompt == recipe.evaluate.reference.prompt == "Classify: {text}"
