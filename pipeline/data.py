@@ -1,6 +1,6 @@
 """The data stage: read rows, format them, tokenize with the loss on the right tokens, check for leaks.
 
-Sources: .jsonl / .json / .csv / .parquet files and Hub datasets (`hub:org/name`). Formats:
+Sources: .jsonl / .json / .csv / .tsv / .parquet files and Hub datasets (`hub:org/name`). Formats:
 prompt_completion (templates), alpaca, and messages (the chat template; assistant turns trained).
 Training and evaluation build prompts with the same functions (`prompt_ids` / `training_example`),
 so what the model saw in training is exactly what it is asked at evaluation.
@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import re
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from pipeline.errors import PipelineError
 from pipeline.recipe import DataSection
 
 IGNORE_INDEX = -100  # label value the loss skips
-FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
+FILE_TYPES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{with_input}. "
@@ -70,15 +71,19 @@ def read_source(source: str, section: DataSection, split: str) -> list[tuple[str
 def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, row) for each non-blank line; bad lines are errors naming file and line."""
     rows = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    # split on newlines only: str.splitlines also splits at U+2028 and friends, which JSON strings may hold
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise PipelineError(f"{path}:{number}: malformed JSON: {e.msg} (column {e.colno})") from None
+            hint = _format_hint(path, line) if number == 1 or not rows else ""
+            raise PipelineError(f"{path}:{number}: malformed JSON: {e.msg} (column {e.colno}){hint}") from None
         if not isinstance(row, dict):
-            raise PipelineError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
+            hint = "; a JSON array of objects goes in a .json file" if isinstance(row, list) else ""
+            raise PipelineError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}{hint}")
         rows.append((number, row))
     if not rows:
         raise PipelineError(f"{path}: no rows (the file is empty)")
@@ -86,12 +91,47 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
 
 
 def _read_text(path: Path) -> str:
+    """A text data file as the user meant it: UTF-8 with or without a byte-order mark (Excel writes
+    one), any line ends; anything else is an error naming the file and what to do."""
+    raw = _read_bytes(path)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise PipelineError(
+            f"{path}:{line}: not UTF-8 text (undecodable byte at offset {e.start}); re-save the file as UTF-8"
+        ) from None
+    return text
+
+
+def _read_bytes(path: Path) -> bytes:
     if not path.is_file():
         raise PipelineError(f"{path}: data file not found")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise PipelineError(f"{path}: not UTF-8 text (undecodable byte at offset {e.start})") from None
+    raw = path.read_bytes()
+    if raw.startswith(b"PK\x03\x04") and path.suffix != ".parquet":
+        raise PipelineError(
+            f"{path}: this is a zip archive (an Excel .xlsx workbook?), not {path.suffix} text; "
+            "export it as CSV UTF-8 (or JSON lines)"
+        )
+    if path.suffix == ".parquet" and not raw.startswith(b"PAR1"):
+        raise PipelineError(f"{path}: not a Parquet file (no PAR1 header); check the file or its extension")
+    return raw
+
+
+def _first_line(text: str) -> str:
+    return next((line for line in text.splitlines() if line.strip()), "")
+
+
+def _format_hint(path: Path, text: str) -> str:
+    """When a file's content does not match its extension, say what it looks like."""
+    first = _first_line(text).lstrip()
+    if path.suffix == ".jsonl" and first.startswith("["):
+        return "; it looks like one JSON array: name the file .json"
+    if path.suffix == ".json" and first.startswith("{"):
+        return "; it looks like one JSON object per line: name the file .jsonl"
+    if path.suffix in (".json", ".jsonl") and not first.startswith(("{", "[")) and ("," in first or "\t" in first):
+        return "; it looks like a table with a header row: name the file .csv (or .tsv)"
+    return ""
 
 
 def _read_file(path: Path) -> list[tuple[str, dict]]:
@@ -104,17 +144,33 @@ def _read_file(path: Path) -> list[tuple[str, dict]]:
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
-            raise PipelineError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+            hint = _format_hint(path, text)
+            raise PipelineError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno}){hint}") from None
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise PipelineError(f"{path}: expected a JSON array of objects (or use .jsonl, one object a line)")
         return [(f"{path} row {i}", row) for i, row in enumerate(rows, start=1)]
-    if not path.is_file():
-        raise PipelineError(f"{path}: data file not found")
     import datasets
 
-    builder = "csv" if path.suffix == ".csv" else "parquet"
+    if path.suffix == ".parquet":
+        _read_bytes(path)
+        builder, options = "parquet", {}
+    else:
+        text = _read_text(path)
+        separator = "\t" if path.suffix == ".tsv" else ","
+        header = _first_line(text)
+        if separator not in header:
+            for other, name in ((";", "semicolon"), ("\t", "tab"), ("|", "pipe"), (",", "comma")):
+                if other != separator and other in header:
+                    raise PipelineError(
+                        f"{path}:1: the header is {name}-separated, not {path.suffix[1:].upper()}; "
+                        + ("name the file .tsv" if other == "\t" else "save it with commas as separators")
+                        + f" (header: {header[:80]!r})"
+                    )
+        if header.lstrip().startswith(("{", "[")):
+            raise PipelineError(f"{path}:1: this looks like JSON, not a table; name the file .jsonl or .json")
+        builder, options = "csv", {"sep": separator, "encoding": "utf-8-sig"}
     try:
-        table = datasets.load_dataset(builder, data_files=str(path), split="train")
+        table = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
     except Exception as e:  # noqa: BLE001 - datasets raises many types for a bad file; all mean the same to a user
         raise PipelineError(f"{path}: could not read as {builder}: {str(e).splitlines()[0][:300]}") from None
     # csv: header is line 1, so row i is on line i + 1
@@ -144,14 +200,50 @@ def template_fields(template: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(template) if name}
 
 
+class EmptyField(PipelineError):
+    """A row whose field that a template or format uses holds no text (null, "", only spaces)."""
+
+    def __init__(self, where: str, column: str, field: str):
+        self.where, self.column = where, column
+        super().__init__(
+            f'{where}: column {column!r} is empty (null, "" or only spaces) and {field} uses it; fill it in, '
+            "or set data.empty_rows: drop to leave such rows out (they are counted in validate and the report)"
+        )
+
+
+def text_value(value: Any, where: str, column: str, field: str) -> str:
+    """A row's value as the text a template inserts. Strings as written; numbers as their digits and
+    booleans as true/false (as JSON spells them); nothing, or lists and objects, is an error."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise EmptyField(where, column, field)
+    if isinstance(value, str):
+        if not value.strip():
+            raise EmptyField(where, column, field)
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    raise PipelineError(
+        f"{where}: column {column!r} holds a {type(value).__name__} ({json.dumps(value, default=str)[:60]}), "
+        f"not text; {field} inserts text or a number here. Flatten the column, or pick another one"
+    )
+
+
 def render(template: str, row: dict[str, Any], where: str, field: str) -> str:
     try:
-        return template.format_map(row)
-    except KeyError as e:
-        raise PipelineError(
-            f"{where}: row has no field {e.args[0]!r}, which {field} uses; fields in this row: {', '.join(row)}"
-        ) from None
-    except (ValueError, IndexError) as e:
+        names = template_fields(template)
+    except ValueError as e:
+        raise PipelineError(f"{field}: bad template {template!r}: {e} (write literal braces as {{{{ }}}})") from None
+    for name in names:
+        if name not in row:
+            raise PipelineError(
+                f"{where}: row has no field {name!r}, which {field} uses; fields in this row: {', '.join(row)}"
+            )
+    values = {name: text_value(row[name], where, name, field) for name in names}
+    try:
+        return template.format_map(values)
+    except (ValueError, IndexError, KeyError, AttributeError) as e:
         raise PipelineError(f"{field}: bad template {template!r}: {e} (write literal braces as {{{{ }}}})") from None
 
 
@@ -164,9 +256,11 @@ def format_row(
     for_eval: bool = False,
 ) -> TaskRow:
     if section.format == "text":
-        text = row.get(section.text_field)
-        if not isinstance(text, str) or not text.strip():
-            raise PipelineError(f"{where}: format text needs a non-empty text column {section.text_field!r}")
+        if section.text_field not in row:
+            raise PipelineError(
+                f"{where}: format text needs a text column {section.text_field!r}; this row has {', '.join(row)}"
+            )
+        text = text_value(row[section.text_field], where, section.text_field, "format text")
         if not for_eval:
             return TaskRow(prompt="", target=text, source=where, plain=True)
         words = text.split()
@@ -182,17 +276,21 @@ def format_row(
         )
     if section.format == "alpaca":
         for column in ("instruction", "output"):
-            if not isinstance(row.get(column), str):
+            if column not in row:
                 raise PipelineError(
                     f"{where}: format alpaca needs a text column {column!r}; this row has {', '.join(row)}"
                 )
-        extra = row.get("input") or ""
+        instruction = text_value(row["instruction"], where, "instruction", "format alpaca")
+        output = text_value(row["output"], where, "output", "format alpaca")
+        extra = row.get("input")
+        extra = "" if extra is None or (isinstance(extra, str) and not extra.strip()) else extra  # optional
+        extra = text_value(extra, where, "input", "format alpaca") if extra != "" else ""
         prompt = ALPACA_PROMPT.format(
             with_input=", paired with an input that provides further context" if extra else "",
-            instruction=row["instruction"],
+            instruction=instruction,
             input_block=f"### Input:\n{extra}\n\n" if extra else "",
         )
-        return TaskRow(prompt=prompt, target=row["output"], source=where)
+        return TaskRow(prompt=prompt, target=output, source=where)
     return _messages_row(row.get(section.messages_field), section.messages_field, where)
 
 
@@ -211,6 +309,9 @@ def _messages_row(turns: Any, column: str, where: str) -> TaskRow:
             )
         ):
             raise PipelineError(f"{where}: {column}[{i}] must be {{role: system|user|assistant, content: text}}")
+    for i, turn in enumerate(turns):
+        if not turn["content"].strip() and turn["role"] != "system":
+            raise EmptyField(where, f"{column}[{i}].content", f"format messages ({turn['role']} turn)")
     if turns[-1]["role"] != "assistant":
         raise PipelineError(f"{where}: the last turn must be the assistant's answer (it is {turns[-1]['role']!r})")
     messages = tuple({"role": t["role"], "content": t["content"]} for t in turns)
@@ -224,6 +325,8 @@ class Splits:
     duplicates_in_train: int  # rows whose normalized prompt occurs earlier in train
     overlap_exact: int  # eval rows whose prompt occurs verbatim in train
     overlap_normalized: int  # ... after lowercasing and collapsing whitespace
+    dropped_empty: dict[str, list[str]] = field(default_factory=dict)  # split -> file:line of rows left out
+    sampled_from: dict[str, int] = field(default_factory=dict)  # split -> rows before max_*_rows sampling
 
 
 def load_splits(
@@ -234,7 +337,9 @@ def load_splits(
 ) -> Splits:
     """Train and eval rows, formatted; eval carved from train (seeded) when the recipe gives none.
 
-    distilled: the distill stage's labelled rows, trained on after data.train's gold rows.
+    Every row of the files is formatted (so a bad row anywhere is found), then max_train_rows /
+    max_eval_rows draw their samples. distilled: the distill stage's labelled rows, trained on after
+    data.train's gold rows (never sampled away).
     """
     train_raw = read_source(section.train, section, "train") if section.train is not None else []
     if section.eval is None:
@@ -244,14 +349,22 @@ def load_splits(
         eval_raw, train_raw = shuffled[:held_out], shuffled[held_out:]
     else:
         eval_raw = read_source(section.eval, section, "eval")
-    train_raw = train_raw[: section.max_train_rows]
+    dropped: dict[str, list[str]] = {}
+    train_all = _format_rows(section, train_raw, dropped.setdefault("train", []))
+    eval_all = _format_rows(section, eval_raw, dropped.setdefault("eval", []), for_eval=True)
+    sampled_from = {"train": len(train_all), "eval": len(eval_all)}
+    train = [row for _, row in sample_rows([r for _, r in train_all], section.max_train_rows, section.split_seed)]
     if distilled is not None:
-        train_raw = train_raw + _read_file(distilled)  # written with data.columns already applied
-    train = [format_row(section, row, where) for where, row in train_raw]
-    eval_rows = [
-        format_row(section, row, where, prompt_template, prompt_field, for_eval=True)
-        for where, row in eval_raw[: section.max_eval_rows]
-    ]
+        train += [format_row(section, row, where) for where, row in _read_file(distilled)]
+    eval_pairs = sample_rows([r for _, r in eval_all], section.max_eval_rows, section.split_seed)
+    own_eval = [row for _, row in eval_pairs]
+    if prompt_template is None:
+        eval_rows = own_eval
+    else:  # the same sampled rows, asked with another prompt (a reference's)
+        raw = [eval_raw[eval_all[k][0]] for k, _ in eval_pairs]
+        eval_rows = [
+            format_row(section, row, where, prompt_template, prompt_field, for_eval=True) for where, row in raw
+        ]
     seen: set[str] = set()
     duplicates = 0
     for row in train:
@@ -259,15 +372,77 @@ def load_splits(
         duplicates += key in seen
         seen.add(key)
     # overlap is about the prompts the model is evaluated on, so compare with the recipe's own prompts
-    own_eval = (
-        eval_rows
-        if prompt_template is None
-        else [format_row(section, row, where, for_eval=True) for where, row in eval_raw[: section.max_eval_rows]]
-    )
     exact_train = {r.exact_key() for r in train}
     exact = sum(r.exact_key() in exact_train for r in own_eval)
     normalized = sum(r.dedup_key() in seen for r in own_eval)
-    return Splits(train, eval_rows, duplicates, exact, normalized)
+    dropped = {split: wheres for split, wheres in dropped.items() if wheres}
+    return Splits(train, eval_rows, duplicates, exact, normalized, dropped, sampled_from)
+
+
+def _format_rows(
+    section: DataSection, raw: list[tuple[str, dict]], dropped: list[str], for_eval: bool = False
+) -> list[tuple[int, TaskRow]]:
+    """(index in raw, row) of every row that formats; rows with an empty field dropped where the recipe says."""
+    rows = []
+    for i, (where, row) in enumerate(raw):
+        try:
+            rows.append((i, format_row(section, row, where, for_eval=for_eval)))
+        except EmptyField as e:
+            if section.empty_rows != "drop":
+                raise
+            dropped.append(f"{e.where} ({e.column})")
+    return rows
+
+
+def is_label_set(targets: list[str]) -> bool:
+    """Whether the targets are labels (few values, each repeated) rather than free text."""
+    distinct = len(set(targets))
+    return len(targets) >= 2 and distinct <= max(2, len(targets) // 4)
+
+
+def sample_rows(rows: list[TaskRow], limit: int | None, seed: int) -> list[tuple[int, TaskRow]]:
+    """(index, row) of a seeded sample of `limit` rows in file order; stratified by target for label
+    sets (each label's share as in the file, and every label at least once where `limit` allows)."""
+    indexed = list(enumerate(rows))
+    if limit is None or len(rows) <= limit:
+        return indexed
+    rng = random.Random(seed)
+    targets = [row.target for row in rows]
+    if not is_label_set(targets):
+        return sorted(rng.sample(indexed, limit), key=lambda pair: pair[0])
+    groups: dict[str, list[int]] = {}
+    for i, target in enumerate(targets):
+        groups.setdefault(target, []).append(i)
+    exact = {t: limit * len(members) / len(rows) for t, members in groups.items()}
+    quota = {t: int(share) for t, share in exact.items()}
+    if limit >= len(groups):
+        for t in quota:
+            quota[t] = max(quota[t], 1)
+    order = sorted(groups, key=lambda t: (exact[t] - int(exact[t]), rng.random()), reverse=True)
+    while sum(quota.values()) < limit:  # the remainder to the largest fractional parts
+        for t in order:
+            if sum(quota.values()) < limit and quota[t] < len(groups[t]):
+                quota[t] += 1
+    while sum(quota.values()) > limit:  # the at-least-once rule overshot: take back from the largest
+        largest = max(quota, key=lambda t: quota[t])
+        quota[largest] -= 1
+    chosen = [i for t, members in groups.items() for i in rng.sample(members, quota[t])]
+    return [(i, rows[i]) for i in sorted(chosen)]
+
+
+def target_stats(splits: Splits) -> dict:
+    """Distinct targets in train and eval, and eval targets training never shows (labels only)."""
+    train_targets = [row.target for row in splits.train]
+    eval_targets = [row.target for row in splits.eval]
+    labels = is_label_set(train_targets + eval_targets)
+    unseen = sorted(set(eval_targets) - set(train_targets)) if labels else []
+    return {
+        "label_set": labels,
+        "train_distinct": len(set(train_targets)),
+        "eval_distinct": len(set(eval_targets)),
+        "eval_unseen_in_train": unseen,
+        "eval_rows_unseen_in_train": sum(t in set(unseen) for t in eval_targets),
+    }
 
 
 def load_rows(

@@ -104,8 +104,20 @@ class DataSection(Section):
     overlap: Literal["warn", "error"] = Field(
         "warn", description="Rows whose prompt occurs in both train and eval: reported (warn), or refused (error)."
     )
-    max_train_rows: int | None = Field(None, gt=0, description="Use only the first N training rows.")
-    max_eval_rows: int | None = Field(None, gt=0, description="Use only the first N evaluation rows.")
+    max_train_rows: int | None = Field(
+        None,
+        gt=0,
+        description="Train on a sample of N rows: seeded (split_seed), random, and stratified by target when the "
+        "targets are a label set, so a file sorted by label still gives every label its share.",
+    )
+    max_eval_rows: int | None = Field(
+        None, gt=0, description="Evaluate on a sample of N rows, drawn like max_train_rows."
+    )
+    empty_rows: Literal["error", "drop"] = Field(
+        "error",
+        description="A row whose used field is null, empty or only spaces: an error naming file and line, or "
+        "drop it (counted in validate's output, train/result.json and the report).",
+    )
 
 
 class LoraSection(Section):
@@ -735,6 +747,16 @@ def _distill_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
                     "distill: puts the teacher's answer in one field of the target; use one {field}",
                 )
             )
+        else:
+            answer = next(iter(template_fields(recipe.data.target)))
+            teacher = recipe.teacher()
+            for loc, prompt in (
+                (("data", "prompt"), recipe.data.prompt),
+                (("distill", "teacher", "prompt") if recipe.distill.teacher else ("evaluate", "reference", "prompt"),
+                 teacher.prompt if teacher else None),
+            ):  # fmt: skip
+                if prompt and answer in template_fields(prompt):
+                    problems.append((loc, f"uses {{{answer}}}, the answer the teacher is to give; remove it"))
     return problems
 
 

@@ -216,7 +216,7 @@ def render_markdown(report: dict, flips: list[dict], plot: str | None = None) ->
         f"Run `{report['run_id']}`, {report['eval_rows']} eval rows, same rows and greedy decoding for every "
         f"candidate; gates use `{metric}`. 95% bootstrap intervals in brackets. Latency: seconds per example "
         "amortized over a batch (llama.cpp answers one request at a time), and per single request (batch 1, "
-        "after a warm-up) as a local user waits for one answer.",
+        "after a warm-up) as a local user waits for one answer." + _left_out_sentence(report),
         "",
         *candidates_table(report),
     ]
@@ -241,6 +241,14 @@ def render_markdown(report: dict, flips: list[dict], plot: str | None = None) ->
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def _left_out_sentence(report: dict) -> str:
+    left_out = report.get("rows_left_out_empty")
+    if not left_out:
+        return ""
+    parts = [f"{n} {split}" for split, n in left_out.items()]
+    return f" Rows left out for an empty field (data.empty_rows: drop): {', '.join(parts)}."
 
 
 def candidates_table(report: dict) -> list[str]:
@@ -457,6 +465,9 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
             train_result["train_seconds"],
             teacher_is_reference=loaded.recipe.distill.teacher is None,
         )
+    left_out = {split: len(wheres) for split, wheres in splits.dropped_empty.items()}
+    if left_out:
+        report["rows_left_out_empty"] = left_out
     flips = [flip for other in ("base", "reference") for flip in flipped_rows(report, generations, rows, other)]
     report["flipped_rows"] = flips
     write_json_atomic(run_dir / "evaluate" / "report.json", report)

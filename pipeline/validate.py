@@ -65,6 +65,7 @@ def check(loaded: LoadedRecipe) -> dict:
             notes.append(message)
     if splits.duplicates_in_train:
         notes.append(f"{splits.duplicates_in_train} training rows repeat an earlier row's prompt")
+    notes += data_notes(recipe, splits)
 
     base = _available_model(loaded, ("model", "base"), recipe.model.base, problems, notes)
     if recipe.evaluate.reference:
@@ -195,6 +196,38 @@ def _target_module_problems(loaded: LoadedRecipe, config) -> list[str]:
         for i, target in enumerate(targets)
         if target not in linear_names
     ]
+
+
+def data_notes(recipe, splits) -> list[str]:
+    """What the user should know about the rows: samples drawn, rows left out, the targets."""
+    notes = []
+    for split, limit in (("train", recipe.data.max_train_rows), ("eval", recipe.data.max_eval_rows)):
+        total = splits.sampled_from.get(split, 0)
+        rows = splits.train if split == "train" else splits.eval
+        if limit is not None and total > limit:
+            kind = "stratified by target" if data.is_label_set([r.target for r in rows]) else "at random"
+            notes.append(
+                f"{split}: a seeded sample of {limit} of {total} rows, {kind} (data.max_{split}_rows, split_seed "
+                f"{recipe.data.split_seed})"
+            )
+    for split, wheres in splits.dropped_empty.items():
+        notes.append(
+            f"{split}: {len(wheres)} rows left out for an empty field (data.empty_rows: drop), e.g. "
+            + "; ".join(wheres[:3])
+        )
+    stats = data.target_stats(splits)
+    if stats["label_set"]:
+        notes.append(f"targets: {stats['train_distinct']} distinct in train, {stats['eval_distinct']} in eval")
+        unseen = stats["eval_unseen_in_train"]
+        if unseen:
+            shown = ", ".join(repr(t) for t in unseen[:8]) + (", ..." if len(unseen) > 8 else "")
+            notes.append(
+                f"{len(unseen)} eval targets never occur in training ({stats['eval_rows_unseen_in_train']} eval "
+                f"rows): {shown}; the specialist cannot learn those from these rows"
+            )
+    else:
+        notes.append(f"targets: free text ({stats['train_distinct']} distinct of {len(splits.train)} training rows)")
+    return notes
 
 
 def _summary(

@@ -132,12 +132,13 @@ def test_gold_labels_in_the_inputs_are_replaced_by_the_teachers_and_scored(disti
 
 
 def test_a_conversation_gets_the_teachers_answer_as_its_last_assistant_turn():
-    from pipeline.stages.distill import _blank_answer, _filled_answer
+    from pipeline.stages.distill import UNLABELLED, _blank_answer, _filled_answer
 
     asked = [{"role": "user", "content": "where is my parcel?"}]
     answered = [*asked, {"role": "assistant", "content": "gold answer"}]
-    assert _blank_answer("messages", answered, "f:1", "messages") == [*asked, {"role": "assistant", "content": ""}]
-    assert _blank_answer("messages", asked, "f:1", "messages")[-1] == {"role": "assistant", "content": ""}
+    blank = {"role": "assistant", "content": UNLABELLED}  # the gold answer gone; never part of the teacher's prompt
+    assert _blank_answer("messages", answered, "f:1", "messages") == [*asked, blank]
+    assert _blank_answer("messages", asked, "f:1", "messages")[-1] == blank
     assert _filled_answer("messages", answered, "track_order") == [
         *asked,
         {"role": "assistant", "content": "track_order"},

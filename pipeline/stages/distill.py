@@ -74,10 +74,19 @@ def teacher_rows(recipe: Recipe) -> list[tuple[str, dict, data.TaskRow]]:
         raw = [raw[i] for i in picked]
     field = answer_field(recipe)
     prompt_field = "distill.teacher.prompt" if distill.teacher else "evaluate.reference.prompt"
-    rows = []
+    rows, dropped = [], []
     for where, row in raw:
         asked = {**row, field: _blank_answer(section.format, row.get(field), where, field)}
-        rows.append((where, row, data.format_row(section, asked, where, teacher.prompt, prompt_field, for_eval=True)))
+        try:
+            asked_row = data.format_row(section, asked, where, teacher.prompt, prompt_field, for_eval=True)
+        except data.EmptyField as e:
+            if section.empty_rows != "drop":
+                raise
+            dropped.append(e.where)
+            continue
+        rows.append((where, row, asked_row))
+    if dropped:
+        log(STAGE, f"{len(dropped)} inputs left out for an empty field (data.empty_rows: drop), e.g. {dropped[0]}")
     if not rows:
         raise PipelineError(f"distill.inputs: {distill.inputs} has no rows")
     return rows
@@ -219,13 +228,16 @@ class AnswerTrie:
         return list(node) or self.finished
 
 
+UNLABELLED = "(unlabelled)"  # stands in for the answer the teacher must not see; never part of its prompt
+
+
 def _blank_answer(format: str, value, where: str, field: str):
     if format == "messages":
         if not isinstance(value, list) or not value:
             raise PipelineError(f"{where}: column {field!r} must be a non-empty list of {{role, content}} turns")
         turns = value[:-1] if isinstance(value[-1], dict) and value[-1].get("role") == "assistant" else value
-        return [*turns, {"role": "assistant", "content": ""}]
-    return ""
+        return [*turns, {"role": "assistant", "content": UNLABELLED}]
+    return UNLABELLED
 
 
 def _filled_answer(format: str, value, answer: str):

@@ -197,6 +197,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         "rows": len(examples),
         "rows_dropped_too_long": tokenized.dropped,
         "rows_truncated": tokenized.truncated,
+        "rows_dropped_empty": len(splits.dropped_empty.get("train", [])),
         "duplicates_in_train": splits.duplicates_in_train,
         "eval_overlap_exact": splits.overlap_exact,
         "eval_overlap_normalized": splits.overlap_normalized,
