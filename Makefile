@@ -12,7 +12,7 @@ RECIPE_ARGS = $(RECIPE) --runs-dir $(RUNS) $(foreach s,$(SET),--set $(s)) $(if $
 TINY_MODELS := build/tiny-models/base/model.safetensors
 
 .DEFAULT_GOAL := help
-.PHONY: help setup schema bench inspect models llamacpp train quantize eval report publish submit validate tiny-models test lint clean
+.PHONY: help setup schema bench inspect bench-train models llamacpp train quantize eval report publish submit validate tiny-models test lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -73,6 +73,9 @@ inspect: $(VENV)/.installed $(TINY_MODELS) ## show RECIPE's training rows with t
 
 bench: $(VENV)/.installed $(TINY_MODELS) ## batched evaluation vs one-row-at-a-time generate on RECIPE's base (ratios)
 	$(VENV)/bin/specialist bench $(RECIPE_ARGS)
+
+bench-train: $(VENV)/.installed $(TINY_MODELS) ## the train stage vs a plain peft loop on RECIPE's rows (ROWS=320): tokens/s, losses, memory
+	$(VENV)/bin/specialist bench-train $(RECIPE_ARGS) --rows $(or $(ROWS),320)
 
 test: $(VENV)/.installed ## run the test suite (unit + integration on tiny models)
 	$(PY) -m pytest -q

@@ -1,4 +1,8 @@
-"""`make bench`: batched evaluation against naive one-row-at-a-time generation, side by side.
+"""Benchmarks a user runs by hand, each comparing two ways side by side in one invocation.
+
+`make bench`: batched evaluation against naive one-row-at-a-time generation.
+`make bench-train`: the train stage against a plain peft + AdamW loop (below).
+
 
 Both ways run the recipe's base model on the same eval rows with the same greedy settings, in one
 process, one after the other; the benchmark prints tokens/s, seconds per example and peak memory of
@@ -7,6 +11,7 @@ each, the ratios, and how many answers agree (left padding may flip a near-tie i
 
 from __future__ import annotations
 
+import json
 import time
 
 import torch
@@ -94,3 +99,142 @@ def run(loaded: LoadedRecipe, rows: int = 64) -> dict:
         )
     print(f"batched / naive tokens/s: {ratio:.2f}x; identical answers: {same}/{len(prompts)}")
     return {"ratio": ratio, "identical": same, "rows": len(prompts), **results}
+
+
+# --- make bench-train ---------------------------------------------------------------------------
+
+
+def run_train(recipe_path, overrides: list[str], rows: int = 320) -> dict:
+    """The train stage against a plain peft + AdamW loop with padded batches: same rows, LoRA config,
+    batch size, schedule and seed, each in its own process (clean peak memory), one after the other."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    overrides = [*overrides, f"data.max_train_rows={rows}", "train.save_steps=100000", "train.processes=1"]
+    results = {}
+    for way in ("train stage", "plain loop"):
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results[way] = pool.submit(_train_way, str(recipe_path), overrides, way).result()
+    stage, loop = results["train stage"], results["plain loop"]
+    ratio = stage["tokens_per_second"] / loop["tokens_per_second"]
+    print(
+        f"{stage['base']}: {stage['rows']} rows, {stage['tokens']:,} real tokens ({stage['target_tokens']:,} trained), "
+        f"batch {stage['batch_size']}, {stage['steps']} steps, LoRA r={stage['r']}, {stage['device']}, "
+        f"{stage['threads']} threads"
+    )
+    header = f"{'seconds':>8} {'tokens/s':>9} {'first loss':>10} {'final loss':>10} {'eval loss':>9} {'peak MB':>8}"
+    print(f"{'':12} {header}")
+    for name, way in results.items():
+        print(
+            f"{name:12} {way['seconds']:8.1f} {way['tokens_per_second']:9.1f} {way['first_loss']:10.4f} "
+            f"{way['final_loss']:10.4f} {way['eval_loss']:9.4f} {way['peak_memory_bytes'] / 1e6:8.0f}"
+        )
+    print(f"train stage / plain loop, real tokens/s: {ratio:.2f}x")
+    return {"ratio": ratio, **results}
+
+
+def _train_way(recipe_path: str, overrides: list[str], way: str) -> dict:
+    import tempfile
+    from pathlib import Path
+
+    from pipeline.recipe import load_recipe
+
+    loaded = load_recipe(recipe_path, overrides)
+    recipe = loaded.recipe
+    source = models.resolve_model(recipe.model.base)
+    tokenizer = models.load_tokenizer(source, recipe.model.trust_remote_code)
+    data.apply_chat_template_file(tokenizer, recipe.data)
+    chat = data.uses_chat_template(tokenizer, recipe.data.chat_template)
+    splits = data.load_splits(recipe.data)
+    examples = data.training_examples(tokenizer, splits.train, chat, recipe.data).examples
+    eval_examples = data.training_examples(tokenizer, splits.eval[:64], chat, recipe.data).examples
+    with PeakMemory() as memory:
+        if way == "train stage":
+            from peft import PeftModel
+
+            from pipeline.stages import train
+
+            with tempfile.TemporaryDirectory() as folder:
+                run_dir = Path(folder)
+                result = train.run(loaded, run_dir)
+                losses = [json.loads(line)["loss"] for line in (run_dir / "train" / "metrics.jsonl").open()]
+                base = models.load_model(source, models.compute_dtype(recipe.model.dtype))
+                model = PeftModel.from_pretrained(base, run_dir / "train" / "adapter")
+            seconds, steps = result["train_seconds"], result["steps"]
+        else:
+            model, losses, seconds = _plain_loop(recipe, source, examples, tokenizer.pad_token_id)
+            steps = len(losses)
+    tokens = sum(len(ex["input_ids"]) for ex in examples)
+    epochs = recipe.train.epochs
+    return {
+        "base": recipe.model.base,
+        "rows": len(examples),
+        "tokens": tokens,
+        "target_tokens": sum(sum(label != data.IGNORE_INDEX for label in ex["labels"]) for ex in examples),
+        "batch_size": recipe.train.batch_size,
+        "r": recipe.lora.r,
+        "steps": steps,
+        "seconds": seconds,
+        "tokens_per_second": tokens * epochs / seconds,
+        "first_loss": losses[0],
+        "final_loss": sum(losses[-5:]) / len(losses[-5:]),
+        "eval_loss": _eval_loss(model, eval_examples, tokenizer.pad_token_id),
+        "peak_memory_bytes": memory.peak_bytes,
+        "device": str(models.device()),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _plain_loop(recipe, source, examples, pad_id):
+    """What a user writes in an afternoon: peft, AdamW, shuffled padded batches, the model's own loss."""
+    import math
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import get_linear_schedule_with_warmup, set_seed
+
+    train = recipe.train
+    set_seed(train.seed)
+    model = models.load_model(source, models.compute_dtype(recipe.model.dtype))
+    model.config.use_cache = False
+    lora = recipe.lora
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )  # fmt: skip
+    model = get_peft_model(model, config)
+    model.train()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=train.lr, weight_decay=train.weight_decay)
+    steps_per_epoch = math.ceil(len(examples) / train.batch_size)
+    total = train.max_steps or math.ceil(steps_per_epoch * train.epochs)
+    schedule = get_linear_schedule_with_warmup(optimizer, math.ceil(total * train.warmup_ratio), total)
+    generator = torch.Generator().manual_seed(train.seed)
+    losses = []
+    started = time.perf_counter()
+    while len(losses) < total:
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        for i in range(0, len(order), train.batch_size):
+            batch = data.pad_batch([examples[j] for j in order[i : i + train.batch_size]], pad_id)
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)  # as the Trainer does by default
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+            if len(losses) == total:
+                break
+    return model, losses, time.perf_counter() - started
+
+
+def _eval_loss(model, examples, pad_id) -> float:
+    """Mean loss on the answer tokens of eval rows (teacher-forced): the two adapters on equal terms."""
+    model.eval()
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(examples), 16):
+            batch = data.pad_batch(examples[i : i + 16], pad_id)
+            n = int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
+            total += model(**batch).loss.item() * n
+            count += n
+    return total / max(count, 1)

@@ -88,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     recipe_verb("validate", _validate, "check a recipe, its data and its model references without training")
     bench = recipe_verb("bench", _bench, "benchmark batched evaluation against one-row-at-a-time generate")
     bench.add_argument("--rows", type=int, default=64, help="eval rows to generate (default 64)")
+    bench_train = recipe_verb(
+        "bench-train", _bench_train, "benchmark the train stage against a plain peft + AdamW loop (same rows)"
+    )
+    bench_train.add_argument("--rows", type=int, default=320, help="training rows (default 320)")
     inspect = recipe_verb("inspect", _inspect, "show training rows with the trained tokens marked, and length stats")
     inspect.add_argument("--rows", type=int, default=3, help="how many rows to show (default 3)")
 
@@ -245,6 +249,13 @@ def _bench(args) -> int:
     from pipeline.recipe import load_recipe
 
     bench.run(load_recipe(args.recipe, args.overrides), args.rows)
+    return 0
+
+
+def _bench_train(args) -> int:
+    from pipeline import bench
+
+    bench.run_train(args.recipe, args.overrides, args.rows)
     return 0
 
 

@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from transformers import TrainerCallback, set_seed
+import torch
+from transformers import Trainer, TrainerCallback, set_seed
 
 from pipeline import data, models
 from pipeline.errors import PipelineError
@@ -54,9 +55,8 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
 
 
 def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
-    import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
     recipe = loaded.recipe
@@ -150,12 +150,14 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         fp16=on_cuda and dtype == torch.float16,
         optim="adamw_torch_fused" if on_cuda else "adamw_torch",
         remove_unused_columns=False,
+        # rows of like length batched together: little padding to compute (bench-train: see README)
+        train_sampling_strategy="group_by_length",
         disable_tqdm=not main_process,
         # LoRA leaves the frozen base without gradients by design; DDP need not search for unused ones.
         ddp_find_unused_parameters=False if train.processes > 1 else None,
     )
     metrics_path = stage_dir / "metrics.jsonl"
-    trainer = Trainer(
+    trainer = AnswerLossTrainer(
         model=model,
         args=args,
         train_dataset=sequences,
@@ -312,6 +314,39 @@ def _discard_stale_checkpoints(stage_dir: Path, stage_fp: str) -> None:
 def _last_loss(metrics_path: Path) -> float | None:
     losses = [json.loads(line)["loss"] for line in metrics_path.read_text().splitlines() if '"loss"' in line]
     return losses[-1] if losses else None
+
+
+class AnswerLossTrainer(Trainer):
+    """transformers' Trainer, with the vocabulary projection computed only where the loss needs it.
+
+    Only answer tokens (and the EOS) carry labels, so logits at prompt positions are computed and
+    thrown away: for a small model with a large vocabulary (SmolLM2: 49k x 576, a fifth of its
+    weights) that projection and its softmax are a large share of each step. The model is asked for
+    the logits of the positions that predict a labelled token (`logits_to_keep`, through its own
+    forward, so DDP sees the call) and the loss is the same cross-entropy, normalized as the Trainer
+    normalizes it.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        targets = labels[:, 1:]  # position t predicts token t + 1
+        columns = (targets != data.IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=columns)
+        logits = outputs.logits
+        kept = targets[:, columns]
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]),
+            kept.reshape(-1),
+            ignore_index=data.IGNORE_INDEX,
+            reduction="sum",
+        )
+        if num_items_in_batch is not None:  # the Trainer's normalization over accumulated (and gathered) batches
+            loss = loss / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
+        else:
+            loss = loss / (kept != data.IGNORE_INDEX).sum().clamp(min=1)
+        return (loss, outputs) if return_outputs else loss
 
 
 class CheckpointOnSignal(TrainerCallback):
