@@ -189,19 +189,16 @@ def _plain_loop(recipe, source, examples, pad_id):
     """What a user writes in an afternoon: peft, AdamW, shuffled padded batches, the model's own loss."""
     import math
 
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import get_linear_schedule_with_warmup, set_seed
+
+    from pipeline.stages.train import lora_config
 
     train = recipe.train
     set_seed(train.seed)
     model = models.load_model(source, models.compute_dtype(recipe.model.dtype))
     model.config.use_cache = False
-    lora = recipe.lora
-    config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-        task_type="CAUSAL_LM",
-    )  # fmt: skip
-    model = get_peft_model(model, config)
+    model = get_peft_model(model, lora_config(recipe.lora))  # the train stage's own LoRA settings
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=train.lr, weight_decay=train.weight_decay)

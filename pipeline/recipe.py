@@ -127,6 +127,19 @@ class LoraSection(Section):
     target_modules: Literal["all-linear"] | list[str] = Field(
         "all-linear", description="Which Linear layers get adapters: all-linear or a list of module names."
     )
+    dora: bool = Field(
+        False,
+        description="DoRA (weight-decomposed LoRA): learns each weight's magnitude apart from its direction; "
+        "closer to full fine-tuning at the same rank, slower per step. Not with QLoRA bases here.",
+    )
+    rslora: bool = Field(
+        False, description="Rank-stabilized LoRA: scale alpha / sqrt(r) instead of alpha / r, for large ranks."
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full beside the adapter and saved with it (e.g. a classification head, "
+        "or lm_head / embed_tokens after adding tokens); names as in the model, matched by suffix.",
+    )
 
 
 class TrainSection(Section):
@@ -715,6 +728,10 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
         problems.append((("evaluate", "reference", "prompt"), "applies to format prompt_completion only"))
     if reference and reference.system and reference.chat_template == "never":
         problems.append((("evaluate", "reference", "system"), "needs the chat template; remove chat_template: never"))
+    if recipe.lora.dora and recipe.train.qlora:
+        problems.append(
+            (("lora", "dora"), "DoRA on a 4-bit QLoRA base is not supported here; turn off one of dora, train.qlora")
+        )
     if recipe.train.qlora:
         try:
             import bitsandbytes  # noqa: F401

@@ -176,26 +176,37 @@ def _config(source: models.ModelSource, trust_remote_code: bool):
 
 
 def _target_module_problems(loaded: LoadedRecipe, config) -> list[str]:
-    """LoRA target names that match no Linear layer of the base (built on the meta device: no weights)."""
-    targets = loaded.recipe.lora.target_modules
-    if targets == "all-linear":
+    """LoRA target and modules_to_save names that match nothing in the base (built on the meta device)."""
+    lora = loaded.recipe.lora
+    if lora.target_modules == "all-linear" and not lora.modules_to_save:
         return []
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=loaded.recipe.model.trust_remote_code)
-    linear_names = sorted(
-        {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
-    )
-    return [
-        loaded.error_at(
-            ("lora", "target_modules", i),
-            f"{target!r} matches no Linear layer of the base; its Linear layers are: {', '.join(linear_names)}",
-        )
-        for i, target in enumerate(targets)
-        if target not in linear_names
-    ]
+    modules = dict(model.named_modules())
+    linear_names = sorted({name.rsplit(".", 1)[-1] for name, m in modules.items() if isinstance(m, torch.nn.Linear)})
+    problems = []
+    if lora.target_modules != "all-linear":
+        problems += [
+            loaded.error_at(
+                ("lora", "target_modules", i),
+                f"{target!r} matches no Linear layer of the base; its Linear layers are: {', '.join(linear_names)}",
+            )
+            for i, target in enumerate(lora.target_modules)
+            if target not in linear_names
+        ]
+    top_level = sorted({name.rsplit(".", 1)[-1] for name in modules if name and name.count(".") <= 1})
+    for i, name in enumerate(lora.modules_to_save):
+        if not any(full == name or full.endswith("." + name) for full in modules):
+            problems.append(
+                loaded.error_at(
+                    ("lora", "modules_to_save", i),
+                    f"{name!r} names no module of the base; modules near the top: {', '.join(top_level)}",
+                )
+            )
+    return problems
 
 
 def data_notes(recipe, splits) -> list[str]:

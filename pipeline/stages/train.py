@@ -55,7 +55,7 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
 
 
 def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -104,17 +104,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         model = models.load_model(source, dtype, trust_remote_code=recipe.model.trust_remote_code)
     # No KV cache in training; without one, packed rows (position_ids restarting at 0) attend only within themselves.
     model.config.use_cache = False
-    lora = recipe.lora
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
-            task_type="CAUSAL_LM",
-        ),
-    )
+    model = get_peft_model(model, lora_config(recipe.lora))
     trainable, total = model.get_nb_trainable_parameters()
     method = "QLoRA (nf4 base)" if recipe.train.qlora else "LoRA"
     log(STAGE, f"{method}: {trainable:,} trainable of {total:,} parameters ({dtype}, {models.device()})")
@@ -223,6 +213,21 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     mark_done(stage_dir, stage_fp)
     log(STAGE, f"done: {result['steps']} steps, final loss {result['final_loss']:.4f}, {seconds:.1f}s")
     return result
+
+
+def lora_config(lora):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        use_dora=lora.dora,
+        use_rslora=lora.rslora,
+        modules_to_save=lora.modules_to_save or None,
+        task_type="CAUSAL_LM",
+    )
 
 
 def _launch(loaded: LoadedRecipe, run_dir: Path) -> dict:

@@ -1,0 +1,87 @@
+"""The train stage's loss shortcut, adapter variants (DoRA, rsLoRA, modules_to_save), and bench-train."""
+
+import json
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from pipeline import data, models
+from pipeline.bench import run_train
+from pipeline.cli import main
+from pipeline.recipe import LoraSection, load_recipe
+from pipeline.stages.train import AnswerLossTrainer, lora_config
+
+pytestmark = pytest.mark.integration
+
+
+class _Args:
+    average_tokens_across_devices = False
+
+
+class _FakeTrainer:
+    args = _Args()
+
+
+def test_logits_only_where_labels_are_give_the_models_own_loss_and_gradients(tiny_models, intents_rows):
+    source = models.ModelSource(str(tiny_models["base"]), None, True)
+    tokenizer = models.load_tokenizer(source)
+    train, _ = intents_rows
+    section = data.DataSection(train=str(train), eval=str(train), prompt="M: {text}\nI:", target=" {label}")
+    rows = data.load_splits(section).train[:12]
+    batch = data.pad_batch(data.training_examples(tokenizer, rows, False, section).examples, tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = get_peft_model(models.load_model(source, torch.float32), lora_config(LoraSection(r=4)))
+    for name, param in model.named_parameters():  # LoRA B starts at zero; give the adapter an effect
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    reference = model(**batch).loss
+    reference.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    ours = AnswerLossTrainer.compute_loss(_FakeTrainer(), model, dict(batch))
+    ours.backward()
+    assert torch.allclose(ours, reference, atol=1e-6)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert torch.allclose(param.grad, expected[name], atol=1e-6), name
+    items = (batch["labels"][:, 1:] != data.IGNORE_INDEX).sum()
+    summed = AnswerLossTrainer.compute_loss(_FakeTrainer(), model, dict(batch), num_items_in_batch=items * 2)
+    assert torch.allclose(summed, reference / 2, atol=1e-6)  # normalized over an accumulated batch twice as big
+
+
+@pytest.mark.parametrize(
+    ("setting", "config_key", "value"),
+    [
+        ("lora.dora=true", "use_dora", True),
+        ("lora.rslora=true", "use_rslora", True),
+        ("lora.modules_to_save=[lm_head]", "modules_to_save", ["lm_head"]),
+    ],
+)
+def test_adapter_variants_train_merge_and_export(tiny_recipe, tmp_path, capsys, setting, config_key, value):
+    runs = tmp_path / "runs"
+    overrides = [setting, "quantize=[{kind: gguf, type: q8_0}]", "train.epochs=1"]
+    args = ["run", str(tiny_recipe), "--runs-dir", str(runs)]
+    assert main([*args, *(a for o in overrides for a in ("--set", o))]) == 0
+    run_dir = runs / "tiny-test" / load_recipe(tiny_recipe, overrides).run_id
+    config = json.loads((run_dir / "train" / "adapter" / "adapter_config.json").read_text())
+    assert config[config_key] == value
+    quantized = json.loads((run_dir / "quantize" / "result.json").read_text())["variants"]
+    assert quantized["merged"]["fidelity"]["merge"]["top1_agreement"] >= 0.99  # merged as trained
+    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    assert {"specialized", "gguf-q8_0"} <= set(report["candidates"])
+
+
+def test_modules_to_save_must_name_a_module(tiny_recipe, capsys):
+    assert main(["validate", str(tiny_recipe), "--set", "lora.modules_to_save=[classifier]"]) == 2
+    assert "'classifier' names no module of the base; modules near the top:" in capsys.readouterr().err
+
+
+def test_bench_train_runs_both_ways_on_the_same_rows(tiny_recipe, capsys):
+    result = run_train(tiny_recipe, ["train.epochs=1"], rows=64)
+    stage, loop = result["train stage"], result["plain loop"]
+    assert stage["rows"] == loop["rows"] == 64 and stage["tokens"] == loop["tokens"]
+    assert stage["steps"] == loop["steps"] == 4  # 64 rows, batch 16
+    assert all(way["final_loss"] < way["first_loss"] for way in (stage, loop))
+    assert result["ratio"] == pytest.approx(stage["tokens_per_second"] / loop["tokens_per_second"])
+    assert "train stage / plain loop, real tokens/s:" in capsys.readouterr().out
