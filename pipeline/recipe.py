@@ -159,6 +159,14 @@ class TrainSection(Section):
         description="Training processes (data parallel, one per GPU; on CPU they share the cores), launched with "
         "accelerate. The effective batch is batch_size x processes x grad_accum. make train NPROC=2 sets it.",
     )
+    report_to: list[
+        Literal["tensorboard", "mlflow", "wandb", "trackio", "comet_ml", "clearml", "dvclive", "swanlab"]
+    ] = Field(
+        default_factory=list,
+        description="Experiment trackers for the training metrics (transformers' integrations), e.g. "
+        "[tensorboard, mlflow]: TensorBoard events and an MLflow file store go into the run folder, and the "
+        "final evaluation is logged there too. Trackers are not installed by default: pip install -e '.[trackers]'.",
+    )
     qlora: bool = Field(
         False, description="QLoRA: train the adapter on a 4-bit (bitsandbytes nf4) copy of the base to save memory."
     )
@@ -434,9 +442,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
     if problems:
         raise PipelineError("\n".join(_located(loc, message, origins, path) for loc, message in problems))
     resolved = recipe.model_dump(mode="json")
-    # Where a run is published or which cluster runs it changes nothing it trained or measured: the run
-    # id leaves those out, so adding publish: or launch: settings after a run refers to that same run.
+    # Where a run is published, which cluster runs it and which trackers watch it change nothing it
+    # trained or measured: the run id leaves those out, so adding them after a run refers to that run.
     identity = {key: value for key, value in resolved.items() if key not in ("publish", "launch")}
+    identity["train"] = {key: value for key, value in resolved["train"].items() if key != "report_to"}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return LoadedRecipe(recipe=recipe, path=path, resolved=resolved, sha256=digest, origins=origins)
 
@@ -732,6 +741,18 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
         problems.append(
             (("lora", "dora"), "DoRA on a 4-bit QLoRA base is not supported here; turn off one of dora, train.qlora")
         )
+    if recipe.train.report_to:
+        from pipeline import tracking
+
+        absent = tracking.missing(recipe.train.report_to)
+        if absent:
+            problems.append(
+                (
+                    ("train", "report_to"),
+                    f"{', '.join(absent)} not installed: .venv/bin/pip install -e '.[trackers]' (TensorBoard, "
+                    "MLflow) or the tracker's own package",
+                )
+            )
     if recipe.train.qlora:
         try:
             import bitsandbytes  # noqa: F401

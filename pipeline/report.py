@@ -474,6 +474,9 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     plot_path = run_dir / "evaluate" / "report.png"
     write_plot(report, plot_path)
     write_text_atomic(run_dir / "evaluate" / "report.md", render_markdown(report, flips, plot_path.name))
+    from pipeline import tracking
+
+    tracking.log_report(loaded, run_dir, report)
     mark_done(run_dir / STAGE, fingerprint(loaded, run_dir))
     log(STAGE, f"wrote {run_dir / 'evaluate' / 'report.md'}")
     return report

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
 
-from pipeline import data, models
+from pipeline import data, models, tracking
 from pipeline.errors import PipelineError
 from pipeline.recipe import LoadedRecipe
 from pipeline.runs import (
@@ -47,7 +47,7 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
         STAGE,
         r.model.model_dump(),
         r.lora.model_dump(),
-        r.train.model_dump(),
+        r.train.model_dump(exclude={"report_to"}),
         data.data_fingerprint(r.data),
         base.fingerprint,
         done_fingerprint(run_dir / "distill") if r.distill else None,  # relabelled rows: train again
@@ -134,7 +134,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         save_strategy="steps",
         save_steps=train.save_steps,
         save_total_limit=2,
-        report_to="none",
+        report_to=train.report_to or "none",
         use_cpu=not on_cuda,
         bf16=on_cuda and dtype == torch.bfloat16,
         fp16=on_cuda and dtype == torch.float16,
@@ -147,6 +147,8 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         ddp_find_unused_parameters=False if train.processes > 1 else None,
     )
     metrics_path = stage_dir / "metrics.jsonl"
+    if main_process and train.report_to:
+        tracking.start(loaded, run_dir)
     trainer = AnswerLossTrainer(
         model=model,
         args=args,
@@ -166,6 +168,8 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         output = trainer.train(resume_from_checkpoint=last)
     finally:
         StopSignal.training = False
+        if train.report_to:
+            tracking.finish_training()
     seconds = time.perf_counter() - started
     if StopSignal.requested:
         raise Interrupted(
