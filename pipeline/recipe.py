@@ -159,6 +159,11 @@ class TrainSection(Section):
         description="Training processes (data parallel, one per GPU; on CPU they share the cores), launched with "
         "accelerate. The effective batch is batch_size x processes x grad_accum. make train NPROC=2 sets it.",
     )
+    group_by_length: bool = Field(
+        False,
+        description="Batch rows of like length together (less padding, ~15% faster on short rows). Off by "
+        "default: it changes which rows share a batch, and in the demo that cost a quantized variant its gate.",
+    )
     report_to: list[
         Literal["tensorboard", "mlflow", "wandb", "trackio", "comet_ml", "clearml", "dvclive", "swanlab"]
     ] = Field(

@@ -140,8 +140,8 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         fp16=on_cuda and dtype == torch.float16,
         optim="adamw_torch_fused" if on_cuda else "adamw_torch",
         remove_unused_columns=False,
-        # rows of like length batched together: little padding to compute (bench-train: see README)
-        train_sampling_strategy="group_by_length",
+        # rows of like length batched together: little padding to compute (opt-in; see README)
+        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
         disable_tqdm=not main_process,
         # LoRA leaves the frozen base without gradients by design; DDP need not search for unused ones.
         ddp_find_unused_parameters=False if train.processes > 1 else None,
