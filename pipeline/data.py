@@ -598,23 +598,40 @@ def pack(examples: list[dict[str, list[int]]], max_seq_len: int) -> list[dict[st
     return packed
 
 
-def pad_batch(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
-    """Right-pad a training batch; padded positions get no attention and no labels.
+def pad_batch(examples: list[dict[str, list[int]]], pad_id: int, left: bool = False) -> dict[str, Any]:
+    """Pad a training batch; padded positions get no attention and no labels.
 
-    Packed rows (with position_ids) are padded with position 0 and no attention mask, so the padding
-    reads as one more sequence of its own.
+    left=True puts the padding first, so every row's answer ends at the last column and the answers of
+    a batch share a few columns (the train stage computes logits there only). Position ids then count
+    from each row's first real token, so the model computes exactly what it would on the row alone.
+    Packed rows (with position_ids) are padded on the right with position 0 and no attention mask, so
+    the padding reads as one more sequence of its own.
     """
     import torch
 
     width = max(len(ex["input_ids"]) for ex in examples)
     packed = "position_ids" in examples[0]
-    batch: dict[str, list] = {"input_ids": [], "labels": [], ("position_ids" if packed else "attention_mask"): []}
-    for ex in examples:
-        pad = width - len(ex["input_ids"])
-        batch["input_ids"].append(ex["input_ids"] + [pad_id] * pad)
-        batch["labels"].append(ex["labels"] + [IGNORE_INDEX] * pad)
-        if packed:
+    if packed:
+        batch: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
+        for ex in examples:
+            pad = width - len(ex["input_ids"])
+            batch["input_ids"].append(ex["input_ids"] + [pad_id] * pad)
+            batch["labels"].append(ex["labels"] + [IGNORE_INDEX] * pad)
             batch["position_ids"].append(ex["position_ids"] + list(range(pad)))
+        return {key: torch.tensor(value) for key, value in batch.items()}
+    batch = {"input_ids": [], "labels": [], "attention_mask": []}
+    if left:
+        batch["position_ids"] = []
+    for ex in examples:
+        n = len(ex["input_ids"])
+        pad = width - n
+        if left:
+            batch["input_ids"].append([pad_id] * pad + ex["input_ids"])
+            batch["labels"].append([IGNORE_INDEX] * pad + ex["labels"])
+            batch["attention_mask"].append([0] * pad + [1] * n)
+            batch["position_ids"].append([0] * pad + list(range(n)))
         else:
-            batch["attention_mask"].append([1] * len(ex["input_ids"]) + [0] * pad)
+            batch["input_ids"].append(ex["input_ids"] + [pad_id] * pad)
+            batch["labels"].append(ex["labels"] + [IGNORE_INDEX] * pad)
+            batch["attention_mask"].append([1] * n + [0] * pad)
     return {key: torch.tensor(value) for key, value in batch.items()}

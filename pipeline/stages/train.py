@@ -153,7 +153,8 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         model=model,
         args=args,
         train_dataset=sequences,
-        data_collator=lambda batch: data.pad_batch(batch, tokenizer.pad_token_id),
+        # padding first: every answer ends at the last column, so AnswerLossTrainer computes few logits
+        data_collator=lambda batch: data.pad_batch(batch, tokenizer.pad_token_id, left=True),
         callbacks=[LossLog(metrics_path), CheckpointOnSignal()],
     )
     if main_process and train.processes > 1:
@@ -331,9 +332,9 @@ class AnswerLossTrainer(Trainer):
     Only answer tokens (and the EOS) carry labels, so logits at prompt positions are computed and
     thrown away: for a small model with a large vocabulary (SmolLM2: 49k x 576, a fifth of its
     weights) that projection and its softmax are a large share of each step. The model is asked for
-    the logits of the positions that predict a labelled token (`logits_to_keep`, through its own
-    forward, so DDP sees the call) and the loss is the same cross-entropy, normalized as the Trainer
-    normalizes it.
+    the logits of the columns where some row predicts a labelled token (`logits_to_keep`, through its
+    own forward, so DDP sees the call; batches are left-padded, so those are the last few columns) and
+    the loss is the same cross-entropy, normalized as the Trainer normalizes it.
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
