@@ -841,8 +841,8 @@ def _did_you_mean(loc: tuple) -> str:
     if model is None:
         return ""
     key = str(loc[-1])
-    close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.5)
-    close = close or [f for f in model.model_fields if key.startswith(f) or f.startswith(key)][:1]  # rank -> r
+    close = [f for f in model.model_fields if key.startswith(f) or f.startswith(key)][:1]  # rank -> r, ep -> epochs
+    close = close or difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.5)
     if not close:
         return f"; known keys here: {', '.join(model.model_fields)}"
     return f" (did you mean '{'.'.join(str(p) for p in (*loc[:-1], close[0]))}'?)"
