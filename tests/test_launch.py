@@ -106,13 +106,14 @@ def test_a_slurm_job_signalled_before_its_time_limit_checkpoints_requeues_and_re
     while "Restarts=1" not in _job(slurm, job):
         assert time.time() < deadline, _job(slurm, job)
         time.sleep(0.5)
-    # Slurm holds a requeued job back a while before it may start again; the test does not wait for that
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm.env, check=True)
+    # Slurm holds a requeued job back until the old instance's credential expires (cred_expire, 10 s here;
+    # 120 s by default), so the restart cannot collide with the instance that is still being killed
+    log_path = run_dir / "slurm" / f"{job}.out"
     while "JobState=COMPLETED" not in _job(slurm, job):
-        assert "JobState=FAILED" not in _job(slurm, job)
+        assert "JobState=FAILED" not in _job(slurm, job), log_path.read_text()[-3000:]
         assert time.time() < deadline + 120, _job(slurm, job)
         time.sleep(0.5)
-    log = (run_dir / "slurm" / f"{job}.out").read_text()
+    log = log_path.read_text()
     assert "[slurm] stop signal: checkpointing, then requeueing" in log
     assert "train: stopped by a signal at step" in log
     assert "restart 1" in log and "resuming from" in log
