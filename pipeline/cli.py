@@ -33,8 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     verbs = parser.add_subparsers(required=True, metavar="VERB")
 
-    def recipe_verb(name: str, handler, help_text: str) -> argparse.ArgumentParser:
+    def recipe_verb(name: str, handler, help_text: str, before_recipe=None) -> argparse.ArgumentParser:
         verb = verbs.add_parser(name, help=help_text, description=help_text)
+        if before_recipe:  # a positional that reads before the recipe, as in `submit slurm RECIPE`
+            verb.add_argument(before_recipe[0], **before_recipe[1])
         verb.add_argument("recipe", type=Path, help="recipe YAML file")
         verb.add_argument(
             "--set",
@@ -73,18 +75,14 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="publish a run whose gates failed (its card then says so at the top)",
     )
-    submit = verbs.add_parser(
+    submit = recipe_verb(
         "submit",
-        help="run this recipe as a job: a Slurm batch script or a SkyPilot task, written into the run folder "
-        "and submitted",
+        _submit,
+        "run this recipe as a job: a Slurm batch script or a SkyPilot task, written into the run folder and submitted",
+        before_recipe=("scheduler", {"choices": ["slurm", "sky"], "help": "where the job runs"}),
     )
-    submit.add_argument("scheduler", choices=["slurm", "sky"], help="where the job runs")
-    submit.add_argument("recipe", type=Path, help="recipe YAML file")
-    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    submit.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders go (default: runs)")
     submit.add_argument("--wait", action="store_true", help="slurm: wait for the job and exit with its exit code")
     submit.add_argument("--dry-run", action="store_true", help="write the script / task file; submit nothing")
-    submit.set_defaults(handler=_submit)
     recipe_verb("validate", _validate, "check a recipe, its data and its model references without training")
     bench = recipe_verb("bench", _bench, "benchmark batched evaluation against one-row-at-a-time generate")
     bench.add_argument("--rows", type=int, default=64, help="eval rows to generate (default 64)")
