@@ -227,7 +227,9 @@ def data_notes(recipe, splits) -> list[str]:
             + "; ".join(wheres[:3])
         )
     stats = data.target_stats(splits)
-    if stats["label_set"]:
+    if recipe.distill and not splits.train:
+        notes.append(f"targets: {stats['eval_distinct']} distinct in eval; training's come from the teacher's labels")
+    elif stats["label_set"]:
         notes.append(f"targets: {stats['train_distinct']} distinct in train, {stats['eval_distinct']} in eval")
         unseen = stats["eval_unseen_in_train"]
         if unseen:
