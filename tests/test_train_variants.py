@@ -21,6 +21,7 @@ class _Args:
 
 class _FakeTrainer:
     args = _Args()
+    keeps_logits = True
 
 
 @pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
@@ -51,6 +52,9 @@ def test_logits_only_where_labels_are_give_the_models_own_loss_and_gradients(tin
     if left:  # the answers share the last columns: few logits
         columns = (batch["labels"][:, 1:] != data.IGNORE_INDEX).any(dim=0).sum()
         assert columns < batch["labels"].shape[1] / 2
+    every_position = _FakeTrainer()
+    every_position.keeps_logits = False  # an architecture without logits_to_keep: the same loss, all logits
+    assert torch.allclose(AnswerLossTrainer.compute_loss(every_position, model, dict(batch)), reference, atol=1e-6)
     items = (batch["labels"][:, 1:] != data.IGNORE_INDEX).sum()
     summed = AnswerLossTrainer.compute_loss(_FakeTrainer(), model, dict(batch), num_items_in_batch=items * 2)
     assert torch.allclose(summed, reference / 2, atol=1e-6)  # normalized over an accumulated batch twice as big

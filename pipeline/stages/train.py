@@ -7,6 +7,7 @@ train/checkpoints/ (resumable: a killed run continues from its last checkpoint).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import shutil
@@ -326,6 +327,11 @@ def _last_loss(metrics_path: Path) -> float | None:
     return losses[-1] if losses else None
 
 
+def accepts_logits_to_keep(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 class AnswerLossTrainer(Trainer):
     """transformers' Trainer, with the vocabulary projection computed only where the loss needs it.
 
@@ -337,13 +343,21 @@ class AnswerLossTrainer(Trainer):
     the loss is the same cross-entropy, normalized as the Trainer normalizes it.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keeps_logits = accepts_logits_to_keep(self.model)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         targets = labels[:, 1:]  # position t predicts token t + 1
-        columns = (targets != data.IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=columns)
-        logits = outputs.logits
-        kept = targets[:, columns]
+        features = {k: v for k, v in inputs.items() if k != "labels"}
+        if self.keeps_logits:
+            columns = (targets != data.IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+            outputs = model(**features, logits_to_keep=columns)
+            logits, kept = outputs.logits, targets[:, columns]
+        else:  # an architecture without logits_to_keep (remote code, older models): every position
+            outputs = model(**features)
+            logits, kept = outputs.logits[:, :-1], targets
         loss = torch.nn.functional.cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]),
             kept.reshape(-1),
