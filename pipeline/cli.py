@@ -145,10 +145,6 @@ def _stage_module(stage: str):
     return {"distill": distill, "train": train, "quantize": quantize, "evaluate": evaluate, "report": report}[stage]
 
 
-def _fingerprint(stage: str, loaded, run_dir: Path) -> str:
-    return _stage_module(stage).fingerprint(loaded, run_dir)
-
-
 def _run_all(args) -> int:
     from pipeline.runs import StopSignal, is_done, log, run_dir_for, run_lock
 
@@ -161,7 +157,7 @@ def _run_all(args) -> int:
         for stage in STAGE_ORDER:
             if stage == "distill" and loaded.recipe.distill is None:
                 continue
-            fingerprint = _fingerprint(stage, loaded, run_dir)
+            fingerprint = _stage_module(stage).fingerprint(loaded, run_dir)
             if not args.force and is_done(run_dir / stage, fingerprint):
                 log(stage, "already done for this recipe and data; skipped")
                 if stage == "report":  # the exit code still says whether the gates passed
@@ -201,11 +197,10 @@ def _report_exit(report: dict | None, run_dir: Path) -> int:
 
 
 def _publish(args) -> int:
-    from pipeline.recipe import load_recipe
     from pipeline.runs import run_dir_for, run_lock
     from pipeline.stages import publish
 
-    loaded = load_recipe(args.recipe, args.overrides)
+    loaded = _load_recipe(args)
     run_dir = run_dir_for(loaded, args.runs_dir)
     publish.publish_section(loaded)
     if not run_dir.is_dir():
@@ -222,14 +217,7 @@ def _submit(args) -> int:
     run_dir = _prepare(loaded, args)
     if args.scheduler == "sky":
         return skypilot.submit(loaded, run_dir, dry_run=args.dry_run)
-    if args.dry_run:
-        path = run_dir / "slurm" / "job.sbatch"
-        from pipeline.runs import write_text_atomic
-
-        write_text_atomic(path, slurm.script(loaded, run_dir))
-        print(path)
-        return 0
-    return slurm.submit(loaded, run_dir, wait=args.wait)
+    return slurm.submit(loaded, run_dir, wait=args.wait, dry_run=args.dry_run)
 
 
 def _validate(args) -> int:

@@ -282,9 +282,11 @@ def format_row(
                 )
         instruction = text_value(row["instruction"], where, "instruction", "format alpaca")
         output = text_value(row["output"], where, "output", "format alpaca")
-        extra = row.get("input")
-        extra = "" if extra is None or (isinstance(extra, str) and not extra.strip()) else extra  # optional
-        extra = text_value(extra, where, "input", "format alpaca") if extra != "" else ""
+        extra = row.get("input")  # optional: absent, null or blank means no input block
+        if extra is None or (isinstance(extra, str) and not extra.strip()):
+            extra = ""
+        else:
+            extra = text_value(extra, where, "input", "format alpaca")
         prompt = ALPACA_PROMPT.format(
             with_input=", paired with an input that provides further context" if extra else "",
             instruction=instruction,
@@ -436,12 +438,13 @@ def target_stats(splits: Splits) -> dict:
     eval_targets = [row.target for row in splits.eval]
     labels = is_label_set(train_targets + eval_targets)
     unseen = sorted(set(eval_targets) - set(train_targets)) if labels else []
+    unseen_set = set(unseen)
     return {
         "label_set": labels,
         "train_distinct": len(set(train_targets)),
         "eval_distinct": len(set(eval_targets)),
         "eval_unseen_in_train": unseen,
-        "eval_rows_unseen_in_train": sum(t in set(unseen) for t in eval_targets),
+        "eval_rows_unseen_in_train": sum(t in unseen_set for t in eval_targets),
     }
 
 
@@ -611,27 +614,21 @@ def pad_batch(examples: list[dict[str, list[int]]], pad_id: int, left: bool = Fa
 
     width = max(len(ex["input_ids"]) for ex in examples)
     packed = "position_ids" in examples[0]
-    if packed:
-        batch: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
-        for ex in examples:
-            pad = width - len(ex["input_ids"])
-            batch["input_ids"].append(ex["input_ids"] + [pad_id] * pad)
-            batch["labels"].append(ex["labels"] + [IGNORE_INDEX] * pad)
-            batch["position_ids"].append(ex["position_ids"] + list(range(pad)))
-        return {key: torch.tensor(value) for key, value in batch.items()}
-    batch = {"input_ids": [], "labels": [], "attention_mask": []}
-    if left:
-        batch["position_ids"] = []
+    left = left and not packed
+
+    def padded(values: list[int], filler: int) -> list[int]:
+        pad = [filler] * (width - len(values))
+        return pad + values if left else values + pad
+
+    batch: dict[str, list] = {"input_ids": [], "labels": []}
     for ex in examples:
         n = len(ex["input_ids"])
-        pad = width - n
+        batch["input_ids"].append(padded(ex["input_ids"], pad_id))
+        batch["labels"].append(padded(ex["labels"], IGNORE_INDEX))
+        if packed:  # the padding continues as a sequence of its own
+            batch.setdefault("position_ids", []).append(ex["position_ids"] + list(range(width - n)))
+            continue
+        batch.setdefault("attention_mask", []).append(padded([1] * n, 0))
         if left:
-            batch["input_ids"].append([pad_id] * pad + ex["input_ids"])
-            batch["labels"].append([IGNORE_INDEX] * pad + ex["labels"])
-            batch["attention_mask"].append([0] * pad + [1] * n)
-            batch["position_ids"].append([0] * pad + list(range(n)))
-        else:
-            batch["input_ids"].append(ex["input_ids"] + [pad_id] * pad)
-            batch["labels"].append(ex["labels"] + [IGNORE_INDEX] * pad)
-            batch["attention_mask"].append([1] * n + [0] * pad)
+            batch.setdefault("position_ids", []).append(padded(list(range(n)), 0))
     return {key: torch.tensor(value) for key, value in batch.items()}

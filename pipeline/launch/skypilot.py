@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import PipelineError
+from pipeline.launch import job_gpus
 from pipeline.recipe import LoadedRecipe
 from pipeline.runs import log, write_text_atomic
 
@@ -29,7 +30,7 @@ def task(loaded: LoadedRecipe, run_dir: Path) -> dict:
     for path in local_inputs(recipe):
         mounts[str(path)] = str(path)
     resources: dict = {}
-    gpus = max(launch.gpus, recipe.train.processes if launch.gpus else 0)
+    gpus = job_gpus(recipe)
     if gpus:
         resources["accelerators"] = f"{launch.gpu_type or 'A100'}:{gpus}"
     if launch.cpus:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.launch import job_gpus
 from pipeline.recipe import LoadedRecipe
 from pipeline.runs import log, write_text_atomic
 
@@ -23,7 +24,6 @@ FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 
 def script(loaded: LoadedRecipe, run_dir: Path) -> str:
     launch = loaded.recipe.launch
-    processes = loaded.recipe.train.processes
     options = [
         f"--job-name=specialist-{loaded.recipe.name}",
         f"--output={run_dir / 'slurm' / '%j.out'}",
@@ -44,7 +44,7 @@ def script(loaded: LoadedRecipe, run_dir: Path) -> str:
         options.append(f"--partition={launch.partition}")
     if launch.account:
         options.append(f"--account={launch.account}")
-    gpus = max(launch.gpus, processes if launch.gpus else 0)
+    gpus = job_gpus(loaded.recipe)
     if gpus:
         options.append(f"--gres=gpu:{launch.gpu_type + ':' if launch.gpu_type else ''}{gpus}")
     command = [sys.executable, "-m", "pipeline", "run", str(run_dir / "recipe.resolved.yaml")]
@@ -72,11 +72,14 @@ def script(loaded: LoadedRecipe, run_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def submit(loaded: LoadedRecipe, run_dir: Path, wait: bool = False) -> int:
-    """Write runs/.../slurm/job.sbatch and sbatch it; with wait, return the job's exit code."""
+def submit(loaded: LoadedRecipe, run_dir: Path, wait: bool = False, dry_run: bool = False) -> int:
+    """Write runs/.../slurm/job.sbatch and sbatch it (unless dry_run); with wait, return the job's exit code."""
     path = run_dir / "slurm" / "job.sbatch"
     write_text_atomic(path, script(loaded, run_dir))
     path.chmod(0o755)
+    if dry_run:
+        print(path)
+        return 0
     try:
         out = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True, timeout=60)
     except FileNotFoundError:

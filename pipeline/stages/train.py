@@ -244,8 +244,6 @@ def _launch(loaded: LoadedRecipe, run_dir: Path) -> dict:
     """
     import socket
 
-    import torch
-
     processes = loaded.recipe.train.processes
     if torch.cuda.is_available() and torch.cuda.device_count() < processes:
         raise PipelineError(
