@@ -175,6 +175,12 @@ class TrainSection(Section):
     qlora: bool = Field(
         False, description="QLoRA: train the adapter on a 4-bit (bitsandbytes nf4) copy of the base to save memory."
     )
+    frozen_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="dtype of the frozen base's LoRA-wrapped weights while training (the adapter, norms, attention "
+        "and loss stay in model.dtype). auto: bfloat16 on a CPU with bf16 matrix units (Intel AMX), where it "
+        "makes a step ~1.4x faster; otherwise model.dtype. Evaluation always runs the base in model.dtype.",
+    )
 
 
 class QuantizeVariant(Section):
@@ -745,6 +751,15 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     if recipe.lora.dora and recipe.train.qlora:
         problems.append(
             (("lora", "dora"), "DoRA on a 4-bit QLoRA base is not supported here; turn off one of dora, train.qlora")
+        )
+    if recipe.train.frozen_dtype != "auto" and (recipe.train.qlora or recipe.lora.dora):
+        problems.append(
+            (
+                ("train", "frozen_dtype"),
+                f"{recipe.train.frozen_dtype} applies to plain LoRA; "
+                + ("QLoRA's base is 4-bit" if recipe.train.qlora else "DoRA computes its weight norms from the base")
+                + ": use auto",
+            )
         )
     if recipe.train.report_to:
         from pipeline import tracking

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -23,19 +22,28 @@ DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue")
 class SlurmCluster:
     folder: Path
     conf: Path
-    pids: list[int]
+    processes: list[subprocess.Popen]
 
     @property
     def env(self) -> dict[str, str]:
         return {**os.environ, "SLURM_CONF": str(self.conf)}
 
     def stop(self) -> None:
-        for pid in reversed(self.pids):
+        for process in reversed(self.processes):
+            process.terminate()
+        for process in reversed(self.processes):
             try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # a daemon stuck on its peers must not outlive the tests
+                process.kill()
+                process.wait()
+
+
+def _munge_works() -> bool:
+    try:
+        return subprocess.run(["munge", "-n"], capture_output=True, timeout=5).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def _free_port() -> int:
@@ -59,18 +67,18 @@ def start(folder: Path) -> tuple[SlurmCluster | None, str | None]:
     if reason:
         return None, reason
     folder.mkdir(parents=True, exist_ok=True)
-    pids = []
-    munge_socket = Path("/run/munge/munge.socket.2")
-    if not munge_socket.exists():
+    processes = []
+    if not _munge_works():  # not running, or a socket left behind by a munged that is gone (a restored machine)
         Path("/run/munge").mkdir(parents=True, exist_ok=True)
         shutil.chown("/run/munge", "munge", "munge")
-        subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=False, capture_output=True)
+        command = ["runuser", "-u", "munge", "--", "/usr/sbin/munged", "--force"]
+        subprocess.run(command, check=False, capture_output=True)
         for _ in range(50):
-            if munge_socket.exists():
+            if _munge_works():
                 break
             time.sleep(0.1)
-    if not munge_socket.exists():
-        return None, "munged did not start (no /run/munge/munge.socket.2)"
+        else:
+            return None, "munged did not start (munge -n fails)"
     node = subprocess.run(["/usr/sbin/slurmd", "-C"], capture_output=True, text=True).stdout.splitlines()[0]
     facts = dict(item.split("=", 1) for item in node.split()[1:])
     for sub in ("state", "spool"):
@@ -108,11 +116,11 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 """
     )
     env = {**os.environ, "SLURM_CONF": str(conf)}
-    cluster = SlurmCluster(folder, conf, pids)
+    cluster = SlurmCluster(folder, conf, processes)
     for command in (["/usr/sbin/slurmctld", "-D", "-i"], ["/usr/sbin/slurmd", "-D", "-N", "localhost"]):
         log = (folder / f"{Path(command[0]).name}.stdout").open("w")
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        pids.append(process.pid)
+        processes.append(process)
     deadline = time.time() + 30
     while time.time() < deadline:
         out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout.strip()

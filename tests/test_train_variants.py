@@ -10,7 +10,7 @@ from pipeline import data, models
 from pipeline.bench import run_train
 from pipeline.cli import main
 from pipeline.recipe import LoraSection, load_recipe
-from pipeline.stages.train import AnswerLossTrainer, lora_config
+from pipeline.stages.train import AnswerLossTrainer, frozen_dtype, hold_frozen_base, lora_config
 
 pytestmark = pytest.mark.integration
 
@@ -95,3 +95,58 @@ def test_bench_train_runs_both_ways_on_the_same_rows(tiny_recipe, capsys):
     assert all(way["final_loss"] < way["first_loss"] for way in (stage, loop))
     assert result["ratio"] == pytest.approx(stage["tokens_per_second"] / loop["tokens_per_second"])
     assert "train stage / plain loop, real tokens/s:" in capsys.readouterr().out
+
+
+def test_a_frozen_base_held_in_bf16_keeps_the_adapter_and_activations_in_fp32(tiny_models):
+    source = models.ModelSource(str(tiny_models["base"]), None, True)
+    torch.manual_seed(0)
+    model = get_peft_model(models.load_model(source, torch.float32), lora_config(LoraSection(r=4)))
+    ids = torch.randint(0, 100, (2, 12))
+    before = model(input_ids=ids).logits
+    held = hold_frozen_base(model, torch.bfloat16, torch.float32)
+    assert held == sum(1 for n, _ in model.named_modules() if n.endswith(".base_layer"))
+    after = model(input_ids=ids, labels=ids)
+    assert after.logits.dtype == torch.float32
+    assert not torch.equal(after.logits, before)  # the frozen products are rounded ...
+    assert (after.logits - before).norm() / before.norm() < 0.02  # ... to bf16's precision, no more
+    after.loss.backward()
+    adapter = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert adapter and all(p.dtype == torch.float32 and p.grad is not None for p in adapter)
+    frozen = [p for n, p in model.named_parameters() if n.endswith("base_layer.weight")]
+    assert frozen and all(p.dtype == torch.bfloat16 and p.grad is None for p in frozen)
+
+
+@pytest.mark.parametrize(
+    ("settings", "amx", "expected"),
+    [
+        ([], True, torch.bfloat16),  # auto on a CPU with bf16 matrix units
+        ([], False, torch.float32),  # auto without them: bf16 would be emulated, far slower
+        (["lora.dora=true"], True, torch.float32),  # DoRA's weight norms read the base
+        (["train.frozen_dtype=float32"], True, torch.float32),
+        (["train.frozen_dtype=bfloat16"], False, torch.bfloat16),
+    ],
+)
+def test_frozen_dtype_auto_holds_the_base_in_bf16_only_where_that_is_faster(
+    tiny_recipe, monkeypatch, settings, amx, expected
+):
+    monkeypatch.setattr(models, "cpu_has_bf16_units", lambda: amx)
+    assert frozen_dtype(load_recipe(tiny_recipe, settings).recipe, torch.float32) == expected
+
+
+def test_frozen_dtype_is_refused_where_the_base_is_not_plain(tiny_recipe, capsys):
+    assert main(["validate", str(tiny_recipe), "--set", "train.frozen_dtype=bfloat16", "--set", "lora.dora=true"]) == 2
+    assert "train.frozen_dtype: bfloat16 applies to plain LoRA; DoRA computes" in capsys.readouterr().err
+
+
+def test_training_on_a_bf16_frozen_base_follows_the_fp32_loss_curve(tiny_recipe, tmp_path):
+    losses = {}
+    for setting in ("float32", "bfloat16"):
+        runs = tmp_path / setting
+        overrides = [f"train.frozen_dtype={setting}"]
+        assert main(["train", str(tiny_recipe), "--runs-dir", str(runs), "--set", overrides[0]]) == 0
+        train_dir = runs / "tiny-test" / load_recipe(tiny_recipe, overrides).run_id / "train"
+        assert json.loads((train_dir / "result.json").read_text())["frozen_dtype"] == setting
+        losses[setting] = [json.loads(line)["loss"] for line in (train_dir / "metrics.jsonl").open()]
+    assert len(losses["float32"]) == len(losses["bfloat16"]) == 12
+    assert losses["bfloat16"] != losses["float32"]
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.05)

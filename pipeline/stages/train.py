@@ -109,6 +109,10 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     trainable, total = model.get_nb_trainable_parameters()
     method = "QLoRA (nf4 base)" if recipe.train.qlora else "LoRA"
     log(STAGE, f"{method}: {trainable:,} trainable of {total:,} parameters ({dtype}, {models.device()})")
+    frozen = frozen_dtype(recipe, dtype)
+    if frozen != dtype:
+        held = hold_frozen_base(model, frozen, dtype)
+        log(STAGE, f"the frozen weights of {held} LoRA-wrapped layers held in {frozen} (train.frozen_dtype)")
 
     on_cuda = torch.cuda.is_available()
     train = recipe.train
@@ -206,6 +210,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         "train_loss": output.training_loss,
         "final_loss": _last_loss(metrics_path),
         "trainable_parameters": trainable,
+        "frozen_dtype": str(frozen).removeprefix("torch."),
         "total_parameters": total,
         "train_seconds": round(seconds, 3),
         "tokens_per_epoch": sum(len(ex["input_ids"]) for ex in examples),
@@ -234,6 +239,42 @@ def lora_config(lora):
         modules_to_save=lora.modules_to_save or None,
         task_type="CAUSAL_LM",
     )
+
+
+def frozen_dtype(recipe, dtype: torch.dtype) -> torch.dtype:
+    """train.frozen_dtype resolved: auto holds the frozen base in bf16 on CPUs with bf16 matrix units."""
+    setting = recipe.train.frozen_dtype
+    if setting != "auto":
+        return getattr(torch, setting)
+    plain_lora = not (recipe.train.qlora or recipe.lora.dora)
+    if plain_lora and dtype == torch.float32 and not torch.cuda.is_available() and models.cpu_has_bf16_units():
+        return torch.bfloat16
+    return dtype
+
+
+def hold_frozen_base(model, frozen: torch.dtype, compute: torch.dtype) -> int:
+    """Store the frozen base weight of every LoRA layer in `frozen`; everything else computes in `compute`.
+
+    The base matmul takes its input cast to `frozen` and returns its output cast back, so the adapter,
+    norms, attention, residual stream and loss keep full precision; only the frozen product is rounded,
+    as in bf16 training on a GPU. The adapter file does not depend on it (it holds LoRA weights only).
+    """
+    from peft.tuners.lora import Linear as LoraLinear
+
+    def cast_input(layer, args):
+        return (args[0].to(frozen), *args[1:])
+
+    def cast_output(layer, args, output):
+        return output.to(compute)
+
+    held = 0
+    for module in model.modules():
+        if isinstance(module, LoraLinear) and type(module.base_layer) is torch.nn.Linear:
+            module.base_layer.to(frozen)
+            module.base_layer.register_forward_pre_hook(cast_input)
+            module.base_layer.register_forward_hook(cast_output)
+            held += 1
+    return held
 
 
 def _launch(loaded: LoadedRecipe, run_dir: Path) -> dict:
