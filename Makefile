@@ -12,7 +12,7 @@ RECIPE_ARGS = $(RECIPE) --runs-dir $(RUNS) $(foreach s,$(SET),--set $(s)) $(if $
 TINY_MODELS := build/tiny-models/base/model.safetensors
 
 .DEFAULT_GOAL := help
-.PHONY: help setup schema bench inspect bench-train models llamacpp train quantize eval report publish submit validate tiny-models test lint clean
+.PHONY: help setup schema bench inspect bench-train serve models llamacpp train quantize eval report publish submit validate tiny-models test lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -76,6 +76,9 @@ bench: $(VENV)/.installed $(TINY_MODELS) ## batched evaluation vs one-row-at-a-t
 
 bench-train: $(VENV)/.installed $(TINY_MODELS) ## the train stage vs a plain peft loop on RECIPE's rows (ROWS=320): tokens/s, losses, memory
 	$(VENV)/bin/specialist bench-train $(RECIPE_ARGS) --rows $(or $(ROWS),320)
+
+serve: $(VENV)/.installed ## llama.cpp's OpenAI-compatible server on MODEL (packaged:NAME or a .gguf; PORT=8080)
+	$(VENV)/bin/specialist serve $(or $(MODEL),packaged:qwen2.5-coder-1.5b-instruct) --port $(or $(PORT),8080) $(if $(API_KEY_ENV),--api-key-env $(API_KEY_ENV))
 
 test: $(VENV)/.installed ## run the test suite (unit + integration on tiny models)
 	$(PY) -m pytest -q

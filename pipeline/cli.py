@@ -109,6 +109,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     llamacpp.set_defaults(handler=_llamacpp)
 
+    serve = verbs.add_parser(
+        "serve",
+        help="serve a GGUF (packaged:NAME, a .gguf file, a run's gguf folder) with llama.cpp's OpenAI-compatible "
+        "server, for a reference or teacher behind an endpoint",
+    )
+    serve.add_argument("model", metavar="MODEL", help="packaged:NAME, a .gguf file, or runs/.../quantize/gguf-TYPE")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--alias", help="the model name clients ask for (default: the packaged name or file stem)")
+    serve.add_argument("--threads", type=int, help="CPU threads (default: all)")
+    serve.add_argument("--context", type=int, default=4096, help="context length in tokens")
+    serve.add_argument("--api-key-env", help="require the key held in this environment variable")
+    serve.set_defaults(handler=_serve)
+
     tiny = verbs.add_parser("tiny-models", help="build the tiny random-init models the tiny recipe and tests use")
     tiny.add_argument("--out", type=Path, default=Path("build/tiny-models"))
     tiny.add_argument(
@@ -286,6 +300,19 @@ def _llamacpp(args) -> int:
     print(f"llama-cpp-python {llamacpp_install.VERSION} ({' '.join(llamacpp_install.cmake_args())})")
     print(f"converter: {converter}")
     return 0
+
+
+def _serve(args) -> int:
+    from pipeline import serve
+
+    server = serve.start(args.model, args.alias, args.host, args.port, args.threads, args.context, args.api_key_env)
+    print(f"serving {args.model} at http://{args.host}:{args.port}/v1 (Ctrl-C stops it)", file=sys.stderr)
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        server.terminate()
+        server.wait()
+        return 0
 
 
 def _tiny_models(args) -> int:

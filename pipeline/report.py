@@ -127,6 +127,7 @@ def build_report(
             extras = {k: v for k, v in scores.items() if k not in ("value", "per_row", "mean_of_rows")}
             entry["metrics"][metric_name] = {"value": scores["value"], "ci95": [low, high], **extras}
         entry.update({k: v for k, v in result.items() if k not in ("role", "metrics")})
+        entry.update(answer_cost(entry, results["eval_rows"], loaded.recipe.evaluate.reference, name))
         report_candidates[name] = entry
 
     def value(name: str) -> float | None:
@@ -154,6 +155,46 @@ def build_report(
         "gap_closed": gap,
         "gates": evaluate_gates(loaded, candidates, metric, gap),
         "fidelity": _fidelity(quantized),
+        "savings": savings(report_candidates),
+    }
+
+
+def answer_cost(candidate: dict, rows: int, reference, name: str) -> dict:
+    """Tokens per answer (the server's counts for an API, the tokenizer's for a local model) and, where the
+    recipe gives the reference per-token prices, what 1,000 answers cost. Local candidates have no price."""
+    tokens_out = candidate.get("generated_tokens_per_example")
+    if tokens_out is None and candidate.get("generated_tokens") is not None:
+        tokens_out = candidate["generated_tokens"] / rows  # results from before this field
+    tokens_in = candidate.get("prompt_tokens_per_example")
+    price = reference.price if reference is not None and name == "reference" else None
+    cost = None
+    if price is not None and tokens_in is not None and tokens_out is not None:
+        cost = 1000 * (tokens_in * price.input_per_million + tokens_out * price.output_per_million) / 1e6
+    return {
+        "generated_tokens_per_example": tokens_out,
+        "price": price.model_dump() if price else None,
+        "cost_per_1000_answers": cost,
+    }
+
+
+def savings(candidates: dict) -> dict | None:
+    """What the specialist saves per 1,000 answers against a priced reference: all of the reference's
+    per-token charge, since the specialist runs on the user's hardware without one."""
+    reference, specialized = candidates.get("reference"), candidates.get("specialized")
+    if not reference or not specialized or reference.get("cost_per_1000_answers") is None:
+        return None
+    return {
+        "currency": reference["price"]["currency"],
+        "reference_per_1000_answers": reference["cost_per_1000_answers"],
+        "specialized_per_1000_answers": 0.0,
+        "saved_per_1000_answers": reference["cost_per_1000_answers"],
+        "specialized_seconds_per_answer": specialized["seconds_per_example_p50"],
+        "prompt_tokens_saved_per_answer": (
+            reference["prompt_tokens_per_example"] - specialized["prompt_tokens_per_example"]
+            if reference.get("prompt_tokens_per_example") is not None
+            and specialized.get("prompt_tokens_per_example") is not None
+            else None
+        ),
     }
 
 
@@ -216,7 +257,9 @@ def render_markdown(report: dict, flips: list[dict], plot: str | None = None) ->
         f"Run `{report['run_id']}`, {report['eval_rows']} eval rows, same rows and greedy decoding for every "
         f"candidate; gates use `{metric}`. 95% bootstrap intervals in brackets. Latency: seconds per example "
         "amortized over a batch (llama.cpp answers one request at a time), and per single request (batch 1, "
-        "after a warm-up) as a local user waits for one answer." + _left_out_sentence(report),
+        "after a warm-up) as a local user waits for one answer."
+        + _endpoint_sentence(report)
+        + _left_out_sentence(report),
         "",
         *candidates_table(report),
     ]
@@ -243,6 +286,17 @@ def render_markdown(report: dict, flips: list[dict], plot: str | None = None) ->
     return "\n".join(lines)
 
 
+def _endpoint_sentence(report: dict) -> str:
+    asked = [name for name, c in report["candidates"].items() if c.get("runtime") == "endpoint"]
+    if not asked:
+        return ""
+    return (
+        f" {', '.join(asked)} answered through an OpenAI-compatible API: its seconds per example are the wall time "
+        "shared among the answers (several requests in flight), its single requests were timed one at a time here, "
+        "its token counts are the server's, and its memory is the server's, not measured."
+    )
+
+
 def _left_out_sentence(report: dict) -> str:
     left_out = report.get("rows_left_out_empty")
     if not left_out:
@@ -254,11 +308,12 @@ def _left_out_sentence(report: dict) -> str:
 def candidates_table(report: dict) -> list[str]:
     """Every candidate's scores with intervals, paired test against the specialist, and costs."""
     metric_names = list(next(iter(report["candidates"].values()))["metrics"])
+    priced = any(c.get("cost_per_1000_answers") is not None for c in report["candidates"].values())
     lines = [
         "| candidate | role | runtime | " + " | ".join(metric_names) + " | specialized won/lost here (p) "
         "| parameters | size on disk | peak memory | s/example p50 | p95 | single request p50 | p95 "
-        "| gen tokens/s | prompt tokens |",
-        "|---" * (len(metric_names) + 13) + "|",
+        "| gen tokens/s | tokens in / out per answer |" + (" cost per 1,000 answers |" if priced else ""),
+        "|---" * (len(metric_names) + 13 + priced) + "|",
     ]
     for name, c in report["candidates"].items():
         scores = " | ".join(
@@ -272,9 +327,18 @@ def candidates_table(report: dict) -> list[str]:
             f"| {_millions(c.get('parameters'))} | {_mb(c['size_on_disk_bytes'])} | {_mb(c['peak_memory_bytes'])} "
             f"| {c['seconds_per_example_p50']:.4f} | {c['seconds_per_example_p95']:.4f} "
             f"| {_num(c.get('single_request_seconds_p50'), 4)} | {_num(c.get('single_request_seconds_p95'), 4)} "
-            f"| {_num(c['generated_tokens_per_second'], 1)} | {c['prompt_tokens_per_example']:.1f} |"
+            f"| {_num(c['generated_tokens_per_second'], 1)} "
+            f"| {_num(c.get('prompt_tokens_per_example'), 1)} / {_num(c.get('generated_tokens_per_example'), 1)} |"
+            + (f" {_money(c)} |" if priced else "")
         )
     return lines
+
+
+def _money(candidate: dict) -> str:
+    cost = candidate.get("cost_per_1000_answers")
+    if cost is None:
+        return "no per-token price" if candidate.get("runtime") != "endpoint" else "— (no price given)"
+    return f"{candidate['price']['currency']} {cost:.4g}"
 
 
 def gates_markdown(report: dict) -> list[str]:
@@ -311,6 +375,16 @@ def verdict(report: dict) -> list[str]:
         if spec["peak_memory_bytes"] and ref["peak_memory_bytes"]:
             said.append(
                 f"- It peaks at {spec['peak_memory_bytes'] / ref['peak_memory_bytes']:.2f}x the reference's memory."
+            )
+        saved = report.get("savings")
+        if saved:
+            currency = saved["currency"]
+            fewer = saved["prompt_tokens_saved_per_answer"]
+            said.append(
+                f"- Cost: 1,000 answers from the reference cost {currency} {saved['reference_per_1000_answers']:.4g} "
+                f"at its per-token price; the specialist answers on your own hardware with no per-token charge, "
+                f"saving {currency} {saved['saved_per_1000_answers']:.4g} per 1,000 answers"
+                + (f" (and {fewer:.0f} fewer prompt tokens per answer)." if fewer and fewer > 0 else ".")
             )
     spec = c.get("specialized")
     for name, candidate in c.items():
@@ -428,6 +502,7 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
         done_fingerprint(run_dir / "evaluate"),
         done_fingerprint(run_dir / "train"),
         done_fingerprint(run_dir / "distill"),
+        [r.price.model_dump() if r.price else None for r in [loaded.recipe.evaluate.reference] if r],
     )
 
 
@@ -583,6 +658,8 @@ def write_plot(report: dict, path: Path) -> None:
         (axes[1], latency_key, latency_label),
     ):
         for name, c in candidates.items():
+            if c.get(key) is None:  # an API's memory is on its server, not measured here
+                continue
             m = c["metrics"][metric]
             x = max(c[key] / 1e6 if key.endswith("bytes") else c[key], 1e-6)
             error = [[m["value"] - m["ci95"][0]], [m["ci95"][1] - m["value"]]]
@@ -596,7 +673,7 @@ def write_plot(report: dict, path: Path) -> None:
         axis.set_xlabel(label)
         axis.grid(alpha=0.3)
     axes[0].set_ylabel(metric)
-    handles, labels = axes[0].get_legend_handles_labels()
+    handles, labels = axes[1].get_legend_handles_labels()  # every candidate has a latency; an API has no memory here
     figure.legend(handles, labels, loc="center left", bbox_to_anchor=(0.86, 0.5), fontsize=9, frameon=False)
     figure.suptitle(f"{report['recipe']}: {metric} vs what it costs to run ({report['eval_rows']} rows)")
     figure.tight_layout(rect=(0, 0, 0.86, 1))

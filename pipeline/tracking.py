@@ -79,6 +79,9 @@ def log_report(loaded: LoadedRecipe, run_dir: Path, report: dict) -> None:
         for candidate, c in report["candidates"].items()
         for metric, values in c["metrics"].items()
     }
+    for candidate, c in report["candidates"].items():
+        if c.get("cost_per_1000_answers") is not None:
+            metrics[f"eval/{candidate}/cost_per_1000_answers"] = c["cost_per_1000_answers"]
     metrics["eval/gates_passed"] = float(report["gates"]["passed"])
     if report.get("gap_closed") is not None:
         metrics["eval/gap_closed"] = report["gap_closed"]

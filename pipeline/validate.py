@@ -9,6 +9,7 @@ and how many rows are too long. `specialist run` calls `check` before its first 
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def check(loaded: LoadedRecipe) -> dict:
             f"{recipe.distill.inputs} before training ({len(train_rows)} gold training rows beside them)"
         )
         if recipe.distill.teacher:
-            _available_model(loaded, ("distill", "teacher", "model"), recipe.distill.teacher.model, problems, notes)
+            _available_reference(loaded, ("distill", "teacher"), recipe.distill.teacher, problems, notes)
     if recipe.evaluate.reference and recipe.evaluate.reference.prompt:
         data.load_rows(recipe.data, "eval", recipe.evaluate.reference.prompt, "evaluate.reference.prompt")
     if splits.overlap_normalized:
@@ -69,7 +70,7 @@ def check(loaded: LoadedRecipe) -> dict:
 
     base = _available_model(loaded, ("model", "base"), recipe.model.base, problems, notes)
     if recipe.evaluate.reference:
-        _available_model(loaded, ("evaluate", "reference", "model"), recipe.evaluate.reference.model, problems, notes)
+        _available_reference(loaded, ("evaluate", "reference"), recipe.evaluate.reference, problems, notes)
 
     lengths = None
     if base is not None:
@@ -145,6 +146,25 @@ def _llamacpp_problems(loaded: LoadedRecipe, notes: list[str]) -> list[str]:
         f"2 cores) into {llamacpp_install.install_dir()}, or installs it from there"
     )
     return []
+
+
+def _available_reference(loaded: LoadedRecipe, loc: tuple, reference, problems: list, notes: list) -> None:
+    """A local reference's files; for one behind an API, its key's variable (the API is first asked by a run)."""
+    endpoint = reference.endpoint
+    if endpoint is None:
+        _available_model(loaded, (*loc, "model"), reference.model, problems, notes)
+        return
+    if endpoint.api_key_env and not os.environ.get(endpoint.api_key_env, "").strip():
+        message = f"the environment variable {endpoint.api_key_env} is not set (or empty); export the API key in it"
+        problems.append(loaded.error_at((*loc, "endpoint", "api_key_env"), message))
+    price = reference.price
+    priced = (
+        f", priced {price.currency} {price.input_per_million:g} / {price.output_per_million:g} per million "
+        "input / output tokens"
+        if price
+        else ""
+    )
+    notes.append(f"{'.'.join(loc)}: {reference.model} through the API at {endpoint.base_url}{priced}")
 
 
 def _available_model(loaded: LoadedRecipe, loc: tuple, ref: str, problems: list, notes: list):

@@ -2,8 +2,8 @@
 
 The task syncs this project as its workdir, mounts every data file the recipe reads at the same path
 it has here (so the run's resolved recipe works unchanged on the cloud machine), installs with the
-README's command and runs `make train` on the resolved recipe. HF_TOKEN travels as a SkyPilot secret,
-named in the file and never written into it.
+README's command and runs `make train` on the resolved recipe. HF_TOKEN (and an endpoint's API key
+variable) travel as SkyPilot secrets, named in the file and never written into it.
 """
 
 from __future__ import annotations
@@ -44,10 +44,18 @@ def task(loaded: LoadedRecipe, run_dir: Path) -> dict:
         "resources": resources,
         "workdir": str(project),
         "file_mounts": mounts,
-        "secrets": {"HF_TOKEN": None},  # the value comes from `sky launch --secret HF_TOKEN`, never this file
+        # the values come from `sky launch --secret NAME`, never this file
+        "secrets": {name: None for name in secret_names(recipe)},
         "setup": "make setup",
         "run": f"make train RECIPE={resolved} RUNS=runs",
     }
+
+
+def secret_names(recipe) -> list[str]:
+    """HF_TOKEN, and the variables holding the API keys of a reference or teacher behind an endpoint."""
+    references = [recipe.evaluate.reference, recipe.teacher()]
+    keys = [r.endpoint.api_key_env for r in references if r and r.endpoint and r.endpoint.api_key_env]
+    return list(dict.fromkeys(["HF_TOKEN", *keys]))
 
 
 def local_inputs(recipe) -> list[Path]:
@@ -59,8 +67,7 @@ def local_inputs(recipe) -> list[Path]:
         recipe.data.chat_template_file,
         recipe.distill.inputs if recipe.distill else None,
         recipe.model.base,
-        recipe.evaluate.reference.model if recipe.evaluate.reference else None,
-        teacher.model if teacher else None,
+        *(r.model for r in (recipe.evaluate.reference, teacher) if r and r.endpoint is None),
         *(metric.rpartition(":")[0] for metric in recipe.evaluate.metrics if ".py:" in metric),
     ]
     paths = []
@@ -93,6 +100,7 @@ def submit(loaded: LoadedRecipe, run_dir: Path, dry_run: bool = False) -> int:
             f"the task is ready in {path}"
         )
     command = [sky, "launch", "-y", "-c", f"specialist-{loaded.recipe.name}", str(path)]
-    if os.environ.get("HF_TOKEN"):
-        command += ["--secret", "HF_TOKEN"]  # the name only: sky reads the value from this environment
+    for name in secret_names(loaded.recipe):
+        if os.environ.get(name):
+            command += ["--secret", name]  # the name only: sky reads the value from this environment
     return subprocess.run(command).returncode

@@ -1,8 +1,9 @@
 """Runtimes: "generate these prompts greedily and measure what it cost", one per way a candidate runs.
 
 `transformers` runs a model folder (full precision, an adapter on a base, bitsandbytes) in this process;
-`llamacpp` runs a GGUF file through llama.cpp in a process of its own. Both take the same job and report
-the same facts, so the evaluation and the report treat every candidate alike.
+`llamacpp` runs a GGUF file through llama.cpp in a process of its own; `endpoint` asks a model behind an
+OpenAI-compatible API. All take the same job and report the same facts, so the evaluation and the report
+treat every candidate alike.
 
 A job's entries, one per row: {"row", "prediction", "generated_tokens", "seconds", "stopped"} where
 `seconds` is the row's share of its batch and `stopped` says generation ended at the end token
@@ -26,6 +27,7 @@ class Prompt:
     ids: list[int]  # token ids from the training/eval tokenizer
     text: str  # the same prompt as text (chat-rendered where the chat template is used)
     add_special: bool  # the tokenizer adds its special tokens (BOS) to this text: plain prompts do
+    messages: tuple[dict, ...] | None = None  # chat turns, for an API that applies the template itself
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,11 @@ keyed by the teacher and the exact prompt: a killed run continues where it stopp
 teacher or prompt asks again. The labelled rows go to
 distill/labelled.jsonl (the inputs with data.columns applied, the teacher's answer in the answer field),
 which the train stage reads after data.train's gold rows.
+
+A teacher behind an OpenAI-compatible API (teacher.endpoint) is asked row by row through the endpoint
+runtime, each answer appended as it arrives. An API cannot be constrained token by token: with choices, its
+answers outside the set are dropped (and counted), and its confidence is the probability of the tokens it
+gave (their logprobs, where the server returns them), not renormalized over the choices.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from pathlib import Path
 
 from pipeline import data, models, runtimes
 from pipeline.errors import PipelineError
-from pipeline.recipe import LoadedRecipe, Recipe
+from pipeline.recipe import LoadedRecipe, Recipe, answer_identity
 from pipeline.runs import log, mark_done, stage_fingerprint, write_json_atomic, write_text_atomic
+from pipeline.runtimes import endpoint as endpoint_runtime
 
 STAGE = "distill"
 
@@ -39,16 +45,25 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str | None:
     if recipe.distill is None:
         return None
     teacher = recipe.teacher()
+    if teacher.endpoint is not None:
+        weights = endpoint_runtime.Endpoint.from_recipe(teacher, teacher_field(recipe)).identity
+    else:
+        weights = models.resolve_model(teacher.model, "distill.teacher.model").fingerprint
     return stage_fingerprint(
         STAGE,
         recipe.distill.model_dump(),
-        teacher.model_dump(),
-        models.resolve_model(teacher.model, "distill.teacher.model").fingerprint,
+        answer_identity(teacher.model_dump()),
+        weights,
         data.data_fingerprint(recipe.data),
         _source_bytes_digest(recipe.distill.inputs),
         recipe.evaluate.max_new_tokens,
         recipe.evaluate.batch_size,
     )
+
+
+def teacher_field(recipe: Recipe) -> str:
+    """Where the recipe names the teacher: errors point there."""
+    return "distill.teacher" if recipe.distill.teacher else "evaluate.reference"
 
 
 def answer_field(recipe: Recipe) -> str:
@@ -100,8 +115,6 @@ def choices(recipe: Recipe) -> list[str] | None:
 
 
 def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
-    from pipeline.runtimes import transformers as transformers_runtime
-
     recipe = loaded.recipe
     if recipe.distill is None:
         raise PipelineError(f"{loaded.path}: the recipe has no distill: section, so there is nothing to label")
@@ -109,13 +122,21 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     stage_dir = run_dir / STAGE
     stage_dir.mkdir(parents=True, exist_ok=True)
     inputs = teacher_rows(recipe)
-    source = models.resolve_model(teacher.model, "distill.teacher.model")
-    tokenizer = models.load_tokenizer(source)
-    chat = data.uses_chat_template(tokenizer, teacher.chat_template)
-    prompts = runtimes.prompts_for(tokenizer, [row for _, _, row in inputs], chat, teacher.system)
+    asked = [row for _, _, row in inputs]
     answer_set = choices(recipe)
     settings = recipe.evaluate
-    teacher_key = stage_fingerprint(source.fingerprint, answer_set, settings.max_new_tokens)
+    endpoint = None
+    if teacher.endpoint is not None:
+        endpoint = endpoint_runtime.Endpoint.from_recipe(teacher, teacher_field(recipe))
+        prompts = endpoint_runtime.prompts_for(asked, endpoint.chat, teacher.system)
+        identity = endpoint.identity
+    else:
+        source = models.resolve_model(teacher.model, "distill.teacher.model")
+        tokenizer = models.load_tokenizer(source)
+        chat = data.uses_chat_template(tokenizer, teacher.chat_template)
+        prompts = runtimes.prompts_for(tokenizer, asked, chat, teacher.system)
+        identity = source.fingerprint
+    teacher_key = stage_fingerprint(identity, answer_set, settings.max_new_tokens)
     keys = [hashlib.sha256(f"{teacher_key}\n{p.text}".encode()).hexdigest()[:32] for p in prompts]
     cache_path = answers_file(run_dir)
     cached = _read_answers(cache_path)
@@ -124,41 +145,39 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         STAGE,
         f"teacher {teacher.model}: {len(todo)} of {len(inputs)} inputs to label ({len(inputs) - len(todo)} cached)",
     )
+
+    def keep(entry: dict) -> None:
+        record = {"key": keys[entry["row"]], **{k: v for k, v in entry.items() if k != "row"}}
+        with cache_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        cached[record["key"]] = record
+
     peak = None
-    if todo:
-        dtype = models.compute_dtype(recipe.model.dtype)
-        trie = AnswerTrie.for_choices(tokenizer, answer_set) if answer_set else None
-        with runtimes.PeakMemory() as memory:
-            model = transformers_runtime.load(source, None, dtype, False)
-            batches = transformers_runtime.generate_batches(
-                model,
-                tokenizer,
-                [p.ids for p in prompts],
-                todo,
-                settings.max_new_tokens,
-                settings.batch_size,
-                desc="teacher",
-                allowed_tokens=trie.allowed if trie else None,
-                confidence=True,
-            )
-            for batch in batches:
-                with cache_path.open("a") as f:
-                    for entry in batch:
-                        record = {"key": keys[entry["row"]], **{k: v for k, v in entry.items() if k != "row"}}
-                        f.write(json.dumps(record) + "\n")
-                        cached[record["key"]] = record
-        peak = memory.peak_bytes
-        del model
+    if todo and endpoint is not None:
+        client = endpoint_runtime.Client(endpoint)
+        client.check()
+        endpoint_runtime.ask_all(client, prompts, todo, settings.max_new_tokens, keep, logprobs=True)
+    elif todo:
+        peak = _label_locally(recipe, source, tokenizer, prompts, todo, answer_set, keep)
 
     answers = [cached[key] for key in keys]
     field = answer_field(recipe)
-    kept, dropped, kept_gold = [], 0, []
+    if distill.min_confidence is not None and any(a.get("confidence") is None for a in answers):
+        raise PipelineError(
+            "distill.min_confidence: the teacher's endpoint returned no token log-probabilities, so there is no "
+            "confidence to filter on; remove min_confidence, or use a server that returns logprobs"
+        )
+    kept, dropped, outside, kept_gold = [], 0, 0, []
     for (_, row, _), answer in zip(inputs, answers, strict=True):
         if distill.min_confidence is not None and answer["confidence"] < distill.min_confidence:
             dropped += 1
             continue
         if not answer["prediction"]:
             dropped += 1  # an empty answer teaches nothing
+            continue
+        if answer_set and answer["prediction"] not in answer_set:
+            dropped += 1  # an API cannot be constrained token by token: its answers outside the set are left out
+            outside += 1
             continue
         kept_gold.append((_gold_answer(row.get(field)), answer["prediction"]))
         kept.append({**row, field: _filled_answer(recipe.data.format, row.get(field), answer["prediction"])})
@@ -168,7 +187,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
             f"{distill.min_confidence}); lower distill.min_confidence or check the teacher's prompt"
         )
     write_text_atomic(labelled_file(run_dir), "".join(json.dumps(row) + "\n" for row in kept))
-    confidences = sorted(a["confidence"] for a in answers)
+    confidences = sorted(a["confidence"] for a in answers if a.get("confidence") is not None)
     gold = [(_gold_answer(row.get(field)), a["prediction"]) for (_, row, _), a in zip(inputs, answers, strict=True)]
     result = {
         "teacher": teacher.model,
@@ -177,7 +196,8 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         "dropped": dropped,
         "min_confidence": distill.min_confidence,
         "choices": answer_set,
-        "confidence_median": confidences[len(confidences) // 2],
+        "confidence_median": confidences[len(confidences) // 2] if confidences else None,
+        "dropped_outside_choices": outside,
         # where the inputs carry gold answers (ignored for training): how often the teacher gave them, over all
         # inputs and over the rows kept for training
         "gold_answers": sum(1 for g, _ in gold if g),
@@ -185,14 +205,48 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         "kept_gold_agreement": _agreement(kept_gold),
         "teacher_seconds": sum(a["seconds"] for a in answers),
         "teacher_seconds_per_input": sum(a["seconds"] for a in answers) / len(answers),
-        "teacher_generated_tokens": sum(a["generated_tokens"] for a in answers),
+        "teacher_generated_tokens": _total(a.get("generated_tokens") for a in answers),
         "teacher_peak_memory_bytes": peak,
+        "teacher_prompt_tokens": _total(a.get("prompt_tokens") for a in answers),
+        "teacher_runtime": "endpoint" if endpoint else "transformers",
         "answers_from_cache": len(inputs) - len(todo),
     }
     write_json_atomic(stage_dir / "result.json", result)
     mark_done(stage_dir, fingerprint(loaded, run_dir))
     log(STAGE, f"{len(kept)} rows labelled, {dropped} dropped; teacher time {result['teacher_seconds']:.1f}s")
     return result
+
+
+def _label_locally(recipe: Recipe, source, tokenizer, prompts, todo, answer_set, keep) -> int:
+    """The teacher in this process (transformers), constrained to the answer set where there is one."""
+    from pipeline.runtimes import transformers as transformers_runtime
+
+    settings = recipe.evaluate
+    dtype = models.compute_dtype(recipe.model.dtype)
+    trie = AnswerTrie.for_choices(tokenizer, answer_set) if answer_set else None
+    with runtimes.PeakMemory() as memory:
+        model = transformers_runtime.load(source, None, dtype, False)
+        batches = transformers_runtime.generate_batches(
+            model,
+            tokenizer,
+            [p.ids for p in prompts],
+            todo,
+            settings.max_new_tokens,
+            settings.batch_size,
+            desc="teacher",
+            allowed_tokens=trie.allowed if trie else None,
+            confidence=True,
+        )
+        for batch in batches:
+            for entry in batch:
+                keep(entry)
+        del model
+    return memory.peak_bytes
+
+
+def _total(values) -> int | None:
+    values = list(values)
+    return None if None in values else sum(values)
 
 
 class AnswerTrie:

@@ -22,7 +22,7 @@ import torch
 from pipeline import data, models, runtimes
 from pipeline.errors import PipelineError
 from pipeline.metrics import metric_path, user_metric
-from pipeline.recipe import LoadedRecipe
+from pipeline.recipe import LoadedRecipe, answer_identity
 from pipeline.runs import (
     dir_size_bytes,
     done_fingerprint,
@@ -31,6 +31,7 @@ from pipeline.runs import (
     stage_fingerprint,
     write_json_atomic,
 )
+from pipeline.runtimes import endpoint as endpoint_runtime
 from pipeline.runtimes import llamacpp
 from pipeline.runtimes import transformers as transformers_runtime
 
@@ -49,12 +50,15 @@ class Candidate:
     system: str | None = None  # system message, where the chat template is used
     chat_template: str | None = None  # None: data.chat_template
     trust_remote_code: bool = False
+    endpoint: endpoint_runtime.Endpoint | None = None  # asked through an OpenAI-compatible API
 
     @property
     def variant_dir(self) -> Path:
         return Path(self.source.location)
 
     def fingerprint(self) -> str:
+        if self.endpoint is not None:
+            return stage_fingerprint(self.endpoint.identity, self.prompt_template, self.system, self.chat_template)
         adapter = _file_stats(self.adapter_dir) if self.adapter_dir else None
         gguf = _file_stats(self.variant_dir) if self.gguf_file else None
         return stage_fingerprint(
@@ -86,7 +90,12 @@ def candidates(loaded: LoadedRecipe, run_dir: Path) -> list[Candidate]:
         )
     reference = recipe.evaluate.reference
     if reference:
-        source = models.resolve_model(reference.model, "evaluate.reference.model")
+        endpoint = None
+        if reference.endpoint is not None:
+            endpoint = endpoint_runtime.Endpoint.from_recipe(reference, "evaluate.reference")
+            source = models.ModelSource(f"{reference.model} at {endpoint.base_url}", None, False)
+        else:
+            source = models.resolve_model(reference.model, "evaluate.reference.model")
         found.append(
             Candidate(
                 "reference",
@@ -95,16 +104,18 @@ def candidates(loaded: LoadedRecipe, run_dir: Path) -> list[Candidate]:
                 prompt_template=reference.prompt,
                 system=reference.system,
                 chat_template=reference.chat_template,
+                endpoint=endpoint,
             )
         )
     return found
 
 
 def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
+    settings = loaded.recipe.evaluate.model_dump()
     return stage_fingerprint(
         STAGE,
         done_fingerprint(run_dir / "quantize"),
-        loaded.recipe.evaluate.model_dump(),
+        {**settings, "reference": answer_identity(settings["reference"])},
         [c.fingerprint() for c in candidates(loaded, run_dir)],
     )
 
@@ -171,17 +182,18 @@ def _generations(candidate: Candidate, rows: list[data.TaskRow], loaded: LoadedR
     """Generations and cost facts for one candidate, from the cache where it is complete."""
     settings = loaded.recipe.evaluate
     latency_rows = latency_sample(len(rows), settings.latency_rows)
+    local = candidate.endpoint is None  # an API's answers do not depend on how this machine batches or computes
     cache_key = stage_fingerprint(
         candidate.fingerprint(),
         [r.prompt for r in rows],
         [r.messages for r in rows] if rows and rows[0].messages else None,
         settings.max_new_tokens,
-        settings.batch_size,
-        settings.threads,
+        settings.batch_size if local else None,
+        settings.threads if local else None,
         latency_rows,
         loaded.recipe.data.chat_template,
         _text_of(loaded.recipe.data.chat_template_file) if candidate.role != "reference" else None,
-        loaded.recipe.model.dtype,
+        loaded.recipe.model.dtype if local else None,
     )
     cache = stage_dir / "generations" / f"{candidate.name}.jsonl"
     cost_path = stage_dir / "generations" / f"{candidate.name}.cost.json"
@@ -194,12 +206,16 @@ def _generations(candidate: Candidate, rows: list[data.TaskRow], loaded: LoadedR
 
     if not cached:
         cache.write_text(json.dumps({"cache_key": cache_key}) + "\n")
-    tokenizer = _tokenizer(candidate)
-    if candidate.role != "reference":  # the reference keeps its own chat template
-        data.apply_chat_template_file(tokenizer, loaded.recipe.data)
-    chat = data.uses_chat_template(tokenizer, candidate.chat_template or loaded.recipe.data.chat_template)
+    if candidate.endpoint is not None:  # the server applies the model's chat template
+        prompts = endpoint_runtime.prompts_for(rows, candidate.endpoint.chat, candidate.system)
+    else:
+        tokenizer = _tokenizer(candidate)
+        if candidate.role != "reference":  # the reference keeps its own chat template
+            data.apply_chat_template_file(tokenizer, loaded.recipe.data)
+        chat = data.uses_chat_template(tokenizer, candidate.chat_template or loaded.recipe.data.chat_template)
+        prompts = runtimes.prompts_for(tokenizer, rows, chat, candidate.system)
     job = runtimes.GenerationJob(
-        prompts=runtimes.prompts_for(tokenizer, rows, chat, candidate.system),
+        prompts=prompts,
         todo=[i for i in range(len(rows)) if i not in cached],
         latency_rows=latency_rows,
         max_new_tokens=settings.max_new_tokens,
@@ -214,7 +230,9 @@ def _generations(candidate: Candidate, rows: list[data.TaskRow], loaded: LoadedR
                 cached[entry["row"]] = entry
 
     log(STAGE, f"{candidate.name}: generating {len(job.todo)} answers ({len(cached)} cached)")
-    if candidate.gguf_file is not None:
+    if candidate.endpoint is not None:
+        facts = endpoint_runtime.run(candidate.endpoint, job, keep)
+    elif candidate.gguf_file is not None:
         facts = llamacpp.run(candidate.gguf_file, job, keep, gpu=torch.cuda.is_available())
     else:
         dtype = models.compute_dtype(loaded.recipe.model.dtype)
@@ -250,7 +268,9 @@ def _tokenizer(candidate: Candidate):
 
 def _cost(candidate: Candidate, facts: dict, generations: list[dict]) -> dict:
     seconds = [g["seconds"] for g in generations]
-    tokens = sum(g["generated_tokens"] for g in generations)
+    counted = all(g.get("generated_tokens") is not None for g in generations)  # an API may not report usage
+    tokens = sum(g["generated_tokens"] for g in generations) if counted else None
+    prompt_tokens = facts["prompt_tokens"] or [g.get("prompt_tokens") for g in generations]  # API: per answer
     single = facts["single_request_seconds"]
     if candidate.gguf_file is not None:
         size = candidate.gguf_file.stat().st_size  # the file a user deploys; the tokenizer files beside it are not
@@ -274,10 +294,11 @@ def _cost(candidate: Candidate, facts: dict, generations: list[dict]) -> dict:
         "single_request_seconds_p95": runtimes.percentile(single, 95),
         "single_request_rows": len(single),
         "generation_seconds": sum(seconds),
-        "generated_tokens_per_second": tokens / sum(seconds) if sum(seconds) else None,
+        "generated_tokens_per_second": tokens / sum(seconds) if tokens is not None and sum(seconds) else None,
         "generated_tokens": tokens,
+        "generated_tokens_per_example": tokens / len(generations) if tokens is not None else None,
         "stopped_at_end_token": sum(bool(g.get("stopped")) for g in generations) / len(generations),
-        "prompt_tokens_per_example": sum(facts["prompt_tokens"]) / len(facts["prompt_tokens"]),
+        "prompt_tokens_per_example": None if None in prompt_tokens else sum(prompt_tokens) / len(prompt_tokens),
         "device": facts["device"],
         "threads": facts["threads"],
     }

@@ -15,6 +15,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -357,6 +358,12 @@ def _candidates_list(loaded: LoadedRecipe, report: dict) -> list[str]:
             what = f"{_model_name(recipe.model.base)} as it is, same prompt"
         elif c["role"] == "specialized":
             what = "base + this adapter"
+        elif c["role"] == "reference" and recipe.evaluate.reference.endpoint is not None:
+            reference = recipe.evaluate.reference
+            host = urlsplit(reference.endpoint.base_url).hostname
+            where = "a local server" if host in ("127.0.0.1", "localhost", "::1") else host
+            what = f"{reference.model} through an OpenAI-compatible API ({where}), the large general model"
+            what += ", given its own prompt"
         elif c["role"] == "reference":
             what = f"{_model_name(recipe.evaluate.reference.model)}, the large general model, given its own prompt"
         else:

@@ -1,0 +1,70 @@
+"""llama.cpp's OpenAI-compatible server (llama-cpp-python's), started by `specialist serve`'s own code on
+127.0.0.1 with the packaged SmolLM2 GGUF: the real protocol the endpoint runtime speaks to hosted APIs."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import serve
+
+MODEL = "packaged:smollm2-135m-instruct"
+ALIAS = "smollm2"
+
+
+@dataclass
+class LlamaServer:
+    process: subprocess.Popen
+    port: int
+    log: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def requests(self) -> int:
+        """Completion requests the server has answered (its access log)."""
+        return sum("POST /v1/" in line for line in self.log.read_text(errors="replace").splitlines())
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(log: Path, port: int | None = None, api_key_env: str | None = None) -> LlamaServer:
+    port = port or free_port()
+    with log.open("a") as out:
+        process = serve.start(
+            MODEL, ALIAS, port=port, threads=2, context=1024, api_key_env=api_key_env, stdout=out, stderr=out
+        )
+    server = LlamaServer(process, port, log)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"llama.cpp's server exited ({process.returncode}):\n{log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{server.base_url}/models", timeout=2) as response:
+                if json.load(response)["data"]:
+                    return server
+        except OSError as error:
+            if getattr(error, "code", None) == 401:  # up, and wants its key
+                return server
+        time.sleep(0.3)
+    server.stop()
+    raise RuntimeError(f"llama.cpp's server did not answer within 90 s:\n{log.read_text()[-2000:]}")
