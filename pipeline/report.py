@@ -539,6 +539,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
             gold_rows,
             train_result["train_seconds"],
             teacher_is_reference=loaded.recipe.distill.teacher is None,
+            price=loaded.recipe.teacher().price,
         )
     left_out = {split: len(wheres) for split, wheres in splits.dropped_empty.items()}
     if left_out:
@@ -564,6 +565,7 @@ def distillation(
     gold_rows: int,
     train_seconds: float,
     teacher_is_reference: bool,
+    price=None,
 ) -> dict:
     """What distillation bought: rows labelled and dropped, the teacher's time, the student's agreement with its
     teacher on the eval rows, and after how many answers the student's lower cost paid the labelling back."""
@@ -581,7 +583,16 @@ def distillation(
         "agreement_with_teacher": None,
         "break_even_answers": None,
         "break_even_answers_with_training": None,
+        "labelling_cost": None,
     }
+    tokens_in, tokens_out = labelling.get("teacher_prompt_tokens"), labelling.get("teacher_generated_tokens")
+    if price is not None and tokens_in is not None and tokens_out is not None:  # counted for a teacher behind an API
+        found["labelling_cost"] = {
+            "currency": price.currency,
+            "total": (tokens_in * price.input_per_million + tokens_out * price.output_per_million) / 1e6,
+            "prompt_tokens": tokens_in,
+            "generated_tokens": tokens_out,
+        }
     candidates = report["candidates"]
     if teacher_is_reference and "reference" in generations and "specialized" in generations:
         pairs = zip(generations["specialized"], generations["reference"], strict=True)
@@ -623,6 +634,13 @@ def distillation_markdown(report: dict) -> list[str]:
         lines.append(
             f"- On the eval rows the student gives its teacher's answer {d['agreement_with_teacher']:.1%} of the time; "
             f"{metric} against the gold answers: student {student:.3f}, teacher {teacher:.3f}."
+        )
+    cost = d.get("labelling_cost")
+    if cost:
+        lines.append(
+            f"- Labelling cost {cost['currency']} {cost['total']:.4g} at the teacher's price "
+            f"({cost['prompt_tokens']:,} prompt and {cost['generated_tokens']:,} answer tokens), once: the student's "
+            "answers have no per-token charge."
         )
     if d["break_even_answers"] is not None:
         lines.append(

@@ -259,3 +259,22 @@ def test_a_teacher_stopped_mid_labelling_resumes_without_asking_a_row_twice(
         a["prediction"] for a in by_key.values() if a["prediction"]
     )
     assert KEY not in _every_file_text(runs)
+
+
+def test_a_priced_teacher_behind_an_api_puts_its_labelling_cost_in_the_report():
+    from pipeline.recipe import PriceSection
+    from pipeline.report import distillation, distillation_markdown
+
+    labelling = {
+        "teacher": "gpt-x", "inputs": 400, "labelled": 390, "dropped": 10, "teacher_seconds": 200.0,
+        "teacher_seconds_per_input": 0.5, "teacher_prompt_tokens": 32_000, "teacher_generated_tokens": 1_000,
+    }  # fmt: skip
+    price = PriceSection(input_per_million=0.5, output_per_million=2.0)
+    found = distillation({"candidates": {}}, labelling, {}, 0, 60.0, teacher_is_reference=False, price=price)
+    assert found["labelling_cost"]["total"] == pytest.approx((32_000 * 0.5 + 1_000 * 2.0) / 1e6)
+    lines = distillation_markdown({"distillation": found, "metric": "exact_match"})
+    assert any(
+        "Labelling cost USD 0.018 at the teacher's price (32,000 prompt and 1,000 answer tokens)" in x for x in lines
+    )
+    local = {k: v for k, v in labelling.items() if k != "teacher_prompt_tokens"}  # a local teacher: no server counts
+    assert distillation({"candidates": {}}, local, {}, 0, 60.0, False, price=price)["labelling_cost"] is None
