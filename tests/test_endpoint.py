@@ -278,3 +278,93 @@ def test_a_priced_teacher_behind_an_api_puts_its_labelling_cost_in_the_report():
     )
     local = {k: v for k, v in labelling.items() if k != "teacher_prompt_tokens"}  # a local teacher: no server counts
     assert distillation({"candidates": {}}, local, {}, 0, 60.0, False, price=price)["labelling_cost"] is None
+
+
+class _StubAPI:
+    """A few lines of OpenAI protocol on 127.0.0.1 for what a real server will not do on demand: refuse for
+    its rate limit `limited` times before answering, or answer with no text."""
+
+    def __init__(self, limited: int, content="track_order"):
+        import http.server
+
+        self.calls = 0
+        stub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status, body, headers=()):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for name, value in headers:
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):  # the model list
+                self._send(200, {"object": "list", "data": [{"id": "stub", "object": "model"}]})
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                stub.calls += 1
+                if stub.calls <= limited:
+                    error = {"error": {"message": "Rate limit reached for requests", "type": "requests"}}
+                    self._send(429, error, [("Retry-After", "0")])
+                    return
+                message = {"role": "assistant", "content": content}
+                choice = {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}
+                usage = {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}
+                body = {"id": "x", "object": "chat.completion", "created": 0, "model": "stub", "choices": [choice]}
+                self._send(200, {**body, "usage": usage})
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize(("limited", "retries", "answered"), [(2, 3, True), (5, 2, False)])
+def test_rate_limits_are_retried_with_backoff_then_named(limited, retries, answered):
+    stub = _StubAPI(limited)
+    try:
+        endpoint = endpoint_runtime.Endpoint("distill.teacher", stub.base_url, "stub", None, 1, 10, retries, True)
+        client = endpoint_runtime.Client(endpoint)
+        (prompt,) = endpoint_runtime.prompts_for([_row("Message: where is it\nIntent:")], chat=True, system="Be brief")
+        assert prompt.messages == (
+            {"role": "system", "content": "Be brief"},
+            {"role": "user", "content": "Message: where is it\nIntent:"},
+        )
+        if answered:
+            answer = client.ask(prompt, 4)
+            assert answer["prediction"] == "track_order" and answer["prompt_tokens"] == 12
+            assert stub.calls == limited + 1  # refused twice, then answered on the third try
+        else:
+            with pytest.raises(endpoint_runtime.RemoteError) as error:
+                client.ask(prompt, 4)
+            assert stub.calls == retries + 1
+            message = str(error.value)
+            assert message.startswith("distill.teacher: 127.0.0.1:")
+            assert "still refused for its rate limit (429) after 2 retries with backoff" in message
+            assert "lower distill.teacher.endpoint.concurrency (now 1)" in message
+    finally:
+        stub.close()
+
+
+def test_a_response_without_text_is_named():
+    from pipeline.errors import PipelineError
+
+    stub = _StubAPI(0, content=None)
+    try:
+        endpoint = endpoint_runtime.Endpoint("evaluate.reference", stub.base_url, "stub", None, 1, 10, 0, True)
+        (prompt,) = endpoint_runtime.prompts_for([_row("Q")], chat=True, system=None)
+        with pytest.raises(PipelineError, match=r"evaluate.reference: 127.0.0.1:\d+ answered 'stub' with no text"):
+            endpoint_runtime.Client(endpoint).ask(prompt, 4)
+    finally:
+        stub.close()
