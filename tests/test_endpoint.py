@@ -284,7 +284,7 @@ class _StubAPI:
     """A few lines of OpenAI protocol on 127.0.0.1 for what a real server will not do on demand: refuse for
     its rate limit `limited` times before answering, or answer with no text."""
 
-    def __init__(self, limited: int, content="track_order"):
+    def __init__(self, limited: int, content="track_order", listed="stub"):
         import http.server
 
         self.calls = 0
@@ -305,7 +305,7 @@ class _StubAPI:
                 self.wfile.write(data)
 
             def do_GET(self):  # the model list
-                self._send(200, {"object": "list", "data": [{"id": "stub", "object": "model"}]})
+                self._send(200, {"object": "list", "data": [{"id": listed, "object": "model"}]})
 
             def do_POST(self):
                 self.rfile.read(int(self.headers["Content-Length"]))
@@ -366,5 +366,21 @@ def test_a_response_without_text_is_named():
         (prompt,) = endpoint_runtime.prompts_for([_row("Q")], chat=True, system=None)
         with pytest.raises(PipelineError, match=r"evaluate.reference: 127.0.0.1:\d+ answered 'stub' with no text"):
             endpoint_runtime.Client(endpoint).ask(prompt, 4)
+    finally:
+        stub.close()
+
+
+def test_a_model_listed_with_ollamas_latest_tag_is_served_under_its_bare_name():
+    from pipeline.errors import PipelineError
+
+    stub = _StubAPI(0, listed="qwen2.5:latest")
+    try:
+        for name in ("qwen2.5", "qwen2.5:latest"):
+            endpoint_runtime.Client(
+                endpoint_runtime.Endpoint("evaluate.reference", stub.base_url, name, None, 1, 10, 0, True)
+            ).check()
+        other = endpoint_runtime.Endpoint("evaluate.reference", stub.base_url, "qwen3", None, 1, 10, 0, True)
+        with pytest.raises(PipelineError, match="does not serve 'qwen3'; it serves: qwen2.5:latest"):
+            endpoint_runtime.Client(other).check()
     finally:
         stub.close()

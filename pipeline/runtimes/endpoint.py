@@ -114,7 +114,8 @@ class Client:
             return  # no model list at this API: the first request will tell
         except openai.OpenAIError as error:
             raise self.explain(error) from None
-        if served and self.endpoint.model not in served:
+        # Ollama lists "name:latest" and answers to "name" as well
+        if served and not {self.endpoint.model, f"{self.endpoint.model}:latest"} & set(served):
             shown = ", ".join(served[:20]) + (f" and {len(served) - 20} more" if len(served) > 20 else "")
             raise PipelineError(
                 f"{self.endpoint.field}.model: {self.endpoint.host} does not serve {self.endpoint.model!r}; it "
