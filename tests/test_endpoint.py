@@ -384,3 +384,15 @@ def test_a_model_listed_with_ollamas_latest_tag_is_served_under_its_bare_name():
             endpoint_runtime.Client(other).check()
     finally:
         stub.close()
+
+
+def test_an_api_teachers_loosely_spelled_choice_is_that_choice():
+    from pipeline.stages.distill import as_choice
+
+    choices = ["track_order", "Refund status", "cancel_order"]
+    assert as_choice("Track_Order", choices) == "track_order"
+    assert as_choice("`track_order`.", choices) == "track_order"
+    assert as_choice('"refund STATUS"', choices) == "Refund status"
+    assert as_choice("track order", choices) is None  # a different spelling is not guessed
+    assert as_choice("change_email", choices) is None
+    assert as_choice("x", ["X", "x."]) is None  # ambiguous: neither

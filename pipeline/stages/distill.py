@@ -167,7 +167,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
             "distill.min_confidence: the teacher's endpoint returned no token log-probabilities, so there is no "
             "confidence to filter on; remove min_confidence, or use a server that returns logprobs"
         )
-    kept, dropped, outside, kept_gold = [], 0, 0, []
+    kept, dropped, outside, respelled, kept_gold = [], 0, 0, 0, []
     for (_, row, _), answer in zip(inputs, answers, strict=True):
         if distill.min_confidence is not None and answer["confidence"] < distill.min_confidence:
             dropped += 1
@@ -175,16 +175,23 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         if not answer["prediction"]:
             dropped += 1  # an empty answer teaches nothing
             continue
-        if answer_set and answer["prediction"] not in answer_set:
-            dropped += 1  # an API cannot be constrained token by token: its answers outside the set are left out
-            outside += 1
-            continue
-        kept_gold.append((_gold_answer(row.get(field)), answer["prediction"]))
-        kept.append({**row, field: _filled_answer(recipe.data.format, row.get(field), answer["prediction"])})
+        label = answer["prediction"]
+        if answer_set and label not in answer_set:
+            # An API cannot be constrained token by token: an answer that is a choice but for case, quotes or a
+            # final period is that choice; any other answer outside the set is left out.
+            label = as_choice(label, answer_set)
+            if label is None:
+                dropped += 1
+                outside += 1
+                continue
+            respelled += 1
+        kept_gold.append((_gold_answer(row.get(field)), label))
+        kept.append({**row, field: _filled_answer(recipe.data.format, row.get(field), label)})
     if not kept:
         raise PipelineError(
             f"distill: none of the teacher's {len(answers)} answers was kept (min_confidence "
-            f"{distill.min_confidence}); lower distill.min_confidence or check the teacher's prompt"
+            f"{distill.min_confidence}, {outside} outside distill.choices); lower distill.min_confidence or check "
+            "the teacher's prompt"
         )
     write_text_atomic(labelled_file(run_dir), "".join(json.dumps(row) + "\n" for row in kept))
     confidences = sorted(a["confidence"] for a in answers if a.get("confidence") is not None)
@@ -198,6 +205,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         "choices": answer_set,
         "confidence_median": confidences[len(confidences) // 2] if confidences else None,
         "dropped_outside_choices": outside,
+        "respelled_to_choices": respelled,
         # where the inputs carry gold answers (ignored for training): how often the teacher gave them, over all
         # inputs and over the rows kept for training
         "gold_answers": sum(1 for g, _ in gold if g),
@@ -215,6 +223,16 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     mark_done(stage_dir, fingerprint(loaded, run_dir))
     log(STAGE, f"{len(kept)} rows labelled, {dropped} dropped; teacher time {result['teacher_seconds']:.1f}s")
     return result
+
+
+def as_choice(answer: str, answer_set: list[str]) -> str | None:
+    """The one choice an answer spells loosely (case, surrounding quotes or backticks, a final period), or None."""
+
+    def loose(text: str) -> str:
+        return text.strip().strip("`'\".").strip().lower()
+
+    matches = [choice for choice in answer_set if loose(choice) == loose(answer)]
+    return matches[0] if len(matches) == 1 else None
 
 
 def _label_locally(recipe: Recipe, source, tokenizer, prompts, todo, answer_set, keep) -> int:
