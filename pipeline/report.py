@@ -502,7 +502,11 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
         done_fingerprint(run_dir / "evaluate"),
         done_fingerprint(run_dir / "train"),
         done_fingerprint(run_dir / "distill"),
-        [r.price.model_dump() if r.price else None for r in [loaded.recipe.evaluate.reference] if r],
+        # prices are not part of the run id: a new one only rebuilds the report
+        [
+            r.price.model_dump() if r and r.price else None
+            for r in (loaded.recipe.evaluate.reference, loaded.recipe.teacher())
+        ],
     )
 
 
