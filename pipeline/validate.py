@@ -165,6 +165,27 @@ def _available_reference(loaded: LoadedRecipe, loc: tuple, reference, problems: 
         else ""
     )
     notes.append(f"{'.'.join(loc)}: {reference.model} through the API at {endpoint.base_url}{priced}")
+    unreachable = _unreachable(endpoint.base_url)
+    if unreachable:  # a note, not an error: the run may start where the API is reachable (a cluster, later)
+        notes.append(
+            f"{'.'.join(loc)}.endpoint.base_url: {endpoint.base_url} does not answer now ({unreachable}); the run "
+            "asks it after training: start the server (make serve) or fix the URL before then"
+        )
+
+
+def _unreachable(base_url: str) -> str | None:
+    """Why the API's address does not answer at all (refused, unknown host, timeout), or None if it answers
+    anything, an error status included: one request, a few seconds at most, no key."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{base_url}/models", timeout=3).close()
+    except urllib.error.HTTPError:
+        return None  # it answered (401, 404, ...): reachable
+    except (urllib.error.URLError, OSError) as error:
+        return str(getattr(error, "reason", error))
+    return None
 
 
 def _available_model(loaded: LoadedRecipe, loc: tuple, ref: str, problems: list, notes: list):

@@ -396,3 +396,13 @@ def test_an_api_teachers_loosely_spelled_choice_is_that_choice():
     assert as_choice("track order", choices) is None  # a different spelling is not guessed
     assert as_choice("change_email", choices) is None
     assert as_choice("x", ["X", "x."]) is None  # ambiguous: neither
+
+
+def test_validate_notes_an_api_that_does_not_answer_now(server, key, write_recipe, tiny_models, intents_rows, capsys):
+    dead = f"http://127.0.0.1:{llama_server.free_port()}/v1"
+    for base_url, silent in ((server.base_url, False), (dead, True)):
+        recipe = endpoint_recipe(write_recipe, tiny_models, intents_rows, base_url)
+        assert main(["validate", str(recipe)]) == 0  # a note: the run may start where the API is reachable
+        out = capsys.readouterr().out
+        assert ("does not answer now" in out) == silent
+        assert f"evaluate.reference: smollm2 through the API at {base_url}, priced USD 0.5 / 2 per million" in out
