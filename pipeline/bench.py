@@ -120,7 +120,8 @@ def run_train(recipe_path, overrides: list[str], rows: int = 320) -> dict:
     print(
         f"{stage['base']}: {stage['rows']} rows, {stage['tokens']:,} real tokens ({stage['target_tokens']:,} trained), "
         f"batch {stage['batch_size']}, {stage['steps']} steps, LoRA r={stage['r']}, {stage['device']}, "
-        f"{stage['threads']} threads"
+        f"{stage['threads']} threads; frozen base weights: train stage {stage['frozen_dtype']}, plain loop "
+        f"{loop['frozen_dtype']}"
     )
     header = f"{'seconds':>8} {'tokens/s':>9} {'first loss':>10} {'final loss':>10} {'eval loss':>9} {'peak MB':>8}"
     print(f"{'':12} {header}")
@@ -160,10 +161,10 @@ def _train_way(recipe_path: str, overrides: list[str], way: str) -> dict:
                 losses = [json.loads(line)["loss"] for line in (run_dir / "train" / "metrics.jsonl").open()]
                 base = models.load_model(source, models.compute_dtype(recipe.model.dtype))
                 model = PeftModel.from_pretrained(base, run_dir / "train" / "adapter")
-            seconds, steps = result["train_seconds"], result["steps"]
+            seconds, steps, frozen = result["train_seconds"], result["steps"], result["frozen_dtype"]
         else:
             model, losses, seconds = _plain_loop(recipe, source, examples, tokenizer.pad_token_id)
-            steps = len(losses)
+            steps, frozen = len(losses), str(models.compute_dtype(recipe.model.dtype)).removeprefix("torch.")
     tokens = sum(len(ex["input_ids"]) for ex in examples)
     epochs = recipe.train.epochs
     return {
@@ -182,6 +183,7 @@ def _train_way(recipe_path: str, overrides: list[str], way: str) -> dict:
         "peak_memory_bytes": memory.peak_bytes,
         "device": str(models.device()),
         "threads": torch.get_num_threads(),
+        "frozen_dtype": frozen,
     }
 
 

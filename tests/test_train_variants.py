@@ -94,7 +94,9 @@ def test_bench_train_runs_both_ways_on_the_same_rows(tiny_recipe, capsys):
     assert stage["steps"] == loop["steps"] == 4  # 64 rows, batch 16
     assert all(way["final_loss"] < way["first_loss"] for way in (stage, loop))
     assert result["ratio"] == pytest.approx(stage["tokens_per_second"] / loop["tokens_per_second"])
-    assert "train stage / plain loop, real tokens/s:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "train stage / plain loop, real tokens/s:" in out
+    assert f"frozen base weights: train stage {stage['frozen_dtype']}, plain loop float32" in out
 
 
 def test_a_frozen_base_held_in_bf16_keeps_the_adapter_and_activations_in_fp32(tiny_models):
