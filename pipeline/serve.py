@@ -24,10 +24,7 @@ SERVER_MODULES = ("fastapi", "uvicorn", "sse_starlette", "starlette_context", "p
 def gguf_file(ref: str) -> Path:
     """The GGUF file behind a model reference: packaged:NAME (installed from its wheels) or a .gguf path."""
     if ref.startswith("packaged:"):
-        name = ref.removeprefix("packaged:")
-        if name not in models.PACKAGED:
-            raise PipelineError(f"serve: unknown packaged model {name!r}; known: {', '.join(models.PACKAGED)}")
-        return models.assembled_gguf(name, models.PACKAGED[name], "serve")
+        return models.packaged_gguf(ref.removeprefix("packaged:"), "serve")
     path = Path(ref).expanduser()
     if path.is_dir() and (path / "model.gguf").is_file():  # a run's quantize/gguf-<type>/ folder
         path = path / "model.gguf"
