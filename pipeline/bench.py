@@ -4,8 +4,8 @@
 `make bench-train`: the train stage against a plain peft + AdamW loop (below).
 
 
-Both ways run the recipe's base model on the same eval rows with the same greedy settings, in one
-process, one after the other; the benchmark prints tokens/s, seconds per example and peak memory of
+Both ways run the recipe's base model on the same eval rows with the same greedy settings, each in a
+process of its own, one after the other; the benchmark prints tokens/s, seconds per example and peak memory of
 each, the ratios, and how many answers agree (left padding may flip a near-tie in float arithmetic).
 """
 
@@ -42,54 +42,27 @@ def naive_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
 
 
 def run(loaded: LoadedRecipe, rows: int = 64) -> dict:
+    """Each way in a process of its own, one after the other: the model loaded there, so each way's peak
+    memory is its own and means what a candidate's does in the report (the process's peak above its
+    memory before loading: weights, activations, KV cache)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     recipe = loaded.recipe
-    source = models.resolve_model(recipe.model.base)
-    tokenizer = models.load_tokenizer(source, recipe.model.trust_remote_code)
-    data.apply_chat_template_file(tokenizer, recipe.data)
-    model = models.load_model(source, models.compute_dtype(recipe.model.dtype), None, recipe.model.trust_remote_code)
-    model.eval()
-    chat = data.uses_chat_template(tokenizer, recipe.data.chat_template)
-    eval_rows = data.load_rows(recipe.data, "eval")[:rows]
-    prompts = [data.prompt_ids(tokenizer, row, chat) for row in eval_rows]
-    settings = recipe.evaluate
-    # one untimed warm-up row each, so neither way pays for first-call allocations
-    naive_generate(model, tokenizer, prompts[:1], settings.max_new_tokens)
-
     results = {}
-    with PeakMemory() as memory:
-        started = time.perf_counter()
-        batched = {}
-        for batch in generate_batches(
-            model,
-            tokenizer,
-            prompts,
-            list(range(len(prompts))),
-            settings.max_new_tokens,
-            settings.batch_size,
-            desc="batched",
-        ):
-            batched.update({entry["row"]: entry for entry in batch})
-        seconds = time.perf_counter() - started
-    tokens = sum(e["generated_tokens"] for e in batched.values())
-    results["batched"] = {"seconds": seconds, "tokens": tokens, "peak_memory_bytes": memory.peak_bytes}
-
-    with PeakMemory() as memory:
-        started = time.perf_counter()
-        naive = naive_generate(model, tokenizer, prompts, settings.max_new_tokens)
-        seconds = time.perf_counter() - started
-    tokens = sum(min(len(a) + 1, settings.max_new_tokens) for a in naive)
-    results["naive"] = {"seconds": seconds, "tokens": tokens, "peak_memory_bytes": memory.peak_bytes}
-
-    same = sum(
-        tokenizer.decode(a, skip_special_tokens=True).strip() == batched[i]["prediction"] for i, a in enumerate(naive)
-    )
+    for way in ("batched", "naive"):
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results[way] = pool.submit(_generate_way, loaded, rows, way).result()
+    batched, naive = results["batched"], results["naive"]
+    same = sum(a == b for a, b in zip(batched.pop("answers"), naive.pop("answers"), strict=True))
     for way in results.values():
         way["tokens_per_second"] = way["tokens"] / way["seconds"]
-        way["seconds_per_example"] = way["seconds"] / len(prompts)
-    ratio = results["batched"]["tokens_per_second"] / results["naive"]["tokens_per_second"]
+        way["seconds_per_example"] = way["seconds"] / way["rows"]
+    ratio = batched["tokens_per_second"] / naive["tokens_per_second"]
     print(
-        f"{recipe.model.base}: {len(prompts)} rows, batch {settings.batch_size}, max_new_tokens "
-        f"{settings.max_new_tokens}, {models.device()}"
+        f"{recipe.model.base}: {batched['rows']} rows, batch {recipe.evaluate.batch_size}, max_new_tokens "
+        f"{recipe.evaluate.max_new_tokens}, {batched['device']}, {batched['threads']} threads, each way in its own "
+        "process (peak MB: the process's peak above its memory before loading the model)"
     )
     print(f"{'':8} {'tokens/s':>10} {'s/example':>10} {'peak MB':>9}")
     for name, way in results.items():
@@ -97,8 +70,52 @@ def run(loaded: LoadedRecipe, rows: int = 64) -> dict:
             f"{name:8} {way['tokens_per_second']:10.1f} {way['seconds_per_example']:10.4f} "
             f"{way['peak_memory_bytes'] / 1e6:9.1f}"
         )
-    print(f"batched / naive tokens/s: {ratio:.2f}x; identical answers: {same}/{len(prompts)}")
-    return {"ratio": ratio, "identical": same, "rows": len(prompts), **results}
+    print(f"batched / naive tokens/s: {ratio:.2f}x; identical answers: {same}/{batched['rows']}")
+    return {"ratio": ratio, "identical": same, "rows": batched["rows"], **results}
+
+
+def _generate_way(loaded: LoadedRecipe, rows: int, way: str) -> dict:
+    """One way, in this (fresh) process: load the base, warm up on one row untimed, generate every row."""
+    recipe = loaded.recipe
+    settings = recipe.evaluate
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    source = models.resolve_model(recipe.model.base)
+    tokenizer = models.load_tokenizer(source, recipe.model.trust_remote_code)
+    data.apply_chat_template_file(tokenizer, recipe.data)
+    chat = data.uses_chat_template(tokenizer, recipe.data.chat_template)
+    eval_rows = data.load_rows(recipe.data, "eval")[:rows]
+    prompts = [data.prompt_ids(tokenizer, row, chat) for row in eval_rows]
+    dtype = models.compute_dtype(recipe.model.dtype)
+    with PeakMemory() as memory:
+        model = models.load_model(source, dtype, None, recipe.model.trust_remote_code)
+        model.eval()
+        naive_generate(model, tokenizer, prompts[:1], settings.max_new_tokens)  # warm-up, untimed
+        started = time.perf_counter()
+        if way == "batched":
+            found = {}
+            every_row = list(range(len(prompts)))
+            for batch in generate_batches(
+                model, tokenizer, prompts, every_row, settings.max_new_tokens, settings.batch_size, desc="batched"
+            ):
+                found.update({entry["row"]: entry for entry in batch})
+            seconds = time.perf_counter() - started
+            answers = [found[i]["prediction"] for i in every_row]
+            tokens = sum(entry["generated_tokens"] for entry in found.values())
+        else:
+            generated = naive_generate(model, tokenizer, prompts, settings.max_new_tokens)
+            seconds = time.perf_counter() - started
+            answers = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in generated]
+            tokens = sum(min(len(a) + 1, settings.max_new_tokens) for a in generated)
+    return {
+        "seconds": seconds,
+        "tokens": tokens,
+        "rows": len(prompts),
+        "answers": answers,
+        "peak_memory_bytes": memory.peak_bytes,
+        "device": str(models.device()),
+        "threads": torch.get_num_threads(),
+    }
 
 
 # --- make bench-train ---------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.errors import EXIT_CRASHED, EXIT_GATES_FAILED, PipelineError
 
 STAGE_ORDER = ("distill", "train", "quantize", "evaluate", "report")
 
@@ -25,6 +25,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished stages and checkpoints are kept; rerun to continue", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - a bug or an unforeseen library failure: never exit 1 (gates failed)
+        from pipeline.runs import scrub_secrets, write_crash_log
+
+        where = write_crash_log(e, getattr(args, "runs_dir", Path("runs")))
+        summary = scrub_secrets(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+        print(
+            f"error: crashed ({summary[:300]}); the full traceback is in {where}. Finished stages and "
+            f"checkpoints are kept. This is not a problem with the recipe: please report it with that file "
+            f"(exit {EXIT_CRASHED})",
+            file=sys.stderr,
+        )
+        return EXIT_CRASHED
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -137,19 +149,23 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load_recipe(args, check: bool = False):
     from pipeline import validate
-    from pipeline.recipe import load_recipe
+    from pipeline.recipe import RecipeError, load_recipe
 
-    loaded = load_recipe(args.recipe, args.overrides)
+    try:
+        loaded = load_recipe(args.recipe, args.overrides)
+    except RecipeError as e:
+        # every problem at once: the data and model of the sections that did validate too
+        raise PipelineError("\n".join([str(e), *validate.problems_beside(e)])) from None
     if check:
         validate.check(loaded)  # seconds now rather than a failure an hour into the run
     return loaded
 
 
-def _prepare(loaded, args) -> Path:
+def _prepare(loaded, args, command: str) -> Path:
     from pipeline.data import data_fingerprint
     from pipeline.runs import prepare_run_dir
 
-    return prepare_run_dir(loaded, args.runs_dir, data_fingerprint(loaded.recipe.data))
+    return prepare_run_dir(loaded, args.runs_dir, data_fingerprint(loaded.recipe.data), command)
 
 
 def _stage_module(stage: str):
@@ -160,12 +176,12 @@ def _stage_module(stage: str):
 
 
 def _run_all(args) -> int:
-    from pipeline.runs import StopSignal, is_done, log, run_dir_for, run_lock
+    from pipeline.runs import StopSignal, is_done, log, record_stage_run, run_dir_for, run_lock
 
     loaded = _load_recipe(args, check=True)
     StopSignal.install()
     with run_lock(run_dir_for(loaded, args.runs_dir)):
-        run_dir = _prepare(loaded, args)
+        run_dir = _prepare(loaded, args, "run")
         log("run", f"run folder {run_dir}")
         report = None
         for stage in STAGE_ORDER:
@@ -178,6 +194,7 @@ def _run_all(args) -> int:
                     report = _stage_module("report").read(run_dir)
                 continue
             result = _stage_module(stage).run(loaded, run_dir)
+            record_stage_run(run_dir, stage)
             if stage == "report":
                 report = result
     return _report_exit(report, run_dir)
@@ -185,13 +202,14 @@ def _run_all(args) -> int:
 
 def _run_one(stage: str):
     def handler(args) -> int:
-        from pipeline.runs import StopSignal, run_dir_for, run_lock
+        from pipeline.runs import StopSignal, record_stage_run, run_dir_for, run_lock
 
         loaded = _load_recipe(args)
         StopSignal.install()
         with run_lock(run_dir_for(loaded, args.runs_dir)):
-            run_dir = _prepare(loaded, args)
+            run_dir = _prepare(loaded, args, stage)
             result = _stage_module(stage).run(loaded, run_dir)
+            record_stage_run(run_dir, stage)
         return _report_exit(result, run_dir) if stage == "report" else 0
 
     return handler
@@ -206,7 +224,7 @@ def _report_exit(report: dict | None, run_dir: Path) -> int:
         from pipeline.report import failed_gates
 
         print(f"gates failed: {', '.join(failed_gates(report))}", file=sys.stderr)
-        return 1
+        return EXIT_GATES_FAILED
     return 0
 
 
@@ -228,7 +246,7 @@ def _submit(args) -> int:
     from pipeline.launch import skypilot, slurm
 
     loaded = _load_recipe(args, check=True)
-    run_dir = _prepare(loaded, args)
+    run_dir = _prepare(loaded, args, f"submit {args.scheduler}")
     if args.scheduler == "sky":
         return skypilot.submit(loaded, run_dir, dry_run=args.dry_run)
     return slurm.submit(loaded, run_dir, wait=args.wait, dry_run=args.dry_run)
@@ -236,9 +254,8 @@ def _submit(args) -> int:
 
 def _validate(args) -> int:
     from pipeline import validate
-    from pipeline.recipe import load_recipe
 
-    loaded = load_recipe(args.recipe, args.overrides)
+    loaded = _load_recipe(args)
     summary = validate.check(loaded)
     validate.print_summary(summary, args.runs_dir / loaded.recipe.name)
     return 0

@@ -18,7 +18,6 @@ gets a build of its own. Measured on this machine's CPU: the AVX-512 build answe
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib
 import importlib.util
@@ -29,12 +28,11 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.models import cache_root
+from pipeline.runs import cache_root, environment_lock, shared_lock
 
 VERSION = "0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
@@ -112,14 +110,15 @@ def ensure() -> Path:
     if is_ready():
         return converter_script()
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(folder.parent / f".{folder.name}.lock"):
+    with shared_lock(folder.parent / f".{folder.name}.lock", f"building llama-cpp-python {VERSION}"):
         wheel = _cached_wheel(folder)
         if wheel is None or not converter_script().is_file():
             _build(folder)
             wheel = _cached_wheel(folder)
         if not is_ready():
             _log(f"installing {wheel.name} from {folder}")
-            _pip("install", "--no-deps", "--force-reinstall", wheel)
+            with environment_lock():
+                _pip("install", "--no-deps", "--force-reinstall", wheel)
             importlib.invalidate_caches()
             # which build is installed: another CPU's flags or CMAKE_ARGS must not reuse this one
             _build_marker().write_text(folder.name)
@@ -202,16 +201,6 @@ def _pip(*args) -> None:
     if done.returncode != 0:
         last = "\n".join(done.stderr.strip().splitlines()[-5:]) or "(no output)"
         raise PipelineError(f"pip {args[0]} for llama-cpp-python {VERSION} failed (it needs PyPI once):\n{last}")
-
-
-@contextmanager
-def _lock(path: Path):
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _cpu_flags() -> set[str]:

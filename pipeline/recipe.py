@@ -499,6 +499,23 @@ def json_schema() -> str:
 
 # --- loading ------------------------------------------------------------------------------------
 
+
+class RecipeError(PipelineError):
+    """Schema or cross-field problems of a recipe that was read: with what was read and which top-level
+    sections the problems are in, so validate can still check the data and models of the other sections
+    and report every problem at once."""
+
+    def __init__(self, message: str, raw: dict, origins: dict, path: Path, bad_sections: set):
+        super().__init__(message)
+        self.raw = raw
+        self.origins = origins
+        self.path = path
+        self.bad_sections = bad_sections
+
+    def error_at(self, loc: tuple, message: str) -> str:
+        return _located(loc, message, self.origins, self.path)
+
+
 Origin = tuple[str, int]  # (file, line) where a value was written
 
 
@@ -513,10 +530,12 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        raise PipelineError(_format_validation_errors(e, origins, path)) from None
+        sections = {item["loc"][0] for item in e.errors() if item["loc"]} or {"*"}
+        raise RecipeError(_format_validation_errors(e, origins, path), data, origins, path, sections) from None
     problems = cross_field_problems(recipe)
     if problems:
-        raise PipelineError("\n".join(_located(loc, message, origins, path) for loc, message in problems))
+        message = "\n".join(_located(loc, message, origins, path) for loc, message in problems)
+        raise RecipeError(message, data, origins, path, {loc[0] for loc, _ in problems})
     resolved = recipe.model_dump(mode="json")
     # Where a run is published, which cluster runs it and which trackers watch it change nothing it
     # trained or measured: the run id leaves those out, so adding them after a run refers to that run.

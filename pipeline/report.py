@@ -17,7 +17,16 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 from pipeline.metrics import score_function
 from pipeline.recipe import LoadedRecipe
-from pipeline.runs import done_fingerprint, log, mark_done, stage_fingerprint, write_json_atomic, write_text_atomic
+from pipeline.runs import (
+    done_fingerprint,
+    log,
+    mark_done,
+    stage_fingerprint,
+    start_stage,
+    write_json_atomic,
+    write_text_atomic,
+)
+from pipeline.stages.evaluate import read_generations
 
 STAGE = "report"
 REPORT_SCHEMA_VERSION = 1
@@ -520,10 +529,10 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     results_path = run_dir / "evaluate" / "results.json"
     if not results_path.is_file():
         raise PipelineError(f"{run_dir}: no evaluation results; run `make eval RECIPE={loaded.path}` first")
+    start_stage(run_dir / STAGE)
     results = json.loads(results_path.read_text())
     generations = {
-        name: _read_generations(run_dir / "evaluate" / "generations" / f"{name}.jsonl")
-        for name in results["candidates"]
+        name: read_generations(run_dir / "evaluate" / "generations" / f"{name}.jsonl") for name in results["candidates"]
     }
     splits = data.load_splits(loaded.recipe.data)  # read once: eval rows here, gold training rows below
     rows = splits.eval
@@ -703,11 +712,6 @@ def write_plot(report: dict, path: Path) -> None:
     figure.savefig(tmp, dpi=110, bbox_inches="tight")  # the legend sits outside the axes
     plt.close(figure)
     tmp.replace(path)
-
-
-def _read_generations(path: Path) -> list[dict]:
-    entries = [json.loads(line) for line in path.read_text().splitlines()[1:]]
-    return [e for e in sorted(entries, key=lambda e: e["row"])]
 
 
 def _mb(n: int | None) -> str:

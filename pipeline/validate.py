@@ -17,31 +17,18 @@ import torch
 
 from pipeline import data, models
 from pipeline.errors import PipelineError
-from pipeline.recipe import LoadedRecipe
+from pipeline.recipe import LoadedRecipe, RecipeError
 
 
 def check(loaded: LoadedRecipe) -> dict:
     """Check data and models; raise one PipelineError listing every problem, else return a summary."""
     recipe = loaded.recipe
-    problems: list[str] = []
     notes: list[str] = []
-
-    for split in ("train", "eval"):
-        source = getattr(recipe.data, split)
-        if source is None or source.startswith("hub:"):
-            continue
-        path = Path(source)
-        if not path.is_file():
-            problems.append(loaded.error_at(("data", split), f"no such file {path}"))
-        elif path.suffix not in data.FILE_TYPES:
-            problems.append(
-                loaded.error_at(
-                    ("data", split), f"{path.name}: unsupported file type; use {', '.join(data.FILE_TYPES)}"
-                )
-            )
-    if problems:
+    problems, splits = _load_data(recipe.data, loaded.error_at)
+    if splits is None:  # the rows cannot be read: still check the models, then report everything at once
+        _available_model(loaded, ("model", "base"), recipe.model.base, problems, notes)
+        problems += _metric_problems(loaded, None)
         raise PipelineError("\n".join(problems))
-    splits = data.load_splits(recipe.data)
     train_rows, eval_rows = splits.train, splits.eval
     if recipe.distill:
         from pipeline.stages import distill
@@ -111,9 +98,81 @@ def check(loaded: LoadedRecipe) -> dict:
     if recipe.train.qlora and not torch.cuda.is_available():
         notes.append("train.qlora on a CPU works but is slower than plain LoRA; it saves memory, not time")
     problems += _llamacpp_problems(loaded, notes)
+    problems += _metric_problems(loaded, eval_rows)
     if problems:
         raise PipelineError("\n".join(problems))
     return _summary(loaded, train_rows, eval_rows, lengths, notes, len(inputs) if recipe.distill else 0)
+
+
+def _metric_problems(loaded: LoadedRecipe, eval_rows: list | None) -> list[str]:
+    """Each metric of the user's own loads, and scores a few eval rows (their targets as predictions) with
+    one finite number each: a metric that raises is found now, not after training."""
+    from pipeline.metrics import score_rows, user_metric
+
+    problems = []
+    targets = [row.target for row in (eval_rows or [])[:4]] or ["an answer", "another answer"]
+    for i, name in enumerate(loaded.recipe.evaluate.metrics):
+        if ":" not in name:
+            continue
+        try:
+            score_rows(user_metric(name, Path.cwd()), name, targets, targets)
+        except PipelineError as e:
+            problems.append(loaded.error_at(("evaluate", "metrics", i), str(e).removeprefix("evaluate.metrics: ")))
+    return problems
+
+
+def _load_data(section, error_at) -> tuple[list[str], data.Splits | None]:
+    """The data section's rows (every one parsed and rendered), or the problems that stop them loading."""
+    problems = []
+    for split in ("train", "eval"):
+        source = getattr(section, split)
+        if source is None or source.startswith("hub:"):
+            continue
+        path = Path(source)
+        if not path.is_file():
+            problems.append(error_at(("data", split), f"no such file {path}"))
+        elif path.suffix not in data.FILE_TYPES:
+            problems.append(
+                error_at(("data", split), f"{path.name}: unsupported file type; use {', '.join(data.FILE_TYPES)}")
+            )
+    if problems:
+        return problems, None
+    try:
+        return [], data.load_splits(section)
+    except PipelineError as e:
+        return [str(e)], None
+
+
+def problems_beside(error: RecipeError) -> list[str]:
+    """For a recipe with schema problems: the problems of the sections that did validate, their data files
+    and rows and their model, so that one validate pass reports every problem at once."""
+    from pydantic import ValidationError
+
+    from pipeline.recipe import DataSection, ModelSection
+
+    if "*" in error.bad_sections:
+        return []
+    problems: list[str] = []
+    raw = error.raw
+    if "data" not in error.bad_sections and isinstance(raw.get("data"), dict):
+        try:
+            section = DataSection.model_validate(raw["data"])
+        except ValidationError:
+            section = None
+        if section is not None:
+            problems += _load_data(section, error.error_at)[0]
+    if "model" not in error.bad_sections and isinstance(raw.get("model"), dict):
+        try:
+            base = ModelSection.model_validate(raw["model"]).base
+        except ValidationError:
+            base = None
+        if base is not None:
+            try:
+                models.resolve_model(base, "model.base", install=False)
+            except PipelineError as e:
+                if "not installed yet" not in str(e) and "not converted yet" not in str(e):
+                    problems.append(error.error_at(("model", "base"), str(e).split(": ", 1)[-1]))
+    return problems
 
 
 def _llamacpp_problems(loaded: LoadedRecipe, notes: list[str]) -> list[str]:

@@ -143,7 +143,7 @@ def test_the_skypilot_task_mounts_the_data_and_names_the_token_without_its_value
     assert task["resources"] == {"accelerators": "H100:2", "cpus": "16+", "memory": "64+", "infra": "aws"}
     assert task["secrets"] == {"HF_TOKEN": None}
     assert task["setup"] == "make setup"
-    assert task["run"] == f"make train RECIPE={run_dir / 'recipe.resolved.yaml'} RUNS=runs"
+    assert task["run"] == f".venv/bin/specialist run {run_dir / 'recipe.resolved.yaml'} --runs-dir runs"
     train, test = intents_rows
     local = {str(train), str(test), str(run_dir / "recipe.resolved.yaml"), str(tiny_models["base"])}
     assert local | {str(tiny_models["reference"])} <= set(task["file_mounts"])

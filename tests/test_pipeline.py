@@ -55,7 +55,9 @@ def test_run_writes_the_run_folder(finished_run):
     assert any(f.startswith("data/train-tokenized-") for f in files)
     assert not any("checkpoint" in f or ".tmp-" in f for f in files)  # no leftovers of an unfinished write
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["versions"]["transformers"] == "5.23.0" and manifest["data_fingerprint"]
+    (invocation,) = manifest["invocations"]
+    assert invocation["command"] == "run" and invocation["stages_run"] == ["train", "quantize", "evaluate", "report"]
+    assert invocation["versions"]["transformers"] == "5.23.0" and manifest["data_fingerprint"]
 
 
 def test_training_logs_loss_per_step_and_changes_only_the_adapter(finished_run, tiny_models):

@@ -2,8 +2,9 @@
 
 The task syncs this project as its workdir, mounts every data file the recipe reads at the same path
 it has here (so the run's resolved recipe works unchanged on the cloud machine), installs with the
-README's command and runs `make train` on the resolved recipe. HF_TOKEN (and an endpoint's API key
-variable) travel as SkyPilot secrets, named in the file and never written into it.
+README's command and runs the pipeline on the resolved recipe with `specialist run` (not `make train`,
+whose exit status is 2 for every failure: the task's exit code is the pipeline's own). HF_TOKEN (and an
+endpoint's API key variable) travel as SkyPilot secrets, named in the file and never written into it.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def task(loaded: LoadedRecipe, run_dir: Path) -> dict:
         # the values come from `sky launch --secret NAME`, never this file
         "secrets": {name: None for name in secret_names(recipe)},
         "setup": "make setup",
-        "run": f"make train RECIPE={resolved} RUNS=runs",
+        "run": f".venv/bin/specialist run {resolved} --runs-dir runs",
     }
 
 
@@ -96,7 +97,8 @@ def submit(loaded: LoadedRecipe, run_dir: Path, dry_run: bool = False) -> int:
     sky = shutil.which("sky")
     if sky is None:
         raise PipelineError(
-            "submit sky: SkyPilot is not installed (pip install 'specialist-pipeline[sky]'); "
+            "submit sky: SkyPilot's `sky` command is not on PATH (install it in a virtual environment of its own, "
+            "as the README shows: it pins other versions of packages the pipeline uses); "
             f"the task is ready in {path}"
         )
     command = [sky, "launch", "-y", "-c", f"specialist-{loaded.recipe.name}", str(path)]

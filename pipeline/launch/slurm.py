@@ -14,11 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.errors import EXIT_CRASHED, PipelineError
 from pipeline.launch import job_gpus
 from pipeline.recipe import LoadedRecipe
 from pipeline.runs import log, write_text_atomic
 
+STOPPED_BY_SLURM = {"CANCELLED", "TIMEOUT", "DEADLINE", "PREEMPTED"}
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
@@ -98,7 +99,10 @@ def job_state(job: str) -> tuple[str, int | None]:
         raise PipelineError(f"submit slurm: scontrol cannot find job {job}: {out.stderr.strip()}")
     state = re.search(r"JobState=(\S+)", out.stdout).group(1)
     code = re.search(r"ExitCode=(\d+):(\d+)", out.stdout)
-    return state, int(code.group(1)) if code else None
+    if code is None:
+        return state, None
+    status, signal_number = int(code.group(1)), int(code.group(2))
+    return state, status or (128 + signal_number if signal_number else 0)  # killed by a signal: as a shell says
 
 
 def wait_for(job: str, poll_seconds: float = 2.0) -> int:
@@ -107,7 +111,7 @@ def wait_for(job: str, poll_seconds: float = 2.0) -> int:
         state, code = job_state(job)
         if state in FINISHED:
             log("submit", f"Slurm job {job} {state.lower()} (exit {code})")
-            if state != "COMPLETED" and not code:
-                return 1
+            if state != "COMPLETED" and not code:  # ended by Slurm, not by the pipeline: never 1 (gates failed)
+                return 130 if state in STOPPED_BY_SLURM else EXIT_CRASHED
             return code or 0
         time.sleep(poll_seconds)

@@ -13,6 +13,7 @@ A recipe may also name its own metric as `path/to/file.py:function` (relative to
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,24 +78,64 @@ def mean(values: list[float]) -> float:
 
 
 def user_metric(spec: str, recipe_dir: Path) -> Callable[[list[str], list[str]], list[float]]:
-    """Load `file.py:function` (relative to the recipe) or `package.module:function`."""
+    """Load `file.py:function` (relative to the recipe) or `package.module:function`.
+
+    A file that does not run (a syntax error, an import it lacks, an exception at import) is the user's
+    problem, named with its line, never a traceback from here.
+    """
     target, _, function = spec.rpartition(":")
-    if target.endswith(".py"):
-        path = (recipe_dir / target).resolve()
-        if not path.is_file():
-            raise PipelineError(f"evaluate.metrics: {spec}: no such file {path}")
-        module_spec = importlib.util.spec_from_file_location(f"user_metric_{path.stem}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        try:
+    try:
+        if target.endswith(".py"):
+            path = (recipe_dir / target).resolve()
+            if not path.is_file():
+                raise PipelineError(f"evaluate.metrics: {spec}: no such file {path}")
+            module_spec = importlib.util.spec_from_file_location(f"user_metric_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
             module = importlib.import_module(target)
-        except ImportError as e:
-            raise PipelineError(f"evaluate.metrics: {spec}: cannot import {target} ({e})") from None
+    except PipelineError:
+        raise
+    except SyntaxError as e:
+        raise PipelineError(f"evaluate.metrics: {spec}: {e.filename}:{e.lineno}: syntax error: {e.msg}") from None
+    except Exception as e:  # noqa: BLE001 - whatever the user's module raises while it is imported
+        raise PipelineError(f"evaluate.metrics: {spec}: importing it raised {_raised(e, target)}") from None
     scorer = getattr(module, function, None)
     if not callable(scorer):
         raise PipelineError(f"evaluate.metrics: {spec}: {target} has no function {function!r}")
     return scorer
+
+
+def score_rows(scorer: Callable, spec: str, predictions: list[str], references: list[str]) -> list[float]:
+    """A user metric's scores, one finite number per row, or a PipelineError that says what it did instead."""
+    try:
+        scores = scorer(list(predictions), list(references))
+        per_row = [float(x) for x in scores]
+    except Exception as e:  # noqa: BLE001 - the user's function, on these rows
+        raise PipelineError(
+            f"evaluate.metrics: {spec}: raised {_raised(e, spec.rpartition(':')[0])} when scoring {len(predictions)} "
+            "rows; it must return one number per row for (predictions, references), lists of strings"
+        ) from None
+    if len(per_row) != len(predictions):
+        raise PipelineError(f"evaluate.metrics: {spec}: returned {len(per_row)} scores for {len(predictions)} rows")
+    bad = next((i for i, x in enumerate(per_row) if not math.isfinite(x)), None)
+    if bad is not None:
+        raise PipelineError(
+            f"evaluate.metrics: {spec}: returned {per_row[bad]} for row {bad + 1} "
+            f"(prediction {predictions[bad]!r}, reference {references[bad]!r}); every score must be a finite number"
+        )
+    return per_row
+
+
+def _raised(error: BaseException, target: str) -> str:
+    """`TypeError: message (at metric.py:12)`: the exception and the line of the user's file it came from."""
+    import traceback
+
+    name = Path(target).name if target.endswith(".py") else target.replace(".", "/") + ".py"
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename.endswith(name)]
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200] if text else ''}{where}"
 
 
 def score_function(name: str) -> Callable[..., tuple[float, list[float]]]:

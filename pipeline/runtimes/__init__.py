@@ -13,7 +13,9 @@ rather than at max_new_tokens.
 from __future__ import annotations
 
 import gc
+import queue as queue_module
 import threading
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -65,15 +67,19 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 class PeakMemory:
-    """Peak memory used while loading and running one candidate.
+    """Peak memory used while loading and running one candidate (which has a process of its own).
 
-    CUDA (cuda=True): the allocator's peak. CPU: the highest process RSS sampled every 5 ms, minus the
-    RSS before loading, so models evaluated earlier in the same process do not count.
+    CUDA (cuda=True): the allocator's peak. CPU: the process's peak resident memory above its resident
+    memory on entry (the interpreter with its runtime imported), so the figure is the model's weights,
+    activations and caches. On Linux the peak is the kernel's own high-water mark (VmHWM, reset on entry
+    through /proc/self/clear_refs), exact; elsewhere the RSS sampled every 5 ms. `process_peak_bytes` is
+    the whole process's peak, interpreter and libraries included.
     """
 
     def __init__(self, interval_seconds: float = 0.005, cuda: bool | None = None):
         self.interval_seconds = interval_seconds
         self.peak_bytes = 0
+        self.process_peak_bytes = 0
         self._cuda = cuda
         self._stop = threading.Event()
 
@@ -90,6 +96,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._baseline = torch.cuda.memory_allocated()
         self._process = psutil.Process()
+        self._kernel_peak = _reset_peak_rss()
         self._rss_baseline = self._process.memory_info().rss
         self._rss_peak = self._rss_baseline
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -104,6 +111,9 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         self._rss_peak = max(self._rss_peak, self._process.memory_info().rss)
+        if self._kernel_peak:
+            self._rss_peak = max(self._rss_peak, _peak_rss_bytes() or 0)
+        self.process_peak_bytes = self._rss_peak
         if self._cuda:
             import torch
 
@@ -111,3 +121,88 @@ class PeakMemory:
         else:
             self.peak_bytes = self._rss_peak - self._rss_baseline
         return False
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux 4.0+); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _peak_rss_bytes() is not None
+
+
+def _peak_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+# --- candidates in processes of their own --------------------------------------------------------
+
+
+def run_in_child(context, target, args: tuple, on_batch: OnBatch, what: str) -> dict:
+    """Run target(*args, on_batch) in a child process of `context`, passing each batch it reports to on_batch
+    as it comes, and return the facts it returns.
+
+    A PipelineError in the child is raised here with its message and exit code; any other failure, or a
+    child that dies without a word (out of memory), becomes a RuntimeFailure whose traceback goes to a crash
+    log. The child is stopped when this returns or raises (a signal, an error in on_batch).
+    """
+    from pipeline.errors import PipelineError, RuntimeFailure
+
+    messages = context.Queue()
+    child = context.Process(target=_child_main, args=(target, args, messages), name=what)
+    child.start()
+    try:
+        while True:
+            try:
+                kind, payload = messages.get(timeout=5)
+            except queue_module.Empty:
+                if not child.is_alive():
+                    raise RuntimeFailure(
+                        f"{what}: its process died (exit code {child.exitcode}) without an answer: out of memory, "
+                        "or killed (a build of llama.cpp for another CPU dies this way too: delete "
+                        "$SPECIALIST_CACHE/llama.cpp to rebuild it)"
+                    ) from None
+                continue
+            if kind == "batch":
+                on_batch(payload)
+            elif kind == "done":
+                return payload
+            elif kind == "user_error":
+                error = PipelineError(payload["message"])
+                error.exit_code = payload["exit_code"]
+                raise error
+            else:
+                from pipeline.runs import write_crash_log
+
+                log_path = write_crash_log(payload["traceback"])
+                raise RuntimeFailure(
+                    f"{what}: failed in its own process ({payload['summary']}); traceback in {log_path}"
+                )
+    finally:
+        child.join(timeout=30)
+        if child.is_alive():
+            child.kill()
+            child.join()
+
+
+def _child_main(target, args: tuple, messages) -> None:
+    from pipeline.errors import PipelineError
+
+    try:
+        facts = target(*args, lambda batch: messages.put(("batch", batch)))
+        messages.put(("done", facts))
+    except PipelineError as e:
+        messages.put(("user_error", {"message": str(e), "exit_code": e.exit_code}))
+    except BaseException as e:  # noqa: BLE001 - everything goes back to the parent, which names the candidate
+        text = str(e).strip()
+        summary = f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
+        messages.put(("crash", {"summary": summary, "traceback": traceback.format_exc()}))

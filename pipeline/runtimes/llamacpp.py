@@ -10,49 +10,16 @@ reuses another's prompt, greedy, stopping at the model's end-of-generation token
 from __future__ import annotations
 
 import multiprocessing
-import queue as queue_module
 import time
-import traceback
-from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.errors import PipelineError
-from pipeline.runtimes import GenerationJob, OnBatch, PeakMemory, Prompt
+from pipeline.runtimes import GenerationJob, OnBatch, PeakMemory, Prompt, run_in_child
 
 
 def run(gguf_file: Path, job: GenerationJob, on_batch: OnBatch, gpu: bool) -> dict:
     """Generate job.todo (reporting each batch of rows as it finishes) and time job.latency_rows."""
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch, no earlier models
-    messages = context.Queue()
-    child = context.Process(
-        target=_child_main, args=(str(gguf_file), _job_dict(job), gpu, messages), name=f"llama.cpp {gguf_file.name}"
-    )
-    child.start()
-    try:
-        while True:
-            try:
-                kind, payload = messages.get(timeout=5)
-            except queue_module.Empty:
-                if not child.is_alive():
-                    raise PipelineError(
-                        f"{gguf_file}: the llama.cpp process died (exit code {child.exitcode}) without an answer; "
-                        "out of memory, or a build for another CPU (rebuild: delete $SPECIALIST_CACHE/llama.cpp)"
-                    ) from None
-                continue
-            if kind == "batch":
-                on_batch(payload)
-            elif kind == "error":
-                raise PipelineError(f"{gguf_file}: llama.cpp failed:\n{payload}")
-            else:
-                return payload
-    finally:
-        child.join(timeout=30)
-        if child.is_alive():
-            child.kill()
-
-
-def _job_dict(job: GenerationJob) -> dict:
-    return {**asdict(job), "prompts": [asdict(p) for p in job.prompts]}
+    return run_in_child(context, _generate, (str(gguf_file), job, gpu), on_batch, f"llama.cpp {gguf_file}")
 
 
 def open_model(gguf_file: str, n_ctx: int, threads: int, gpu: bool, logits_all: bool = False):
@@ -108,40 +75,36 @@ def complete(llm, ids: list[int], max_new_tokens: int) -> dict:
     }
 
 
-def _child_main(gguf_file: str, job: dict, gpu: bool, messages) -> None:
-    try:
-        import llama_cpp  # noqa: F401 - the runtime's own code is not the candidate's memory (torch is not either)
+def _generate(gguf_file: str, job: GenerationJob, gpu: bool, on_batch: OnBatch) -> dict:
+    import llama_cpp  # noqa: F401 - the runtime's own code is not the candidate's memory (torch is not either)
 
-        prompts = [Prompt(**p) for p in job["prompts"]]
-        with PeakMemory(cuda=False) as memory:
-            started = time.perf_counter()
-            # context: the longest prompt (its HF token count, plus slack for a tokenizer that differs) + answer
-            n_ctx = max(len(p.ids) for p in prompts) + job["max_new_tokens"] + 64
-            llm = open_model(gguf_file, n_ctx, job["threads"], gpu)
-            load_seconds = time.perf_counter() - started
-            ids = [tokenize(llm, p) for p in prompts]
-            complete(llm, ids[0], job["max_new_tokens"])  # warm-up, untimed
-            todo = job["todo"]
-            for start in range(0, len(todo), job["batch_size"]):
-                batch = [
-                    {"row": row, **complete(llm, ids[row], job["max_new_tokens"])}
-                    for row in todo[start : start + job["batch_size"]]
+    with PeakMemory(cuda=False) as memory:
+        started = time.perf_counter()
+        # context: the longest prompt (its HF token count, plus slack for a tokenizer that differs) + answer
+        n_ctx = max(len(p.ids) for p in job.prompts) + job.max_new_tokens + 64
+        llm = open_model(gguf_file, n_ctx, job.threads, gpu)
+        load_seconds = time.perf_counter() - started
+        ids = [tokenize(llm, p) for p in job.prompts]
+        complete(llm, ids[0], job.max_new_tokens)  # warm-up, untimed
+        for start in range(0, len(job.todo), job.batch_size):
+            on_batch(
+                [
+                    {"row": row, **complete(llm, ids[row], job.max_new_tokens)}
+                    for row in job.todo[start : start + job.batch_size]
                 ]
-                messages.put(("batch", batch))
-            single = [complete(llm, ids[row], job["max_new_tokens"])["seconds"] for row in job["latency_rows"]]
-        facts = {
-            "runtime": "llama.cpp",
-            "weights_memory_bytes": Path(gguf_file).stat().st_size,
-            "peak_memory_bytes": memory.peak_bytes,
-            "load_seconds": round(load_seconds, 3),
-            "single_request_seconds": single,
-            "prompt_tokens": [len(x) for x in ids],
-            "device": "cuda" if gpu else "cpu",
-            "threads": job["threads"],
-        }
-        messages.put(("done", facts))
-    except Exception:  # noqa: BLE001 - everything goes back to the parent, which names the file
-        messages.put(("error", traceback.format_exc(limit=4)))
+            )
+        single = [complete(llm, ids[row], job.max_new_tokens)["seconds"] for row in job.latency_rows]
+    return {
+        "runtime": "llama.cpp",
+        "weights_memory_bytes": Path(gguf_file).stat().st_size,
+        "peak_memory_bytes": memory.peak_bytes,
+        "process_peak_memory_bytes": memory.process_peak_bytes,
+        "load_seconds": round(load_seconds, 3),
+        "single_request_seconds": single,
+        "prompt_tokens": [len(x) for x in ids],
+        "device": "cuda" if gpu else "cpu",
+        "threads": job.threads,
+    }
 
 
 def call_in_child(function, *args):

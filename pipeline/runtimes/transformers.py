@@ -1,9 +1,16 @@
-"""The transformers runtime: a model folder (or a base + adapter) in this process, batched greedy generation."""
+"""The transformers runtime: a model folder (or a base + adapter), batched greedy generation.
+
+Each candidate runs in a process of its own, so its peak memory is its own (as a llama.cpp candidate's
+is): memory an earlier candidate freed in the same process would otherwise be reused, and a specialist
+could read less than its own base. The processes are forked from a server that has imported torch,
+transformers and peft once (multiprocessing's forkserver), so a candidate's process starts in a fraction
+of a second and inherits no model, thread pool or CUDA context.
+"""
 
 from __future__ import annotations
 
-import gc
 import math
+import multiprocessing
 import time
 from pathlib import Path
 
@@ -12,7 +19,7 @@ from tqdm.auto import tqdm
 
 from pipeline import models
 from pipeline.errors import PipelineError
-from pipeline.runtimes import GenerationJob, OnBatch, PeakMemory
+from pipeline.runtimes import GenerationJob, OnBatch, PeakMemory, run_in_child
 
 
 def run(
@@ -24,30 +31,68 @@ def run(
     job: GenerationJob,
     on_batch: OnBatch,
     desc: str,
+    allowed_tokens=None,
+    confidence: bool = False,
 ) -> dict:
-    """Generate job.todo in batches (reporting each batch), then time job.latency_rows one request at a time."""
+    """Generate job.todo in batches (reporting each batch), then time job.latency_rows one request at a time,
+    with job.threads threads, in a process of its own. allowed_tokens / confidence: see generate_batches."""
+    args = (source, adapter_dir, dtype, trust_remote_code, tokenizer, job, desc, allowed_tokens, confidence)
+    return run_in_child(_context(), _generate, args, on_batch, desc)
+
+
+def _context():
+    """Forked from a server with the runtime imported; spawned (a fresh interpreter) where fork is missing."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["pipeline.runtimes.transformers", "peft", "transformers.generation"])
+    return context
+
+
+def _generate(
+    source,
+    adapter_dir,
+    dtype,
+    trust_remote_code,
+    tokenizer,
+    job: GenerationJob,
+    desc,
+    allowed_tokens,
+    confidence,
+    on_batch,
+) -> dict:
+    torch.set_num_threads(job.threads)  # evaluate.threads, as llama.cpp candidates get it
     with PeakMemory() as memory:
         started = time.perf_counter()
         model = load(source, adapter_dir, dtype, trust_remote_code)
         load_seconds = time.perf_counter() - started
         prompts = [p.ids for p in job.prompts]
-        for batch in generate_batches(model, tokenizer, prompts, job.todo, job.max_new_tokens, job.batch_size, desc):
+        batches = generate_batches(
+            model,
+            tokenizer,
+            prompts,
+            job.todo,
+            job.max_new_tokens,
+            job.batch_size,
+            desc,
+            allowed_tokens=allowed_tokens,
+            confidence=confidence,
+        )
+        for batch in batches:
             on_batch(batch)
         single = single_request_seconds(model, tokenizer, prompts, job.latency_rows, job.max_new_tokens)
-    facts = {
+    return {
         "runtime": "transformers",
         "parameters": sum(p.numel() for p in model.parameters()),
         "weights_memory_bytes": model.get_memory_footprint(),
         "peak_memory_bytes": memory.peak_bytes,
+        "process_peak_memory_bytes": memory.process_peak_bytes,
         "load_seconds": round(load_seconds, 3),
         "single_request_seconds": single,
         "prompt_tokens": [len(p) for p in prompts],
         "device": str(models.device()),
         "threads": torch.get_num_threads(),
     }
-    del model
-    gc.collect()
-    return facts
 
 
 def load(source: models.ModelSource, adapter_dir: Path | None, dtype: torch.dtype, trust_remote_code: bool):

@@ -22,10 +22,22 @@ import json
 import random
 from pathlib import Path
 
+import torch
+
 from pipeline import data, models, runtimes
 from pipeline.errors import PipelineError
 from pipeline.recipe import LoadedRecipe, Recipe, answer_identity
-from pipeline.runs import log, mark_done, stage_fingerprint, write_json_atomic, write_text_atomic
+from pipeline.runs import (
+    append_jsonl,
+    log,
+    mark_done,
+    read_jsonl_records,
+    shared_lock,
+    stage_fingerprint,
+    start_stage,
+    write_json_atomic,
+    write_text_atomic,
+)
 from pipeline.runtimes import endpoint as endpoint_runtime
 
 STAGE = "distill"
@@ -119,8 +131,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     if recipe.distill is None:
         raise PipelineError(f"{loaded.path}: the recipe has no distill: section, so there is nothing to label")
     distill, teacher = recipe.distill, recipe.teacher()
-    stage_dir = run_dir / STAGE
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    stage_dir = start_stage(run_dir / STAGE)
     inputs = teacher_rows(recipe)
     asked = [row for _, _, row in inputs]
     answer_set = choices(recipe)
@@ -139,26 +150,28 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     teacher_key = stage_fingerprint(identity, answer_set, settings.max_new_tokens)
     keys = [hashlib.sha256(f"{teacher_key}\n{p.text}".encode()).hexdigest()[:32] for p in prompts]
     cache_path = answers_file(run_dir)
-    cached = _read_answers(cache_path)
-    todo = [i for i, key in enumerate(keys) if key not in cached]
-    log(
-        STAGE,
-        f"teacher {teacher.model}: {len(todo)} of {len(inputs)} inputs to label ({len(inputs) - len(todo)} cached)",
-    )
+    # Every run of the recipe shares the answers: while one labels, another waits and then reads its answers,
+    # so no teacher is asked the same thing twice and no append is lost.
+    with shared_lock(cache_path.with_name(cache_path.name + ".lock"), "labelling with this recipe's teacher"):
+        cached = _read_answers(cache_path)
+        todo = [i for i, key in enumerate(keys) if key not in cached]
+        log(
+            STAGE,
+            f"teacher {teacher.model}: {len(todo)} of {len(inputs)} inputs to label ({len(inputs) - len(todo)} cached)",
+        )
 
-    def keep(entry: dict) -> None:
-        record = {"key": keys[entry["row"]], **{k: v for k, v in entry.items() if k != "row"}}
-        with cache_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        cached[record["key"]] = record
+        def keep(entry: dict) -> None:
+            record = {"key": keys[entry["row"]], **{k: v for k, v in entry.items() if k != "row"}}
+            append_jsonl(cache_path, [record])
+            cached[record["key"]] = record
 
-    peak = None
-    if todo and endpoint is not None:
-        client = endpoint_runtime.Client(endpoint)
-        client.check()
-        endpoint_runtime.ask_all(client, prompts, todo, settings.max_new_tokens, keep, logprobs=True)
-    elif todo:
-        peak = _label_locally(recipe, source, tokenizer, prompts, todo, answer_set, keep)
+        peak = None
+        if todo and endpoint is not None:
+            client = endpoint_runtime.Client(endpoint)
+            client.check()
+            endpoint_runtime.ask_all(client, prompts, todo, settings.max_new_tokens, keep, logprobs=True)
+        elif todo:
+            peak = _label_locally(recipe, source, tokenizer, prompts, todo, answer_set, keep)
 
     answers = [cached[key] for key in keys]
     field = answer_field(recipe)
@@ -236,30 +249,39 @@ def as_choice(answer: str, answer_set: list[str]) -> str | None:
 
 
 def _label_locally(recipe: Recipe, source, tokenizer, prompts, todo, answer_set, keep) -> int:
-    """The teacher in this process (transformers), constrained to the answer set where there is one."""
+    """The teacher through the transformers runtime (a process of its own), constrained to the answer set
+    where there is one; returns its peak memory."""
     from pipeline.runtimes import transformers as transformers_runtime
 
     settings = recipe.evaluate
     dtype = models.compute_dtype(recipe.model.dtype)
     trie = AnswerTrie.for_choices(tokenizer, answer_set) if answer_set else None
-    with runtimes.PeakMemory() as memory:
-        model = transformers_runtime.load(source, None, dtype, False)
-        batches = transformers_runtime.generate_batches(
-            model,
-            tokenizer,
-            [p.ids for p in prompts],
-            todo,
-            settings.max_new_tokens,
-            settings.batch_size,
-            desc="teacher",
-            allowed_tokens=trie.allowed if trie else None,
-            confidence=True,
-        )
-        for batch in batches:
-            for entry in batch:
-                keep(entry)
-        del model
-    return memory.peak_bytes
+    job = runtimes.GenerationJob(
+        prompts=prompts,
+        todo=todo,
+        latency_rows=[],
+        max_new_tokens=settings.max_new_tokens,
+        batch_size=settings.batch_size,
+        threads=settings.threads or torch.get_num_threads(),
+    )
+
+    def keep_batch(batch: list[dict]) -> None:
+        for entry in batch:
+            keep(entry)
+
+    facts = transformers_runtime.run(
+        source,
+        None,
+        dtype,
+        False,
+        tokenizer,
+        job,
+        keep_batch,
+        "teacher",
+        allowed_tokens=trie.allowed if trie else None,
+        confidence=True,
+    )
+    return facts["peak_memory_bytes"]
 
 
 def _total(values) -> int | None:
@@ -332,20 +354,8 @@ def _gold_answer(value) -> str | None:
 
 
 def _read_answers(path: Path) -> dict[str, dict]:
-    """Answers of earlier (maybe killed) runs by key; a line cut short by a kill is dropped."""
-    if not path.is_file():
-        return {}
-    text = path.read_text()
-    answers = {}
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        answers[record["key"]] = record
-    if text and not text.endswith("\n"):  # rewrite clean, so the next append starts on a line of its own
-        path.write_text("".join(json.dumps(r) + "\n" for r in answers.values()))
-    return answers
+    """Answers of earlier (maybe killed) runs by key."""
+    return {record["key"]: record for record in read_jsonl_records(path) if "key" in record}
 
 
 def _source_bytes_digest(source: str) -> str:

@@ -21,15 +21,19 @@ import torch
 
 from pipeline import data, models, runtimes
 from pipeline.errors import PipelineError
-from pipeline.metrics import metric_path, user_metric
+from pipeline.metrics import metric_path, score_rows, user_metric
 from pipeline.recipe import LoadedRecipe, answer_identity
 from pipeline.runs import (
+    append_jsonl,
     dir_size_bytes,
     done_fingerprint,
     log,
     mark_done,
+    read_jsonl_records,
     stage_fingerprint,
+    start_stage,
     write_json_atomic,
+    write_jsonl_atomic,
 )
 from pipeline.runtimes import endpoint as endpoint_runtime
 from pipeline.runtimes import llamacpp
@@ -128,7 +132,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         )
     if recipe.quantize and done_fingerprint(run_dir / "quantize") is None:
         raise PipelineError(f"{run_dir}: no finished quantize stage; run `make quantize RECIPE={loaded.path}` first")
-    stage_dir = run_dir / STAGE
+    stage_dir = start_stage(run_dir / STAGE)
     (stage_dir / "generations").mkdir(parents=True, exist_ok=True)
     scorers = {name: _scorer(name) for name in recipe.evaluate.metrics}
 
@@ -161,11 +165,7 @@ def _scorer(name: str):
         function = user_metric(name, Path.cwd())
 
         def score_user(predictions, references, ignore_case):
-            per_row = [float(x) for x in function(predictions, references)]
-            if len(per_row) != len(predictions):
-                raise PipelineError(
-                    f"evaluate.metrics: {name} returned {len(per_row)} scores for {len(predictions)} rows"
-                )
+            per_row = score_rows(function, name, predictions, references)
             return {"value": sum(per_row) / len(per_row), "per_row": per_row, "mean_of_rows": True}
 
         return score_user
@@ -205,7 +205,7 @@ def _generations(candidate: Candidate, rows: list[data.TaskRow], loaded: LoadedR
         return [cached[i] for i in range(len(rows))], cost
 
     if not cached:
-        cache.write_text(json.dumps({"cache_key": cache_key}) + "\n")
+        write_jsonl_atomic(cache, [{"cache_key": cache_key}])
     if candidate.endpoint is not None:  # the server applies the model's chat template
         prompts = endpoint_runtime.prompts_for(rows, candidate.endpoint.chat, candidate.system)
     else:
@@ -224,10 +224,8 @@ def _generations(candidate: Candidate, rows: list[data.TaskRow], loaded: LoadedR
     )
 
     def keep(batch: list[dict]) -> None:
-        with cache.open("a") as f:
-            for entry in batch:
-                f.write(json.dumps(entry) + "\n")
-                cached[entry["row"]] = entry
+        append_jsonl(cache, batch)
+        cached.update((entry["row"], entry) for entry in batch)
 
     log(STAGE, f"{candidate.name}: generating {len(job.todo)} answers ({len(cached)} cached)")
     if candidate.endpoint is not None:
@@ -287,6 +285,7 @@ def _cost(candidate: Candidate, facts: dict, generations: list[dict]) -> dict:
         "parameters": _parameters(candidate, facts),
         "weights_memory_bytes": facts["weights_memory_bytes"],
         "peak_memory_bytes": facts["peak_memory_bytes"],
+        "process_peak_memory_bytes": facts.get("process_peak_memory_bytes"),  # the whole process's (not an API's)
         "load_seconds": facts["load_seconds"],
         "seconds_per_example_p50": statistics.median(seconds),
         "seconds_per_example_p95": runtimes.percentile(seconds, 95),
@@ -314,28 +313,16 @@ def _parameters(candidate: Candidate, facts: dict) -> int:
 
 
 def _read_cache(cache: Path, cache_key: str) -> dict[int, dict]:
-    """Completed generations of an earlier (maybe interrupted) run with the same key; else nothing.
+    """Completed generations of an earlier (maybe interrupted) run with the same key; else nothing."""
+    records = read_jsonl_records(cache)
+    if not records or records[0].get("cache_key") != cache_key:
+        return {}
+    return {entry["row"]: entry for entry in records[1:] if "row" in entry}
 
-    A line cut short by a kill is dropped, and the file is rewritten clean so appends can follow.
-    """
-    if not cache.is_file():
-        return {}
-    lines = cache.read_text().splitlines()
-    try:
-        if not lines or json.loads(lines[0]).get("cache_key") != cache_key:
-            return {}
-    except json.JSONDecodeError:
-        return {}
-    entries = {}
-    for line in lines[1:]:
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        entries[entry["row"]] = entry
-    if len(entries) != len(lines) - 1:
-        cache.write_text("".join(json.dumps(x) + "\n" for x in [{"cache_key": cache_key}, *entries.values()]))
-    return entries
+
+def read_generations(cache: Path) -> list[dict]:
+    """A candidate's cached generations in row order (the report reads them without generating)."""
+    return sorted((entry for entry in read_jsonl_records(cache)[1:] if "row" in entry), key=lambda e: e["row"])
 
 
 def _text_of(path: Path | None) -> str | None:

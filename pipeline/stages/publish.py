@@ -30,7 +30,14 @@ from pipeline.report import (
     gates_markdown,
     verdict,
 )
-from pipeline.runs import log, replace_dir, temp_dir_for, write_json_atomic
+from pipeline.runs import (
+    log,
+    read_manifest,
+    replace_dir,
+    temp_dir_for,
+    training_invocation,
+    write_json_atomic,
+)
 
 STAGE = "publish"
 PUBLISHED_RECORD = "published.json"  # beside the bundle, not in it: what was pushed where, and when
@@ -442,7 +449,8 @@ def example_prompt(loaded: LoadedRecipe, run_dir: Path) -> tuple[str, bool]:
 def _training(loaded: LoadedRecipe, run_dir: Path, report: dict) -> list[str]:
     recipe = loaded.recipe
     train = _read_json(run_dir / "train" / "result.json")
-    manifest = _read_json(run_dir / "manifest.json")
+    manifest = read_manifest(run_dir)
+    trained_by = training_invocation(manifest)
     lora = recipe.lora
     targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
     rows = [
@@ -458,11 +466,13 @@ def _training(loaded: LoadedRecipe, run_dir: Path, report: dict) -> list[str]:
         ("seed", recipe.train.seed),
         ("final training loss", f"{train['final_loss']:.4f}" if train.get("final_loss") is not None else None),
         ("training time", f"{train['train_seconds']:.0f} s" if train.get("train_seconds") else None),
-        ("trained on", _machine(manifest.get("machine", {}))),
+        ("trained on", _machine(trained_by.get("machine", {}))),
+        ("trained at", trained_by.get("started_at")),
         (
             "versions",
-            ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items() if v),
+            ", ".join(f"{k} {v}" for k, v in trained_by.get("versions", {}).items() if v),
         ),
+        ("pipeline commit", f"`{trained_by['git_commit'][:12]}`" if trained_by.get("git_commit") else None),
         ("run id", f"`{report['run_id']}`"),
     ]
     lines = ["## Training", "", "| | |", "|---|---|"]

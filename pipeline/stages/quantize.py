@@ -28,6 +28,7 @@ from pipeline.runs import (
     mark_done,
     replace_dir,
     stage_fingerprint,
+    start_stage,
     temp_dir_for,
     write_json_atomic,
     write_text_atomic,
@@ -59,8 +60,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         raise PipelineError(
             f"{run_dir}: no finished train stage to quantize; run `make train RECIPE={loaded.path}` first"
         )
-    stage_dir = run_dir / STAGE
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    stage_dir = start_stage(run_dir / STAGE)
     tokenizer = models.load_tokenizer(models.ModelSource(str(adapter_dir), None, is_local=True))
     data.apply_chat_template_file(tokenizer, recipe.data)
     chat = data.uses_chat_template(tokenizer, recipe.data.chat_template)

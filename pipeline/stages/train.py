@@ -21,20 +21,23 @@ import torch
 from transformers import Trainer, TrainerCallback, set_seed
 
 from pipeline import data, models, tracking
-from pipeline.errors import PipelineError
+from pipeline.errors import Interrupted, PipelineError, RuntimeFailure
 from pipeline.recipe import LoadedRecipe
 from pipeline.runs import (
-    Interrupted,
     StopSignal,
+    append_jsonl,
     done_fingerprint,
     in_launched_process,
     is_main_process,
     log,
     mark_done,
+    read_jsonl_records,
     replace_dir,
     stage_fingerprint,
+    start_stage,
     temp_dir_for,
     write_json_atomic,
+    write_jsonl_atomic,
 )
 from pipeline.stages import distill as distill_stage
 
@@ -61,10 +64,12 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     from transformers.trainer_utils import get_last_checkpoint
 
     recipe = loaded.recipe
-    if recipe.train.processes > 1 and not in_launched_process():
-        return _launch(loaded, run_dir)
     main_process = is_main_process()
     stage_dir = run_dir / STAGE
+    if main_process:  # the launching process, or rank 0 after it: no other rank writes
+        start_stage(stage_dir)
+    if recipe.train.processes > 1 and not in_launched_process():
+        return _launch(loaded, run_dir)
     stage_fp = fingerprint(loaded, run_dir)
     checkpoints_dir = stage_dir / "checkpoints"
     if main_process:
@@ -323,9 +328,10 @@ def _launch(loaded: LoadedRecipe, run_dir: Path) -> dict:
         if child.poll() is None:
             os.killpg(child.pid, signal.SIGKILL)
     if child.returncode != 0:
-        raise PipelineError(
-            f"train: the {processes} training processes failed (exit {child.returncode}); their output is "
-            f"above. Rerun to resume from the last checkpoint in {run_dir / STAGE / 'checkpoints'}"
+        raise RuntimeFailure(
+            f"train: the {processes} training processes failed (exit {child.returncode}); their output is above "
+            f"(a rank that crashed wrote its traceback to {run_dir / 'logs'}). Rerun to resume from the last "
+            f"checkpoint in {run_dir / STAGE / 'checkpoints'}"
         )
     return json.loads((run_dir / STAGE / "result.json").read_text())
 
@@ -362,7 +368,7 @@ def _discard_stale_checkpoints(stage_dir: Path, stage_fp: str) -> None:
 
 
 def _last_loss(metrics_path: Path) -> float | None:
-    losses = [json.loads(line)["loss"] for line in metrics_path.read_text().splitlines() if '"loss"' in line]
+    losses = [row["loss"] for row in read_jsonl_records(metrics_path) if "loss" in row]
     return losses[-1] if losses else None
 
 
@@ -430,9 +436,8 @@ class LossLog(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.path.is_file():
-            lines = self.path.read_text().splitlines()
-            kept = [line for line in lines if json.loads(line)["step"] <= state.global_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            rows = read_jsonl_records(self.path)
+            write_jsonl_atomic(self.path, [row for row in rows if row.get("step", 0) <= state.global_step])
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs and state.is_world_process_zero:
@@ -443,5 +448,4 @@ class LossLog(TrainerCallback):
                 "lr": logs.get("learning_rate"),
                 "grad_norm": logs.get("grad_norm"),
             }
-            with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_jsonl(self.path, [row])
