@@ -81,7 +81,7 @@ serve: $(VENV)/.installed ## llama.cpp's OpenAI-compatible server on MODEL (pack
 	$(VENV)/bin/specialist serve $(or $(MODEL),packaged:qwen2.5-coder-1.5b-instruct) --port $(or $(PORT),8080) $(if $(API_KEY_ENV),--api-key-env $(API_KEY_ENV))
 
 test: $(VENV)/.installed ## run the test suite (unit + integration on tiny models)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 lint: $(VENV)/.installed ## ruff check and format check
 	$(VENV)/bin/ruff check pipeline tests data

@@ -8,6 +8,7 @@ so what the model saw in training is exactly what it is asked at evaluation.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -296,6 +297,25 @@ def format_row(
     return _messages_row(row.get(section.messages_field), section.messages_field, where)
 
 
+def placeholder_row(section: DataSection, row: TaskRow) -> TaskRow:
+    """`row` with the data's text replaced by <field> placeholders: the prompt's shape, none of its content
+    (for what is published where rows of the data must not go)."""
+    if row.messages is not None:
+        turns = tuple({"role": turn["role"], "content": f"<{turn['role']} message>"} for turn in row.messages)
+        return dataclasses.replace(row, messages=turns, target="<answer>")
+    if section.format == "text":
+        return dataclasses.replace(row, prompt="<the beginning of a text>", target="<its continuation>")
+    if section.format == "alpaca":
+        prompt = ALPACA_PROMPT.format(
+            with_input=", paired with an input that provides further context",
+            instruction="<instruction>",
+            input_block="### Input:\n<input>\n\n",
+        )
+        return dataclasses.replace(row, prompt=prompt, target="<output>")
+    fields = {name: f"<{name}>" for name in template_fields(section.prompt)}
+    return dataclasses.replace(row, prompt=section.prompt.format_map(fields), target="<answer>")
+
+
 def _messages_row(turns: Any, column: str, where: str) -> TaskRow:
     if not isinstance(turns, list) or not turns:
         raise PipelineError(f"{where}: column {column!r} must be a non-empty list of {{role, content}} turns")
@@ -480,7 +500,41 @@ def inputs_fingerprint(recipe) -> str:
 def apply_chat_template_file(tokenizer, section: DataSection) -> None:
     """Use the recipe's chat template file instead of the tokenizer's own (training and evaluation alike)."""
     if section.chat_template_file is not None:
-        tokenizer.chat_template = Path(section.chat_template_file).read_text(encoding="utf-8")
+        tokenizer.chat_template = read_chat_template(Path(section.chat_template_file))
+
+
+def read_chat_template(path: Path) -> str:
+    """A Jinja chat template file's text, refused with its line where it does not parse."""
+    import jinja2
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PipelineError(f"data.chat_template_file: no such file {path}") from None
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"data.chat_template_file: {path} is not UTF-8 text (byte {e.start})") from None
+    if not text.strip():
+        raise PipelineError(f"data.chat_template_file: {path} is empty; write the Jinja template in it")
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise PipelineError(
+            f"data.chat_template_file: {path}:{e.lineno}: not a valid Jinja template: {e.message}"
+        ) from None
+    return text
+
+
+def apply_chat_template(tokenizer, messages: list[dict], row: TaskRow, **kwargs) -> str:
+    """The tokenizer's apply_chat_template, as text; a template that fails on a row is named with that row."""
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except jinja2.TemplateError as e:  # a template's raise_exception(), an undefined filter, ...
+        raise PipelineError(
+            f"{row.source}: the chat template (data.chat_template_file, else the tokenizer's own) failed on this "
+            f"row: {type(e).__name__}: {e}"
+        ) from None
 
 
 def uses_chat_template(tokenizer, setting: str) -> bool:
@@ -507,7 +561,7 @@ def prompt_text(tokenizer, row: TaskRow, chat: bool, system: str | None = None) 
     messages = prompt_messages(row, chat, system)
     if messages is None:
         return row.prompt, True
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), False
+    return apply_chat_template(tokenizer, messages, row, add_generation_prompt=True), False
 
 
 def prompt_ids(tokenizer, row: TaskRow, chat: bool, system: str | None = None) -> list[int]:
@@ -537,10 +591,10 @@ def _messages_example(tokenizer, row: TaskRow) -> dict[str, list[int]]:
     messages = list(row.messages)
     for i, turn in enumerate(messages):
         if turn["role"] == "assistant":
-            before = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)
+            before = apply_chat_template(tokenizer, messages[:i], row, add_generation_prompt=True)
             _extend(tokenizer, before, rendered, row, input_ids, labels, trained=False)
             rendered = before
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        upto = apply_chat_template(tokenizer, messages[: i + 1], row)
         _extend(tokenizer, upto, rendered, row, input_ids, labels, trained=turn["role"] == "assistant")
         rendered = upto
     if tokenizer.eos_token_id not in input_ids[-3:]:  # templates that end turns with another token

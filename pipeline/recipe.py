@@ -400,6 +400,12 @@ class PublishSection(Section):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$",
         description="Hub dataset id the card names (default: data.train when it is hub:org/name).",
     )
+    include_examples: bool | None = Field(
+        None,
+        description="Put rows of your data in the bundle: the report's flipped rows (inputs, expected and given "
+        "answers), the card's example prompt (the first eval row's). Default: yes for a private repo, no for a "
+        "public one. The bundle's card lists what text from the data it holds either way.",
+    )
 
     @field_validator("repo", "base_model")
     @classmethod

@@ -60,8 +60,13 @@ def check(loaded: LoadedRecipe) -> dict:
         _available_reference(loaded, ("evaluate", "reference"), recipe.evaluate.reference, problems, notes)
 
     lengths = None
+    config = None
     if base is not None:
-        config = _config(base, recipe.model.trust_remote_code)
+        try:
+            config = _config(base, recipe.model.trust_remote_code)
+        except PipelineError as e:
+            problems.append(loaded.error_at(("model", "base"), str(e)))
+    if config is not None:
         context = getattr(config, "max_position_embeddings", None)
         if context and recipe.data.max_seq_len > context:
             problems.append(
@@ -71,19 +76,12 @@ def check(loaded: LoadedRecipe) -> dict:
                 )
             )
         problems += _target_module_problems(loaded, config)
-        tokenizer = models.load_tokenizer(base, recipe.model.trust_remote_code)
-        data.apply_chat_template_file(tokenizer, recipe.data)
-        chat = data.uses_chat_template(tokenizer, recipe.data.chat_template)
-        if recipe.data.format == "messages" and not chat:
-            problems.append(
-                loaded.error_at(
-                    ("data", "format"),
-                    "messages needs a chat template and the base's tokenizer has "
-                    "none; name one with data.chat_template_file",
-                )
-            )
-            raise PipelineError("\n".join(problems))
-        lengths = data.training_examples(tokenizer, train_rows, chat, recipe.data).lengths or None
+        if base.is_local:
+            problems += _weights_problems(loaded, config, Path(base.location))
+        try:
+            lengths = _training_lengths(loaded, base, train_rows)
+        except PipelineError as e:  # the tokenizer, the chat template or a row: with the other problems
+            problems.append(str(e))
         too_long = sum(n > recipe.data.max_seq_len for n in lengths or [])
         if lengths and too_long == len(lengths) and recipe.data.too_long == "drop":
             problems.append(
@@ -102,6 +100,23 @@ def check(loaded: LoadedRecipe) -> dict:
     if problems:
         raise PipelineError("\n".join(problems))
     return _summary(loaded, train_rows, eval_rows, lengths, notes, len(inputs) if recipe.distill else 0)
+
+
+def _training_lengths(loaded: LoadedRecipe, base: models.ModelSource, train_rows: list) -> list[int] | None:
+    """Token counts of the training rows, rendered as training renders them (tokenizer, chat template)."""
+    recipe = loaded.recipe
+    tokenizer = models.load_tokenizer(base, recipe.model.trust_remote_code)
+    data.apply_chat_template_file(tokenizer, recipe.data)
+    chat = data.uses_chat_template(tokenizer, recipe.data.chat_template)
+    if recipe.data.format == "messages" and not chat:
+        raise PipelineError(
+            loaded.error_at(
+                ("data", "format"),
+                "messages needs a chat template and the base's tokenizer has none; name one with "
+                "data.chat_template_file",
+            )
+        )
+    return data.training_examples(tokenizer, train_rows, chat, recipe.data).lengths or None
 
 
 def _metric_problems(loaded: LoadedRecipe, eval_rows: list | None) -> list[str]:
@@ -260,6 +275,12 @@ def _available_model(loaded: LoadedRecipe, loc: tuple, ref: str, problems: list,
     if not source.is_local and not _in_hub_cache(source):
         notes.append(f"{ref}: not in the local Hugging Face cache; the run downloads it from the Hub")
         return None
+    if source.is_local:
+        trust = loaded.recipe.model.trust_remote_code if loc == ("model", "base") else False
+        problem = models.model_folder_problem(Path(source.location), trust)
+        if problem:
+            problems.append(loaded.error_at(loc, problem))
+            return None
     return source
 
 
@@ -273,6 +294,47 @@ def _config(source: models.ModelSource, trust_remote_code: bool):
     from transformers import AutoConfig
 
     return models._from_pretrained(AutoConfig, source, trust_remote_code=trust_remote_code)
+
+
+def _weights_problems(loaded: LoadedRecipe, config, folder: Path) -> list[str]:
+    """Weights that do not fit the config: a tensor of another shape (the load fails), or one the checkpoint
+    lacks (transformers would fill it with random values and train on them). From the safetensors headers
+    and the model built on the meta device: no weights are read."""
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    shapes = {}
+    for weights in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(weights), framework="pt") as f:
+            shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=loaded.recipe.model.trust_remote_code)
+    model.tie_weights()  # a tied output head is the embedding: one name, as the checkpoint stores it
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    found = [name for name in expected if name in shapes]
+    if len(found) < len(expected) / 2:  # names the checkpoint spells another way (transformers renames them)
+        return []
+    wrong = [f"{n} {shapes[n]} (config: {expected[n]})" for n in found if shapes[n] != expected[n]]
+    missing = [name for name in expected if name not in shapes]
+    problems = []
+    if wrong:
+        problems.append(
+            loaded.error_at(
+                ("model", "base"),
+                f"{folder}: {len(wrong)} weights have another shape than config.json says, e.g. "
+                f"{'; '.join(wrong[:2])}; the config and the weights come from different models",
+            )
+        )
+    if missing:
+        problems.append(
+            loaded.error_at(
+                ("model", "base"),
+                f"{folder}: the checkpoint lacks {len(missing)} weights the model needs, e.g. "
+                f"{', '.join(missing[:3])}; they would start random: save the whole model again (save_pretrained)",
+            )
+        )
+    return problems
 
 
 def _target_module_problems(loaded: LoadedRecipe, config) -> list[str]:

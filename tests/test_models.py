@@ -20,9 +20,25 @@ def cache(tmp_path, monkeypatch):
 def test_local_folder_and_hub_ids(tiny_models):
     local = resolve_model(str(tiny_models["base"]))
     assert local.is_local and local.location == str(tiny_models["base"])
-    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct@abc123") == ModelSource(
-        "HuggingFaceTB/SmolLM2-135M-Instruct", "abc123", is_local=False
-    )
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    assert resolve_model(f"HuggingFaceTB/SmolLM2-135M-Instruct@{commit}") == ModelSource(
+        "HuggingFaceTB/SmolLM2-135M-Instruct", commit, is_local=False
+    )  # a commit needs no lookup
+
+
+def test_a_hub_id_without_the_hub_is_its_cached_commit_else_a_remote_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    models.hub_commit.cache_clear()
+    with pytest.raises(models.RemoteError, match=r"model.base: org/never-cached@main: the Hub could not be reached"):
+        resolve_model("org/never-cached")  # a run cannot download it either: retry later (exit 3)
+    assert resolve_model("org/never-cached@v2", install=False) == ModelSource("org/never-cached", "v2", False)
+    refs = tmp_path / "models--org--cached" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text("a" * 40)
+    assert resolve_model("org/cached").revision == "a" * 40  # what the local cache last saw of main
+    models.hub_commit.cache_clear()
 
 
 def test_folder_without_safetensors_is_refused(tmp_path):

@@ -28,6 +28,7 @@ from pipeline.report import (
     failed_gates,
     fidelity_markdown,
     gates_markdown,
+    render_markdown,
     verdict,
 )
 from pipeline.runs import (
@@ -73,6 +74,8 @@ def run(loaded: LoadedRecipe, run_dir: Path, *, dry_run: bool = False, allow_fai
     log(STAGE, f"bundle {bundle.folder}: {len(bundle.files)} files, {total / 1e6:.1f} MB")
     for path, size in bundle.files.items():
         log(STAGE, f"  {path} ({size:,} bytes)")
+    for line in data_in_bundle(loaded, report):
+        log(STAGE, f"data in the bundle: {line.removeprefix('- ')}")
     if dry_run:
         log(STAGE, f"dry run: nothing uploaded; without DRY_RUN these files would go to {where}")
         return {"bundle": str(bundle.folder), "files": bundle.files, "repo": section.repo, "uploaded": False}
@@ -125,12 +128,12 @@ def build_bundle(loaded: LoadedRecipe, run_dir: Path, report: dict) -> Bundle:
         config["base_model_name_or_path"] = base_id
         (tmp / "adapter_config.json").unlink()
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for name in EVIDENCE:
-        source = run_dir / "evaluate" / name
-        if name.endswith((".md", ".json")):
-            (tmp / name).write_text(public_text(source.read_text()))
-        else:
-            _link_or_copy(source, tmp / name)
+    examples = includes_examples(loaded)
+    shown = report if examples else without_examples(report)
+    (tmp / "report.json").write_text(public_text(json.dumps(shown, indent=2, sort_keys=False) + "\n"))
+    flips = shown.get("flipped_rows", [])
+    (tmp / "report.md").write_text(public_text(render_markdown(shown, flips, "report.png")))
+    _link_or_copy(run_dir / "evaluate" / "report.png", tmp / "report.png")
     (tmp / "recipe.resolved.yaml").write_text(public_text(yaml.safe_dump(loaded.resolved, sort_keys=False)))
     if section.merged:
         merged = run_dir / "quantize" / "merged"
@@ -150,7 +153,7 @@ def build_bundle(loaded: LoadedRecipe, run_dir: Path, report: dict) -> Bundle:
         modelfile = (folder / "Modelfile").read_text().replace("FROM ./model.gguf", f"FROM ./{file_name}")
         (tmp / f"Modelfile.{label.removeprefix('gguf-')}").write_text(modelfile)
         gguf_files[label] = file_name
-    card = model_card(loaded, run_dir, report, base_id, gguf_files)
+    card = model_card(loaded, run_dir, shown, base_id, gguf_files)
     (tmp / "README.md").write_text(card)
     replace_dir(tmp, final)
     files = {
@@ -204,6 +207,53 @@ def _model_name(ref: str) -> str:
 
 def _is_hub_id(ref: str) -> bool:
     return not Path(ref).expanduser().exists() and ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
+
+
+def includes_examples(loaded: LoadedRecipe) -> bool:
+    """publish.include_examples, else: rows of the data go to a private repo, not to a public one."""
+    section = loaded.recipe.publish
+    return section.private if section.include_examples is None else section.include_examples
+
+
+def without_examples(report: dict) -> dict:
+    """The report without any text of the data's rows: flipped rows and the first token-parity mismatch
+    keep their row numbers only."""
+    shown = json.loads(json.dumps(report))
+    flips = shown.pop("flipped_rows", [])
+    shown["flipped_rows_omitted"] = len(flips)
+    for check in shown.get("fidelity", {}).values():
+        mismatch = check.get("token_parity", {}).get("first_mismatch") if isinstance(check, dict) else None
+        if mismatch:
+            check["token_parity"]["first_mismatch"] = {"row": mismatch["row"]}
+    return shown
+
+
+def data_in_bundle(loaded: LoadedRecipe, report: dict) -> list[str]:
+    """What text from the user's data the bundle holds, file by file (the card lists it; publish prints it)."""
+    if not includes_examples(loaded):
+        return [
+            "No row of the training or evaluation data: publish.include_examples is off "
+            f"({'set' if loaded.recipe.publish.include_examples is False else 'the default for a public repo'}). "
+            "The recipe's own text is in `recipe.resolved.yaml` (prompt templates, and any label list its "
+            "reference prompt names); the report names labels only as the recipe and metrics do."
+        ]
+    flips = report.get("flipped_rows", [])
+    lines = [
+        "- `README.md`: the first evaluation row's prompt (How to use).",
+        f"- `report.md`, `report.json`: {len(flips)} evaluation rows where the specialist and another candidate "
+        "disagree, with their input, expected answer and both answers (Rows that flipped).",
+    ]
+    if any(
+        c.get("token_parity", {}).get("first_mismatch")
+        for c in report.get("fidelity", {}).values()
+        if isinstance(c, dict)
+    ):
+        lines.append("- `report.json`: the text of the first prompt llama.cpp tokenized differently (fidelity).")
+    return [
+        "Text from the data is included (publish.include_examples "
+        f"{'on' if loaded.recipe.publish.include_examples else 'default for a private repo'}):",
+        *lines,
+    ]
 
 
 def public_text(text: str) -> str:
@@ -337,6 +387,7 @@ def _card_body(loaded: LoadedRecipe, run_dir: Path, report: dict, base_id: str |
             f"- `{file_name}`, `Modelfile.{label.removeprefix('gguf-')}`: the merged model as GGUF "
             f"{label.removeprefix('gguf-')} for llama.cpp / Ollama, evaluated above as {label}."
         )
+    lines += ["", "## Data in this repository", "", *data_in_bundle(loaded, report)]
     lines += ["", f"Generated by specialist from run `{report['run_id']}` of recipe `{recipe.name}`."]
     return "\n".join(lines)
 
@@ -386,13 +437,19 @@ def _demote(lines: list[str]) -> list[str]:
 
 def _usage(loaded: LoadedRecipe, run_dir: Path, report: dict, gguf_files: dict) -> list[str]:
     repo = loaded.recipe.publish.repo
-    prompt, add_special = example_prompt(loaded, run_dir)
+    examples = includes_examples(loaded)
+    prompt, add_special = example_prompt(loaded, run_dir, placeholders=not examples)
     max_new = loaded.recipe.evaluate.max_new_tokens
+    shown = (
+        "this is the first evaluation row's, as the model saw it:"
+        if examples
+        else "this is the recipe's prompt with each of its fields shown as <field> (no row of the data is in this "
+        "repository), as the model sees it:"
+    )
     lines = [
         "## How to use",
         "",
-        "The adapter answers prompts built exactly as in training; this is the first evaluation row's, as the "
-        "model saw it:",
+        f"The adapter answers prompts built exactly as in training; {shown}",
         "",
         "```text",
         prompt,
@@ -434,14 +491,17 @@ def _usage(loaded: LoadedRecipe, run_dir: Path, report: dict, gguf_files: dict) 
     return lines
 
 
-def example_prompt(loaded: LoadedRecipe, run_dir: Path) -> tuple[str, bool]:
-    """The first eval row's prompt as the model saw it, and whether the tokenizer adds BOS to it."""
+def example_prompt(loaded: LoadedRecipe, run_dir: Path, placeholders: bool = False) -> tuple[str, bool]:
+    """The first eval row's prompt as the model saw it, and whether the tokenizer adds BOS to it; with
+    placeholders, the same row with each field the prompt uses shown as <field> instead of its text."""
     from transformers import AutoTokenizer
 
     from pipeline import data
 
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "train" / "adapter"))
     row = data.load_splits(loaded.recipe.data).eval[0]
+    if placeholders:
+        row = data.placeholder_row(loaded.recipe.data, row)
     chat = data.uses_chat_template(tokenizer, loaded.recipe.data.chat_template)
     return data.prompt_text(tokenizer, row, chat)
 
