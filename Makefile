@@ -12,7 +12,7 @@ RECIPE_ARGS = $(RECIPE) --runs-dir $(RUNS) $(foreach s,$(SET),--set $(s)) $(if $
 TINY_MODELS := build/tiny-models/base/model.safetensors
 
 .DEFAULT_GOAL := help
-.PHONY: help setup schema bench inspect bench-train serve models llamacpp train quantize eval report publish submit validate tiny-models test lint clean
+.PHONY: help setup schema bench inspect bench-train serve models llamacpp skypilot train quantize eval report publish submit validate tiny-models test lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ $(TINY_MODELS): data/intents/train.jsonl pipeline/models.py | $(VENV)/.installed
 	$(VENV)/bin/specialist tiny-models --out build/tiny-models --corpus data/intents/train.jsonl
 
 tiny-models: $(TINY_MODELS) ## build the tiny random-init models (recipes/tiny.yaml, tests)
+
+skypilot: $(VENV)/.installed ## install SkyPilot once per machine in an environment of its own (for SCHEDULER=sky)
+	$(VENV)/bin/specialist skypilot
 
 train: $(VENV)/.installed $(TINY_MODELS) ## run every stage of RECIPE: train, quantize, evaluate, report
 	$(VENV)/bin/specialist run $(RECIPE_ARGS)

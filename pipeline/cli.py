@@ -135,6 +135,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key-env", help="require the key held in this environment variable")
     serve.set_defaults(handler=_serve)
 
+    sky = verbs.add_parser(
+        "skypilot", help="install SkyPilot once per machine, in an environment of its own, for `submit sky`"
+    )
+    sky.set_defaults(handler=_skypilot)
+
     tiny = verbs.add_parser("tiny-models", help="build the tiny random-init models the tiny recipe and tests use")
     tiny.add_argument("--out", type=Path, default=Path("build/tiny-models"))
     tiny.add_argument(
@@ -163,9 +168,11 @@ def _load_recipe(args, check: bool = False):
 
 def _prepare(loaded, args, command: str) -> Path:
     from pipeline.data import data_fingerprint
-    from pipeline.runs import prepare_run_dir
+    from pipeline.models import recorded_references
+    from pipeline.runs import in_launched_process, prepare_run_dir
 
-    return prepare_run_dir(loaded, args.runs_dir, data_fingerprint(loaded.recipe.data), command)
+    references = None if in_launched_process() else recorded_references(loaded.recipe)
+    return prepare_run_dir(loaded, args.runs_dir, data_fingerprint(loaded.recipe.data), command, references)
 
 
 def _stage_module(stage: str):
@@ -330,6 +337,13 @@ def _serve(args) -> int:
         server.terminate()
         server.wait()
         return 0
+
+
+def _skypilot(args) -> int:
+    from pipeline.launch import skypilot
+
+    print(f"SkyPilot {skypilot.SKYPILOT_VERSION}: {skypilot.install()}")
+    return 0
 
 
 def _tiny_models(args) -> int:

@@ -91,6 +91,30 @@ def resolve_model(ref: str, field: str = "model.base", install: bool = True) -> 
     return ModelSource(repo, commit, is_local=False)
 
 
+def recorded_references(recipe) -> dict[str, dict]:
+    """Each local model reference of the recipe and what it resolves to now (a Hub id: its commit), as the
+    manifest records it; a model not installed yet is recorded as written (the run installs it)."""
+    fields = {"model.base": recipe.model.base}
+    reference, teacher = recipe.evaluate.reference, recipe.distill.teacher if recipe.distill else None
+    if reference is not None and reference.endpoint is None:
+        fields["evaluate.reference.model"] = reference.model
+    if teacher is not None and teacher.endpoint is None:
+        fields["distill.teacher.model"] = teacher.model
+    recorded = {}
+    for field, ref in fields.items():
+        entry = {"ref": ref}
+        try:
+            source = resolve_model(ref, field, install=False)
+        except PipelineError:
+            source = None
+        if source is not None and source.is_local:
+            entry["folder"] = source.location
+        elif source is not None:
+            entry["commit"] = source.revision if source.revision and COMMIT.fullmatch(source.revision) else None
+        recorded[field] = entry
+    return recorded
+
+
 COMMIT = re.compile(r"[0-9a-f]{40}")
 
 

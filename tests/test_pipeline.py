@@ -28,7 +28,7 @@ def finished_run(tiny_recipe, tmp_path, capsys):
     return loaded, runs / "tiny-test" / loaded.run_id
 
 
-def test_run_writes_the_run_folder(finished_run):
+def test_run_writes_the_run_folder(finished_run, tiny_models):
     _, run_dir = finished_run
     files = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
     expected = {
@@ -58,6 +58,7 @@ def test_run_writes_the_run_folder(finished_run):
     (invocation,) = manifest["invocations"]
     assert invocation["command"] == "run" and invocation["stages_run"] == ["train", "quantize", "evaluate", "report"]
     assert invocation["versions"]["transformers"] == "5.23.0" and manifest["data_fingerprint"]
+    assert invocation["models"]["model.base"]["folder"] == str(tiny_models["base"])
 
 
 def test_training_logs_loss_per_step_and_changes_only_the_adapter(finished_run, tiny_models):

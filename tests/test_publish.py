@@ -267,3 +267,52 @@ def test_publish_needs_a_section_and_a_finished_run(finished, tiny_recipe, hub, 
     args = ["publish", str(tiny_recipe), "--runs-dir", str(tmp_path / "runs"), "--set", "publish.repo=alice/x"]
     assert main(args) == 2
     assert "no finished run" in capsys.readouterr().err
+
+
+def test_rows_of_the_data_go_to_a_private_repo_and_not_to_a_public_one(finished, hub, capfd):
+    recipe, _, run_dir = finished
+    inputs = [row["text"] for _, row in read_jsonl(recipe.parent / "test.jsonl")]
+
+    def data_in(files: dict[str, bytes]) -> set[str]:
+        texts = [
+            content.decode("utf-8", "replace") for name, content in files.items() if name.endswith((".md", ".json"))
+        ]
+        return {text for text in inputs if any(text in content for content in texts)}
+
+    report_path = run_dir / "evaluate" / "report.json"
+    original = report_path.read_text()
+    report = json.loads(original)
+    first = read_jsonl(recipe.parent / "test.jsonl")[0][1]
+    flip = {"row": 0, "source": "test.jsonl:1", "input": f"Message: {first['text']}\nIntent:", "versus": "base"}
+    report["flipped_rows"] = [{**flip, "expected": first["label"], "other": "x", "specialized": "y", "kind": "won"}]
+    report_path.write_text(json.dumps(report))  # a flipped row, whatever the tiny models happened to answer
+    try:
+        _check_examples_by_privacy(finished, run_dir, data_in, capfd)
+    finally:
+        report_path.write_text(original)
+
+
+def _check_examples_by_privacy(finished, run_dir, data_in, capfd):
+    assert publish(finished, "--dry-run") == 0  # private (the default): examples included
+    private = bundle_files(run_dir)
+    report = json.loads(private["report.json"])
+    assert report["flipped_rows"] and data_in(private)
+    assert "## Rows that flipped" in private["report.md"].decode()
+    card = private["README.md"].decode()
+    assert "## Data in this repository" in card and "the first evaluation row's prompt" in card
+    capfd.readouterr()
+
+    assert publish(finished, "--dry-run", "--set", "publish.private=false") == 0  # public: no row of the data
+    public = bundle_files(run_dir)
+    assert data_in(public) == set()
+    report = json.loads(public["report.json"])
+    assert "flipped_rows" not in report and report["flipped_rows_omitted"] == 1
+    assert "## Rows that flipped" not in public["report.md"].decode()
+    card = public["README.md"].decode()
+    assert "Message: <text>\nIntent:" in card and "No row of the training or evaluation data" in card
+    assert "data in the bundle: No row of the training or evaluation data" in capfd.readouterr().err
+
+    assert (
+        publish(finished, "--dry-run", "--set", "publish.private=false", "--set", "publish.include_examples=true") == 0
+    )
+    assert data_in(bundle_files(run_dir)) == data_in(private)  # a public repo with examples, as the recipe says

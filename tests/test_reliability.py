@@ -11,6 +11,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -407,6 +408,9 @@ def test_a_hub_model_is_pinned_to_its_commit_and_a_new_commit_is_new_weights(mon
         models.hub_commit.cache_clear()  # a later invocation
         assert models.resolve_model("org/base-model").fingerprint == f"hub:org/base-model@{'f' * 40}"
         assert models.resolve_model(f"org/base-model@{commit}").revision == commit  # pinned stays pinned
+        recipe = SimpleNamespace(model=SimpleNamespace(base="org/base-model"), evaluate=SimpleNamespace(reference=None))
+        recipe.distill = None
+        assert models.recorded_references(recipe) == {"model.base": {"ref": "org/base-model", "commit": "f" * 40}}
         with pytest.raises(models.PipelineError, match="org/missing@main: no such model repository"):
             models.resolve_model("org/missing")
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -19,7 +20,7 @@ import yaml
 from pipeline.errors import PipelineError
 from pipeline.launch import job_gpus
 from pipeline.recipe import LoadedRecipe
-from pipeline.runs import log, write_text_atomic
+from pipeline.runs import cache_lock, cache_root, log, write_text_atomic
 
 
 def task(loaded: LoadedRecipe, run_dir: Path) -> dict:
@@ -50,6 +51,37 @@ def task(loaded: LoadedRecipe, run_dir: Path) -> dict:
         "setup": "make setup",
         "run": f".venv/bin/specialist run {resolved} --runs-dir runs",
     }
+
+
+SKYPILOT_VERSION = "0.14.1"
+
+
+def sky_environment() -> Path:
+    """SkyPilot's own virtual environment (it pins older versions of packages the pipeline's server uses)."""
+    return cache_root() / "venvs" / f"skypilot-{SKYPILOT_VERSION}"
+
+
+def sky_command() -> str | None:
+    """`sky` on PATH, else the one `make skypilot` installed."""
+    installed = sky_environment() / "bin" / "sky"
+    return shutil.which("sky") or (str(installed) if installed.is_file() else None)
+
+
+def install() -> Path:
+    """Install SkyPilot once per machine into sky_environment(); returns its `sky`."""
+    folder = sky_environment()
+    with cache_lock(f"skypilot-{SKYPILOT_VERSION}", f"installing SkyPilot {SKYPILOT_VERSION}"):
+        if not (folder / "bin" / "sky").is_file():
+            log("skypilot", f"installing skypilot=={SKYPILOT_VERSION} into {folder} (once; about 460 MB)")
+            for command in (
+                [sys.executable, "-m", "venv", str(folder)],
+                [str(folder / "bin" / "python"), "-m", "pip", "install", "-q", f"skypilot=={SKYPILOT_VERSION}"],
+            ):
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode != 0:
+                    last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+                    raise PipelineError(f"installing SkyPilot failed ({last}); it needs PyPI once")
+    return folder / "bin" / "sky"
 
 
 def secret_names(recipe) -> list[str]:
@@ -94,12 +126,11 @@ def submit(loaded: LoadedRecipe, run_dir: Path, dry_run: bool = False) -> int:
     log("submit", f"SkyPilot task: {path}")
     if dry_run:
         return 0
-    sky = shutil.which("sky")
+    sky = sky_command()
     if sky is None:
         raise PipelineError(
-            "submit sky: SkyPilot's `sky` command is not on PATH (install it in a virtual environment of its own, "
-            "as the README shows: it pins other versions of packages the pipeline uses); "
-            f"the task is ready in {path}"
+            f"submit sky: SkyPilot is not installed; `make skypilot` installs it in an environment of its own "
+            f"(it pins other versions of packages the pipeline uses). The task is ready in {path}"
         )
     command = [sky, "launch", "-y", "-c", f"specialist-{loaded.recipe.name}", str(path)]
     for name in secret_names(loaded.recipe):
