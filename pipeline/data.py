@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, RemoteError
 from pipeline.recipe import DataSection
 
 IGNORE_INDEX = -100  # label value the loss skips
@@ -186,7 +186,12 @@ def _read_hub(ref: str, section: DataSection, split: str) -> list[tuple[str, dic
     split_name = section.train_split if split == "train" else section.eval_split
     try:
         table = datasets.load_dataset(name, section.hub_config, split=split_name, revision=revision or None)
-    except Exception as e:  # noqa: BLE001 - network, missing split, missing config: all reported the same way
+    except Exception as e:  # noqa: BLE001 - network, missing split, missing config: each a clear message
+        from pipeline.models import hub_failure_in_chain
+
+        failure = hub_failure_in_chain(e, f"hub:{ref}")
+        if isinstance(failure, RemoteError):  # retry later (exit 3), not a recipe to fix
+            raise failure from None
         raise PipelineError(
             f"hub:{ref}: could not load split {split_name!r} ({str(e).splitlines()[0][:300]}). If this machine is "
             "offline, export the dataset to a .jsonl or .parquet file where you have the Hub and use that file."

@@ -174,9 +174,27 @@ def hub_failure(error: Exception, what: str) -> PipelineError:
         if status is not None and (status >= 500 or status == 429):
             return RemoteError(f"{what}: the Hub answered {status}; retry later")
         return PipelineError(f"{what}: the Hub refused the request ({status}: {_first_line(error)})")
-    if isinstance(error, OSError | TimeoutError) or type(error).__module__.split(".")[0].startswith("httpx"):
+    if _is_unreachable(error):
         return RemoteError(f"{what}: the Hub could not be reached ({_first_line(error)}); retry when it can")
     return PipelineError(f"{what}: {type(error).__name__}: {_first_line(error)}")
+
+
+def hub_failure_in_chain(error: BaseException, what: str) -> PipelineError | None:
+    """The Hub failure behind a library's error (transformers and datasets wrap the Hub client's), if any."""
+    from huggingface_hub import errors
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, errors.HfHubHTTPError) or _is_unreachable(error):
+            return hub_failure(error, what)
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _is_unreachable(error: BaseException) -> bool:
+    """A connection that failed or timed out (the Hub client's httpx errors, or the OS's)."""
+    return isinstance(error, ConnectionError | TimeoutError) or type(error).__module__.split(".")[0].startswith("httpx")
 
 
 def device() -> torch.device:
@@ -259,8 +277,7 @@ def _from_pretrained(cls, source: ModelSource, **kwargs):
             raise PipelineError(problem or f"could not load {source.location}: {_first_line(e)}") from None
         if not isinstance(e, OSError | ValueError):
             raise
-        cause = e.__cause__ or e.__context__
-        failure = hub_failure(cause, source.location) if cause is not None else None
+        failure = hub_failure_in_chain(e, source.location)
         if isinstance(failure, RemoteError):
             raise failure from None
         raise PipelineError(

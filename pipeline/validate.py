@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from pipeline import data, models
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, RemoteError
 from pipeline.recipe import LoadedRecipe, RecipeError
 
 
@@ -24,11 +24,17 @@ def check(loaded: LoadedRecipe) -> dict:
     """Check data and models; raise one PipelineError listing every problem, else return a summary."""
     recipe = loaded.recipe
     notes: list[str] = []
-    problems, splits = _load_data(recipe.data, loaded.error_at)
+    unreachable = None
+    try:
+        problems, splits = _load_data(recipe.data, loaded.error_at)
+    except RemoteError as e:  # hub: data: retry later (exit 3), unless something else needs fixing too
+        unreachable, problems, splits = e, [], None
     if splits is None:  # the rows cannot be read: still check the models, then report everything at once
         _available_model(loaded, ("model", "base"), recipe.model.base, problems, notes)
         problems += _metric_problems(loaded, None)
-        raise PipelineError("\n".join(problems))
+        if unreachable is not None and not problems:
+            raise unreachable
+        raise PipelineError("\n".join([*problems, *([str(unreachable)] if unreachable else [])]))
     train_rows, eval_rows = splits.train, splits.eval
     if recipe.distill:
         from pipeline.stages import distill
@@ -154,6 +160,8 @@ def _load_data(section, error_at) -> tuple[list[str], data.Splits | None]:
         return problems, None
     try:
         return [], data.load_splits(section)
+    except RemoteError:
+        raise
     except PipelineError as e:
         return [str(e)], None
 

@@ -144,3 +144,23 @@ def test_quantized_load_can_keep_named_blocks_in_full_precision(tiny_models, tmp
     layers = model.model.layers
     assert type(layers[0].self_attn.q_proj) is torch.nn.Linear
     assert isinstance(layers[1].self_attn.q_proj, bnb.nn.Linear4bit)
+
+
+def test_a_library_error_over_a_failed_connection_is_a_remote_error_and_a_missing_repo_is_not():
+    from huggingface_hub import errors
+
+    def wrapped(cause: Exception) -> Exception:
+        try:
+            try:
+                raise cause
+            except Exception as inner:
+                raise ConnectionError("Couldn't reach 'org/data' on the Hub") from inner
+        except Exception as outer:
+            return outer
+
+    unreachable = models.hub_failure_in_chain(wrapped(TimeoutError("timed out")), "hub:org/data")
+    assert isinstance(unreachable, models.RemoteError) and "could not be reached" in str(unreachable)
+    failure = models.hub_failure_in_chain(FileNotFoundError("no such dataset"), "hub:org/data")
+    assert failure is None  # not the Hub's doing: the message the library gave stands (exit 2)
+    missing = errors.RepositoryNotFoundError.__new__(errors.RepositoryNotFoundError)
+    assert type(models.hub_failure(missing, "org/x")) is PipelineError
