@@ -28,7 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - a bug or an unforeseen library failure: never exit 1 (gates failed)
         from pipeline.runs import scrub_secrets, write_crash_log
 
-        where = write_crash_log(e, getattr(args, "runs_dir", Path("runs")))
+        try:
+            where = write_crash_log(e, getattr(args, "runs_dir", Path("runs")))
+        except OSError as unwritable:  # a full disk, say: the one line still goes out, with the exit code
+            where = f"no file (none could be written: {unwritable})"
         summary = scrub_secrets(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
         print(
             f"error: crashed ({summary[:300]}); the full traceback is in {where}. Finished stages and "

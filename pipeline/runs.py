@@ -19,12 +19,14 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from pipeline.errors import Interrupted, RunLocked
-from pipeline.recipe import LoadedRecipe
+
+if TYPE_CHECKING:  # annotations only: runs.py stays importable without the recipe schema (runtime processes)
+    from pipeline.recipe import LoadedRecipe
 
 DONE_MARKER = ".done.json"
 

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 
 import psutil
 
+from pipeline.errors import PipelineError, RuntimeFailure
+from pipeline.runs import write_crash_log
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -155,8 +158,6 @@ def run_in_child(context, target, args: tuple, on_batch: OnBatch, what: str) -> 
     child that dies without a word (out of memory), becomes a RuntimeFailure whose traceback goes to a crash
     log. The child is stopped when this returns or raises (a signal, an error in on_batch).
     """
-    from pipeline.errors import PipelineError, RuntimeFailure
-
     messages = context.Queue()
     child = context.Process(target=_child_main, args=(target, args, messages), name=what)
     child.start()
@@ -175,28 +176,24 @@ def run_in_child(context, target, args: tuple, on_batch: OnBatch, what: str) -> 
             if kind == "batch":
                 on_batch(payload)
             elif kind == "done":
+                child.join(timeout=30)  # it exits on its own once its answer is sent
                 return payload
             elif kind == "user_error":
                 error = PipelineError(payload["message"])
                 error.exit_code = payload["exit_code"]
                 raise error
             else:
-                from pipeline.runs import write_crash_log
-
                 log_path = write_crash_log(payload["traceback"])
                 raise RuntimeFailure(
                     f"{what}: failed in its own process ({payload['summary']}); traceback in {log_path}"
                 )
-    finally:
-        child.join(timeout=30)
+    finally:  # done, or stopped (a signal, an error here): a child still at work is not left running
         if child.is_alive():
             child.kill()
-            child.join()
+        child.join()
 
 
 def _child_main(target, args: tuple, messages) -> None:
-    from pipeline.errors import PipelineError
-
     try:
         facts = target(*args, lambda batch: messages.put(("batch", batch)))
         messages.put(("done", facts))
