@@ -191,7 +191,10 @@ def _read_hub(ref: str, section: DataSection, split: str) -> list[tuple[str, dic
 
         failure = hub_failure_in_chain(e, f"hub:{ref}")
         if isinstance(failure, RemoteError):  # retry later (exit 3), not a recipe to fix
-            raise failure from None
+            raise RemoteError(
+                f"{failure} (split {split_name!r}). If this machine is offline, export the dataset to a .jsonl or "
+                ".parquet file where you have the Hub and use that file."
+            ) from None
         raise PipelineError(
             f"hub:{ref}: could not load split {split_name!r} ({str(e).splitlines()[0][:300]}). If this machine is "
             "offline, export the dataset to a .jsonl or .parquet file where you have the Hub and use that file."

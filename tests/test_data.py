@@ -8,7 +8,7 @@ import torch
 
 from pipeline import data
 from pipeline.data import IGNORE_INDEX, TaskRow
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, RemoteError
 from pipeline.models import ModelSource, load_model, load_tokenizer
 from pipeline.recipe import DataSection
 
@@ -254,8 +254,19 @@ def test_hub_source_failure_says_what_to_do(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     s = DataSection(train="hub:org/intents@v1", eval="hub:org/intents@v1", prompt="{a}", target="{b}")
-    with pytest.raises(PipelineError, match=r"hub:org/intents@v1: could not load split 'test' .* export the dataset"):
+    # the Hub unreachable: retry later (exit 3), or work offline from an exported file
+    with pytest.raises(RemoteError, match=r"hub:org/intents@v1: the Hub could not be reached .* export the dataset"):
         data.read_source(s.eval, s, "eval")
+
+    def missing_split(*args, **kwargs):
+        raise ValueError("Unknown split 'test'. Should be one of ['train'].")
+
+    monkeypatch.setattr(datasets, "load_dataset", missing_split)
+    with pytest.raises(
+        PipelineError, match=r"hub:org/intents@v1: could not load split 'test' .* export the dataset"
+    ) as e:
+        data.read_source(s.eval, s, "eval")
+    assert type(e.value) is PipelineError  # a recipe to fix (exit 2)
 
 
 def test_fingerprint_changes_with_the_bytes_and_the_section(tmp_path):
