@@ -14,13 +14,15 @@ import json
 import math
 import random
 import re
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import PipelineError, RemoteError
-from pipeline.recipe import DataSection
+
+if TYPE_CHECKING:  # annotations only: the recipe module imports this one (the run id hashes the data)
+    from pipeline.recipe import DataSection
+from pipeline.templates import template_fields
 
 IGNORE_INDEX = -100  # label value the loss skips
 FILE_TYPES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
@@ -203,10 +205,6 @@ def _read_hub(ref: str, section: DataSection, split: str) -> list[tuple[str, dic
 
 
 # --- formatting ---------------------------------------------------------------------------------
-
-
-def template_fields(template: str) -> set[str]:
-    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
 
 
 class EmptyField(PipelineError):

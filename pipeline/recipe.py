@@ -18,8 +18,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pipeline import gguf_export
+from pipeline import gguf_export, tracking
+from pipeline.data import inputs_fingerprint
 from pipeline.errors import PipelineError
+from pipeline.templates import template_fields
 
 
 class Section(BaseModel):
@@ -488,8 +490,6 @@ class LoadedRecipe:
     @functools.cached_property
     def run_id(self) -> str:
         """The recipe's hash and its data's: new data in the same files is a new run, the old one kept."""
-        from pipeline.data import inputs_fingerprint
-
         return hashlib.sha256(f"{self.sha256}:{inputs_fingerprint(self.recipe)}".encode()).hexdigest()[:12]
 
 
@@ -835,8 +835,6 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
         problems.append((("data", "eval"), "is needed when there is no data.train to hold rows out of"))
     if d.train is not None and d.eval == d.train and (not d.train.startswith("hub:") or d.eval_split == d.train_split):
         problems.append((("data", "eval"), "is the training data: evaluate on rows the model was not trained on"))
-    from pipeline.data import template_fields
-
     if d.format == "prompt_completion":
         for name in ("prompt", "target"):
             if getattr(d, name) is None:
@@ -872,8 +870,6 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
             )
         )
     if recipe.train.report_to:
-        from pipeline import tracking
-
         absent = tracking.missing(recipe.train.report_to)
         if absent:
             problems.append(
@@ -906,8 +902,6 @@ def _distill_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
         elif len(set(distill.choices)) != len(distill.choices):
             problems.append((("distill", "choices"), "lists an answer twice"))
     if recipe.data.format == "prompt_completion" and recipe.data.target is not None:
-        from pipeline.data import template_fields
-
         if len(template_fields(recipe.data.target)) != 1:
             problems.append(
                 (

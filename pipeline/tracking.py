@@ -12,10 +12,12 @@ import importlib.util
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
-from pipeline.recipe import LoadedRecipe
+if TYPE_CHECKING:  # annotations only: the recipe checks which trackers are installed
+    from pipeline.recipe import LoadedRecipe
 from pipeline.runs import log, write_json_atomic
 
 # tracker name (as transformers' report_to spells it) -> the module it needs

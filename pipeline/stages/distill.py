@@ -39,6 +39,7 @@ from pipeline.runs import (
     write_text_atomic,
 )
 from pipeline.runtimes import endpoint as endpoint_runtime
+from pipeline.templates import template_fields
 
 STAGE = "distill"
 
@@ -82,7 +83,7 @@ def answer_field(recipe: Recipe) -> str:
     """The field of an input row the teacher's answer goes into."""
     section = recipe.data
     if section.format == "prompt_completion":
-        (field,) = data.template_fields(section.target)
+        (field,) = template_fields(section.target)
         return field
     if section.format == "alpaca":
         return "output"
