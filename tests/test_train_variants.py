@@ -9,7 +9,7 @@ from peft import get_peft_model
 from pipeline import data, models
 from pipeline.bench import run_train
 from pipeline.cli import main
-from pipeline.recipe import LoraSection, load_recipe
+from pipeline.recipe import DataSection, LoraSection, load_recipe
 from pipeline.stages.train import AnswerLossTrainer, frozen_dtype, hold_frozen_base, lora_config
 
 pytestmark = pytest.mark.integration
@@ -29,7 +29,7 @@ def test_logits_only_where_labels_are_give_the_models_own_loss_and_gradients(tin
     source = models.ModelSource(str(tiny_models["base"]), None, True)
     tokenizer = models.load_tokenizer(source)
     train, _ = intents_rows
-    section = data.DataSection(train=str(train), eval=str(train), prompt="M: {text}\nI:", target=" {label}")
+    section = DataSection(train=str(train), eval=str(train), prompt="M: {text}\nI:", target=" {label}")
     rows = data.load_splits(section).train[:12]
     examples = data.training_examples(tokenizer, rows, False, section).examples
     right = data.pad_batch(examples, tokenizer.pad_token_id)  # the reference: the model's own loss, right-padded
