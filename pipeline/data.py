@@ -355,6 +355,30 @@ class Splits:
     overlap_normalized: int  # ... after lowercasing and collapsing whitespace
     dropped_empty: dict[str, list[str]] = field(default_factory=dict)  # split -> file:line of rows left out
     sampled_from: dict[str, int] = field(default_factory=dict)  # split -> rows before max_*_rows sampling
+    validation: list[TaskRow] = field(default_factory=list)  # scored while training, never trained on
+    validation_source: str = ""  # how the validation rows were chosen, in words (validate prints it)
+    validation_eval_overlap: int = 0  # eval rows whose normalized prompt is also a validation row's
+
+
+VALIDATION_SHARE = 0.1  # the default validation split: this share of the training rows,
+VALIDATION_MAX_ROWS = 300  # at most this many (enough to tell checkpoints apart, cheap to generate),
+VALIDATION_MIN_ROWS = 20  # and none when fewer than this would be held out
+
+
+def validation_count(setting: str | int | float | None, train_rows: int) -> int:
+    """How many training rows data.validation holds out (a file holds out none)."""
+    if isinstance(setting, str):
+        return 0
+    if setting is None:
+        count = min(VALIDATION_MAX_ROWS, round(train_rows * VALIDATION_SHARE))
+        return count if count >= VALIDATION_MIN_ROWS else 0
+    count = round(train_rows * setting) if isinstance(setting, float) else setting
+    if count and count >= train_rows:
+        raise PipelineError(
+            f"data.validation: {setting} would hold out {count} of the {train_rows} training rows, leaving none to "
+            "train on; give a smaller share or count, or a validation file"
+        )
+    return count
 
 
 def load_splits(
@@ -381,7 +405,11 @@ def load_splits(
     train_all = _format_rows(section, train_raw, dropped.setdefault("train", []))
     eval_all = _format_rows(section, eval_raw, dropped.setdefault("eval", []), for_eval=True)
     sampled_from = {"train": len(train_all), "eval": len(eval_all)}
-    train = [row for _, row in sample_rows([r for _, r in train_all], section.max_train_rows, section.split_seed)]
+    train_pairs = sample_rows([r for _, r in train_all], section.max_train_rows, section.split_seed)
+    raw_of = [train_raw[train_all[j][0]] for j, _ in train_pairs]  # (where, raw row) of each training row
+    train, validation, validation_source = _hold_out_validation(
+        section, [row for _, row in train_pairs], raw_of, dropped
+    )
     if distilled is not None:
         train += [format_row(section, row, where) for where, row in _read_file(distilled)]
     eval_pairs = sample_rows([r for _, r in eval_all], section.max_eval_rows, section.split_seed)
@@ -403,8 +431,55 @@ def load_splits(
     exact_train = {r.exact_key() for r in train}
     exact = sum(r.exact_key() in exact_train for r in own_eval)
     normalized = sum(r.dedup_key() in seen for r in own_eval)
+    validation_keys = {r.dedup_key() for r in validation}
+    validation_overlap = sum(r.dedup_key() in validation_keys for r in own_eval)
     dropped = {split: wheres for split, wheres in dropped.items() if wheres}
-    return Splits(train, eval_rows, duplicates, exact, normalized, dropped, sampled_from)
+    return Splits(
+        train,
+        eval_rows,
+        duplicates,
+        exact,
+        normalized,
+        dropped,
+        sampled_from,
+        validation,
+        validation_source,
+        validation_overlap,
+    )
+
+
+def _hold_out_validation(
+    section: DataSection, train: list[TaskRow], raw_of: list[tuple[str, dict]], dropped: dict
+) -> tuple[list[TaskRow], list[TaskRow], str]:
+    """(the rows to train on, the validation rows, how the latter were chosen, in words).
+
+    Held-out rows are a seeded sample of the training rows, stratified by target for label sets, and are
+    formatted as the evaluate stage formats its rows (format text: the first half asks for the rest).
+    """
+    if isinstance(section.validation, str):
+        raw = read_source(section.validation, section, "validation")
+        rows = [row for _, row in _format_rows(section, raw, dropped.setdefault("validation", []), for_eval=True)]
+        if not rows:
+            raise PipelineError(f"data.validation: {section.validation} has no rows")
+        return train, rows, f"{len(rows)} rows of {section.validation}"
+    count = validation_count(section.validation, len(train))
+    if count == 0:
+        if section.validation == 0:
+            return train, [], "none (data.validation: 0)"
+        return (
+            train,
+            [],
+            (
+                f"none: {len(train)} training rows are too few for the default split ({VALIDATION_SHARE:.0%} would be "
+                f"under {VALIDATION_MIN_ROWS} rows); set data.validation to hold some out anyway"
+            ),
+        )
+    held = {k for k, _ in sample_rows(train, count, section.split_seed)}
+    validation = [format_row(section, raw_of[k][1], raw_of[k][0], for_eval=True) for k in sorted(held)]
+    kind = "stratified by target" if is_label_set([r.target for r in train]) else "at random"
+    setting = "the default" if section.validation is None else f"data.validation: {section.validation}"
+    source = f"{count} of {len(train)} training rows ({setting}), seeded (split_seed {section.split_seed}), {kind}"
+    return [row for k, row in enumerate(train) if k not in held], validation, source
 
 
 def _format_rows(
@@ -484,7 +559,8 @@ def load_rows(
 def data_fingerprint(section: DataSection) -> str:
     """Hash of the source bytes plus the data section: same fingerprint, same training data."""
     digest = hashlib.sha256(json.dumps(section.model_dump(mode="json"), sort_keys=True).encode())
-    for source in (section.train, section.eval, section.chat_template_file):
+    validation_file = section.validation if isinstance(section.validation, str) else None
+    for source in (section.train, section.eval, section.chat_template_file, validation_file):
         if source is None or str(source).startswith("hub:"):
             continue  # a hub source is identified by its name and revision, already in the section
         digest.update(Path(source).read_bytes() if Path(source).is_file() else b"<missing>")

@@ -68,6 +68,13 @@ class DataSection(Section):
     eval_split: str = Field("test", description="Split of a hub: eval source.")
     hub_config: str | None = Field(None, description="Configuration name of hub: datasets that have several.")
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of training rows held out when eval is not given.")
+    validation: str | int | float | None = Field(
+        None,
+        description="Validation rows, which training is scored on to choose its checkpoint (never the eval rows): "
+        "a file (same forms as train), a share of the training rows (0.1) or a count (200), held out from training "
+        "seeded (split_seed) and stratified by target for label sets; 0 for none. Default: 10% of the training "
+        "rows, at most 300; none when that would be under 20 rows (validate says so).",
+    )
     split_seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the held-out split.")
     columns: dict[str, str] = Field(
         default_factory=dict, description="Rename columns before formatting: {name in the data: name in templates}."
@@ -97,6 +104,18 @@ class DataSection(Section):
         None, description="A Jinja chat template file to use instead of the tokenizer's own (relative to the recipe)."
     )
     max_seq_len: int = Field(256, gt=8, description="Longest training sequence in tokens.")
+
+    @field_validator("validation", mode="before")
+    @classmethod
+    def _validation_rows(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("is a file, a share of the training rows (0.1) or a count (200); 0 for none")
+        if isinstance(value, float) and not 0 <= value < 1:
+            raise ValueError(f"{value} is not a share of the training rows: give one from 0 to below 1, or a count")
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"{value}: give a count of rows (0 for none)")
+        return value
+
     too_long: Literal["drop", "truncate"] = Field(
         "drop", description="What happens to rows longer than max_seq_len: dropped, or cut at max_seq_len."
     )
@@ -176,6 +195,22 @@ class TrainSection(Section):
     )
     qlora: bool = Field(
         False, description="QLoRA: train the adapter on a 4-bit (bitsandbytes nf4) copy of the base to save memory."
+    )
+    eval_every: int | None = Field(
+        None,
+        gt=0,
+        description="Score the validation rows every N optimizer steps (and at the end): the evaluate stage's "
+        "prompts, greedy decoding and gating metric. Default: twice per epoch.",
+    )
+    select: Literal["best", "last"] = Field(
+        "best",
+        description="The adapter a run keeps: the one with the best validation score (ties: the earlier), or the "
+        "last one trained. Without validation rows, always the last.",
+    )
+    patience: int | None = Field(
+        None,
+        gt=0,
+        description="Stop training after this many validation passes in a row without a better score (off when unset).",
     )
     frozen_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
@@ -739,6 +774,7 @@ def _resolve_paths(data: dict, origins: dict[tuple, Origin]) -> None:
         (("data", "train"), False),
         (("data", "eval"), False),
         (("data", "chat_template_file"), False),
+        (("data", "validation"), False),
         (("distill", "inputs"), False),
         (("model", "base"), True),
         (("evaluate", "reference", "model"), True),

@@ -105,7 +105,8 @@ def check(loaded: LoadedRecipe) -> dict:
     problems += _metric_problems(loaded, eval_rows)
     if problems:
         raise PipelineError("\n".join(problems))
-    return _summary(loaded, train_rows, eval_rows, lengths, notes, len(inputs) if recipe.distill else 0)
+    validation = _validation_line(loaded, splits, notes)
+    return _summary(loaded, train_rows, eval_rows, lengths, notes, len(inputs) if recipe.distill else 0, validation)
 
 
 def _training_lengths(loaded: LoadedRecipe, base: models.ModelSource, train_rows: list) -> list[int] | None:
@@ -413,8 +414,31 @@ def data_notes(recipe, splits) -> list[str]:
     return notes
 
 
+def _validation_line(loaded: LoadedRecipe, splits: data.Splits, notes: list[str]) -> str:
+    """How training will be scored and its adapter chosen, in one line; a note where the rows overlap eval."""
+    train = loaded.recipe.train
+    if splits.validation_eval_overlap:
+        notes.append(
+            f"{splits.validation_eval_overlap} eval rows have a prompt that is also a validation row's: the choice "
+            "of checkpoint saw them"
+        )
+    if not splits.validation:
+        return f"{splits.validation_source}; the last adapter is kept"
+    choice = "the best pass's adapter is kept" if train.select == "best" else "the last adapter is kept (select: last)"
+    every = f"every {train.eval_every} steps" if train.eval_every else "twice per epoch"
+    stop = f", stopping after {train.patience} passes without a better score" if train.patience else ""
+    metric = loaded.recipe.evaluate.metrics[0]
+    return f"{splits.validation_source}; scored on {metric} {every}{stop}; {choice}"
+
+
 def _summary(
-    loaded: LoadedRecipe, train_rows, eval_rows, lengths: list[int] | None, notes: list[str], distill_inputs: int
+    loaded: LoadedRecipe,
+    train_rows,
+    eval_rows,
+    lengths: list[int] | None,
+    notes: list[str],
+    distill_inputs: int,
+    validation: str,
 ) -> dict:
     recipe = loaded.recipe
     train = recipe.train
@@ -432,6 +456,7 @@ def _summary(
         "candidates": ["base", "specialized", *(v.label for v in recipe.quantize)]
         + (["reference"] if recipe.evaluate.reference else []),
         "reference": recipe.evaluate.reference.model if recipe.evaluate.reference else None,
+        "validation": validation,
         "first_prompt": (train_rows or eval_rows)[0].prompt,
         "first_target": (train_rows or eval_rows)[0].target,
     }
@@ -461,6 +486,7 @@ def print_summary(summary: dict, runs_dir: Path) -> None:
             f"  tokens per training row: min {t['min']}, median {t['median']}, p95 {t['p95']}, max {t['max']}; "
             f"{t['over_max_seq_len']} over data.max_seq_len ({t['too_long']})"
         )
+    print(f"  validation: {summary['validation']}")
     print(f"  evaluation: {summary['eval_rows']} rows, candidates: {', '.join(summary['candidates'])}")
     print(f"  first prompt: {summary['first_prompt']!r} -> target {summary['first_target']!r}")
     for note in summary["notes"]:

@@ -234,12 +234,12 @@ def test_macro_f1_interval_is_recomputed_on_resampled_rows(write_recipe):
 
 
 def test_user_metric_from_a_file(tmp_path):
-    from pipeline.stages.evaluate import _scorer
+    from pipeline.metrics import scorer as metric_scorer
 
     (tmp_path / "my_metric.py").write_text(
         "def length_ok(preds, refs):\n    return [len(p) <= len(r) for p, r in zip(preds, refs)]\n"
     )
-    scorer = _scorer(f"{tmp_path / 'my_metric.py'}:length_ok")
+    scorer = metric_scorer(f"{tmp_path / 'my_metric.py'}:length_ok")
     assert scorer(["ab", "abcd"], ["abc", "abc"], False) == {"value": 0.5, "per_row": [1.0, 0.0], "mean_of_rows": True}
 
 

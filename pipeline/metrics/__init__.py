@@ -106,6 +106,26 @@ def user_metric(spec: str, recipe_dir: Path) -> Callable[[list[str], list[str]],
     return scorer
 
 
+def scorer(name: str) -> Callable[[list[str], list[str], bool], dict]:
+    """The metric `name` (shipped, or the user's file.py:function) as one function
+    (predictions, references, ignore_case) -> {"value", "per_row", "mean_of_rows", ...}."""
+    if ":" in name:
+        function = user_metric(name, Path.cwd())
+
+        def score_user(predictions, references, ignore_case):
+            per_row = score_rows(function, name, predictions, references)
+            return {"value": sum(per_row) / len(per_row), "per_row": per_row, "mean_of_rows": True}
+
+        return score_user
+    module = evaluate.load(metric_path(name))
+
+    def score_shipped(predictions, references, ignore_case):
+        computed = module.compute(predictions=predictions, references=references, ignore_case=ignore_case)
+        return {"value": computed.pop(name), **computed}
+
+    return score_shipped
+
+
 def score_rows(scorer: Callable, spec: str, predictions: list[str], references: list[str]) -> list[float]:
     """A user metric's scores, one finite number per row, or a PipelineError that says what it did instead."""
     try:

@@ -16,12 +16,11 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-import evaluate as hf_evaluate
 import torch
 
 from pipeline import data, models, runtimes
 from pipeline.errors import PipelineError
-from pipeline.metrics import metric_path, score_rows, user_metric
+from pipeline.metrics import scorer
 from pipeline.recipe import LoadedRecipe, answer_identity
 from pipeline.runs import (
     append_jsonl,
@@ -134,7 +133,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         raise PipelineError(f"{run_dir}: no finished quantize stage; run `make quantize RECIPE={loaded.path}` first")
     stage_dir = start_stage(run_dir / STAGE)
     (stage_dir / "generations").mkdir(parents=True, exist_ok=True)
-    scorers = {name: _scorer(name) for name in recipe.evaluate.metrics}
+    scorers = {name: scorer(name) for name in recipe.evaluate.metrics}
 
     results = {}
     rows_by_prompt: dict[str | None, list[data.TaskRow]] = {}  # read and render the data once per prompt template
@@ -157,25 +156,6 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     write_json_atomic(stage_dir / "results.json", out)
     mark_done(stage_dir, fingerprint(loaded, run_dir))
     return out
-
-
-def _scorer(name: str):
-    """A function (predictions, references, ignore_case) -> {"value", "per_row", "mean_of_rows", ...}."""
-    if ":" in name:
-        function = user_metric(name, Path.cwd())
-
-        def score_user(predictions, references, ignore_case):
-            per_row = score_rows(function, name, predictions, references)
-            return {"value": sum(per_row) / len(per_row), "per_row": per_row, "mean_of_rows": True}
-
-        return score_user
-    module = hf_evaluate.load(metric_path(name))
-
-    def score_shipped(predictions, references, ignore_case):
-        computed = module.compute(predictions=predictions, references=references, ignore_case=ignore_case)
-        return {"value": computed.pop(name), **computed}
-
-    return score_shipped
 
 
 def _generations(candidate: Candidate, rows: list[data.TaskRow], loaded: LoadedRecipe, stage_dir: Path):

@@ -525,6 +525,7 @@ def _training(loaded: LoadedRecipe, run_dir: Path, report: dict) -> list[str]:
         ("learning rate", f"{recipe.train.lr:g}"),
         ("seed", recipe.train.seed),
         ("final training loss", f"{train['final_loss']:.4f}" if train.get("final_loss") is not None else None),
+        ("adapter kept", train.get("validation", {}).get("why")),
         ("training time", f"{train['train_seconds']:.0f} s" if train.get("train_seconds") else None),
         ("trained on", _machine(trained_by.get("machine", {}))),
         ("trained at", trained_by.get("started_at")),

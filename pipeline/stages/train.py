@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
 
-from pipeline import data, models, tracking
+from pipeline import data, models, runtimes, tracking, validation
 from pipeline.errors import Interrupted, PipelineError, RuntimeFailure
+from pipeline.metrics import scorer
 from pipeline.recipe import LoadedRecipe
 from pipeline.runs import (
     StopSignal,
@@ -55,6 +56,8 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
         data.data_fingerprint(r.data),
         base.fingerprint,
         done_fingerprint(run_dir / "distill") if r.distill else None,  # relabelled rows: train again
+        # how validation passes generate and score: they choose the adapter
+        [r.evaluate.metrics[0], r.evaluate.max_new_tokens, r.evaluate.batch_size, r.evaluate.ignore_case],
     )
 
 
@@ -159,14 +162,17 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     metrics_path = stage_dir / "metrics.jsonl"
     if main_process and train.report_to:
         tracking.start(loaded, run_dir)
+    validating = _validation_callback(loaded, splits, tokenizer, chat, len(sequences), stage_dir, main_process)
     trainer = AnswerLossTrainer(
         model=model,
         args=args,
         train_dataset=sequences,
         # padding first: every answer ends at the last column, so AnswerLossTrainer computes few logits
         data_collator=lambda batch: data.pad_batch(batch, tokenizer.pad_token_id, left=True),
-        callbacks=[LossLog(metrics_path), CheckpointOnSignal()],
+        callbacks=[LossLog(metrics_path), CheckpointOnSignal(), *([validating] if validating else [])],
     )
+    if validating:
+        validating.trainer = trainer
     if main_process and train.processes > 1:
         kind = trainer.accelerator.distributed_type.value
         log(STAGE, f"distributed: {kind} over {trainer.args.world_size} processes")
@@ -193,11 +199,10 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     if train.processes > 1:
         log(STAGE, f"rank 0/{train.processes}: {trainer.state.global_step} steps")
 
-    adapter_dir = stage_dir / "adapter"
-    tmp = temp_dir_for(adapter_dir)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    replace_dir(tmp, adapter_dir)
+    summary = validating.summary() if validating else None
+    choice = validation.choose(summary, train.select, trainer.state.global_step)
+    _save_adapter(model, tokenizer, stage_dir, choice, trainer.state.global_step)
+    log(STAGE, f"adapter: step {choice['chosen_step']}, {choice['why']}")
 
     trained_tokens = sum(sum(1 for label in ex["labels"] if label != data.IGNORE_INDEX) for ex in examples)
     result = {
@@ -221,6 +226,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         "tokens_per_epoch": sum(len(ex["input_ids"]) for ex in examples),
         "target_tokens_per_epoch": trained_tokens,
         "resumed_from": last,
+        "validation": {"source": splits.validation_source, **(summary or {"rows": 0}), **choice},
     }
     write_json_atomic(stage_dir / "result.json", result)
     # The adapter is final; checkpoints only served resuming.
@@ -229,6 +235,49 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     mark_done(stage_dir, stage_fp)
     log(STAGE, f"done: {result['steps']} steps, final loss {result['final_loss']:.4f}, {seconds:.1f}s")
     return result
+
+
+def _validation_callback(loaded, splits, tokenizer, chat, sequences, stage_dir, main_process):
+    """The validation passes of this run, or None without validation rows."""
+    recipe = loaded.recipe
+    if not splits.validation:
+        return None
+    train, settings = recipe.train, recipe.evaluate
+    prompts = runtimes.prompts_for(tokenizer, splits.validation, chat)
+    every = train.eval_every or validation.default_every(
+        sequences, train.batch_size * train.processes * train.grad_accum, train.max_steps
+    )
+    if main_process:
+        log(STAGE, f"validation: {splits.validation_source}; {settings.metrics[0]} every {every} steps")
+    return validation.ValidationCallback(
+        tokenizer=tokenizer,
+        prompts=[p.ids for p in prompts],
+        targets=[row.target for row in splits.validation],
+        metric=settings.metrics[0],
+        score=scorer(settings.metrics[0]),
+        every=every,
+        patience=train.patience,
+        keep_best=train.select == "best",
+        batch_size=settings.batch_size,
+        max_new_tokens=settings.max_new_tokens,
+        ignore_case=settings.ignore_case,
+        stage_dir=stage_dir,
+        main_process=main_process,
+    )
+
+
+def _save_adapter(model, tokenizer, stage_dir: Path, choice: dict, last_step: int) -> None:
+    """train/adapter/: the best validation pass's adapter where that is the choice, else the model as trained."""
+    adapter_dir = stage_dir / "adapter"
+    best_dir = stage_dir / validation.BEST_ADAPTER
+    tmp = temp_dir_for(adapter_dir)
+    if choice["chosen_step"] != last_step:
+        shutil.copytree(best_dir, tmp, ignore=shutil.ignore_patterns(validation.STATE_FILE))
+    else:
+        model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, adapter_dir)
+    shutil.rmtree(best_dir, ignore_errors=True)  # chosen: train/adapter is the run's adapter now
 
 
 def lora_config(lora):
@@ -362,7 +411,9 @@ def _discard_stale_checkpoints(stage_dir: Path, stage_fp: str) -> None:
     owner = stage_dir / "checkpoints.owner"
     if owner.is_file() and owner.read_text() != stage_fp:
         shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(stage_dir / validation.BEST_ADAPTER, ignore_errors=True)
         (stage_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (stage_dir / validation.STATE_FILE).unlink(missing_ok=True)
     stage_dir.mkdir(parents=True, exist_ok=True)
     owner.write_text(stage_fp)
 

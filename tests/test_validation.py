@@ -1,0 +1,158 @@
+"""Validation while training, on tiny models: held-out rows never trained on, the adapter chosen by the best
+logged validation score, early stopping, resuming with the curve, and the test rows never choosing anything."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline import data, models, runtimes
+from pipeline.cli import main
+from pipeline.metrics import scorer
+from pipeline.recipe import DataSection, load_recipe
+from pipeline.runs import read_jsonl_records
+from pipeline.runtimes.transformers import generate_batches
+
+pytestmark = pytest.mark.integration
+
+# 96 training rows: 24 held out, 72 trained on in 5 steps of 16 per epoch; a pass every 2 steps
+VALIDATION = [
+    "data.validation=24",
+    "train.eval_every=2",
+    "train.frozen_dtype=float32",
+    "train.epochs=4",
+    "evaluate.metrics=[chrf]",
+]
+
+
+def _run(recipe, runs, overrides) -> dict:
+    args = [str(recipe), "--runs-dir", str(runs), *[a for o in overrides for a in ("--set", o)]]
+    assert main(["run", *args]) == 0
+    loaded = load_recipe(recipe, overrides)
+    run_dir = runs / loaded.recipe.name / loaded.run_id
+    return {"loaded": loaded, "dir": run_dir, "result": json.loads((run_dir / "train" / "result.json").read_text())}
+
+
+def test_the_default_split_holds_out_a_stratified_tenth_or_none(intents_rows, tmp_path):
+    train, test = intents_rows
+    rows = [json.loads(line) for line in train.open()]
+    big = tmp_path / "big.jsonl"
+    big.write_text("".join(json.dumps(r) + "\n" for r in rows * 3))  # 288 rows: 10% is 29
+    section = DataSection(train=str(big), eval=str(test), prompt="M: {text}\nI:", target=" {label}")
+    splits = data.load_splits(section)
+    assert (len(splits.train), len(splits.validation)) == (259, 29)
+    assert "29 of 288 training rows (the default), seeded (split_seed 0), stratified by target" == (
+        splits.validation_source
+    )
+    assert sorted({r.target.strip() for r in splits.validation}) == sorted({r["label"] for r in rows})  # every label
+    small = DataSection(train=str(train), eval=str(test), prompt="M: {text}\nI:", target=" {label}")
+    splits = data.load_splits(small)  # 96 rows: 10 would be too few to tell checkpoints apart
+    assert splits.validation == [] and len(splits.train) == 96 and "too few" in splits.validation_source
+    with pytest.raises(data.PipelineError, match="would hold out 96 of the 96 training rows"):
+        data.load_splits(small.model_copy(update={"validation": 96}))
+
+
+def test_validation_rows_are_never_trained_on(tiny_recipe, tmp_path):
+    run = _run(tiny_recipe, tmp_path / "runs", VALIDATION)
+    splits = data.load_splits(run["loaded"].recipe.data)
+    assert len(splits.validation) == 24 and len(splits.train) == 72 == run["result"]["rows"]
+    held = {row.prompt for row in splits.validation}
+    assert not held & {row.prompt for row in splits.train}
+    tokenizer = models.load_tokenizer(models.ModelSource(str(run["dir"] / "train" / "adapter"), None, True))
+    cache = next((run["dir"] / "data").glob("train-tokenized-*.json"))
+    trained = {tokenizer.decode(ex["input_ids"]) for ex in json.loads(cache.read_text())["examples"]}
+    assert not any(prompt in text for prompt in held for text in trained)
+
+
+def test_the_kept_adapter_is_the_best_logged_pass_and_scores_what_was_logged(tiny_recipe, tiny_models, tmp_path):
+    from peft import PeftModel
+
+    run = _run(tiny_recipe, tmp_path / "runs", VALIDATION)
+    validation = run["result"]["validation"]
+    curve = validation["curve"]
+    assert [e["step"] for e in curve] == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]  # and the last step, 20
+    best = max(curve, key=lambda e: (e["value"], -e["step"]))  # the best; ties: the earlier
+    assert (validation["chosen_step"], validation["chosen_value"]) == (best["step"], best["value"])
+    logged = [r for r in read_jsonl_records(run["dir"] / "train" / "metrics.jsonl") if "validation" in r]
+    assert [(r["step"], r["validation"]["chrf"]) for r in logged] == [(e["step"], e["value"]) for e in curve]
+    # the adapter on disk answers the validation rows exactly as the chosen pass did
+    loaded = run["loaded"]
+    adapter_dir = run["dir"] / "train" / "adapter"
+    tokenizer = models.load_tokenizer(models.ModelSource(str(adapter_dir), None, True))
+    base = models.load_model(models.ModelSource(str(tiny_models["base"]), None, True), torch.float32)
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    rows = data.load_splits(loaded.recipe.data).validation
+    prompts = [p.ids for p in runtimes.prompts_for(tokenizer, rows, False)]
+    answers = {}
+    for batch in generate_batches(model, tokenizer, prompts, list(range(len(rows))), 6, 8, progress=False):
+        answers.update((e["row"], e["prediction"]) for e in batch)
+    score = scorer("chrf")([answers[i] for i in range(len(rows))], [r.target for r in rows], False)
+    assert score["value"] == best["value"]
+    assert validation["chosen_step"] < run["result"]["steps"]  # so this was the kept best, not the last model
+    assert not (run["dir"] / "train" / "best-adapter").exists()
+
+
+def test_patience_stops_training_when_the_score_stops_improving(tiny_recipe, tmp_path):
+    never_better = tmp_path / "flat.py"
+    never_better.write_text("def score(predictions, references):\n    return [0.5 for _ in predictions]\n")
+    overrides = [*VALIDATION, "train.patience=2", f"evaluate.metrics=[{never_better}:score]"]
+    run = _run(tiny_recipe, tmp_path / "runs", overrides)
+    validation = run["result"]["validation"]
+    assert [e["step"] for e in validation["curve"]] == [2, 4, 6]  # the first pass, then two without a better one
+    assert validation["stopped_early"] and run["result"]["steps"] == 6
+    assert validation["chosen_step"] == 2 and "stopped early after 2 passes" in validation["why"]
+
+
+def test_a_killed_training_resumes_with_its_curve_and_its_best(tiny_recipe, tmp_path, monkeypatch):
+    from pipeline.validation import ValidationCallback
+
+    uninterrupted = _run(tiny_recipe, tmp_path / "whole", VALIDATION)["result"]["validation"]
+    real = ValidationCallback._validate
+    passes = []
+
+    def killed_at_the_third_pass(self, model, state):
+        passes.append(state.global_step)
+        if len(passes) == 3:
+            raise KeyboardInterrupt  # a kill: the pass at step 6 never finished, its checkpoint never written
+        return real(self, model, state)
+
+    monkeypatch.setattr(ValidationCallback, "_validate", killed_at_the_third_pass)
+    args = [str(tiny_recipe), "--runs-dir", str(tmp_path / "runs"), *[a for o in VALIDATION for a in ("--set", o)]]
+    assert main(["run", *args]) == 130
+    monkeypatch.setattr(ValidationCallback, "_validate", real)
+    resumed = _run(tiny_recipe, tmp_path / "runs", VALIDATION)
+    assert resumed["result"]["resumed_from"].endswith("checkpoint-4")
+    curve = [(e["step"], e["value"]) for e in resumed["result"]["validation"]["curve"]]
+    assert curve == [(e["step"], e["value"]) for e in uninterrupted["curve"]]  # each pass once, the same scores
+    assert resumed["result"]["validation"]["chosen_step"] == uninterrupted["chosen_step"]
+
+
+def test_the_test_rows_never_choose_anything(tiny_recipe, tmp_path):
+    first = _run(tiny_recipe, tmp_path / "a", VALIDATION)["result"]["validation"]
+    test_file = load_recipe(tiny_recipe).recipe.data.eval
+    rows = [json.loads(line) for line in open(test_file)]
+    with open(test_file, "w") as f:  # every expected answer of the test rows changed
+        f.writelines(json.dumps({**row, "label": "something_else"}) + "\n" for row in rows)
+    second = _run(tiny_recipe, tmp_path / "b", VALIDATION)["result"]["validation"]
+    assert [(e["step"], e["value"]) for e in second["curve"]] == [(e["step"], e["value"]) for e in first["curve"]]
+    assert second["chosen_step"] == first["chosen_step"]
+
+
+def test_select_last_keeps_the_last_adapter_and_still_logs_the_curve(tiny_recipe, tmp_path):
+    run = _run(tiny_recipe, tmp_path / "runs", [*VALIDATION, "train.select=last"])
+    validation = run["result"]["validation"]
+    assert validation["chosen_step"] == run["result"]["steps"] == 20 and len(validation["curve"]) == 10
+    assert validation["why"].startswith("train.select: last")
+
+
+def test_validate_prints_the_split_and_how_the_adapter_is_chosen(tiny_recipe, capsys):
+    args = ["validate", str(tiny_recipe), "--set", "data.validation=0.25", "--set", "train.patience=3"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert (
+        "validation: 24 of 96 training rows (data.validation: 0.25), seeded (split_seed 0), stratified by target;"
+        in out
+    )
+    assert "scored on exact_match twice per epoch, stopping after 3 passes without a better score; the best" in out
