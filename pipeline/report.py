@@ -29,7 +29,7 @@ from pipeline.runs import (
 from pipeline.stages.evaluate import read_generations
 
 STAGE = "report"
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2  # 2: `validation`, the adapter training kept and the curve that chose it
 
 
 # --- statistics (pure) --------------------------------------------------------------------------
@@ -273,6 +273,7 @@ def render_markdown(report: dict, flips: list[dict], plot: str | None = None) ->
         *candidates_table(report),
     ]
     lines += ["", "## Verdict", "", *verdict(report), ""]
+    lines += validation_markdown(report)
     lines += distillation_markdown(report)
     lines += fidelity_markdown(report)
     if plot:
@@ -554,6 +555,9 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
             teacher_is_reference=loaded.recipe.distill.teacher is None,
             price=loaded.recipe.teacher().price,
         )
+    train_result = run_dir / "train" / "result.json"
+    if train_result.is_file():  # which adapter training kept, chosen on validation rows (never these eval rows)
+        report["validation"] = json.loads(train_result.read_text()).get("validation")
     left_out = {split: len(wheres) for split, wheres in splits.dropped_empty.items()}
     if left_out:
         report["rows_left_out_empty"] = left_out
@@ -621,6 +625,22 @@ def distillation(
                 (labelling["teacher_seconds"] + train_seconds) / saving
             )
     return found
+
+
+def validation_markdown(report: dict) -> list[str]:
+    """Which adapter the run kept, and the validation curve that chose it."""
+    v = report.get("validation")
+    if not v:
+        return []
+    lines = ["## Validation while training", "", f"Rows: {v.get('source')}. Adapter kept: {v['why']}.", ""]
+    if v.get("curve"):
+        lines += [f"| step | epoch | validation {v['metric']} | |", "|---|---|---|---|"]
+        lines += [
+            f"| {e['step']} | {e['epoch']:g} | {e['value']:.4f} | {'kept' if e['step'] == v['chosen_step'] else ''} |"
+            for e in v["curve"]
+        ]
+        lines += ["", f"The passes took {v['seconds']:.1f} s in all.", ""]
+    return lines
 
 
 def distillation_markdown(report: dict) -> list[str]:

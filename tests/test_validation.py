@@ -156,3 +156,11 @@ def test_validate_prints_the_split_and_how_the_adapter_is_chosen(tiny_recipe, ca
         in out
     )
     assert "scored on exact_match twice per epoch, stopping after 3 passes without a better score; the best" in out
+
+
+def test_the_report_says_which_adapter_was_kept(tiny_recipe, tmp_path):
+    run = _run(tiny_recipe, tmp_path / "runs", VALIDATION)
+    report = json.loads((run["dir"] / "evaluate" / "report.json").read_text())
+    assert report["validation"]["chosen_step"] == run["result"]["validation"]["chosen_step"]
+    markdown = (run["dir"] / "evaluate" / "report.md").read_text()
+    assert "## Validation while training" in markdown and "| kept |" in markdown
