@@ -204,13 +204,15 @@ class TrainSection(Section):
     )
     select: Literal["best", "last"] = Field(
         "best",
-        description="The adapter a run keeps: the one with the best validation score (ties: the earlier), or the "
+        description="The adapter a run keeps: the one with the best validation score (ties: the lower validation "
+        "loss), or the "
         "last one trained. Without validation rows, always the last.",
     )
     patience: int | None = Field(
         None,
         gt=0,
-        description="Stop training after this many validation passes in a row without a better score (off when unset).",
+        description="Stop training after this many validation passes in a row without a better one (a higher score, "
+        "or the same at a lower validation loss); off when unset.",
     )
     frozen_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",

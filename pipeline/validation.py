@@ -4,8 +4,8 @@ Every `train.eval_every` optimizer steps (twice per epoch by default) and at the
 trained answers the validation rows the way the evaluate stage asks every candidate: the same prompts,
 greedy decoding, end tokens and left-padded batches (runtimes.transformers.generate_batches, one code
 path), scored with the gating metric (the first of evaluate.metrics). Each score goes to metrics.jsonl,
-the trackers and the terminal. With `train.select: best` the best adapter so far is kept in
-train/best-adapter/ (ties: the earlier step), and `train.patience` stops training after that many passes
+the trackers and the terminal, with the validation loss (teacher-forced answer tokens), which breaks ties of
+the score. With `train.select: best` the best adapter so far is kept in train/best-adapter/, and `train.patience` stops training after that many passes
 in a row without a better score. Each pass also saves a checkpoint, and train/validation.json is rewritten
 after it, so a killed run resumes with its curve and its best so far. Only validation rows are read here:
 the eval rows the report is judged by never choose anything.
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from pipeline.data import IGNORE_INDEX, pad_batch
 from pipeline.runs import append_jsonl, log, replace_dir, temp_dir_for, write_json_atomic
 from pipeline.runtimes.transformers import generate_batches
 
@@ -33,6 +34,12 @@ def default_every(sequences: int, batch_per_step: int, max_steps: int | None) ->
     """Twice per epoch (or twice over max_steps when that is shorter), at least every step."""
     steps_per_epoch = max(1, math.ceil(sequences / batch_per_step))
     return max(1, math.ceil(min(steps_per_epoch, max_steps or steps_per_epoch) / 2))
+
+
+def better(entry: dict, best: dict) -> bool:
+    if entry["value"] != best["value"]:
+        return entry["value"] > best["value"]
+    return entry.get("loss") is not None and best.get("loss") is not None and entry["loss"] < best["loss"]
 
 
 @dataclass
@@ -47,9 +54,10 @@ class ValidationState:
     stopped_early: bool = False
 
     def add(self, entry: dict) -> bool:
-        """Record a pass; True when it is the best so far (strictly better: ties keep the earlier step)."""
+        """Record a pass; True when it is the best so far: a higher score, or the same score at a lower
+        validation loss (a task metric saturates on easy rows while the answers still get surer)."""
         self.curve.append(entry)
-        if self.best is None or entry["value"] > self.best["value"]:
+        if self.best is None or better(entry, self.best):
             self.best, self.passes_since_best = entry, 0
             return True
         self.passes_since_best += 1
@@ -73,6 +81,7 @@ class ValidationCallback(TrainerCallback):
         tokenizer,
         prompts: list[list[int]],
         targets: list[str],
+        examples: list[dict],
         metric: str,
         score,
         every: int,
@@ -84,7 +93,7 @@ class ValidationCallback(TrainerCallback):
         stage_dir: Path,
         main_process: bool,
     ):
-        self.tokenizer, self.prompts, self.targets = tokenizer, prompts, targets
+        self.tokenizer, self.prompts, self.targets, self.examples = tokenizer, prompts, targets, examples
         self.metric, self.score = metric, score
         self.every, self.patience, self.keep_best = every, patience, keep_best
         self.batch_size, self.max_new_tokens, self.ignore_case = batch_size, max_new_tokens, ignore_case
@@ -138,6 +147,7 @@ class ValidationCallback(TrainerCallback):
                 desc="validation",
             ):
                 answers.update((entry["row"], entry["prediction"]) for entry in batch)
+            loss = self._loss(model)
         if was_training:
             model.train()
         predictions = [answers[i] for i in range(len(self.prompts))]
@@ -146,22 +156,43 @@ class ValidationCallback(TrainerCallback):
             "step": state.global_step,
             "epoch": round(state.epoch or 0.0, 4),
             "value": value,
+            "loss": round(loss, 6),
             "seconds": round(time.perf_counter() - started, 3),
         }
         best = self.state.add(entry)
         if best and self.keep_best and self.main_process:
             self._keep(model, entry)
         if self.main_process:
-            append_jsonl(
-                self.stage_dir / "metrics.jsonl", [{"step": entry["step"], "validation": {self.metric: value}}]
-            )
+            row = {"step": entry["step"], "validation": {self.metric: value, "loss": entry["loss"]}}
+            append_jsonl(self.stage_dir / "metrics.jsonl", [row])
             log(
                 "train",
-                f"validation {self.metric} {value:.4f} on {len(self.prompts)} rows at step {entry['step']} "
-                f"({entry['seconds']:.1f}s){'; best so far' if best else ''}",
+                f"validation {self.metric} {value:.4f} (loss {entry['loss']:.4f}) on {len(self.prompts)} rows at "
+                f"step {entry['step']} ({entry['seconds']:.1f}s){'; best so far' if best else ''}",
             )
         if self.trainer is not None:
-            self.trainer.log({f"validation/{self.metric}": value})
+            self.trainer.log({f"validation/{self.metric}": value, "validation/loss": entry["loss"]})
+
+    def _loss(self, model) -> float:
+        """Mean cross-entropy of the validation rows' answer tokens (and end token), teacher-forced: how sure
+        the model is of the right answers, which breaks ties of the task metric."""
+        device = next(model.parameters()).device
+        total, count = 0.0, 0
+        for start in range(0, len(self.examples), self.batch_size):
+            batch = pad_batch(self.examples[start : start + self.batch_size], self.tokenizer.pad_token_id, left=True)
+            labels = batch.pop("labels").to(device)
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits[:, :-1].float()
+            targets = labels[:, 1:]
+            total += float(
+                torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]),
+                    targets.reshape(-1),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                )
+            )
+            count += int((targets != IGNORE_INDEX).sum())
+        return total / max(count, 1)
 
     def _keep(self, model, entry: dict) -> None:
         folder = self.stage_dir / BEST_ADAPTER
@@ -197,8 +228,14 @@ def choose(summary: dict | None, select: str, last_step: int) -> dict:
     if select == "last" or best is None:
         why = f"train.select: last (validation {metric} {last['value']:.4f} at step {last['step']})"
         return {"select": "last", "chosen_step": last_step, "chosen_value": last["value"], "why": why}
+    tied = [e for e in summary["curve"] if e["value"] == best["value"]]
+    tie = (
+        f", the lowest validation loss ({best['loss']:.4f}) of {len(tied)} passes at that score"
+        if len(tied) > 1
+        else ""
+    )
     why = (
-        f"the best validation {metric}, {best['value']:.4f} at step {best['step']} of {last_step} "
+        f"the best validation {metric}, {best['value']:.4f} at step {best['step']} of {last_step}{tie} "
         f"(the last pass: {last['value']:.4f})"
     )
     if summary["stopped_early"]:

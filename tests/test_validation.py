@@ -95,8 +95,11 @@ def test_the_kept_adapter_is_the_best_logged_pass_and_scores_what_was_logged(tin
 
 
 def test_patience_stops_training_when_the_score_stops_improving(tiny_recipe, tmp_path):
-    never_better = tmp_path / "flat.py"
-    never_better.write_text("def score(predictions, references):\n    return [0.5 for _ in predictions]\n")
+    never_better = tmp_path / "worse.py"  # each pass scores below the one before: 1, 1/2, 1/3, ...
+    never_better.write_text(
+        "passes = [0]\n\ndef score(predictions, references):\n    passes[0] += 1\n"
+        "    return [1 / passes[0] for _ in predictions]\n"
+    )
     overrides = [*VALIDATION, "train.patience=2", f"evaluate.metrics=[{never_better}:score]"]
     run = _run(tiny_recipe, tmp_path / "runs", overrides)
     validation = run["result"]["validation"]
@@ -164,3 +167,13 @@ def test_the_report_says_which_adapter_was_kept(tiny_recipe, tmp_path):
     assert report["validation"]["chosen_step"] == run["result"]["validation"]["chosen_step"]
     markdown = (run["dir"] / "evaluate" / "report.md").read_text()
     assert "## Validation while training" in markdown and "| kept |" in markdown
+
+
+def test_a_tie_on_the_metric_goes_to_the_pass_with_the_lower_validation_loss(tiny_recipe, tmp_path):
+    flat = tmp_path / "flat.py"
+    flat.write_text("def score(predictions, references):\n    return [0.5 for _ in predictions]\n")
+    run = _run(tiny_recipe, tmp_path / "runs", [*VALIDATION, f"evaluate.metrics=[{flat}:score]"])
+    validation = run["result"]["validation"]
+    lowest = min(validation["curve"], key=lambda e: e["loss"])
+    assert validation["chosen_step"] == lowest["step"] and "the lowest validation loss" in validation["why"]
+    assert len({e["loss"] for e in validation["curve"]}) > 1  # the loss moved while the metric stood still
