@@ -4,11 +4,12 @@ Every `train.eval_every` optimizer steps (twice per epoch by default) and at the
 trained answers the validation rows the way the evaluate stage asks every candidate: the same prompts,
 greedy decoding, end tokens and left-padded batches (runtimes.transformers.generate_batches, one code
 path), scored with the gating metric (the first of evaluate.metrics). Each score goes to metrics.jsonl,
-the trackers and the terminal, with the validation loss (teacher-forced answer tokens), which breaks ties of
-the score. With `train.select: best` the best adapter so far is kept in train/best-adapter/, and `train.patience` stops training after that many passes
-in a row without a better score. Each pass also saves a checkpoint, and train/validation.json is rewritten
-after it, so a killed run resumes with its curve and its best so far. Only validation rows are read here:
-the eval rows the report is judged by never choose anything.
+the trackers and the terminal, with the validation loss (teacher-forced answer tokens), which breaks ties
+of the score. With `train.select: best` the best adapter so far is kept in train/best-adapter/, and
+`train.patience` stops training after that many passes in a row without a better one. Each pass also
+saves a checkpoint, and train/validation.json is rewritten after it, so a killed run resumes with its
+curve and its best so far. Only validation rows are read here: the eval rows the report is judged by
+never choose anything.
 """
 
 from __future__ import annotations
