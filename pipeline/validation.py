@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from pipeline.answer_loss import accepts_logits_to_keep, answer_loss_sum
 from pipeline.data import IGNORE_INDEX, pad_batch
 from pipeline.runs import append_jsonl, log, replace_dir, temp_dir_for, write_json_atomic
 from pipeline.runtimes.transformers import generate_batches
@@ -178,21 +179,14 @@ class ValidationCallback(TrainerCallback):
         """Mean cross-entropy of the validation rows' answer tokens (and end token), teacher-forced: how sure
         the model is of the right answers, which breaks ties of the task metric."""
         device = next(model.parameters()).device
+        keeps_logits = accepts_logits_to_keep(model)
         total, count = 0.0, 0
         for start in range(0, len(self.examples), self.batch_size):
             batch = pad_batch(self.examples[start : start + self.batch_size], self.tokenizer.pad_token_id, left=True)
             labels = batch.pop("labels").to(device)
-            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits[:, :-1].float()
-            targets = labels[:, 1:]
-            total += float(
-                torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]),
-                    targets.reshape(-1),
-                    ignore_index=IGNORE_INDEX,
-                    reduction="sum",
-                )
-            )
-            count += int((targets != IGNORE_INDEX).sum())
+            loss, _ = answer_loss_sum(model, {k: v.to(device) for k, v in batch.items()}, labels, keeps_logits)
+            total += float(loss)
+            count += int((labels[:, 1:] != IGNORE_INDEX).sum())
         return total / max(count, 1)
 
     def _keep(self, model, entry: dict) -> None:

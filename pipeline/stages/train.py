@@ -7,7 +7,6 @@ train/checkpoints/ (resumable: a killed run continues from its last checkpoint).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ import torch
 from transformers import Trainer, TrainerCallback, set_seed
 
 from pipeline import data, models, runtimes, tracking, validation
+from pipeline.answer_loss import accepts_logits_to_keep, answer_loss_sum
 from pipeline.errors import Interrupted, PipelineError, RuntimeFailure
 from pipeline.metrics import scorer
 from pipeline.recipe import LoadedRecipe
@@ -424,21 +424,10 @@ def _last_loss(metrics_path: Path) -> float | None:
     return losses[-1] if losses else None
 
 
-def accepts_logits_to_keep(model) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
-
-
 class AnswerLossTrainer(Trainer):
-    """transformers' Trainer, with the vocabulary projection computed only where the loss needs it.
-
-    Only answer tokens (and the EOS) carry labels, so logits at prompt positions are computed and
-    thrown away: for a small model with a large vocabulary (SmolLM2: 49k x 576, a fifth of its
-    weights) that projection and its softmax are a large share of each step. The model is asked for
-    the logits of the columns where some row predicts a labelled token (`logits_to_keep`, through its
-    own forward, so DDP sees the call; batches are left-padded, so those are the last few columns) and
-    the loss is the same cross-entropy, normalized as the Trainer normalizes it.
-    """
+    """transformers' Trainer, with the vocabulary projection computed only where the loss needs it
+    (pipeline/answer_loss.py; through the model's own forward, so DDP sees the call), and the loss
+    normalized as the Trainer normalizes it."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -446,27 +435,14 @@ class AnswerLossTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
-        targets = labels[:, 1:]  # position t predicts token t + 1
         features = {k: v for k, v in inputs.items() if k != "labels"}
-        if self.keeps_logits:
-            columns = (targets != data.IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-            outputs = model(**features, logits_to_keep=columns)
-            logits, kept = outputs.logits, targets[:, columns]
-        else:  # an architecture without logits_to_keep (remote code, older models): every position
-            outputs = model(**features)
-            logits, kept = outputs.logits[:, :-1], targets
-        loss = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]),
-            kept.reshape(-1),
-            ignore_index=data.IGNORE_INDEX,
-            reduction="sum",
-        )
+        loss, outputs = answer_loss_sum(model, features, labels, self.keeps_logits)
         if num_items_in_batch is not None:  # the Trainer's normalization over accumulated (and gathered) batches
             loss = loss / num_items_in_batch
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes
         else:
-            loss = loss / (kept != data.IGNORE_INDEX).sum().clamp(min=1)
+            loss = loss / (labels[:, 1:] != data.IGNORE_INDEX).sum().clamp(min=1)
         return (loss, outputs) if return_outputs else loss
 
 
