@@ -9,7 +9,13 @@ from pathlib import Path
 
 from pipeline.errors import EXIT_CRASHED, EXIT_GATES_FAILED, PipelineError
 
-STAGE_ORDER = ("distill", "train", "quantize", "evaluate", "report")
+STAGE_NAMES = (
+    "distill",
+    "train",
+    "quantize",
+    "evaluate",
+    "report",
+)  # pipeline.runner.STAGE_ORDER, without importing torch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +78,13 @@ def _parser() -> argparse.ArgumentParser:
         "(stages already done for this recipe and data are skipped)",
     )
     run.add_argument("--force", action="store_true", help="rerun stages even if they are done")
-    for stage in STAGE_ORDER:
+    run.add_argument(
+        "--trial",
+        type=int,
+        metavar="N",
+        help="a sweep recipe: train and score trial N only (what each task of a Slurm job array runs)",
+    )
+    for stage in STAGE_NAMES:
         recipe_verb(
             stage if stage != "evaluate" else "eval",
             _run_one(stage),
@@ -169,58 +181,33 @@ def _load_recipe(args, check: bool = False):
     return loaded
 
 
-def _prepare(loaded, args, command: str) -> Path:
-    from pipeline.data import data_fingerprint
-    from pipeline.models import recorded_references
-    from pipeline.runs import in_launched_process, prepare_run_dir
-
-    references = None if in_launched_process() else recorded_references(loaded.recipe)
-    return prepare_run_dir(loaded, args.runs_dir, data_fingerprint(loaded.recipe.data), command, references)
-
-
-def _stage_module(stage: str):
-    from pipeline import report
-    from pipeline.stages import distill, evaluate, quantize, train
-
-    return {"distill": distill, "train": train, "quantize": quantize, "evaluate": evaluate, "report": report}[stage]
-
-
 def _run_all(args) -> int:
-    from pipeline.runs import StopSignal, is_done, log, record_stage_run, run_dir_for, run_lock
+    from pipeline import runner, sweep
+    from pipeline.runs import StopSignal
 
     loaded = _load_recipe(args, check=True)
     StopSignal.install()
-    with run_lock(run_dir_for(loaded, args.runs_dir)):
-        run_dir = _prepare(loaded, args, "run")
-        log("run", f"run folder {run_dir}")
-        report = None
-        for stage in STAGE_ORDER:
-            if stage == "distill" and loaded.recipe.distill is None:
-                continue
-            fingerprint = _stage_module(stage).fingerprint(loaded, run_dir)
-            if not args.force and is_done(run_dir / stage, fingerprint):
-                log(stage, "already done for this recipe and data; skipped")
-                if stage == "report":  # the exit code still says whether the gates passed
-                    report = _stage_module("report").read(run_dir)
-                continue
-            result = _stage_module(stage).run(loaded, run_dir)
-            record_stage_run(run_dir, stage)
-            if stage == "report":
-                report = result
+    if args.trial is not None:  # one task of a job array: train and score this trial, nothing else
+        if loaded.recipe.sweep is None:
+            raise PipelineError(f"--trial {args.trial}: {args.recipe} has no sweep: section")
+        sweep.run_sweep(loaded, args.runs_dir, force=args.force, only=args.trial)
+        return 0
+    if loaded.recipe.sweep is not None or loaded.recipe.learning_curve is not None:
+        run_dir, report = sweep.run(loaded, args.runs_dir, force=args.force)
+    else:
+        run_dir, report = runner.run_stages(loaded, args.runs_dir, force=args.force)
     return _report_exit(report, run_dir)
 
 
 def _run_one(stage: str):
     def handler(args) -> int:
-        from pipeline.runs import StopSignal, record_stage_run, run_dir_for, run_lock
+        from pipeline import runner, sweep
+        from pipeline.runs import StopSignal
 
-        loaded = _load_recipe(args)
+        loaded = sweep.main_run(_load_recipe(args), args.runs_dir)  # a sweep's: the trial it chose
         StopSignal.install()
-        with run_lock(run_dir_for(loaded, args.runs_dir)):
-            run_dir = _prepare(loaded, args, stage)
-            result = _stage_module(stage).run(loaded, run_dir)
-            record_stage_run(run_dir, stage)
-        return _report_exit(result, run_dir) if stage == "report" else 0
+        run_dir, report = runner.run_stages(loaded, args.runs_dir, (stage,), force=True, command=stage)
+        return _report_exit(report, run_dir) if stage == "report" else 0
 
     return handler
 
@@ -239,10 +226,11 @@ def _report_exit(report: dict | None, run_dir: Path) -> int:
 
 
 def _publish(args) -> int:
+    from pipeline import sweep
     from pipeline.runs import run_dir_for, run_lock
     from pipeline.stages import publish
 
-    loaded = _load_recipe(args)
+    loaded = sweep.main_run(_load_recipe(args), args.runs_dir)
     run_dir = run_dir_for(loaded, args.runs_dir)
     publish.publish_section(loaded)
     if not run_dir.is_dir():
@@ -253,10 +241,11 @@ def _publish(args) -> int:
 
 
 def _submit(args) -> int:
+    from pipeline import runner
     from pipeline.launch import skypilot, slurm
 
     loaded = _load_recipe(args, check=True)
-    run_dir = _prepare(loaded, args, f"submit {args.scheduler}")
+    run_dir = runner.prepare(loaded, args.runs_dir, f"submit {args.scheduler}")
     if args.scheduler == "sky":
         return skypilot.submit(loaded, run_dir, dry_run=args.dry_run)
     return slurm.submit(loaded, run_dir, wait=args.wait, dry_run=args.dry_run)

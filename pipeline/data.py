@@ -358,6 +358,8 @@ class Splits:
     validation: list[TaskRow] = field(default_factory=list)  # scored while training, never trained on
     validation_source: str = ""  # how the validation rows were chosen, in words (validate prints it)
     validation_eval_overlap: int = 0  # eval rows whose normalized prompt is also a validation row's
+    train_fraction_of: dict[str, int] = field(default_factory=dict)  # gold / distilled -> rows before the fraction
+    distilled_rows: int = 0  # of train, the rows the distill stage's teacher labelled (after the gold rows)
 
 
 VALIDATION_SHARE = 0.1  # the default validation split: this share of the training rows,
@@ -410,8 +412,13 @@ def load_splits(
     train, validation, validation_source = _hold_out_validation(
         section, [row for _, row in train_pairs], raw_of, dropped
     )
-    if distilled is not None:
-        train += [format_row(section, row, where) for where, row in _read_file(distilled)]
+    labelled = [format_row(section, row, where) for where, row in _read_file(distilled)] if distilled else []
+    fraction_of = {}
+    if section.train_fraction is not None:  # gold and teacher-labelled rows each by the same share
+        fraction_of = {"gold": len(train), "distilled": len(labelled)}
+        train = nested_fraction(train, section.train_fraction, section.split_seed)
+        labelled = nested_fraction(labelled, section.train_fraction, section.split_seed)
+    train += labelled
     eval_pairs = sample_rows([r for _, r in eval_all], section.max_eval_rows, section.split_seed)
     own_eval = [row for _, row in eval_pairs]
     if prompt_template is None:
@@ -445,7 +452,35 @@ def load_splits(
         validation,
         validation_source,
         validation_overlap,
+        fraction_of,
+        len(labelled),
     )
+
+
+def nested_fraction(rows: list[TaskRow], fraction: float, seed: int) -> list[TaskRow]:
+    """The first `fraction` of the rows in a seeded order (file order kept among those chosen), so a smaller
+    share is always part of a larger one: a learning curve adds rows, it never swaps them. For label sets
+    the order is stratified: each label's rows, shuffled, are spread evenly over the order (systematic
+    sampling), so any prefix holds every label at its share, give or take one row."""
+    count = round(len(rows) * fraction)
+    if count >= len(rows):
+        return list(rows)
+    rng = random.Random(seed)
+    targets = [row.target for row in rows]
+    if is_label_set(targets):
+        groups: dict[str, list[int]] = {}
+        for i, target in enumerate(targets):
+            groups.setdefault(target, []).append(i)
+        keys: dict[int, float] = {}
+        for members in groups.values():
+            rng.shuffle(members)
+            offset = rng.random()
+            keys.update((i, (position + offset) / len(members)) for position, i in enumerate(members))
+        order = sorted(range(len(rows)), key=lambda i: (keys[i], i))
+    else:
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+    return [rows[i] for i in sorted(order[:count])]
 
 
 def _hold_out_validation(

@@ -6,6 +6,7 @@ the documentation of every field.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import hashlib
@@ -130,6 +131,14 @@ class DataSection(Section):
         gt=0,
         description="Train on a sample of N rows: seeded (split_seed), random, and stratified by target when the "
         "targets are a label set, so a file sorted by label still gives every label its share.",
+    )
+    train_fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Train on this share of the training rows (after the validation rows are held out): a seeded, "
+        "nested sample (every smaller share is part of every larger one), stratified by target for label sets. "
+        "Learning curves set it; distilled rows are sampled by the same share.",
     )
     max_eval_rows: int | None = Field(
         None, gt=0, description="Evaluate on a sample of N rows, drawn like max_train_rows."
@@ -478,6 +487,74 @@ class LaunchSection(Section):
     cloud: str | None = Field(None, pattern=r"^[a-z0-9]+$", description="SkyPilot cloud (aws, gcp, ...); any if unset.")
 
 
+class ShipSection(Section):
+    within: float = Field(
+        0.01,
+        ge=0,
+        description="Ship the smallest trial whose validation metric is within this of the best trial's "
+        "(0.01: one point of accuracy); 0 ships the best.",
+    )
+    smallest_by: Literal["parameters", "latency", "memory"] = Field(
+        "parameters",
+        description="What 'smallest' means: parameter count, single-request latency p50 or peak memory, each "
+        "as measured on the validation rows.",
+    )
+
+
+class SweepSection(Section):
+    params: dict[str, list[Any]] = Field(
+        description="Recipe fields (dotted, as in --set) and the values to try, e.g. {train.lr: [3e-4, 1e-3], "
+        "lora.r: [8, 16], model.base: [...]}. Each trial is an ordinary run with one value of each."
+    )
+    method: Literal["grid", "random"] = Field(
+        "grid", description="grid: every combination; random: a seeded sample of `trials` combinations."
+    )
+    trials: int | None = Field(
+        None, gt=0, description="random: how many combinations to try; grid: at most this many (seeded sample)."
+    )
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the random sample of combinations.")
+    time_budget_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="No trial starts after this many minutes of the sweep's training (finished trials count, "
+        "cached ones cost nothing); the best of those that ran is chosen.",
+    )
+    ship: ShipSection | None = Field(
+        None,
+        description="Choose the smallest trial that holds the accuracy instead of the best one (for sweeps over "
+        "model.base): within `within` of the best validation metric, smallest by `smallest_by`.",
+    )
+
+
+class LearningCurveSection(Section):
+    fractions: list[float] = Field(
+        default_factory=lambda: [0.125, 0.25, 0.5, 1.0],
+        min_length=2,
+        description="Shares of the training rows to train on (nested, seeded, stratified). The whole run (1) is "
+        "always a point; the fit needs three sizes.",
+    )
+    target: float | None = Field(
+        None,
+        description="A value of the gating metric to project the training rows (or teacher labels) needed for.",
+    )
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if any(not 0 < f <= 1 for f in value):
+            raise ValueError("every fraction must be above 0 and at most 1")
+        if len(set(value)) != len(value):
+            raise ValueError("a fraction is listed twice")
+        return sorted(value)
+
+
+# Fields a sweep may not vary: they decide which rows choose (validation), which rows judge (eval) and how,
+# or where the runs go. Trials must be compared on the same validation rows with the same metric.
+UNSWEEPABLE = ("name", "sweep", "learning_curve", "publish", "launch", "evaluate", "data.eval", "data.validation",
+               "data.split_seed", "data.eval_split", "data.max_eval_rows", "data.eval_fraction", "data.train",
+               "data.train_fraction", "distill")  # fmt: skip
+
+
 class Recipe(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name; runs go to runs/<name>/.")
     model: ModelSection = Field(description="The base model to specialize and how to load it.")
@@ -504,6 +581,15 @@ class Recipe(Section):
         default_factory=LaunchSection,
         description="Resources when the run is submitted as a job (`specialist submit slurm|sky`).",
     )
+    sweep: SweepSection | None = Field(
+        None,
+        description="Try several settings: each trial an ordinary run, trained and scored on the validation rows; "
+        "the best (or the smallest that holds the accuracy) is evaluated on the eval rows and published.",
+    )
+    learning_curve: LearningCurveSection | None = Field(
+        None,
+        description="Train on nested shares of the training rows and project how many rows a target needs.",
+    )
 
     def teacher(self) -> ReferenceSection | None:
         """The distillation teacher: distill.teacher, else the evaluation reference."""
@@ -519,6 +605,7 @@ class LoadedRecipe:
     resolved: dict[str, Any]  # plain data, paths absolute: what recipe.resolved.yaml holds
     sha256: str
     origins: dict[tuple, tuple[str, int]] = field(default_factory=dict, compare=False, repr=False)
+    overrides: tuple[str, ...] = ()  # the --set values it was loaded with (a sweep loads its trials with them)
 
     def error_at(self, loc: tuple, message: str) -> str:
         """A message located at the file and line where the field at `loc` was written."""
@@ -562,12 +649,15 @@ class RecipeError(PipelineError):
 Origin = tuple[str, int]  # (file, line) where a value was written
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
-    """Read a recipe file, apply its `extends:` chain and then `--set` overrides, and validate it."""
+def load_recipe(path: str | Path, overrides: list[str] = (), assign: dict[str, Any] | None = None) -> LoadedRecipe:
+    """Read a recipe file, apply its `extends:` chain, then `--set` overrides, then `assign` (dotted field ->
+    value: a sweep's trial, a learning curve's share), and validate it."""
     path = Path(path)
     data, origins = _load_with_extends(path, chain=())
     for override in overrides:
         _apply_override(data, origins, override)
+    for key, value in (assign or {}).items():
+        _assign(data, origins, key, value)
     _resolve_paths(data, origins)
     _resolve_metric_paths(data, origins)
     try:
@@ -588,7 +678,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
     if resolved.get("distill"):
         identity["distill"] = {**resolved["distill"], "teacher": answer_identity(resolved["distill"]["teacher"])}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    return LoadedRecipe(recipe=recipe, path=path, resolved=resolved, sha256=digest, origins=origins)
+    return LoadedRecipe(
+        recipe=recipe, path=path, resolved=resolved, sha256=digest, origins=origins, overrides=tuple(overrides)
+    )
 
 
 # How an API is asked (requests in flight, timeouts, retries, the key's variable) and what it costs change
@@ -753,6 +845,24 @@ def _apply_override(data: dict, origins: dict[tuple, Origin], override: str) -> 
     origins[parts] = ("--set", 0)
 
 
+def _assign(data: dict, origins: dict[tuple, Origin], key: str, value: Any) -> None:
+    """Set a dotted field to a value (None removes it); its errors point at the sweep line that named it."""
+    parts = tuple(key.split("."))
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise PipelineError(f"{'.'.join(parts[: i + 1])} is not a section, so {key} cannot be set")
+        node = child
+    if value is None:
+        node.pop(parts[-1], None)
+        return
+    node[parts[-1]] = copy.deepcopy(value)
+    where = origins.get(("sweep", "params", key)) or origins.get(("sweep", "params"))
+    if where:
+        origins[parts] = where
+
+
 def _resolve_metric_paths(data: dict, origins: dict[tuple, Origin]) -> None:
     """A user metric `file.py:function` names a file relative to the recipe that wrote it."""
     section = data.get("evaluate")
@@ -794,6 +904,42 @@ def _resolve_paths(data: dict, origins: dict[tuple, Origin]) -> None:
         candidate = ((Path.cwd() if file == "--set" else Path(file).parent) / value).resolve()
         if not is_model or value.startswith(".") or candidate.exists():
             parent[loc[-1]] = str(candidate)
+
+
+def _sweep_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
+    problems = []
+    sweep = recipe.sweep
+    choosing = sweep is not None or recipe.learning_curve is not None
+    if choosing and recipe.data.validation == 0:
+        field = "sweep" if sweep is not None else "learning_curve"
+        problems.append(
+            (
+                ("data", "validation"),
+                f"is 0, but {field}: chooses on validation rows; hold some out (remove the key for the default "
+                "10%) or give a validation file",
+            )
+        )
+    if sweep is None:
+        return problems
+    if not sweep.params:
+        problems.append((("sweep", "params"), "is empty; name at least one field and the values to try"))
+    for key, values in sweep.params.items():
+        blocked = next((u for u in UNSWEEPABLE if key == u or key.startswith(u + ".")), None)
+        if blocked:
+            why = (
+                "where runs go and what is published are not settings to try"
+                if blocked in ("name", "sweep", "learning_curve", "publish", "launch")
+                else "trials must be chosen on the same validation rows, scored the same way, and judged on the same "
+                "eval rows"
+            )
+            problems.append((("sweep", "params", key), f"cannot be swept: {why}"))
+        elif not values:
+            problems.append((("sweep", "params", key), "has no values; list at least one"))
+        elif len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+            problems.append((("sweep", "params", key), "lists a value twice"))
+    if sweep.method == "random" and sweep.trials is None:
+        problems.append((("sweep", "trials"), "method random needs trials: how many combinations to try"))
+    return problems
 
 
 def _publish_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
@@ -867,6 +1013,7 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     d = recipe.data
     problems += _distill_problems(recipe)
     problems += _publish_problems(recipe)
+    problems += _sweep_problems(recipe)
     if d.train is None and recipe.distill is None:
         problems.append((("data", "train"), "required field is missing (or add a distill: section to label inputs)"))
     if d.train is None and d.eval is None:

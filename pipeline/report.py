@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import random
-from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.metrics import score_function
 from pipeline.recipe import LoadedRecipe
+from pipeline.render.sweep import curve_markdown, sweep_markdown, write_curve_plot, write_sweep_plot
 from pipeline.runs import (
     done_fingerprint,
     log,
@@ -27,78 +26,10 @@ from pipeline.runs import (
     write_text_atomic,
 )
 from pipeline.stages.evaluate import read_generations
+from pipeline.stats import bootstrap_ci, gap_closed, paired
 
 STAGE = "report"
 REPORT_SCHEMA_VERSION = 2  # 2: `validation`, the adapter training kept and the curve that chose it
-
-
-# --- statistics (pure) --------------------------------------------------------------------------
-
-
-def bootstrap_ci(
-    per_row: list[float], samples: int, seed: int = 0, recompute: Callable[[list[int]], float] | None = None
-) -> tuple[float, float]:
-    """Percentile bootstrap 95% interval: of the mean of per-row scores, or of `recompute(row indices)`
-    for metrics that are not a mean of rows (macro F1)."""
-    if not per_row:
-        return (0.0, 0.0)
-    rng = random.Random(seed)
-    n = len(per_row)
-    values = []
-    for _ in range(samples):
-        picked = [rng.randrange(n) for _ in range(n)]
-        values.append(recompute(picked) if recompute else sum(per_row[i] for i in picked) / n)
-    values.sort()
-    return (values[int(0.025 * (samples - 1))], values[int(math.ceil(0.975 * (samples - 1)))])
-
-
-def paired_bootstrap_p(a: list[float], b: list[float], samples: int, seed: int = 0) -> float:
-    """Two-sided p-value that mean(a) and mean(b) differ, resampling rows in pairs."""
-    rng = random.Random(seed)
-    n = len(a)
-    diffs = [x - y for x, y in zip(a, b, strict=True)]
-    if not any(diffs):
-        return 1.0
-    at_or_below = at_or_above = 0
-    for _ in range(samples):
-        mean_diff = sum(diffs[rng.randrange(n)] for _ in range(n)) / n
-        at_or_below += mean_diff <= 0
-        at_or_above += mean_diff >= 0
-    return min(1.0, 2 * min(at_or_below, at_or_above) / samples)
-
-
-def gap_closed(specialized: float, base: float, reference: float) -> float | None:
-    """(specialized - base) / (reference - base): 1.0 means the specialist reached the reference."""
-    if reference == base:
-        return None
-    return (specialized - base) / (reference - base)
-
-
-def mcnemar_exact_p(wins: int, losses: int) -> float:
-    """Two-sided exact McNemar test on the discordant rows (binomial with p = 1/2)."""
-    n = wins + losses
-    if n == 0:
-        return 1.0
-    k = min(wins, losses)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
-    return min(1.0, 2 * tail)
-
-
-def paired(specialized_rows: list[float], other_rows: list[float], samples: int = 1000, seed: int = 0) -> dict:
-    """Specialized vs another candidate on the same rows: McNemar for 0/1 scores, else a paired bootstrap."""
-    wins = [i for i, (s, o) in enumerate(zip(specialized_rows, other_rows, strict=True)) if s > o]
-    losses = [i for i, (s, o) in enumerate(zip(specialized_rows, other_rows, strict=True)) if s < o]
-    binary = set(specialized_rows) | set(other_rows) <= {0, 1}
-    return {
-        "wins": len(wins),
-        "losses": len(losses),
-        "test": "mcnemar_exact" if binary else "paired_bootstrap",
-        "p_value": mcnemar_exact_p(len(wins), len(losses))
-        if binary
-        else paired_bootstrap_p(specialized_rows, other_rows, samples, seed),
-        "won_rows": wins,
-        "lost_rows": losses,
-    }
 
 
 # --- building the report ------------------------------------------------------------------------
@@ -124,15 +55,7 @@ def build_report(
     for name, result in candidates.items():
         entry = {"role": result["role"], "metrics": {}}
         for metric_name, scores in result["metrics"].items():
-            recompute = None
-            if not scores.get("mean_of_rows", True) and texts and name in texts:
-                score = score_function(metric_name)
-                predictions, references = texts[name]
-
-                def recompute(rows, score=score, p=predictions, r=references):
-                    return score([p[i] for i in rows], [r[i] for i in rows], settings.ignore_case)[0]
-
-            low, high = bootstrap_ci(scores["per_row"], settings.bootstrap_samples, seed, recompute)
+            low, high = metric_interval(metric_name, scores, (texts or {}).get(name), settings, seed)
             extras = {k: v for k, v in scores.items() if k not in ("value", "per_row", "mean_of_rows")}
             entry["metrics"][metric_name] = {"value": scores["value"], "ci95": [low, high], **extras}
         entry.update({k: v for k, v in result.items() if k not in ("role", "metrics")})
@@ -166,6 +89,20 @@ def build_report(
         "fidelity": _fidelity(quantized),
         "savings": savings(report_candidates),
     }
+
+
+def metric_interval(name: str, scores: dict, texts: tuple[list, list] | None, settings, seed: int) -> tuple:
+    """The bootstrap 95% interval of one metric's value: resampled per-row scores, or, for a metric that is
+    not a mean of rows (macro F1), the metric recomputed on resampled (prediction, reference) rows."""
+    recompute = None
+    if not scores.get("mean_of_rows", True) and texts:
+        score = score_function(name)
+        predictions, references = texts
+
+        def recompute(rows):
+            return score([predictions[i] for i in rows], [references[i] for i in rows], settings.ignore_case)[0]
+
+    return bootstrap_ci(scores["per_row"], settings.bootstrap_samples, seed, recompute)
 
 
 def answer_cost(candidate: dict, rows: int, reference, name: str) -> dict:
@@ -274,6 +211,10 @@ def render_markdown(report: dict, flips: list[dict], plot: str | None = None) ->
     ]
     lines += ["", "## Verdict", "", *verdict(report), ""]
     lines += validation_markdown(report)
+    if report.get("sweep"):
+        lines += sweep_markdown(report["sweep"], plot="sweep.png")
+    if report.get("learning_curve"):
+        lines += curve_markdown(report["learning_curve"], plot="curve.png")
     lines += distillation_markdown(report)
     lines += fidelity_markdown(report)
     if plot:
@@ -512,12 +453,21 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
         done_fingerprint(run_dir / "evaluate"),
         done_fingerprint(run_dir / "train"),
         done_fingerprint(run_dir / "distill"),
+        # a sweep that chose this run, a learning curve drawn from it: sections of its report
+        [_text(run_dir / name) for name in (SWEEP_FILE, CURVE_FILE)],
         # prices are not part of the run id: a new one only rebuilds the report
         [
             r.price.model_dump() if r and r.price else None
             for r in (loaded.recipe.evaluate.reference, loaded.recipe.teacher())
         ],
     )
+
+
+SWEEP_FILE, CURVE_FILE = "sweep.json", "curve.json"  # written into the run folder by pipeline/sweep.py
+
+
+def _text(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None
 
 
 def read(run_dir: Path) -> dict:
@@ -558,6 +508,10 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     train_result = run_dir / "train" / "result.json"
     if train_result.is_file():  # which adapter training kept, chosen on validation rows (never these eval rows)
         report["validation"] = json.loads(train_result.read_text()).get("validation")
+    for key, name, plot in (("sweep", SWEEP_FILE, write_sweep_plot), ("learning_curve", CURVE_FILE, write_curve_plot)):
+        if (run_dir / name).is_file():
+            report[key] = json.loads((run_dir / name).read_text())
+            plot(report[key], run_dir / "evaluate" / ("sweep.png" if key == "sweep" else "curve.png"))
     left_out = {split: len(wheres) for split, wheres in splits.dropped_empty.items()}
     if left_out:
         report["rows_left_out_empty"] = left_out

@@ -5,7 +5,8 @@ import pytest
 
 from pipeline.metrics import available_metrics, metric_path, score_function
 from pipeline.recipe import load_recipe
-from pipeline.report import bootstrap_ci, build_report, gap_closed, mcnemar_exact_p, render_markdown
+from pipeline.report import build_report, render_markdown
+from pipeline.stats import bootstrap_ci, gap_closed, mcnemar_exact_p
 
 
 def test_exact_match_module_loads_offline_by_path_and_scores_per_row():
@@ -196,7 +197,7 @@ def test_json_match_scores_fields_and_validity():
 
 
 def test_paired_test_is_mcnemar_for_binary_rows_and_a_bootstrap_otherwise():
-    from pipeline.report import paired
+    from pipeline.stats import paired
 
     assert paired([1, 1, 0], [0, 1, 0])["test"] == "mcnemar_exact"
     graded = paired([0.9] * 30, [0.1] * 30, samples=200)

@@ -73,16 +73,7 @@ def candidates(loaded: LoadedRecipe, run_dir: Path) -> list[Candidate]:
     recipe = loaded.recipe
     base = models.resolve_model(recipe.model.base)
     trust = recipe.model.trust_remote_code
-    found = [
-        Candidate("base", "base", base, trust_remote_code=trust),
-        Candidate(
-            "specialized",
-            "specialized",
-            base,
-            adapter_dir=run_dir / "train" / "adapter",
-            trust_remote_code=trust,
-        ),
-    ]
+    found = [Candidate("base", "base", base, trust_remote_code=trust), _specialized(loaded, run_dir, base)]
     for variant in recipe.quantize:
         folder = run_dir / "quantize" / variant.label
         gguf = folder / "model.gguf" if variant.kind == "gguf" else None
@@ -111,6 +102,27 @@ def candidates(loaded: LoadedRecipe, run_dir: Path) -> list[Candidate]:
             )
         )
     return found
+
+
+def _specialized(loaded: LoadedRecipe, run_dir: Path, base: models.ModelSource) -> Candidate:
+    adapter = run_dir / "train" / "adapter"
+    return Candidate(
+        "specialized", "specialized", base, adapter_dir=adapter, trust_remote_code=loaded.recipe.model.trust_remote_code
+    )
+
+
+def score_specialized(loaded: LoadedRecipe, run_dir: Path, rows: list[data.TaskRow], folder: Path) -> dict:
+    """The specialized model alone on `rows` (a sweep trial's validation rows, a learning curve's eval rows):
+    the evaluate stage's runtime, prompts, decoding, metrics and cost facts, generations cached in
+    folder/generations/ so a killed sweep or curve continues. Returns {"rows", "metrics", cost facts...}."""
+    (folder / "generations").mkdir(parents=True, exist_ok=True)
+    candidate = _specialized(loaded, run_dir, models.resolve_model(loaded.recipe.model.base))
+    generations, cost = _generations(candidate, rows, loaded, folder)
+    predictions = [g["prediction"] for g in generations]
+    references = [row.target for row in rows]
+    settings = loaded.recipe.evaluate
+    metrics = {name: scorer(name)(predictions, references, settings.ignore_case) for name in settings.metrics}
+    return {"rows": len(rows), "metrics": metrics, "predictions": predictions, "references": references, **cost}
 
 
 def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:

@@ -207,6 +207,8 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     trained_tokens = sum(sum(1 for label in ex["labels"] if label != data.IGNORE_INDEX) for ex in examples)
     result = {
         "rows": len(examples),
+        "rows_teacher_labelled": splits.distilled_rows,  # of the rows before tokenizing; the rest are gold rows
+        "rows_before_tokenizing": len(splits.train),
         "rows_dropped_too_long": tokenized.dropped,
         "rows_truncated": tokenized.truncated,
         "rows_dropped_empty": len(splits.dropped_empty.get("train", [])),
@@ -233,7 +235,8 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     shutil.rmtree(checkpoints_dir, ignore_errors=True)
     (stage_dir / "checkpoints.owner").unlink(missing_ok=True)
     mark_done(stage_dir, stage_fp)
-    log(STAGE, f"done: {result['steps']} steps, final loss {result['final_loss']:.4f}, {seconds:.1f}s")
+    final = "—" if result["final_loss"] is None else f"{result['final_loss']:.4f}"  # none logged in very short runs
+    log(STAGE, f"done: {result['steps']} steps, final loss {final}, {seconds:.1f}s")
     return result
 
 

@@ -1,0 +1,114 @@
+"""Statistics the report, the sweeps and the learning curves share: bootstrap intervals, paired tests, the
+saturating fit of a learning curve. Pure functions on numbers; no files, no models."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+
+
+def bootstrap_ci(
+    per_row: list[float], samples: int, seed: int = 0, recompute: Callable[[list[int]], float] | None = None
+) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval: of the mean of per-row scores, or of `recompute(row indices)`
+    for metrics that are not a mean of rows (macro F1)."""
+    if not per_row:
+        return (0.0, 0.0)
+    rng = random.Random(seed)
+    n = len(per_row)
+    values = []
+    for _ in range(samples):
+        picked = [rng.randrange(n) for _ in range(n)]
+        values.append(recompute(picked) if recompute else sum(per_row[i] for i in picked) / n)
+    values.sort()
+    return (values[int(0.025 * (samples - 1))], values[int(math.ceil(0.975 * (samples - 1)))])
+
+
+def paired_bootstrap_p(a: list[float], b: list[float], samples: int, seed: int = 0) -> float:
+    """Two-sided p-value that mean(a) and mean(b) differ, resampling rows in pairs."""
+    rng = random.Random(seed)
+    n = len(a)
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    if not any(diffs):
+        return 1.0
+    at_or_below = at_or_above = 0
+    for _ in range(samples):
+        mean_diff = sum(diffs[rng.randrange(n)] for _ in range(n)) / n
+        at_or_below += mean_diff <= 0
+        at_or_above += mean_diff >= 0
+    return min(1.0, 2 * min(at_or_below, at_or_above) / samples)
+
+
+def gap_closed(specialized: float, base: float, reference: float) -> float | None:
+    """(specialized - base) / (reference - base): 1.0 means the specialist reached the reference."""
+    if reference == base:
+        return None
+    return (specialized - base) / (reference - base)
+
+
+def mcnemar_exact_p(wins: int, losses: int) -> float:
+    """Two-sided exact McNemar test on the discordant rows (binomial with p = 1/2)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = min(wins, losses)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired(specialized_rows: list[float], other_rows: list[float], samples: int = 1000, seed: int = 0) -> dict:
+    """Specialized vs another candidate on the same rows: McNemar for 0/1 scores, else a paired bootstrap."""
+    wins = [i for i, (s, o) in enumerate(zip(specialized_rows, other_rows, strict=True)) if s > o]
+    losses = [i for i, (s, o) in enumerate(zip(specialized_rows, other_rows, strict=True)) if s < o]
+    binary = set(specialized_rows) | set(other_rows) <= {0, 1}
+    return {
+        "wins": len(wins),
+        "losses": len(losses),
+        "test": "mcnemar_exact" if binary else "paired_bootstrap",
+        "p_value": mcnemar_exact_p(len(wins), len(losses))
+        if binary
+        else paired_bootstrap_p(specialized_rows, other_rows, samples, seed),
+        "won_rows": wins,
+        "lost_rows": losses,
+    }
+
+
+# --- learning curves ------------------------------------------------------------------------------
+
+
+def fit_saturating(rows: list[float], errors: list[float]) -> dict | None:
+    """Fit error(n) = a * n^-b + c to a learning curve (rows trained on -> error on the eval rows).
+
+    c is the error more rows would not remove (the floor: label noise, what the model cannot learn), b how
+    fast the rest falls. The floor is searched on a grid below the smallest error and a, b are the least
+    squares line of log(error - c) on log(n) for each; the fit kept is the one closest in error itself.
+    None with fewer than three distinct sizes or a curve that does not fall (a flat or rising curve has no
+    power law in it). Needs numpy only.
+    """
+    import numpy as np
+
+    n, err = np.asarray(rows, dtype=float), np.asarray(errors, dtype=float)
+    if len(set(rows)) < 3 or err[np.argmax(n)] >= err[np.argmin(n)]:
+        return None
+    best = None
+    for c in np.linspace(0.0, float(err.min()), 200, endpoint=False):
+        slope, intercept = np.polyfit(np.log(n), np.log(np.maximum(err - c, 1e-9)), 1)
+        if slope >= 0:
+            continue
+        predicted = np.exp(intercept) * n**slope + c
+        residual = float(((predicted - err) ** 2).sum())
+        if best is None or residual < best["residual"]:
+            best = {"a": float(np.exp(intercept)), "b": float(-slope), "c": float(c), "residual": residual}
+    return best
+
+
+def predicted_error(fit: dict, rows: float) -> float:
+    return fit["a"] * rows ** -fit["b"] + fit["c"]
+
+
+def rows_for_error(fit: dict, error: float) -> float | None:
+    """Training rows at which the fitted curve reaches `error`; None when that is at or below its floor."""
+    if error <= fit["c"]:
+        return None
+    return (fit["a"] / (error - fit["c"])) ** (1 / fit["b"])
