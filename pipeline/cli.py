@@ -241,10 +241,19 @@ def _publish(args) -> int:
 
 
 def _submit(args) -> int:
-    from pipeline import runner
+    from pipeline import runner, sweep
     from pipeline.launch import skypilot, slurm
 
     loaded = _load_recipe(args, check=True)
+    if loaded.recipe.sweep is not None or loaded.recipe.learning_curve is not None:
+        # the job runs the resolved recipe from the summary folder: a Slurm array of trials, then the choice
+        folder = sweep.prepare_folder(loaded, args.runs_dir)
+        if args.scheduler == "slurm" and loaded.recipe.sweep is not None:
+            trials = len(sweep.trials(loaded))
+            return slurm.submit_sweep(loaded, folder, trials, args.runs_dir, wait=args.wait, dry_run=args.dry_run)
+        if args.scheduler == "sky":  # one task: the trials one after another on the cloud machine
+            return skypilot.submit(loaded, folder, dry_run=args.dry_run)
+        return slurm.submit(loaded, folder, wait=args.wait, dry_run=args.dry_run)
     run_dir = runner.prepare(loaded, args.runs_dir, f"submit {args.scheduler}")
     if args.scheduler == "sky":
         return skypilot.submit(loaded, run_dir, dry_run=args.dry_run)

@@ -107,8 +107,13 @@ def predicted_error(fit: dict, rows: float) -> float:
     return fit["a"] * rows ** -fit["b"] + fit["c"]
 
 
+MAX_PROJECTED_ROWS = 1e12  # beyond this a projection says "not by adding rows", not a number
+
+
 def rows_for_error(fit: dict, error: float) -> float | None:
-    """Training rows at which the fitted curve reaches `error`; None when that is at or below its floor."""
+    """Training rows at which the fitted curve reaches `error`; None when that is at or below its floor, or
+    so far out (a curve that barely falls) that no data set would reach it."""
     if error <= fit["c"]:
         return None
-    return (fit["a"] / (error - fit["c"])) ** (1 / fit["b"])
+    log_rows = (math.log(fit["a"]) - math.log(error - fit["c"])) / fit["b"]
+    return math.exp(log_rows) if log_rows < math.log(MAX_PROJECTED_ROWS) else None

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from pipeline import data, runner, stats
 from pipeline.errors import PipelineError
 from pipeline.recipe import LoadedRecipe, load_recipe
@@ -76,7 +78,10 @@ def trials(loaded: LoadedRecipe) -> list[Trial]:
     found, seen = [], {}
     for combo in combos:
         settings = dict(zip(keys, combo, strict=True))
-        trial = variant(loaded, settings)
+        try:
+            trial = variant(loaded, settings)
+        except PipelineError as e:  # the line is the sweep's; say which combination does not load
+            raise PipelineError(f"{e} (in the sweep's trial {_settings_text(settings)})") from None
         if trial.run_id in seen:  # two combinations that resolve to the same recipe (a value equal to a default)
             continue
         seen[trial.run_id] = settings
@@ -86,6 +91,14 @@ def trials(loaded: LoadedRecipe) -> list[Trial]:
 
 def summary_dir(loaded: LoadedRecipe, runs_dir: Path, kind: str) -> Path:
     return runs_dir / loaded.recipe.name / f"{kind}-{loaded.run_id}"
+
+
+def prepare_folder(loaded: LoadedRecipe, runs_dir: Path) -> Path:
+    """The sweep's (else the curve's) summary folder with the resolved recipe a scheduled job runs."""
+    folder = summary_dir(loaded, runs_dir, "sweep" if loaded.recipe.sweep is not None else "curve")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(folder / "recipe.resolved.yaml", yaml.safe_dump(loaded.resolved, sort_keys=False))
+    return folder
 
 
 # --- a trial: train, then the validation rows through the evaluate stage's code ---------------------
@@ -116,7 +129,9 @@ def score_on_validation(loaded: LoadedRecipe, run_dir: Path) -> dict:
     rows = data.load_splits(loaded.recipe.data).validation  # held out before distilled rows are added
     if not rows:
         raise PipelineError(f"{loaded.path}: no validation rows to choose a trial on; set data.validation")
+    started = time.perf_counter()
     scored = evaluate.score_specialized(loaded, run_dir, rows, folder)
+    scoring_seconds = time.perf_counter() - started
     metric = settings.metrics[0]
     scores = scored["metrics"][metric]
     texts = (scored["predictions"], scored["references"])
@@ -133,7 +148,8 @@ def score_on_validation(loaded: LoadedRecipe, run_dir: Path) -> dict:
         "steps": train_result["steps"],
         "stopped_early": chosen.get("stopped_early", False),
         "train_seconds": train_result["train_seconds"],
-        "validation_seconds": chosen.get("seconds", 0.0),
+        "validation_seconds": chosen.get("seconds", 0.0),  # the passes while training (within train_seconds)
+        "scoring_seconds": round(scoring_seconds, 3),  # the chosen adapter on the validation rows, with its costs
         "trainable_parameters": train_result["trainable_parameters"],
         "parameters": scored.get("parameters"),
         "size_bytes": scored.get("size_on_disk_bytes"),
@@ -206,7 +222,7 @@ def run_sweep(loaded: LoadedRecipe, runs_dir: Path, force: bool = False, only: i
         log("sweep", f"trial {trial.index + 1}/{len(found)}: {_settings_text(trial.settings)}")
         result = run_trial(trial, runs_dir, force)
         # the recorded time of the work, not of this call: a resumed sweep stops where the first would have
-        spent += result["train_seconds"] + _scoring_seconds(result)
+        spent += result["train_seconds"] + result["scoring_seconds"]
         results[trial.index] = result
         log(
             "sweep",
@@ -247,10 +263,6 @@ def run_sweep(loaded: LoadedRecipe, runs_dir: Path, force: bool = False, only: i
     write_json_atomic(folder / SWEEP_FILE, summary)
     log("sweep", f"chose trial {chosen} ({_settings_text(found[chosen].settings)}): {why}")
     return summary
-
-
-def _scoring_seconds(result: dict) -> float:
-    return result.get("validation_seconds") or 0.0
 
 
 def main_run(loaded: LoadedRecipe, runs_dir: Path) -> LoadedRecipe:

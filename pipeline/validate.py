@@ -103,10 +103,57 @@ def check(loaded: LoadedRecipe) -> dict:
         notes.append("train.qlora on a CPU works but is slower than plain LoRA; it saves memory, not time")
     problems += _llamacpp_problems(loaded, notes)
     problems += _metric_problems(loaded, eval_rows)
+    choosing = _sweep_lines(loaded, problems, notes)
+    if choosing and not splits.validation and recipe.data.validation != 0:  # 0 is reported by the recipe check
+        problems.append(
+            loaded.error_at(
+                ("sweep",) if recipe.sweep is not None else ("learning_curve",),
+                f"chooses on validation rows and this data has none ({splits.validation_source}); set "
+                "data.validation to a count, a share or a file",
+            )
+        )
     if problems:
         raise PipelineError("\n".join(problems))
     validation = _validation_line(loaded, splits, notes)
-    return _summary(loaded, train_rows, eval_rows, lengths, notes, len(inputs) if recipe.distill else 0, validation)
+    summary = _summary(loaded, train_rows, eval_rows, lengths, notes, len(inputs) if recipe.distill else 0, validation)
+    summary["choosing"] = choosing
+    return summary
+
+
+def _sweep_lines(loaded: LoadedRecipe, problems: list, notes: list) -> list[str]:
+    """What a sweep / learning curve will run, in words; every trial loaded (a bad value is found now, at the
+    line of the sweep that names it) and every swept base model checked."""
+    from pipeline import sweep
+
+    recipe, lines = loaded.recipe, []
+    if recipe.sweep is not None:
+        try:
+            trials = sweep.trials(loaded)
+        except PipelineError as e:
+            problems.append(str(e))
+            return []
+        for i, ref in enumerate(recipe.sweep.params.get("model.base", [])):
+            if isinstance(ref, str):
+                _available_model(trials[0].loaded, ("sweep", "params", "model.base", i), ref, problems, notes)
+        s = recipe.sweep
+        ship = (
+            f"; ships the smallest by {s.ship.smallest_by} within {s.ship.within:g} of the best"
+            if s.ship and s.ship.within
+            else "; the best is evaluated on the eval rows"
+        )
+        budget = f", no trial started after {s.time_budget_minutes:g} min" if s.time_budget_minutes else ""
+        lines.append(
+            f"sweep: {len(trials)} trials ({s.method}) over {', '.join(s.params)}, each chosen on the validation "
+            f"rows{budget}{ship}; summary in {sweep.summary_dir(loaded, Path('runs'), 'sweep')}"
+        )
+    if recipe.learning_curve is not None:
+        c = recipe.learning_curve
+        target = f"; projects the rows for {recipe.evaluate.metrics[0]} {c.target:g}" if c.target is not None else ""
+        lines.append(
+            f"learning curve: shares {', '.join(f'{f:g}' for f in c.fractions if f < 1)} and 1 of the training "
+            f"rows, each scored on the eval rows{target}"
+        )
+    return lines
 
 
 def _training_lengths(loaded: LoadedRecipe, base: models.ModelSource, train_rows: list) -> list[int] | None:
@@ -487,6 +534,8 @@ def print_summary(summary: dict, runs_dir: Path) -> None:
             f"{t['over_max_seq_len']} over data.max_seq_len ({t['too_long']})"
         )
     print(f"  validation: {summary['validation']}")
+    for line in summary.get("choosing", []):
+        print(f"  {line}")
     print(f"  evaluation: {summary['eval_rows']} rows, candidates: {', '.join(summary['candidates'])}")
     print(f"  first prompt: {summary['first_prompt']!r} -> target {summary['first_target']!r}")
     for note in summary["notes"]:

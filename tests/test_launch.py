@@ -10,7 +10,7 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.recipe import load_recipe
-from pipeline.runs import run_dir_for, run_lock
+from pipeline.runs import read_manifest, run_dir_for, run_lock
 from tests import slurm_cluster
 
 pytestmark = pytest.mark.integration
@@ -84,6 +84,28 @@ def test_a_slurm_job_runs_the_recipe_and_returns_its_exit_code(slurm, tiny_recip
     assert set(report["candidates"]) >= {"base", "specialized", "reference"}
     # failed gates come back as the job's exit code 1
     assert main([*args, "--set", "evaluate.gates.specialized_min=0.999"]) == 1
+
+
+def test_a_sweep_runs_on_slurm_as_a_job_array_then_a_choosing_job(slurm, tiny_recipe, tmp_path, monkeypatch):
+    from pipeline import sweep
+
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+    recipe = tmp_path / "sweep.yaml"
+    recipe.write_text(
+        f"extends: {tiny_recipe.name}\ndata: {{validation: 24}}\nquantize: []\n"
+        "evaluate: {metrics: [chrf], reference: null, gates: {quantized_max_drop: null}}\nsweep:\n  params:\n    train.lr: [1.0e-3, 1.0e-2]\n"
+    )
+    runs = tmp_path / "runs"
+    assert main(["submit", "slurm", str(recipe), "--runs-dir", str(runs), "--wait"]) == 0
+    loaded = load_recipe(recipe)
+    folder = sweep.summary_dir(loaded, runs, "sweep")
+    summary = json.loads((folder / "sweep.json").read_text())
+    assert [t["status"] for t in summary["trials"]] == ["done", "done"] and summary["chosen_eval"] is not None
+    logs = sorted(p.name for p in (folder / "slurm").glob("*_*.out"))
+    assert [name.rsplit("_", 1)[1] for name in logs] == ["0.out", "1.out"]  # one task per trial
+    for trial in sweep.trials(loaded):  # each trained once, by its own task
+        manifest = read_manifest(run_dir_for(trial.loaded, runs))
+        assert len([e for e in manifest["invocations"] if "train" in e["stages_run"]]) == 1
 
 
 def test_a_slurm_job_signalled_before_its_time_limit_checkpoints_requeues_and_resumes(

@@ -23,11 +23,12 @@ STOPPED_BY_SLURM = {"CANCELLED", "TIMEOUT", "DEADLINE", "PREEMPTED"}
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
-def script(loaded: LoadedRecipe, run_dir: Path) -> str:
+def script(loaded: LoadedRecipe, run_dir: Path, trials: int | None = None, runs_dir: Path | None = None) -> str:
+    """The batch script. With `trials`, a job array of a sweep's trials: task N trains and scores trial N."""
     launch = loaded.recipe.launch
     options = [
-        f"--job-name=specialist-{loaded.recipe.name}",
-        f"--output={run_dir / 'slurm' / '%j.out'}",
+        f"--job-name=specialist-{loaded.recipe.name}{'-trials' if trials else ''}",
+        f"--output={run_dir / 'slurm' / ('%A_%a.out' if trials else '%j.out')}",
         "--open-mode=append",  # a requeued job's log continues the same file
         "--nodes=1",
         "--ntasks=1",
@@ -48,8 +49,11 @@ def script(loaded: LoadedRecipe, run_dir: Path) -> str:
     gpus = job_gpus(loaded.recipe)
     if gpus:
         options.append(f"--gres=gpu:{launch.gpu_type + ':' if launch.gpu_type else ''}{gpus}")
+    if trials:
+        options.append(f"--array=0-{trials - 1}")
     command = [sys.executable, "-m", "pipeline", "run", str(run_dir / "recipe.resolved.yaml")]
-    command += ["--runs-dir", str(run_dir.parent.parent)]
+    command += ["--runs-dir", str(runs_dir or run_dir.parent.parent)]
+    run_line = shlex.join(command) + (' --trial "$SLURM_ARRAY_TASK_ID"' if trials else "")
     lines = ["#!/bin/bash", *(f"#SBATCH {option}" for option in options)]
     lines += [
         "# Written by specialist: the run of this recipe, as a job. Logs: the --output file above.",
@@ -63,7 +67,7 @@ def script(loaded: LoadedRecipe, run_dir: Path) -> str:
         "  exit 0",
         "}",
         "trap requeue USR1 TERM",
-        f"{shlex.join(command)} &",
+        f"{run_line} &",
         "pipeline=$!",
         'wait "$pipeline"',
         "code=$?",
@@ -81,16 +85,42 @@ def submit(loaded: LoadedRecipe, run_dir: Path, wait: bool = False, dry_run: boo
     if dry_run:
         print(path)
         return 0
+    job = _sbatch([str(path)], path)
+    log("submit", f"Slurm job {job}: {path}; log {run_dir / 'slurm' / (job + '.out')}")
+    print(job)
+    return wait_for(job) if wait else 0
+
+
+def submit_sweep(
+    loaded: LoadedRecipe, folder: Path, trials: int, runs_dir: Path, wait: bool = False, dry_run: bool = False
+) -> int:
+    """A sweep as two jobs: an array with one task per trial, then (once every task succeeded) the plain run,
+    which finds the trials done, chooses one, evaluates and reports it, and draws any learning curve."""
+    array_path, final_path = folder / "slurm" / "trials.sbatch", folder / "slurm" / "choose.sbatch"
+    write_text_atomic(array_path, script(loaded, folder, trials, runs_dir))
+    write_text_atomic(final_path, script(loaded, folder, None, runs_dir))
+    if dry_run:
+        print(array_path)
+        print(final_path)
+        return 0
+    array_job = _sbatch([str(array_path)], array_path)
+    final_job = _sbatch([f"--dependency=afterok:{array_job}", "--kill-on-invalid-dep=yes", str(final_path)], final_path)
+    log(
+        "submit",
+        f"Slurm array job {array_job} ({trials} trials), then job {final_job} chooses; logs in {folder / 'slurm'}",
+    )
+    print(final_job)
+    return wait_for(final_job) if wait else 0
+
+
+def _sbatch(arguments: list[str], path: Path) -> str:
     try:
-        out = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(["sbatch", "--parsable", *arguments], capture_output=True, text=True, timeout=60)
     except FileNotFoundError:
         raise PipelineError(f"submit slurm: sbatch is not installed here; the script is ready in {path}") from None
     if out.returncode != 0:
         raise PipelineError(f"submit slurm: sbatch refused {path}: {out.stderr.strip()}")
-    job = out.stdout.strip().split(";")[0]
-    log("submit", f"Slurm job {job}: {path}; log {run_dir / 'slurm' / (job + '.out')}")
-    print(job)
-    return wait_for(job) if wait else 0
+    return out.stdout.strip().split(";")[0]
 
 
 def job_state(job: str) -> tuple[str, int | None]:

@@ -36,8 +36,8 @@ def sweep_markdown(summary: dict, heading: str = "##", plot: str | None = None) 
     runtime = next((t for t in done if t.get("runtime")), {})
     lines += [
         "",
-        f"| trial | settings | validation {metric} (95% CI) | step kept / steps | training | size | peak memory "
-        f"| {latency} | |",
+        f"| trial | settings | validation {metric} (95% CI) | step kept / steps | training + scoring | size "
+        f"| peak memory | {latency} | |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for t in summary["trials"]:
@@ -48,15 +48,17 @@ def sweep_markdown(summary: dict, heading: str = "##", plot: str | None = None) 
         early = " (stopped early)" if t.get("stopped_early") else ""
         lines.append(
             f"| {t['index']} | {_settings(t['settings'])} | {t['value']:.4f} [{t['ci95'][0]:.3f}, {t['ci95'][1]:.3f}] "
-            f"| {t['chosen_step']} / {t['steps']}{early} | {t['train_seconds']:.0f} s | {_mb(t.get('size_bytes'))} "
+            f"| {t['chosen_step']} / {t['steps']}{early} | {t['train_seconds']:.0f} + {t['scoring_seconds']:.0f} s "
+            f"| {_mb(t.get('size_bytes'))} "
             f"| {_mb(t.get('peak_memory_bytes'))} | {_seconds(t.get('latency_p50'))} | {mark} |"
         )
     if runtime:
         lines += [
             "",
             f"Costs measured on the validation rows with {runtime.get('runtime')} on {runtime.get('device')}, "
-            f"{runtime.get('threads')} threads; size is the base model plus the adapter on disk. Sweep training and "
-            f"validation time: {summary['seconds']:.0f} s.",
+            f"{runtime.get('threads')} threads; size is the base model plus the adapter on disk. Training time "
+            f"includes the validation passes; scoring is the kept adapter on the validation rows with its costs. "
+            f"The sweep's trials took {summary['seconds']:.0f} s in all.",
         ]
     if plot:
         lines += ["", f"![validation {metric} against cost per trial]({plot})"]
@@ -94,11 +96,14 @@ def curve_markdown(curve: dict, heading: str = "##", plot: str | None = None) ->
     if fit is None:
         lines.append(f"No saturating fit: {curve.get('projection_note', '')}.")
     else:
-        lines.append(
-            f"Fit: error = {fit['a']:.3g} * rows^-{fit['b']:.3g} + {fit['c']:.3g}, so {metric} approaches "
-            f"{curve['floor']:.3f} with more rows like these; at twice the rows it predicts "
-            f"{curve['predicted_at_double']:.3f}."
-        )
+        fitted = f"Fit: error = {fit['a']:.3g} * rows^-{fit['b']:.3g} + {fit['c']:.3g}"
+        if fit["c"] > 0:
+            ceiling = f"so {metric} levels off near {curve['floor']:.3f} with more rows like these"
+        else:  # the best floor is none at all: these points do not show where the curve levels off
+            ceiling = (
+                "with no floor: these points still fall as a power of the rows and do not show where they level off"
+            )
+        lines.append(f"{fitted}, {ceiling}; at twice the rows it predicts {curve['predicted_at_double']:.3f}.")
     if curve.get("flattened") is not None:
         gain = curve["last_doubling_gain"]
         lines.append(
@@ -113,8 +118,9 @@ def curve_markdown(curve: dict, heading: str = "##", plot: str | None = None) ->
             lines.append(f"The target {metric} {target:g} is already reached with {curve['points'][-1]['rows']} rows.")
         elif projection["rows"] is None:
             lines.append(
-                f"The target {metric} {target:g} lies above the fitted ceiling ({curve['floor']:.3f}): more rows of "
-                "this kind are not projected to reach it (a larger base model, better labels or prompts might)."
+                f"The target {metric} {target:g} is not projected to be reached by more rows of this kind (it lies "
+                f"above the fitted ceiling, {curve['floor']:.3f}, or past 10^12 rows); a larger base model, better "
+                "labels or prompts might."
             )
         else:
             interval = projection["interval"]
@@ -168,6 +174,8 @@ def write_sweep_plot(summary: dict, path: Path) -> None:
 def write_curve_plot(curve: dict, path: Path) -> None:
     """The metric on the eval rows (95% CI) against training rows (log scale), the fit and the target."""
     plt = _pyplot()
+    import matplotlib.ticker
+
     metric = curve["metric"]
     points = curve["points"]
     figure, axis = plt.subplots(figsize=(7, 4.6))
@@ -186,6 +194,7 @@ def write_curve_plot(curve: dict, path: Path) -> None:
     if curve.get("target") is not None:
         axis.axhline(curve["target"], color="tab:red", linewidth=1, label=f"target {curve['target']:g}")
     axis.set_xscale("log")
+    axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide on a log axis
     axis.set_xlabel("training rows (log)")
     axis.set_ylabel(f"{metric} on the eval rows")
     axis.grid(alpha=0.3)

@@ -22,6 +22,7 @@ import yaml
 from pipeline.errors import PipelineError, RemoteError
 from pipeline.models import PACKAGED
 from pipeline.recipe import LoadedRecipe
+from pipeline.render.sweep import curve_markdown, sweep_markdown
 from pipeline.report import (
     candidates_table,
     distillation_markdown,
@@ -369,6 +370,9 @@ def _card_body(loaded: LoadedRecipe, run_dir: Path, report: dict, base_id: str |
         *_demote(gates_markdown(report)),
         *_demote(fidelity_markdown(report)),
         *_demote(distillation_markdown(report)),
+        # how this adapter was chosen (a sweep's trials, on validation rows) and what more rows would buy
+        *(_demote(sweep_markdown(report["sweep"])) if report.get("sweep") else []),
+        *(_demote(curve_markdown(report["learning_curve"])) if report.get("learning_curve") else []),
     ]
     lines += _usage(loaded, run_dir, report, gguf_files)
     lines += _training(loaded, run_dir, report)
