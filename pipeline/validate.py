@@ -132,9 +132,9 @@ def _sweep_lines(loaded: LoadedRecipe, problems: list, notes: list) -> list[str]
         except PipelineError as e:
             problems.append(str(e))
             return []
-        for i, ref in enumerate(recipe.sweep.params.get("model.base", [])):
-            if isinstance(ref, str):
-                _available_model(trials[0].loaded, ("sweep", "params", "model.base", i), ref, problems, notes)
+        if "model.base" in recipe.sweep.params:  # each base as its trial resolved it (paths: from the recipe)
+            for ref in dict.fromkeys(trial.loaded.recipe.model.base for trial in trials):
+                _available_model(loaded, ("sweep", "params", "model.base"), ref, problems, notes)
         s = recipe.sweep
         ship = (
             f"; ships the smallest by {s.ship.smallest_by} within {s.ship.within:g} of the best"

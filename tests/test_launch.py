@@ -93,7 +93,8 @@ def test_a_sweep_runs_on_slurm_as_a_job_array_then_a_choosing_job(slurm, tiny_re
     recipe = tmp_path / "sweep.yaml"
     recipe.write_text(
         f"extends: {tiny_recipe.name}\ndata: {{validation: 24}}\nquantize: []\n"
-        "evaluate: {metrics: [chrf], reference: null, gates: {quantized_max_drop: null}}\nsweep:\n  params:\n    train.lr: [1.0e-3, 1.0e-2]\n"
+        "evaluate: {metrics: [chrf], reference: null, gates: {quantized_max_drop: null}}\n"
+        "sweep:\n  params:\n    train.lr: [1.0e-3, 1.0e-2]\n"
     )
     runs = tmp_path / "runs"
     assert main(["submit", "slurm", str(recipe), "--runs-dir", str(runs), "--wait"]) == 0

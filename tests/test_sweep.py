@@ -291,3 +291,21 @@ def test_validate_says_what_a_sweep_and_a_curve_will_run(sweep_recipe, tiny_reci
     few = write_recipe(f"extends: {tiny_recipe.name}\ndata: {{max_train_rows: 50}}\n{LR_SWEEP}", "few.yaml")
     assert main(["validate", str(few)]) == 2
     assert "sweep: chooses on validation rows and this data has none" in capsys.readouterr().err
+
+
+def test_a_base_model_sweep_ships_the_smallest_base_that_holds_the_accuracy(sweep_recipe, tiny_models, tmp_path):
+    # the tiny reference is the larger model (hidden 128 against 64); within 1.0 every trial holds the accuracy
+    bases = f"[{tiny_models['reference']}, {tiny_models['base']}]"
+    recipe = sweep_recipe(f"sweep:\n  params:\n    model.base: {bases}\n  ship: {{within: 1.0, smallest_by: memory}}\n")
+    runs = tmp_path / "runs"
+    assert main(["run", str(recipe), "--runs-dir", str(runs)]) == 0
+    summary = _summary(recipe, runs)
+    by_memory = sorted(summary["trials"], key=lambda t: t["peak_memory_bytes"])
+    assert summary["trials"][1]["parameters"] < summary["trials"][0]["parameters"]
+    assert summary["chosen"] == by_memory[0]["index"] == 1  # the small base, measured smaller
+    assert "the smallest by memory of the 2 trials within 1 of the best" in summary["why"] or summary["why"].endswith(
+        "which is also the smallest by memory within 1 of it"
+    )
+    chosen_dir = runs / "tiny-test" / summary["chosen_run_id"]
+    report = json.loads((chosen_dir / "evaluate" / "report.json").read_text())
+    assert report["candidates"]["base"]["model"] == str(tiny_models["base"])
