@@ -251,7 +251,9 @@ def _submit(args) -> int:
         if args.scheduler == "slurm" and loaded.recipe.sweep is not None:
             trials = len(sweep.trials(loaded))
             return slurm.submit_sweep(loaded, folder, trials, args.runs_dir, wait=args.wait, dry_run=args.dry_run)
-        if args.scheduler == "sky":  # one task: the trials one after another on the cloud machine
+        if args.scheduler == "sky" and loaded.recipe.sweep is not None:
+            return skypilot.submit_sweep(loaded, folder, sweep.trials(loaded), dry_run=args.dry_run)
+        if args.scheduler == "sky":
             return skypilot.submit(loaded, folder, dry_run=args.dry_run)
         return slurm.submit(loaded, folder, wait=args.wait, dry_run=args.dry_run)
     run_dir = runner.prepare(loaded, args.runs_dir, f"submit {args.scheduler}")

@@ -485,6 +485,12 @@ class LaunchSection(Section):
         description="Slurm warns the job this long before its time limit: it checkpoints, exits and requeues itself.",
     )
     cloud: str | None = Field(None, pattern=r"^[a-z0-9]+$", description="SkyPilot cloud (aws, gcp, ...); any if unset.")
+    runs_bucket: str | None = Field(
+        None,
+        pattern=r"^(s3|gs|r2|cos|oci|https)://\S+$",
+        description="SkyPilot: a bucket (s3://, gs://, ...) mounted as the runs folder of every task, so a sweep's "
+        "trials run as parallel tasks, one cluster each (taken down when done), and a last task chooses among them.",
+    )
 
 
 class ShipSection(Section):

@@ -2,8 +2,10 @@
 single-node Slurm cluster (tests/slurm_cluster.py) running and requeueing the pipeline, SkyPilot task files."""
 
 import json
+import os
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -189,6 +191,41 @@ def test_skypilot_reads_the_task_file(tiny_recipe, tmp_path):
     run, resources = json.loads(done.stdout.strip().splitlines()[-1])
     assert run == yaml.safe_load(path.read_text())["run"]
     assert "A100" in resources and "1" in resources
+
+
+def test_a_sweep_goes_to_skypilot_as_parallel_trial_tasks_on_a_bucket_then_a_choosing_task(
+    tiny_recipe, tmp_path, monkeypatch
+):
+    recipe = tmp_path / "sweep.yaml"
+    recipe.write_text(
+        f"extends: {tiny_recipe.name}\ndata: {{validation: 24}}\nlaunch: {{runs_bucket: 's3://bucket/runs'}}\n"
+        "sweep:\n  params:\n    train.lr: [1.0e-3, 1.0e-2]\n"
+    )
+    runs = tmp_path / "runs"
+    # a stand-in for `sky` that records each launch and fails the task named in FAIL
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "bin" / "sky"
+    fake.parent.mkdir()
+    fake.write_text(
+        f'#!/bin/sh\necho "$@" >> {calls}\ncase "$*" in *"$FAIL"*) [ -n "$FAIL" ] && exit 3;; esac\nexit 0\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAIL", "")
+    assert main(["submit", "sky", str(recipe), "--runs-dir", str(runs)]) == 0
+    launched = calls.read_text().splitlines()
+    assert len(launched) == 3 and all(line.startswith("launch -y") for line in launched)
+    trials, choose = launched[:2], launched[2]
+    assert all("--down" in line and "-trial-" in line for line in trials) and "--down" not in choose
+    folder = Path(choose.split()[-1]).parent
+    task = yaml.safe_load((folder / "trial-1.yaml").read_text())
+    assert task["file_mounts"]["/specialist-runs"] == {"source": "s3://bucket/runs", "mode": "MOUNT"}
+    assert task["run"].endswith("--runs-dir /specialist-runs --trial 1")
+    assert yaml.safe_load((folder / "choose.yaml").read_text())["run"].endswith("--runs-dir /specialist-runs")
+    calls.unlink()
+    monkeypatch.setenv("FAIL", "trial-1")  # a failed trial: its exit code, and nothing is chosen
+    assert main(["submit", "sky", str(recipe), "--runs-dir", str(runs)]) == 3
+    assert len(calls.read_text().splitlines()) == 2
 
 
 def _sets(overrides: list[str]) -> list[str]:

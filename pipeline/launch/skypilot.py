@@ -22,15 +22,24 @@ from pipeline.launch import job_gpus
 from pipeline.recipe import LoadedRecipe
 from pipeline.runs import cache_lock, cache_root, log, write_text_atomic
 
+RUNS_MOUNT = "/specialist-runs"  # where launch.runs_bucket is mounted on the cloud machine
 
-def task(loaded: LoadedRecipe, run_dir: Path) -> dict:
+
+def task(loaded: LoadedRecipe, run_dir: Path, trial: int | None = None, inputs_of: list | None = None) -> dict:
+    """The task file's content. `trial`: a sweep's trial alone (`run --trial N`); `inputs_of`: the recipes
+    whose local files it mounts (a sweep's trials may each name another local base model)."""
     recipe = loaded.recipe
     launch = recipe.launch
     project = Path.cwd()
     resolved = run_dir / "recipe.resolved.yaml"
-    mounts = {str(resolved): str(resolved)}
-    for path in local_inputs(recipe):
-        mounts[str(path)] = str(path)
+    mounts: dict = {str(resolved): str(resolved)}
+    for source in inputs_of or [recipe]:
+        for path in local_inputs(source):
+            mounts[str(path)] = str(path)
+    runs = "runs"
+    if launch.runs_bucket:  # every task reads and writes the same run folders
+        mounts[RUNS_MOUNT] = {"source": launch.runs_bucket, "mode": "MOUNT"}
+        runs = RUNS_MOUNT
     resources: dict = {}
     gpus = job_gpus(recipe)
     if gpus:
@@ -42,14 +51,15 @@ def task(loaded: LoadedRecipe, run_dir: Path) -> dict:
     if launch.cloud:
         resources["infra"] = launch.cloud
     return {
-        "name": f"specialist-{recipe.name}",
+        "name": f"specialist-{recipe.name}" + (f"-trial-{trial}" if trial is not None else ""),
         "resources": resources,
         "workdir": str(project),
         "file_mounts": mounts,
         # the values come from `sky launch --secret NAME`, never this file
         "secrets": {name: None for name in secret_names(recipe)},
         "setup": "make setup",
-        "run": f".venv/bin/specialist run {resolved} --runs-dir runs",
+        "run": f".venv/bin/specialist run {resolved} --runs-dir {runs}"
+        + (f" --trial {trial}" if trial is not None else ""),
     }
 
 
@@ -97,6 +107,7 @@ def local_inputs(recipe) -> list[Path]:
     candidates = [
         recipe.data.train,
         recipe.data.eval,
+        recipe.data.validation if isinstance(recipe.data.validation, str) else None,
         recipe.data.chat_template_file,
         recipe.distill.inputs if recipe.distill else None,
         recipe.model.base,
@@ -117,23 +128,66 @@ def _gigabytes(memory: str) -> int:
     return max(1, int(number * {"K": 1 / 2**20, "M": 1 / 1024, "G": 1, "T": 1024}[unit]))
 
 
-def submit(loaded: LoadedRecipe, run_dir: Path, dry_run: bool = False) -> int:
-    path = run_dir / "sky" / "task.yaml"
-    write_text_atomic(
-        path,
-        "# Written by specialist: `sky launch` this file.\n" + yaml.safe_dump(task(loaded, run_dir), sort_keys=False),
-    )
-    log("submit", f"SkyPilot task: {path}")
+def submit_sweep(loaded: LoadedRecipe, folder: Path, trials: list, dry_run: bool = False) -> int:
+    """A sweep's trials as parallel tasks (one cluster each, taken down when its trial is done) writing to the
+    bucket in launch.runs_bucket, then a task that chooses, evaluates and reports. Without a bucket the trials'
+    run folders would be on separate machines: the sweep then runs as one task, trials one after another."""
+    if not loaded.recipe.launch.runs_bucket:
+        log("submit", "no launch.runs_bucket: the sweep runs as one task, its trials one after another")
+        return submit(loaded, folder, dry_run)
+    inputs = [trial.loaded.recipe for trial in trials]
+    paths = []
+    for trial in trials:
+        paths.append(folder / "sky" / f"trial-{trial.index}.yaml")
+        _write_task(paths[-1], task(loaded, folder, trial.index, inputs))
+    choose = folder / "sky" / "choose.yaml"
+    _write_task(choose, task(loaded, folder, None, inputs))
+    log("submit", f"SkyPilot: {len(paths)} trial tasks and {choose}")
     if dry_run:
+        print("\n".join(str(p) for p in [*paths, choose]))
         return 0
+    sky = _sky_or_fail(choose)
+    name = f"specialist-{loaded.recipe.name}"
+    launches = [
+        subprocess.Popen([sky, "launch", "-y", "--down", "-c", f"{name}-trial-{i}", str(p), *_secrets(loaded)])
+        for i, p in enumerate(paths)
+    ]
+    codes = [launch.wait() for launch in launches]
+    failed = {i: code for i, code in enumerate(codes) if code}
+    if failed:
+        log("submit", f"trial tasks failed (trial: exit code): {failed}; nothing chosen")
+        return next(iter(failed.values()))  # the pipeline's own code of the first failed trial
+    return subprocess.run([sky, "launch", "-y", "-c", name, str(choose), *_secrets(loaded)]).returncode
+
+
+def _write_task(path: Path, content: dict) -> None:
+    write_text_atomic(
+        path, "# Written by specialist: `sky launch` this file.\n" + yaml.safe_dump(content, sort_keys=False)
+    )
+
+
+def _sky_or_fail(path: Path) -> str:
     sky = sky_command()
     if sky is None:
         raise PipelineError(
             f"submit sky: SkyPilot is not installed; `make skypilot` installs it in an environment of its own "
             f"(it pins other versions of packages the pipeline uses). The task is ready in {path}"
         )
-    command = [sky, "launch", "-y", "-c", f"specialist-{loaded.recipe.name}", str(path)]
-    for name in secret_names(loaded.recipe):
-        if os.environ.get(name):
-            command += ["--secret", name]  # the name only: sky reads the value from this environment
-    return subprocess.run(command).returncode
+    return sky
+
+
+def _secrets(loaded: LoadedRecipe) -> list[str]:
+    """`--secret NAME` for each secret set here: the name only, sky reads the value from this environment."""
+    return [arg for name in secret_names(loaded.recipe) if os.environ.get(name) for arg in ("--secret", name)]
+
+
+def submit(loaded: LoadedRecipe, run_dir: Path, dry_run: bool = False) -> int:
+    path = run_dir / "sky" / "task.yaml"
+    _write_task(path, task(loaded, run_dir))
+    log("submit", f"SkyPilot task: {path}")
+    if dry_run:
+        return 0
+    sky = _sky_or_fail(path)
+    return subprocess.run(
+        [sky, "launch", "-y", "-c", f"specialist-{loaded.recipe.name}", str(path), *_secrets(loaded)]
+    ).returncode
