@@ -267,7 +267,7 @@ def run_sweep(loaded: LoadedRecipe, runs_dir: Path, force: bool = False, only: i
 
 def main_run(loaded: LoadedRecipe, runs_dir: Path) -> LoadedRecipe:
     """The ordinary run a recipe stands for: itself, the trial its finished sweep chose, or (for a recipe
-    with a learning curve) the run on all its rows. `eval`, `report`, `publish` and `inspect` act on it."""
+    with a learning curve) the run on all its rows. The single-stage verbs and `publish` act on it."""
     if loaded.recipe.sweep is not None:
         return chosen_trial(loaded, runs_dir)
     if loaded.recipe.learning_curve is not None:
