@@ -29,7 +29,8 @@ from pipeline.stages.evaluate import read_generations
 from pipeline.stats import bootstrap_ci, gap_closed, paired
 
 STAGE = "report"
-REPORT_SCHEMA_VERSION = 2  # 2: `validation`, the adapter training kept and the curve that chose it
+# 2: `validation`, the adapter training kept and the curve that chose it; 3: `sweep`, `learning_curve`, `confidence`
+REPORT_SCHEMA_VERSION = 3
 
 
 # --- building the report ------------------------------------------------------------------------
@@ -156,6 +157,39 @@ def _fidelity(quantized: dict | None) -> dict:
     return found
 
 
+def confidence_facts(results: dict, metric: str, generations: dict[str, list[dict]]) -> dict:
+    """Per candidate that reported confidences: how sure it was when right and when wrong (by the gating
+    metric's per-row score: 1 is right), and for each variant how its confidences agree with the
+    specialized model's on the rows where both gave the same answer (the same definition in both runtimes,
+    so a GGUF file should defer on the same rows as the model it was made from)."""
+    import statistics
+
+    found = {}
+    specialized = generations.get("specialized") or []
+    for name, entries in generations.items():
+        if not entries or any("confidence" not in e for e in entries):
+            continue
+        per_row = results["candidates"][name]["metrics"][metric]["per_row"]
+        confidences = [e["confidence"] for e in entries]
+        right = [c for c, s in zip(confidences, per_row, strict=True) if s >= 1]
+        wrong = [c for c, s in zip(confidences, per_row, strict=True) if s < 1]
+        facts: dict = {
+            "mean": statistics.fmean(confidences),
+            "mean_when_right": statistics.fmean(right) if right else None,
+            "mean_when_wrong": statistics.fmean(wrong) if wrong else None,
+        }
+        if name != "specialized" and len(specialized) == len(entries) and all("confidence" in e for e in specialized):
+            same = [(a, b) for a, b in zip(specialized, entries, strict=True) if a["prediction"] == b["prediction"]]
+            differences = sorted(abs(a["confidence"] - b["confidence"]) for a, b in same)
+            facts["versus_specialized"] = {
+                "same_answer": len(same) / len(entries),
+                "median_abs_difference": statistics.median(differences) if differences else None,
+                "p95_abs_difference": differences[int(0.95 * (len(differences) - 1))] if differences else None,
+            }
+        found[name] = facts
+    return found
+
+
 def evaluate_gates(loaded: LoadedRecipe, candidates: dict, metric: str, gap: float | None) -> dict:
     gates = loaded.recipe.evaluate.gates
     checks = {}
@@ -217,6 +251,7 @@ def render_markdown(report: dict, flips: list[dict], plot: str | None = None) ->
         lines += curve_markdown(report["learning_curve"], plot="curve.png")
     lines += distillation_markdown(report)
     lines += fidelity_markdown(report)
+    lines += confidence_markdown(report)
     if plot:
         lines += [f"![{metric} against peak memory and latency]({plot})", ""]
     lines += gates_markdown(report)
@@ -409,6 +444,32 @@ def fidelity_markdown(report: dict) -> list[str]:
     return lines
 
 
+def confidence_markdown(report: dict) -> list[str]:
+    facts = report.get("confidence") or {}
+    if not facts:
+        return []
+    lines = [
+        "## Confidence",
+        "",
+        "Each answer's probability under the model that gave it (the product of its tokens' probabilities, the "
+        "end token included; the same definition in transformers and llama.cpp). A model that knows when it "
+        "is unsure is surer when right than when wrong; a variant should be as sure as the model it was made "
+        "from where they agree.",
+        "",
+        "| candidate | mean | when right | when wrong | same answer as specialized | abs difference there: median "
+        "| p95 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, f in facts.items():
+        versus = f.get("versus_specialized") or {}
+        lines.append(
+            f"| {name} | {f['mean']:.3f} | {_num(f['mean_when_right'])} | {_num(f['mean_when_wrong'])} "
+            f"| {_pct(versus.get('same_answer')) if versus else '—'} | {_num(versus.get('median_abs_difference'), 4)} "
+            f"| {_num(versus.get('p95_abs_difference'), 4)} |"
+        )
+    return lines + [""]
+
+
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{x:.0%}"
 
@@ -515,6 +576,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     left_out = {split: len(wheres) for split, wheres in splits.dropped_empty.items()}
     if left_out:
         report["rows_left_out_empty"] = left_out
+    report["confidence"] = confidence_facts(results, report["metric"], generations)
     flips = [flip for other in ("base", "reference") for flip in flipped_rows(report, generations, rows, other)]
     report["flipped_rows"] = flips
     write_json_atomic(run_dir / "evaluate" / "report.json", report)

@@ -97,6 +97,25 @@ def test_f16_file_answers_exactly_like_the_specialist_and_lower_types_drift(gguf
     assert report["comparisons"]["gguf-f16"]["wins"] == report["comparisons"]["gguf-f16"]["losses"] == 0
 
 
+def test_both_runtimes_give_each_answer_the_same_confidence(gguf_run):
+    """The probability of the answer, computed by llama.cpp from its logits and by transformers from its scores,
+    agrees on the f16 file (near-exact) and drifts only a little at q8_0; the report states the agreement."""
+    _, run_dir = gguf_run
+    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    specialized = _predictions(run_dir, "specialized")
+    for label, tolerance in (("gguf-f16", 0.02), ("gguf-q8_0", 0.05)):
+        variant = _predictions(run_dir, label)
+        same = [i for i in variant if variant[i]["prediction"] == specialized[i]["prediction"]]
+        assert len(same) >= 20
+        differences = [abs(variant[i]["confidence"] - specialized[i]["confidence"]) for i in same]
+        assert max(differences) < tolerance, (label, sorted(differences)[-3:])
+        assert all(0 < variant[i]["confidence"] <= 1 for i in variant)
+        facts = report["confidence"][label]["versus_specialized"]
+        assert facts["same_answer"] == len(same) / len(variant) and facts["p95_abs_difference"] <= max(differences)
+    assert "## Confidence" in (run_dir / "evaluate" / "report.md").read_text()
+    assert "confidence" not in _predictions(run_dir, "base")[0]  # only the specialist and its variants defer
+
+
 def test_llamacpp_tokenizes_the_prompts_as_training_did_and_stops_at_the_trained_end_token(gguf_run):
     _, run_dir = gguf_run
     report = json.loads((run_dir / "evaluate" / "report.json").read_text())

@@ -43,6 +43,9 @@ class GenerationJob:
     max_new_tokens: int
     batch_size: int
     threads: int
+    # with each answer, the model's probability of it: the product of its tokens' probabilities (the end
+    # token included where it stopped), the same definition in every local runtime
+    confidence: bool = False
 
 
 OnBatch = Callable[[list[dict]], None]

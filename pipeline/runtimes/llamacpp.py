@@ -9,6 +9,7 @@ reuses another's prompt, greedy, stopping at the model's end-of-generation token
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import time
 from pathlib import Path
@@ -47,19 +48,24 @@ def tokenize(llm, prompt: Prompt) -> list[int]:
     return llm.tokenize(prompt.text.encode("utf-8"), add_bos=prompt.add_special, special=True)
 
 
-def complete(llm, ids: list[int], max_new_tokens: int) -> dict:
+def complete(llm, ids: list[int], max_new_tokens: int, confidence: bool = False) -> dict:
     """One greedy request from a clean KV cache: the answer text, tokens generated, and whether it stopped.
 
     The answer is decoded with invalid UTF-8 replaced, as the transformers runtime decodes it, so the same
-    tokens give the same text in both.
+    tokens give the same text in both. With confidence, also the model's probability of the answer: the
+    product of its tokens' probabilities, the end token included where it stopped (as the transformers
+    runtime computes it), from the logits each token was chosen from.
     """
     import llama_cpp
 
     llm.reset()
     answer: list[int] = []
     stopped = False
+    log_p = 0.0
     started = time.perf_counter()
     for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+        if confidence:
+            log_p += _log_probability(llm, token)
         if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):  # llama.cpp's own end-of-generation set
             stopped = True
             break
@@ -67,12 +73,25 @@ def complete(llm, ids: list[int], max_new_tokens: int) -> dict:
         if len(answer) >= max_new_tokens:
             break
     seconds = time.perf_counter() - started
-    return {
+    entry = {
         "prediction": llm.detokenize(answer, prev_tokens=ids).decode("utf-8", errors="replace").strip(),
         "generated_tokens": len(answer) + stopped,  # the end token counts, as elsewhere
         "seconds": seconds,
         "stopped": stopped,
     }
+    if confidence:
+        entry["confidence"] = math.exp(log_p)
+    return entry
+
+
+def _log_probability(llm, token: int) -> float:
+    """log p(token) under the logits of the last position decoded: the ones `token` was chosen from. Read from
+    the context (llama-cpp-python keeps its own copy only with logits_all, which slows every request)."""
+    import numpy as np
+
+    logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).astype(np.float64)
+    top = logits.max()
+    return float(logits[token] - top - np.log(np.exp(logits - top).sum()))
 
 
 def _generate(gguf_file: str, job: GenerationJob, gpu: bool, on_batch: OnBatch) -> dict:
@@ -89,7 +108,7 @@ def _generate(gguf_file: str, job: GenerationJob, gpu: bool, on_batch: OnBatch) 
         for start in range(0, len(job.todo), job.batch_size):
             on_batch(
                 [
-                    {"row": row, **complete(llm, ids[row], job.max_new_tokens)}
+                    {"row": row, **complete(llm, ids[row], job.max_new_tokens, job.confidence)}
                     for row in job.todo[start : start + job.batch_size]
                 ]
             )

@@ -32,11 +32,10 @@ def run(
     on_batch: OnBatch,
     desc: str,
     allowed_tokens=None,
-    confidence: bool = False,
 ) -> dict:
     """Generate job.todo in batches (reporting each batch), then time job.latency_rows one request at a time,
-    with job.threads threads, in a process of its own. allowed_tokens / confidence: see generate_batches."""
-    args = (source, adapter_dir, dtype, trust_remote_code, tokenizer, job, desc, allowed_tokens, confidence)
+    with job.threads threads, in a process of its own. allowed_tokens: see generate_batches."""
+    args = (source, adapter_dir, dtype, trust_remote_code, tokenizer, job, desc, allowed_tokens)
     return run_in_child(_context(), _generate, args, on_batch, desc)
 
 
@@ -58,7 +57,6 @@ def _generate(
     job: GenerationJob,
     desc,
     allowed_tokens,
-    confidence,
     on_batch,
 ) -> dict:
     torch.set_num_threads(job.threads)  # evaluate.threads, as llama.cpp candidates get it
@@ -76,7 +74,7 @@ def _generate(
             job.batch_size,
             desc,
             allowed_tokens=allowed_tokens,
-            confidence=confidence,
+            confidence=job.confidence,
         )
         for batch in batches:
             on_batch(batch)

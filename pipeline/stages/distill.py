@@ -264,6 +264,7 @@ def _label_locally(recipe: Recipe, source, tokenizer, prompts, todo, answer_set,
         max_new_tokens=settings.max_new_tokens,
         batch_size=settings.batch_size,
         threads=settings.threads or torch.get_num_threads(),
+        confidence=True,
     )
 
     def keep_batch(batch: list[dict]) -> None:
@@ -280,7 +281,6 @@ def _label_locally(recipe: Recipe, source, tokenizer, prompts, todo, answer_set,
         keep_batch,
         "teacher",
         allowed_tokens=trie.allowed if trie else None,
-        confidence=True,
     )
     return facts["peak_memory_bytes"]
 

@@ -175,6 +175,8 @@ def _generations(candidate: Candidate, rows: list[data.TaskRow], loaded: LoadedR
     settings = loaded.recipe.evaluate
     latency_rows = latency_sample(len(rows), settings.latency_rows)
     local = candidate.endpoint is None  # an API's answers do not depend on how this machine batches or computes
+    # the specialist's and its variants' probability of each answer: what a cascade defers on
+    confidence = local and candidate.role in ("specialized", "quantized")
     cache_key = stage_fingerprint(
         candidate.fingerprint(),
         [r.prompt for r in rows],
@@ -186,6 +188,7 @@ def _generations(candidate: Candidate, rows: list[data.TaskRow], loaded: LoadedR
         loaded.recipe.data.chat_template,
         _text_of(loaded.recipe.data.chat_template_file) if candidate.role != "reference" else None,
         loaded.recipe.model.dtype if local else None,
+        confidence,
     )
     cache = stage_dir / "generations" / f"{candidate.name}.jsonl"
     cost_path = stage_dir / "generations" / f"{candidate.name}.cost.json"
@@ -213,6 +216,7 @@ def _generations(candidate: Candidate, rows: list[data.TaskRow], loaded: LoadedR
         max_new_tokens=settings.max_new_tokens,
         batch_size=settings.batch_size,
         threads=settings.threads or torch.get_num_threads(),
+        confidence=confidence,
     )
 
     def keep(batch: list[dict]) -> None:
