@@ -14,6 +14,7 @@ STAGE_NAMES = (
     "train",
     "quantize",
     "evaluate",
+    "cascade",
     "report",
 )  # pipeline.runner.STAGE_ORDER, without importing torch
 

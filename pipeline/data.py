@@ -410,7 +410,7 @@ def load_splits(
     train_pairs = sample_rows([r for _, r in train_all], section.max_train_rows, section.split_seed)
     raw_of = [train_raw[train_all[j][0]] for j, _ in train_pairs]  # (where, raw row) of each training row
     train, validation, validation_source = _hold_out_validation(
-        section, [row for _, row in train_pairs], raw_of, dropped
+        section, [row for _, row in train_pairs], raw_of, dropped, prompt_template, prompt_field
     )
     labelled = [format_row(section, row, where) for where, row in _read_file(distilled)] if distilled else []
     fraction_of = {}
@@ -484,16 +484,28 @@ def nested_fraction(rows: list[TaskRow], fraction: float, seed: int) -> list[Tas
 
 
 def _hold_out_validation(
-    section: DataSection, train: list[TaskRow], raw_of: list[tuple[str, dict]], dropped: dict
+    section: DataSection,
+    train: list[TaskRow],
+    raw_of: list[tuple[str, dict]],
+    dropped: dict,
+    prompt_template: str | None = None,
+    prompt_field: str = "data.prompt",
 ) -> tuple[list[TaskRow], list[TaskRow], str]:
     """(the rows to train on, the validation rows, how the latter were chosen, in words).
 
     Held-out rows are a seeded sample of the training rows, stratified by target for label sets, and are
-    formatted as the evaluate stage formats its rows (format text: the first half asks for the rest).
+    formatted as the evaluate stage formats its rows (format text: the first half asks for the rest), with
+    `prompt_template` where given (a reference's prompt: the same rows, asked as the reference is asked).
     """
     if isinstance(section.validation, str):
         raw = read_source(section.validation, section, "validation")
-        rows = [row for _, row in _format_rows(section, raw, dropped.setdefault("validation", []), for_eval=True)]
+        formatted = _format_rows(section, raw, dropped.setdefault("validation", []), for_eval=True)
+        rows = [
+            format_row(section, raw[i][1], raw[i][0], prompt_template, prompt_field, for_eval=True)
+            if prompt_template
+            else row
+            for i, row in formatted
+        ]
         if not rows:
             raise PipelineError(f"data.validation: {section.validation} has no rows")
         return train, rows, f"{len(rows)} rows of {section.validation}"
@@ -510,7 +522,10 @@ def _hold_out_validation(
             ),
         )
     held = {k for k, _ in sample_rows(train, count, section.split_seed)}
-    validation = [format_row(section, raw_of[k][1], raw_of[k][0], for_eval=True) for k in sorted(held)]
+    validation = [
+        format_row(section, raw_of[k][1], raw_of[k][0], prompt_template, prompt_field, for_eval=True)
+        for k in sorted(held)
+    ]
     kind = "stratified by target" if is_label_set([r.target for r in train]) else "at random"
     setting = "the default" if section.validation is None else f"data.validation: {section.validation}"
     source = f"{count} of {len(train)} training rows ({setting}), seeded (split_seed {section.split_seed}), {kind}"

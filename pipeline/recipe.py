@@ -358,6 +358,9 @@ class GatesSection(Section):
         description="The specialized model's p50 seconds per example, divided by the reference's, must be at most "
         "this (0.2: five times as fast); needs a reference.",
     )
+    cascade_min: float | None = Field(
+        None, description="The specialized model's cascade must reach this on the eval rows; needs a cascade: section."
+    )
 
 
 class EvaluateSection(Section):
@@ -493,6 +496,24 @@ class LaunchSection(Section):
     )
 
 
+class CascadeSection(Section):
+    rule: Literal["match_reference", "target", "max_defer"] = Field(
+        "match_reference",
+        description="How the confidence threshold is chosen on the validation rows: the fewest deferrals that "
+        "match the reference's metric there (match_reference), that reach `target`, or the best metric "
+        "deferring at most `max_defer` of the requests.",
+    )
+    target: float | None = Field(None, description="rule target: the metric the cascade must reach on validation.")
+    max_defer: float | None = Field(
+        None, ge=0, le=1, description="rule max_defer: the largest share of requests sent to the reference."
+    )
+    candidates: list[str] | None = Field(
+        None,
+        description="Local candidates to cascade in front of the reference: specialized and quantize labels "
+        "(gguf-q4_k_m, ...); default: specialized and every GGUF variant.",
+    )
+
+
 class ShipSection(Section):
     within: float = Field(
         0.01,
@@ -587,6 +608,11 @@ class Recipe(Section):
         default_factory=LaunchSection,
         description="Resources when the run is submitted as a job (`specialist submit slurm|sky`).",
     )
+    cascade: CascadeSection | None = Field(
+        None,
+        description="The specialist answers when its confidence reaches a threshold chosen on validation rows, "
+        "the reference (evaluate.reference) below it: the reference's accuracy, most answers local.",
+    )
     sweep: SweepSection | None = Field(
         None,
         description="Try several settings: each trial an ordinary run, trained and scored on the validation rows; "
@@ -677,8 +703,9 @@ def load_recipe(path: str | Path, overrides: list[str] = (), assign: dict[str, A
         raise RecipeError(message, data, origins, path, {loc[0] for loc, _ in problems})
     resolved = recipe.model_dump(mode="json")
     # Where a run is published, which cluster runs it and which trackers watch it change nothing it
-    # trained or measured: the run id leaves those out, so adding them after a run refers to that run.
-    identity = {key: value for key, value in resolved.items() if key not in ("publish", "launch")}
+    # trained or measured: the run id leaves those out, so adding them after a run refers to that run. A
+    # cascade is measured after the evaluation, from it: adding one to a finished run adds that stage only.
+    identity = {key: value for key, value in resolved.items() if key not in ("publish", "launch", "cascade")}
     identity["train"] = {key: value for key, value in resolved["train"].items() if key != "report_to"}
     identity["evaluate"] = {**resolved["evaluate"], "reference": answer_identity(resolved["evaluate"]["reference"])}
     if resolved.get("distill"):
@@ -912,6 +939,30 @@ def _resolve_paths(data: dict, origins: dict[tuple, Origin]) -> None:
             parent[loc[-1]] = str(candidate)
 
 
+def _cascade_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
+    problems = []
+    cascade = recipe.cascade
+    if cascade is None:
+        if recipe.evaluate.gates.cascade_min is not None:
+            problems.append((("evaluate", "gates", "cascade_min"), "needs a cascade: section"))
+        return problems
+    if recipe.evaluate.reference is None:
+        problems.append((("cascade",), "needs evaluate.reference: the model deferred requests go to"))
+    if recipe.data.validation == 0:
+        problems.append((("data", "validation"), "is 0, but cascade: chooses its threshold on validation rows"))
+    if cascade.rule == "target" and cascade.target is None:
+        problems.append((("cascade", "target"), "rule target needs target: the metric to reach on validation"))
+    if cascade.rule == "max_defer" and cascade.max_defer is None:
+        problems.append((("cascade", "max_defer"), "rule max_defer needs max_defer: the largest share to defer"))
+    labels = ["specialized", *(v.label for v in recipe.quantize)]
+    for i, name in enumerate(cascade.candidates or []):
+        if name not in labels:
+            problems.append(
+                (("cascade", "candidates", i), f"{name!r} is not a local candidate; one of {', '.join(labels)}")
+            )
+    return problems
+
+
 def _sweep_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     problems = []
     sweep = recipe.sweep
@@ -1020,6 +1071,7 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     problems += _distill_problems(recipe)
     problems += _publish_problems(recipe)
     problems += _sweep_problems(recipe)
+    problems += _cascade_problems(recipe)
     if d.train is None and recipe.distill is None:
         problems.append((("data", "train"), "required field is missing (or add a distill: section to label inputs)"))
     if d.train is None and d.eval is None:

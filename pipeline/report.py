@@ -190,6 +190,95 @@ def confidence_facts(results: dict, metric: str, generations: dict[str, list[dic
     return found
 
 
+def cascade_facts(result: dict, report: dict) -> dict:
+    """The cascade stage's result with what each cascade costs per 1,000 answers where the reference is priced
+    (the deferred share of the reference's cost; local answers have no per-token charge)."""
+    reference_cost = report["candidates"].get("reference", {}).get("cost_per_1000_answers")
+    for facts in result["candidates"].values():
+        facts["cost_per_1000_answers"] = None if reference_cost is None else (1 - facts["share_local"]) * reference_cost
+    result["reference_value"] = report["candidates"]["reference"]["metrics"][result["metric"]]["value"]
+    result["reference_ci95"] = report["candidates"]["reference"]["metrics"][result["metric"]]["ci95"]
+    return result
+
+
+def cascade_markdown(report: dict) -> list[str]:
+    c = report.get("cascade")
+    if not c:
+        return []
+    metric, rule = c["metric"], c["rule"]
+    low, high = c["reference_ci95"]
+    lines = [
+        "## Cascade: the specialist where it is sure, the reference below a threshold",
+        "",
+        f"Each threshold was chosen on the {c['validation_rows']} validation rows (rule: {rule['rule']}; the "
+        f"reference scores {c['reference_validation_value']:.4f} there) and then applied unchanged to the eval rows. "
+        f"The reference alone: {metric} {c['reference_value']:.3f} [{low:.3f}, {high:.3f}].",
+        "",
+        f"| cascade | threshold | {metric} (95% CI) | answered locally | vs reference alone (won/lost, p) "
+        "| mean latency | cost / 1k answers | on validation |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, f in c["candidates"].items():
+        versus = f["versus_reference"]
+        cost = "—" if f.get("cost_per_1000_answers") is None else f"{f['cost_per_1000_answers']:.4g}"
+        threshold = "defer all" if f["threshold"] is None or f["threshold"] == float("inf") else f"{f['threshold']:.4f}"
+        lines.append(
+            f"| {name} + reference | {threshold} | {f['value']:.3f} [{f['ci95'][0]:.3f}, {f['ci95'][1]:.3f}] "
+            f"| {f['share_local']:.1%} | {versus['wins']}/{versus['losses']}, p={versus['p_value']:.2g} "
+            f"| {_num(f['latency_seconds_mean'], 3)} s | {cost} | {f['validation']['value']:.4f} at "
+            f"{f['validation']['share_local']:.0%} local |"
+        )
+    lines += ["", "Mean latency: each request waits for the local model, deferred ones for the reference too "
+              "(single-request p50s). ![coverage against accuracy](cascade.png)", ""]  # fmt: skip
+    wrong = c["candidates"].get("specialized", {}).get("confident_wrong") or []
+    if wrong and "input" not in wrong[0]:  # a public bundle: the rows' text is left out
+        rows = ", ".join(f"{w['row']} ({w['confidence']:.2f})" for w in wrong)
+        lines += [f"Confident and wrong (answered locally, not deferred), row (confidence): {rows}.", ""]
+    elif wrong:
+        lines += [
+            "Confident and wrong (answered locally, not deferred): the errors a cascade cannot catch.",
+            "",
+            "| row | confidence | input | expected | answered |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {w['row']} | {w['confidence']:.3f} | {_cell(w['input'][-60:])} | {_cell(w['expected'])} "
+            f"| {_cell(w['answer'])} |"
+            for w in wrong
+        ]
+        lines.append("")
+    return lines
+
+
+def write_cascade_plot(report: dict, path: Path) -> None:
+    """The cascade's metric on the eval rows against the share answered locally, per cascade, with the chosen
+    operating point and the reference alone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = report["cascade"]
+    figure, axis = plt.subplots(figsize=(7, 4.6))
+    for name, f in c["candidates"].items():
+        curve = f["curve"]
+        line = axis.plot(
+            [p["share_local"] for p in curve], [p["value"] for p in curve], "-", label=f"{name} + reference"
+        )
+        axis.plot([f["share_local"]], [f["value"]], "o", markersize=9, color=line[0].get_color())
+    axis.axhline(c["reference_value"], color="tab:blue", linestyle="--", linewidth=1, label="reference alone")
+    axis.set_xlabel("share answered locally (threshold chosen on validation: dots)")
+    axis.set_ylabel(f"{c['metric']} on the eval rows")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=9)
+    axis.set_title(f"{report['recipe']}: cascade coverage against {c['metric']}")
+    figure.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(tmp, dpi=110)
+    plt.close(figure)
+    tmp.replace(path)
+
+
 def evaluate_gates(loaded: LoadedRecipe, candidates: dict, metric: str, gap: float | None) -> dict:
     gates = loaded.recipe.evaluate.gates
     checks = {}
@@ -252,6 +341,7 @@ def render_markdown(report: dict, flips: list[dict], plot: str | None = None) ->
     lines += distillation_markdown(report)
     lines += fidelity_markdown(report)
     lines += confidence_markdown(report)
+    lines += cascade_markdown(report)
     if plot:
         lines += [f"![{metric} against peak memory and latency]({plot})", ""]
     lines += gates_markdown(report)
@@ -514,6 +604,7 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
         done_fingerprint(run_dir / "evaluate"),
         done_fingerprint(run_dir / "train"),
         done_fingerprint(run_dir / "distill"),
+        done_fingerprint(run_dir / "cascade"),
         # a sweep that chose this run, a learning curve drawn from it: sections of its report
         [_text(run_dir / name) for name in (SWEEP_FILE, CURVE_FILE)],
         # prices are not part of the run id: a new one only rebuilds the report
@@ -577,6 +668,16 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     if left_out:
         report["rows_left_out_empty"] = left_out
     report["confidence"] = confidence_facts(results, report["metric"], generations)
+    cascade_result = run_dir / "cascade" / "result.json"
+    if loaded.recipe.cascade is not None and cascade_result.is_file():
+        report["cascade"] = cascade_facts(json.loads(cascade_result.read_text()), report)
+        gate = loaded.recipe.evaluate.gates.cascade_min
+        if gate is not None:
+            value = report["cascade"]["candidates"].get("specialized", {}).get("value")
+            passed = value is not None and value >= gate
+            report["gates"]["checks"]["cascade_min"] = {"threshold": gate, "value": value, "passed": passed}
+            report["gates"]["passed"] = report["gates"]["passed"] and passed
+        write_cascade_plot(report, run_dir / "evaluate" / "cascade.png")
     flips = [flip for other in ("base", "reference") for flip in flipped_rows(report, generations, rows, other)]
     report["flipped_rows"] = flips
     write_json_atomic(run_dir / "evaluate" / "report.json", report)

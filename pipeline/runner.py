@@ -10,10 +10,18 @@ from pipeline.data import data_fingerprint
 from pipeline.models import recorded_references
 from pipeline.recipe import LoadedRecipe
 from pipeline.runs import in_launched_process, is_done, log, prepare_run_dir, record_stage_run, run_dir_for, run_lock
-from pipeline.stages import distill, evaluate, quantize, train
+from pipeline.stages import cascade, distill, evaluate, quantize, train
 
-STAGE_ORDER = ("distill", "train", "quantize", "evaluate", "report")
-STAGES = {"distill": distill, "train": train, "quantize": quantize, "evaluate": evaluate, "report": report}
+STAGE_ORDER = ("distill", "train", "quantize", "evaluate", "cascade", "report")
+STAGES = {
+    "distill": distill,
+    "train": train,
+    "quantize": quantize,
+    "evaluate": evaluate,
+    "cascade": cascade,
+    "report": report,
+}
+OPTIONAL = {"distill": "distill", "cascade": "cascade"}  # stages that run only where the recipe has their section
 
 
 def prepare(loaded: LoadedRecipe, runs_dir: Path, command: str) -> Path:
@@ -32,7 +40,7 @@ def run_stages(
         log("run", f"run folder {run_dir}")
         built = None
         for stage in stages:
-            if stage == "distill" and loaded.recipe.distill is None and len(stages) > 1:
+            if stage in OPTIONAL and getattr(loaded.recipe, OPTIONAL[stage]) is None and len(stages) > 1:
                 continue
             fingerprint = STAGES[stage].fingerprint(loaded, run_dir)
             if not force and is_done(run_dir / stage, fingerprint):

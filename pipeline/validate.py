@@ -107,7 +107,7 @@ def check(loaded: LoadedRecipe) -> dict:
     if choosing and not splits.validation and recipe.data.validation != 0:  # 0 is reported by the recipe check
         problems.append(
             loaded.error_at(
-                ("sweep",) if recipe.sweep is not None else ("learning_curve",),
+                (next(s for s in ("sweep", "learning_curve", "cascade") if getattr(recipe, s) is not None),),
                 f"chooses on validation rows and this data has none ({splits.validation_source}); set "
                 "data.validation to a count, a share or a file",
             )
@@ -145,6 +145,14 @@ def _sweep_lines(loaded: LoadedRecipe, problems: list, notes: list) -> list[str]
         lines.append(
             f"sweep: {len(trials)} trials ({s.method}) over {', '.join(s.params)}, each chosen on the validation "
             f"rows{budget}{ship}; summary in {sweep.summary_dir(loaded, Path('runs'), 'sweep')}"
+        )
+    if recipe.cascade is not None:
+        c = recipe.cascade
+        goal = {"match_reference": "match the reference's metric", "target": f"reach {c.target}",
+                "max_defer": f"the best metric deferring at most {c.max_defer}"}[c.rule]  # fmt: skip
+        names = ", ".join(c.candidates or ["specialized", "every GGUF variant"])
+        lines.append(
+            f"cascade: {names} in front of the reference, the threshold chosen on the validation rows to {goal}"
         )
     if recipe.learning_curve is not None:
         c = recipe.learning_curve

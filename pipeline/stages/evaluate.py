@@ -117,7 +117,7 @@ def score_specialized(loaded: LoadedRecipe, run_dir: Path, rows: list[data.TaskR
     folder/generations/ so a killed sweep or curve continues. Returns {"rows", "metrics", cost facts...}."""
     (folder / "generations").mkdir(parents=True, exist_ok=True)
     candidate = _specialized(loaded, run_dir, models.resolve_model(loaded.recipe.model.base))
-    generations, cost = _generations(candidate, rows, loaded, folder)
+    generations, cost = candidate_answers(candidate, rows, loaded, folder)
     predictions = [g["prediction"] for g in generations]
     references = [row.target for row in rows]
     settings = loaded.recipe.evaluate
@@ -155,7 +155,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
                 recipe.data, "eval", candidate.prompt_template, "evaluate.reference.prompt"
             )
         rows = rows_by_prompt[candidate.prompt_template]
-        generations, cost = _generations(candidate, rows, loaded, stage_dir)
+        generations, cost = candidate_answers(candidate, rows, loaded, stage_dir)
         predictions = [g["prediction"] for g in generations]
         references = [row.target for row in rows]
         scores = {
@@ -170,7 +170,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     return out
 
 
-def _generations(candidate: Candidate, rows: list[data.TaskRow], loaded: LoadedRecipe, stage_dir: Path):
+def candidate_answers(candidate: Candidate, rows: list[data.TaskRow], loaded: LoadedRecipe, stage_dir: Path):
     """Generations and cost facts for one candidate, from the cache where it is complete."""
     settings = loaded.recipe.evaluate
     latency_rows = latency_sample(len(rows), settings.latency_rows)

@@ -25,6 +25,7 @@ from pipeline.recipe import LoadedRecipe
 from pipeline.render.sweep import curve_markdown, sweep_markdown
 from pipeline.report import (
     candidates_table,
+    cascade_markdown,
     distillation_markdown,
     failed_gates,
     fidelity_markdown,
@@ -44,6 +45,7 @@ from pipeline.runs import (
 STAGE = "publish"
 PUBLISHED_RECORD = "published.json"  # beside the bundle, not in it: what was pushed where, and when
 EVIDENCE = ("report.md", "report.png", "report.json")
+PLOTS = ("sweep.png", "curve.png", "cascade.png")
 CARD_TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}\n"
 
 
@@ -135,6 +137,9 @@ def build_bundle(loaded: LoadedRecipe, run_dir: Path, report: dict) -> Bundle:
     flips = shown.get("flipped_rows", [])
     (tmp / "report.md").write_text(public_text(render_markdown(shown, flips, "report.png")))
     _link_or_copy(run_dir / "evaluate" / "report.png", tmp / "report.png")
+    for plot in PLOTS:  # a sweep's trials, a learning curve, a cascade: where the report has them
+        if (run_dir / "evaluate" / plot).is_file():
+            _link_or_copy(run_dir / "evaluate" / plot, tmp / plot)
     (tmp / "recipe.resolved.yaml").write_text(public_text(yaml.safe_dump(loaded.resolved, sort_keys=False)))
     if section.merged:
         merged = run_dir / "quantize" / "merged"
@@ -226,6 +231,10 @@ def without_examples(report: dict) -> dict:
         mismatch = check.get("token_parity", {}).get("first_mismatch") if isinstance(check, dict) else None
         if mismatch:
             check["token_parity"]["first_mismatch"] = {"row": mismatch["row"]}
+    for cascade in (shown.get("cascade") or {}).get("candidates", {}).values():  # confident wrong answers
+        cascade["confident_wrong"] = [
+            {"row": w["row"], "confidence": w["confidence"]} for w in cascade["confident_wrong"]
+        ]
     return shown
 
 
@@ -373,6 +382,7 @@ def _card_body(loaded: LoadedRecipe, run_dir: Path, report: dict, base_id: str |
         # how this adapter was chosen (a sweep's trials, on validation rows) and what more rows would buy
         *(_demote(sweep_markdown(report["sweep"])) if report.get("sweep") else []),
         *(_demote(curve_markdown(report["learning_curve"])) if report.get("learning_curve") else []),
+        *_demote(cascade_markdown(report)),  # the operating point: threshold, share answered locally, metric
     ]
     lines += _usage(loaded, run_dir, report, gguf_files)
     lines += _training(loaded, run_dir, report)

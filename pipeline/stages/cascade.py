@@ -1,0 +1,191 @@
+"""Cascade stage: the specialist answers when it is sure enough, the reference below a threshold.
+
+For each local candidate of the cascade (the specialist, its GGUF files), the threshold on its confidence is
+chosen on the validation rows only: the candidate and the reference answer them (through the evaluate stage's
+runtimes, cached in cascade/generations/), and the rule (the fewest deferrals that match the reference's
+metric there, reach a target, or the best metric deferring at most a share) picks it. Then it is applied,
+unchanged, to the eval rows the evaluate stage already answered: each row takes the candidate's answer where
+its confidence reaches the threshold and the reference's below it. The result per candidate: the metric with
+its interval, the share answered locally, what it costs and how long a request waits, paired against the
+reference alone, the coverage-accuracy curve, and the confident wrong answers (the dangerous ones).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from pipeline import data
+from pipeline.errors import PipelineError
+from pipeline.metrics import scorer
+from pipeline.recipe import LoadedRecipe
+from pipeline.report import metric_interval
+from pipeline.runs import done_fingerprint, log, mark_done, stage_fingerprint, start_stage, write_json_atomic
+from pipeline.stages import evaluate
+from pipeline.stats import paired
+
+STAGE = "cascade"
+
+
+def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str | None:
+    if loaded.recipe.cascade is None:
+        return None
+    return stage_fingerprint(STAGE, done_fingerprint(run_dir / "evaluate"), loaded.recipe.cascade.model_dump())
+
+
+def cascade_candidates(loaded: LoadedRecipe, run_dir: Path) -> list[evaluate.Candidate]:
+    names = loaded.recipe.cascade.candidates
+    found = evaluate.candidates(loaded, run_dir)
+    if names is None:
+        return [c for c in found if c.role == "specialized" or c.gguf_file is not None]
+    return [c for c in found if c.name in names]
+
+
+def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
+    recipe = loaded.recipe
+    if recipe.cascade is None:
+        raise PipelineError(f"{loaded.path}: the recipe has no cascade: section")
+    if done_fingerprint(run_dir / "evaluate") is None:
+        raise PipelineError(f"{run_dir}: no finished evaluation to cascade; run `make eval RECIPE={loaded.path}`")
+    stage_dir = start_stage(run_dir / STAGE)
+    (stage_dir / "generations").mkdir(parents=True, exist_ok=True)
+    metric = recipe.evaluate.metrics[0]
+    score = scorer(metric)
+    everyone = {c.name: c for c in evaluate.candidates(loaded, run_dir)}
+    reference = everyone["reference"]
+    validation = data.load_splits(recipe.data).validation
+    if not validation:
+        raise PipelineError(f"{loaded.path}: no validation rows to choose the cascade's threshold on")
+    validation_asked = data.load_splits(recipe.data, reference.prompt_template, "evaluate.reference.prompt").validation
+    reference_answers, _ = evaluate.candidate_answers(reference, validation_asked, loaded, stage_dir)
+    targets = [row.target for row in validation]
+    ignore_case = recipe.evaluate.ignore_case
+    reference_validation = score([a["prediction"] for a in reference_answers], targets, ignore_case)["per_row"]
+
+    results_path = run_dir / "evaluate" / "results.json"
+    eval_results = json.loads(results_path.read_text())
+    eval_rows = data.load_rows(recipe.data, "eval")
+    eval_targets = [row.target for row in eval_rows]
+    reference_eval = _cached(run_dir, "reference")
+    reference_cost = eval_results["candidates"]["reference"]
+
+    found = {
+        "metric": metric,
+        "rule": recipe.cascade.model_dump(),
+        "validation_rows": len(validation),
+        "candidates": {},
+    }
+    found["reference_validation_value"] = sum(reference_validation) / len(reference_validation)
+    for candidate in cascade_candidates(loaded, run_dir):
+        answers, _ = evaluate.candidate_answers(candidate, validation, loaded, stage_dir)
+        local_validation = score([a["prediction"] for a in answers], targets, ignore_case)["per_row"]
+        confidences = [a["confidence"] for a in answers]
+        threshold, why = choose_threshold(confidences, local_validation, reference_validation, recipe.cascade)
+        local_eval = _cached(run_dir, candidate.name)
+        answered = [e["confidence"] >= threshold for e in local_eval]
+        predictions = [
+            local["prediction"] if here else ref["prediction"]
+            for local, ref, here in zip(local_eval, reference_eval, answered, strict=True)
+        ]
+        scores = {name: scorer(name)(predictions, eval_targets, ignore_case) for name in recipe.evaluate.metrics}
+        ci = metric_interval(metric, scores[metric], (predictions, eval_targets), recipe.evaluate, recipe.train.seed)
+        local_cost = eval_results["candidates"][candidate.name]
+        share_local = sum(answered) / len(answered)
+        reference_rows = eval_results["candidates"]["reference"]["metrics"][metric]["per_row"]
+        local_rows = eval_results["candidates"][candidate.name]["metrics"][metric]["per_row"]
+        found["candidates"][candidate.name] = {
+            "threshold": threshold if math.isfinite(threshold) else None,  # None: everything deferred
+            "why": why,
+            "validation": operating_point(confidences, local_validation, reference_validation, threshold),
+            "value": scores[metric]["value"],
+            "ci95": list(ci),
+            "metrics": {name: s["value"] for name, s in scores.items()},
+            "share_local": share_local,
+            "latency_seconds_mean": _latency(local_cost, reference_cost, share_local),
+            "versus_reference": {
+                k: v
+                for k, v in paired(scores[metric]["per_row"], reference_rows, recipe.evaluate.bootstrap_samples).items()
+                if k not in ("won_rows", "lost_rows")
+            },
+            "curve": coverage_curve([e["confidence"] for e in local_eval], local_rows, reference_rows),
+            "confident_wrong": [
+                {"row": i, "input": _text(eval_rows[i]), "expected": eval_targets[i], "answer": e["prediction"],
+                 "confidence": e["confidence"]}
+                for i, e in enumerate(local_eval)
+                if answered[i] and local_rows[i] < 1
+            ][:10],
+        }  # fmt: skip
+        log(
+            STAGE,
+            f"{candidate.name}: threshold {threshold:.4f} ({why}); eval rows: {metric} {scores[metric]['value']:.3f} "
+            f"with {share_local:.0%} answered locally",
+        )
+    write_json_atomic(stage_dir / "result.json", found)
+    mark_done(stage_dir, fingerprint(loaded, run_dir))
+    return found
+
+
+def choose_threshold(confidences: list[float], local: list[float], reference: list[float], rule) -> tuple[float, str]:
+    """The confidence threshold (answer locally at or above it), from validation rows only, and why in words.
+
+    Candidates are every confidence seen (and +inf: defer everything). The cascade's metric at a threshold is the
+    mean of per-row scores, the local answer's where it answers and the reference's elsewhere.
+    """
+    options = sorted(set(confidences)) + [math.inf]
+    points = [(t, *_point(confidences, local, reference, t)) for t in options]  # (threshold, coverage, value)
+    reference_value = sum(reference) / len(reference)
+    if rule.rule == "max_defer":
+        allowed = [p for p in points if 1 - p[1] <= rule.max_defer + 1e-12]
+        best = max(allowed, key=lambda p: (p[2], p[1]))
+        return best[0], f"the best validation metric ({best[2]:.4f}) deferring at most {rule.max_defer:.0%}"
+    goal = reference_value if rule.rule == "match_reference" else rule.target
+    what = f"the reference's {reference_value:.4f}" if rule.rule == "match_reference" else f"the target {goal:g}"
+    reaching = [p for p in points if p[2] >= goal - 1e-12]
+    if not reaching:
+        return math.inf, f"no threshold reaches {what} on the validation rows: everything is deferred"
+    best = max(reaching, key=lambda p: (p[1], p[2]))
+    return best[0], f"the most answered locally ({best[1]:.0%}) reaching {what} on the validation rows ({best[2]:.4f})"
+
+
+def _point(confidences, local, reference, threshold) -> tuple[float, float]:
+    here = [c >= threshold for c in confidences]
+    value = sum(mine if h else theirs for mine, theirs, h in zip(local, reference, here, strict=True)) / len(here)
+    return sum(here) / len(here), value
+
+
+def operating_point(confidences, local, reference, threshold) -> dict:
+    coverage, value = _point(confidences, local, reference, threshold)
+    return {"share_local": coverage, "value": value}
+
+
+def coverage_curve(confidences: list[float], local: list[float], reference: list[float], points: int = 21) -> list:
+    """(share answered locally, cascade metric) at thresholds spread over the confidences: the trade-off."""
+    ordered = sorted(confidences)
+    thresholds = sorted({ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] for q in
+                         [i / (points - 1) for i in range(points)]} | {math.inf})  # fmt: skip
+    return [
+        {"threshold": t if math.isfinite(t) else None, **operating_point(confidences, local, reference, t)}
+        for t in thresholds
+    ]
+
+
+def _cached(run_dir: Path, name: str) -> list[dict]:
+    """The evaluate stage's answers of one candidate on the eval rows, in row order."""
+    entries = evaluate.read_generations(run_dir / "evaluate" / "generations" / f"{name}.jsonl")
+    by_row = {e["row"]: e for e in entries}
+    return [by_row[i] for i in range(len(by_row))]
+
+
+def _latency(local: dict, reference: dict, share_local: float) -> float | None:
+    """Mean single-request seconds: every request waits for the local model, deferred ones for the reference too
+    (from each candidate's single-request p50)."""
+    local_s = local.get("single_request_seconds_p50") or local.get("seconds_per_example_p50")
+    reference_s = reference.get("single_request_seconds_p50") or reference.get("seconds_per_example_p50")
+    if local_s is None or reference_s is None:
+        return None
+    return local_s + (1 - share_local) * reference_s
+
+
+def _text(row) -> str:
+    return row.prompt if row.prompt is not None else (row.messages[-1]["content"] if row.messages else "")
