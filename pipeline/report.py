@@ -230,13 +230,14 @@ def cascade_markdown(report: dict) -> list[str]:
         )
     lines += ["", "Mean latency: each request waits for the local model, deferred ones for the reference too "
               "(single-request p50s). ![coverage against accuracy](cascade.png)", ""]  # fmt: skip
-    wrong = c["candidates"].get("specialized", {}).get("confident_wrong") or []
+    wrong = sorted(c["candidates"].get("specialized", {}).get("confident_wrong") or [], key=lambda w: -w["confidence"])
     if wrong and "input" not in wrong[0]:  # a public bundle: the rows' text is left out
         rows = ", ".join(f"{w['row']} ({w['confidence']:.2f})" for w in wrong)
         lines += [f"Confident and wrong (answered locally, not deferred), row (confidence): {rows}.", ""]
     elif wrong:
+        count = c["candidates"]["specialized"].get("confident_wrong_count", len(wrong))
         lines += [
-            "Confident and wrong (answered locally, not deferred): the errors a cascade cannot catch.",
+            f"Answered locally and wrong: {count} rows, the errors this threshold lets through; the surest first.",
             "",
             "| row | confidence | input | expected | answered |",
             "|---|---|---|---|---|",

@@ -109,12 +109,16 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
                 if k not in ("won_rows", "lost_rows")
             },
             "curve": coverage_curve([e["confidence"] for e in local_eval], local_rows, reference_rows),
-            "confident_wrong": [
-                {"row": i, "input": _text(eval_rows[i]), "expected": eval_targets[i], "answer": e["prediction"],
-                 "confidence": e["confidence"]}
-                for i, e in enumerate(local_eval)
-                if answered[i] and local_rows[i] < 1
-            ][:10],
+            "confident_wrong": sorted(  # the surest first: the ones no threshold would have caught
+                [
+                    {"row": i, "input": _text(eval_rows[i]), "expected": eval_targets[i], "answer": e["prediction"],
+                     "confidence": e["confidence"]}
+                    for i, e in enumerate(local_eval)
+                    if answered[i] and local_rows[i] < 1
+                ],
+                key=lambda w: -w["confidence"],
+            )[:10],
+            "confident_wrong_count": sum(1 for i in range(len(local_eval)) if answered[i] and local_rows[i] < 1),
         }  # fmt: skip
         log(
             STAGE,
