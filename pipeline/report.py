@@ -230,6 +230,20 @@ def cascade_markdown(report: dict) -> list[str]:
         )
     lines += ["", "Mean latency: each request waits for the local model, deferred ones for the reference too "
               "(single-request p50s). ![coverage against accuracy](cascade.png)", ""]  # fmt: skip
+    reliability = c["candidates"].get("specialized", {}).get("calibration")
+    if reliability:
+        lines += [
+            f"Calibration of the specialist's confidence on the {reliability['rows']} validation rows: expected "
+            f"calibration error {reliability['ece']:.3f} (0: a confidence of 0.8 is right 80% of the time).",
+            "",
+            "| confidence | rows | mean confidence | accuracy |",
+            "|---|---|---|---|",
+            *(
+                f"| {b['low']:.1f}–{b['high']:.1f} | {b['rows']} | {b['confidence']:.3f} | {b['accuracy']:.3f} |"
+                for b in reliability["bins"]
+            ),
+            "",
+        ]
     wrong = sorted(c["candidates"].get("specialized", {}).get("confident_wrong") or [], key=lambda w: -w["confidence"])
     if wrong and "input" not in wrong[0]:  # a public bundle: the rows' text is left out
         rows = ", ".join(f"{w['row']} ({w['confidence']:.2f})" for w in wrong)

@@ -117,3 +117,24 @@ def rows_for_error(fit: dict, error: float) -> float | None:
         return None
     log_rows = (math.log(fit["a"]) - math.log(error - fit["c"])) / fit["b"]
     return math.exp(log_rows) if log_rows < math.log(MAX_PROJECTED_ROWS) else None
+
+
+# --- calibration --------------------------------------------------------------------------------------
+
+
+def calibration(confidences: list[float], correct: list[float], bins: int = 10) -> dict:
+    """Reliability of confidences: per equal-width bin its rows, mean confidence and accuracy, and the expected
+    calibration error (the rows-weighted mean gap between the two). `correct` is 1 for a right answer."""
+    table = []
+    total = len(confidences)
+    ece = 0.0
+    for b in range(bins):
+        low, high = b / bins, (b + 1) / bins
+        members = [i for i, c in enumerate(confidences) if low <= c < high or (b == bins - 1 and c == 1.0)]
+        if not members:
+            continue
+        confidence = sum(confidences[i] for i in members) / len(members)
+        accuracy = sum(correct[i] for i in members) / len(members)
+        ece += len(members) / total * abs(accuracy - confidence)
+        table.append({"low": low, "high": high, "rows": len(members), "confidence": confidence, "accuracy": accuracy})
+    return {"ece": ece, "bins": table, "rows": total}

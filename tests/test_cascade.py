@@ -40,6 +40,17 @@ def test_rules_on_a_known_validation_set():
     assert threshold == 0.6  # at most 1 of 5 deferred: 0.6 (the 0.5 row deferred) scores 4/5, 0.5 scores 3/5
 
 
+def test_calibration_bins_and_expected_error():
+    from pipeline.stats import calibration
+
+    found = calibration([0.95, 0.95, 0.15, 0.15, 1.0], [1, 0, 0, 0, 1], bins=10)
+    assert [(b["low"], b["rows"]) for b in found["bins"]] == [(0.1, 2), (0.9, 3)]  # 1.0 falls in the top bin
+    top = found["bins"][1]
+    assert top["accuracy"] == pytest.approx(2 / 3) and top["confidence"] == pytest.approx((0.95 + 0.95 + 1.0) / 3)
+    # |0 - 0.15| over 2 rows, |2/3 - 0.9667| over 3 rows, weighted by rows
+    assert found["ece"] == pytest.approx(2 / 5 * 0.15 + 3 / 5 * abs(2 / 3 - 2.9 / 3))
+
+
 def test_a_cascade_chooses_on_validation_and_reports_on_the_eval_rows(tiny_recipe, write_recipe, tmp_path):
     recipe = write_recipe(f"extends: {tiny_recipe.name}\n{CASCADE}", "cascade.yaml")
     runs = tmp_path / "a"
@@ -48,6 +59,7 @@ def test_a_cascade_chooses_on_validation_and_reports_on_the_eval_rows(tiny_recip
     result = json.loads((run_dir / "cascade" / "result.json").read_text())
     cascade = result["candidates"]["specialized"]
     assert cascade["validation"]["share_local"] >= 0.5  # the rule, on the rows that chose it
+    assert cascade["calibration"]["rows"] == 24 and 0 <= cascade["calibration"]["ece"] <= 1
     assert 0 <= cascade["share_local"] <= 1 and cascade["ci95"][0] <= cascade["value"] <= cascade["ci95"][1]
     eval_answers = {
         name: [json.loads(line) for line in (run_dir / "evaluate" / "generations" / f"{name}.jsonl").open()][1:]

@@ -23,7 +23,7 @@ from pipeline.recipe import LoadedRecipe
 from pipeline.report import metric_interval
 from pipeline.runs import done_fingerprint, log, mark_done, stage_fingerprint, start_stage, write_json_atomic
 from pipeline.stages import evaluate
-from pipeline.stats import paired
+from pipeline.stats import calibration, paired
 
 STAGE = "cascade"
 
@@ -97,6 +97,8 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         found["candidates"][candidate.name] = {
             "threshold": threshold if math.isfinite(threshold) else None,  # None: everything deferred
             "why": why,
+            # how far its confidence can be trusted, on the rows that chose the threshold
+            "calibration": calibration(confidences, [1.0 if s >= 1 else 0.0 for s in local_validation]),
             "validation": operating_point(confidences, local_validation, reference_validation, threshold),
             "value": scores[metric]["value"],
             "ci95": list(ci),
