@@ -15,6 +15,7 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 from pipeline.metrics import score_function
 from pipeline.recipe import LoadedRecipe
+from pipeline.render.plots import pyplot, save
 from pipeline.render.sweep import curve_markdown, sweep_markdown, write_curve_plot, write_sweep_plot
 from pipeline.runs import (
     done_fingerprint,
@@ -268,11 +269,7 @@ def cascade_markdown(report: dict) -> list[str]:
 def write_cascade_plot(report: dict, path: Path) -> None:
     """The cascade's metric on the eval rows against the share answered locally, per cascade, with the chosen
     operating point and the reference alone."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     c = report["cascade"]
     figure, axis = plt.subplots(figsize=(7, 4.6))
     for name, f in c["candidates"].items():
@@ -288,10 +285,7 @@ def write_cascade_plot(report: dict, path: Path) -> None:
     axis.legend(fontsize=9)
     axis.set_title(f"{report['recipe']}: cascade coverage against {c['metric']}")
     figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=110)
-    plt.close(figure)
-    tmp.replace(path)
+    save(figure, path, tight=False)
 
 
 def evaluate_gates(loaded: LoadedRecipe, candidates: dict, metric: str, gap: float | None) -> dict:
@@ -593,7 +587,7 @@ def flipped_rows(
                 {
                     "row": i,
                     "source": rows[i].source,
-                    "input": _input_text(rows[i]),
+                    "input": input_text(rows[i]),
                     "expected": rows[i].target.strip(),
                     "versus": other,
                     "other": generations[other][i]["prediction"],
@@ -604,7 +598,7 @@ def flipped_rows(
     return flips
 
 
-def _input_text(row) -> str:
+def input_text(row) -> str:
     """What the row asked: the prompt, or the last user turn of a conversation."""
     if row.messages is None:
         return row.prompt
@@ -820,11 +814,9 @@ def write_plot(report: dict, path: Path) -> None:
     """The metric against peak memory and against single-request latency, one point per candidate with its
     95% CI; each candidate has its own color and marker, named in the legend (labels beside points collide
     when quantized variants sit close together)."""
-    import matplotlib
     import matplotlib.ticker
 
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     metric = report["metric"]
     candidates = report["candidates"]
@@ -860,10 +852,7 @@ def write_plot(report: dict, path: Path) -> None:
     figure.legend(handles, labels, loc="center left", bbox_to_anchor=(0.86, 0.5), fontsize=9, frameon=False)
     figure.suptitle(f"{report['recipe']}: {metric} vs what it costs to run ({report['eval_rows']} rows)")
     figure.tight_layout(rect=(0, 0, 0.86, 1))
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=110, bbox_inches="tight")  # the legend sits outside the axes
-    plt.close(figure)
-    tmp.replace(path)
+    save(figure, path)  # tight: the legend sits outside the axes
 
 
 def _mb(n: int | None) -> str:

@@ -132,10 +132,7 @@ def score_on_validation(loaded: LoadedRecipe, run_dir: Path) -> dict:
     started = time.perf_counter()
     scored = evaluate.score_specialized(loaded, run_dir, rows, folder)
     scoring_seconds = time.perf_counter() - started
-    metric = settings.metrics[0]
-    scores = scored["metrics"][metric]
-    texts = (scored["predictions"], scored["references"])
-    low, high = metric_interval(metric, scores, texts, settings, loaded.recipe.train.seed)
+    metric, scores, (low, high) = _gating_score(loaded, scored)
     chosen = train_result["validation"]
     result = {
         "metric": metric,
@@ -395,16 +392,20 @@ def _score_on_eval(loaded: LoadedRecipe, run_dir: Path) -> dict:
         return json.loads((folder / "result.json").read_text())
     start_stage(folder)
     rows = data.load_rows(loaded.recipe.data, "eval")
-    scored = evaluate.score_specialized(loaded, run_dir, rows, folder)
-    metric = settings.metrics[0]
-    scores = scored["metrics"][metric]
-    low, high = metric_interval(
-        metric, scores, (scored["predictions"], scored["references"]), settings, loaded.recipe.train.seed
-    )
+    _, scores, (low, high) = _gating_score(loaded, evaluate.score_specialized(loaded, run_dir, rows, folder))
     result = {"value": scores["value"], "ci95": [low, high], "per_row": scores["per_row"]}
     write_json_atomic(folder / "result.json", result)
     mark_done(folder, fingerprint)
     return result
+
+
+def _gating_score(loaded: LoadedRecipe, scored: dict) -> tuple[str, dict, tuple[float, float]]:
+    """(the gating metric, its scores, its bootstrap 95% interval) of what score_specialized returned."""
+    settings = loaded.recipe.evaluate
+    metric = settings.metrics[0]
+    scores = scored["metrics"][metric]
+    texts = (scored["predictions"], scored["references"])
+    return metric, scores, metric_interval(metric, scores, texts, settings, loaded.recipe.train.seed)
 
 
 def _full_run_scores(run_dir: Path, metric: str) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline import stats
+from pipeline.render.plots import pyplot, save
 
 
 def sweep_markdown(summary: dict, heading: str = "##", plot: str | None = None) -> list[str]:
@@ -143,7 +144,7 @@ def curve_markdown(curve: dict, heading: str = "##", plot: str | None = None) ->
 
 def write_sweep_plot(summary: dict, path: Path) -> None:
     """Validation metric (95% CI) against peak memory and latency, one point per trial, the chosen one ringed."""
-    plt = _pyplot()
+    plt = pyplot()
     metric = summary["metric"]
     done = [t for t in summary["trials"] if t["status"] == "done"]
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
@@ -168,12 +169,12 @@ def write_sweep_plot(summary: dict, path: Path) -> None:
     axes[0].set_ylabel(f"validation {metric}")
     figure.suptitle(f"{summary['recipe']}: trials (numbered as in the table; ringed: chosen)")
     figure.tight_layout()
-    _save(figure, path, plt)
+    save(figure, path)
 
 
 def write_curve_plot(curve: dict, path: Path) -> None:
     """The metric on the eval rows (95% CI) against training rows (log scale), the fit and the target."""
-    plt = _pyplot()
+    plt = pyplot()
     import matplotlib.ticker
 
     metric = curve["metric"]
@@ -201,24 +202,7 @@ def write_curve_plot(curve: dict, path: Path) -> None:
     axis.legend(fontsize=9)
     axis.set_title(f"{curve['recipe']}: learning curve ({curve['eval_rows']} eval rows)")
     figure.tight_layout()
-    _save(figure, path, plt)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(figure, path: Path, plt) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    tmp.replace(path)
+    save(figure, path)
 
 
 def _settings(settings: dict) -> str:

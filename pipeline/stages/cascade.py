@@ -20,7 +20,7 @@ from pipeline import data
 from pipeline.errors import PipelineError
 from pipeline.metrics import scorer
 from pipeline.recipe import LoadedRecipe
-from pipeline.report import metric_interval
+from pipeline.report import input_text, metric_interval
 from pipeline.runs import done_fingerprint, log, mark_done, stage_fingerprint, start_stage, write_json_atomic
 from pipeline.stages import evaluate
 from pipeline.stats import calibration, paired
@@ -34,9 +34,9 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str | None:
     return stage_fingerprint(STAGE, done_fingerprint(run_dir / "evaluate"), loaded.recipe.cascade.model_dump())
 
 
-def cascade_candidates(loaded: LoadedRecipe, run_dir: Path) -> list[evaluate.Candidate]:
+def cascade_candidates(loaded: LoadedRecipe, found: list[evaluate.Candidate]) -> list[evaluate.Candidate]:
+    """Of the evaluation's candidates, the local ones the recipe cascades (default: specialized and GGUF files)."""
     names = loaded.recipe.cascade.candidates
-    found = evaluate.candidates(loaded, run_dir)
     if names is None:
         return [c for c in found if c.role == "specialized" or c.gguf_file is not None]
     return [c for c in found if c.name in names]
@@ -52,23 +52,27 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     (stage_dir / "generations").mkdir(parents=True, exist_ok=True)
     metric = recipe.evaluate.metrics[0]
     score = scorer(metric)
-    everyone = {c.name: c for c in evaluate.candidates(loaded, run_dir)}
-    reference = everyone["reference"]
-    validation = data.load_splits(recipe.data).validation
+    everyone = evaluate.candidates(loaded, run_dir)
+    reference = next(c for c in everyone if c.role == "reference")
+    splits = data.load_splits(recipe.data)
+    validation, eval_rows = splits.validation, splits.eval
     if not validation:
         raise PipelineError(f"{loaded.path}: no validation rows to choose the cascade's threshold on")
-    validation_asked = data.load_splits(recipe.data, reference.prompt_template, "evaluate.reference.prompt").validation
+    validation_asked = (  # the same rows, as the reference is asked them
+        data.load_splits(recipe.data, reference.prompt_template, "evaluate.reference.prompt").validation
+        if reference.prompt_template
+        else validation
+    )
     reference_answers, _ = evaluate.candidate_answers(reference, validation_asked, loaded, stage_dir)
     targets = [row.target for row in validation]
     ignore_case = recipe.evaluate.ignore_case
     reference_validation = score([a["prediction"] for a in reference_answers], targets, ignore_case)["per_row"]
 
-    results_path = run_dir / "evaluate" / "results.json"
-    eval_results = json.loads(results_path.read_text())
-    eval_rows = data.load_rows(recipe.data, "eval")
+    eval_results = json.loads((run_dir / "evaluate" / "results.json").read_text())
     eval_targets = [row.target for row in eval_rows]
     reference_eval = _cached(run_dir, "reference")
     reference_cost = eval_results["candidates"]["reference"]
+    reference_rows = reference_cost["metrics"][metric]["per_row"]
 
     found = {
         "metric": metric,
@@ -77,7 +81,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         "candidates": {},
     }
     found["reference_validation_value"] = sum(reference_validation) / len(reference_validation)
-    for candidate in cascade_candidates(loaded, run_dir):
+    for candidate in cascade_candidates(loaded, everyone):
         answers, _ = evaluate.candidate_answers(candidate, validation, loaded, stage_dir)
         local_validation = score([a["prediction"] for a in answers], targets, ignore_case)["per_row"]
         confidences = [a["confidence"] for a in answers]
@@ -92,8 +96,13 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         ci = metric_interval(metric, scores[metric], (predictions, eval_targets), recipe.evaluate, recipe.train.seed)
         local_cost = eval_results["candidates"][candidate.name]
         share_local = sum(answered) / len(answered)
-        reference_rows = eval_results["candidates"]["reference"]["metrics"][metric]["per_row"]
-        local_rows = eval_results["candidates"][candidate.name]["metrics"][metric]["per_row"]
+        local_rows = local_cost["metrics"][metric]["per_row"]
+        wrong = [  # answered locally and wrong: the errors no threshold at this level catches
+            {"row": i, "input": input_text(eval_rows[i]), "expected": eval_targets[i], "answer": e["prediction"],
+             "confidence": e["confidence"]}
+            for i, e in enumerate(local_eval)
+            if answered[i] and local_rows[i] < 1
+        ]  # fmt: skip
         found["candidates"][candidate.name] = {
             "threshold": threshold if math.isfinite(threshold) else None,  # None: everything deferred
             "why": why,
@@ -111,16 +120,8 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
                 if k not in ("won_rows", "lost_rows")
             },
             "curve": coverage_curve([e["confidence"] for e in local_eval], local_rows, reference_rows),
-            "confident_wrong": sorted(  # the surest first: the ones no threshold would have caught
-                [
-                    {"row": i, "input": _text(eval_rows[i]), "expected": eval_targets[i], "answer": e["prediction"],
-                     "confidence": e["confidence"]}
-                    for i, e in enumerate(local_eval)
-                    if answered[i] and local_rows[i] < 1
-                ],
-                key=lambda w: -w["confidence"],
-            )[:10],
-            "confident_wrong_count": sum(1 for i in range(len(local_eval)) if answered[i] and local_rows[i] < 1),
+            "confident_wrong": sorted(wrong, key=lambda w: -w["confidence"])[:10],  # the surest first
+            "confident_wrong_count": len(wrong),
         }  # fmt: skip
         log(
             STAGE,
@@ -191,7 +192,3 @@ def _latency(local: dict, reference: dict, share_local: float) -> float | None:
     if local_s is None or reference_s is None:
         return None
     return local_s + (1 - share_local) * reference_s
-
-
-def _text(row) -> str:
-    return row.prompt if row.prompt is not None else (row.messages[-1]["content"] if row.messages else "")
