@@ -80,8 +80,8 @@ bench: $(VENV)/.installed $(TINY_MODELS) ## batched evaluation vs one-row-at-a-t
 bench-train: $(VENV)/.installed $(TINY_MODELS) ## the train stage vs a plain peft loop on RECIPE's rows (ROWS=320): tokens/s, losses, memory
 	$(VENV)/bin/specialist bench-train $(RECIPE_ARGS) --rows $(or $(ROWS),320)
 
-serve: $(VENV)/.installed ## llama.cpp's OpenAI-compatible server on MODEL (packaged:NAME or a .gguf; PORT=8080)
-	$(VENV)/bin/specialist serve $(or $(MODEL),packaged:qwen2.5-coder-1.5b-instruct) --port $(or $(PORT),8080) $(if $(API_KEY_ENV),--api-key-env $(API_KEY_ENV))
+serve: $(VENV)/.installed ## llama.cpp's OpenAI-compatible server on MODEL (packaged:NAME or a .gguf; PORT=8080); CASCADE=recipe serves that run's cascade (FALLBACK=url)
+	$(VENV)/bin/specialist serve $(if $(CASCADE),--cascade $(CASCADE) $(if $(FALLBACK),--fallback-url $(FALLBACK)) $(if $(FALLBACK_MODEL),--fallback-model $(FALLBACK_MODEL)),$(or $(MODEL),packaged:qwen2.5-coder-1.5b-instruct)) --port $(or $(PORT),8080) $(if $(API_KEY_ENV),--api-key-env $(API_KEY_ENV))
 
 test: $(VENV)/.installed ## run the test suite (unit + integration on tiny models)
 	$(PY) -m pytest -q -rs

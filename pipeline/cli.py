@@ -140,9 +140,20 @@ def _parser() -> argparse.ArgumentParser:
     serve = verbs.add_parser(
         "serve",
         help="serve a GGUF (packaged:NAME, a .gguf file, a run's gguf folder) with llama.cpp's OpenAI-compatible "
-        "server, for a reference or teacher behind an endpoint",
+        "server, for a reference or teacher behind an endpoint; or, with --cascade RECIPE, the run's cascade: its "
+        "GGUF specialist where sure, the fallback below the threshold, as one endpoint",
     )
-    serve.add_argument("model", metavar="MODEL", help="packaged:NAME, a .gguf file, or runs/.../quantize/gguf-TYPE")
+    serve.add_argument(
+        "model", metavar="MODEL", nargs="?", help="packaged:NAME, a .gguf file, or runs/.../quantize/gguf-TYPE"
+    )
+    serve.add_argument("--cascade", type=Path, metavar="RECIPE", help="serve this recipe's finished cascade")
+    serve.add_argument("--candidate", help="--cascade: the GGUF variant (default: the first the cascade measured)")
+    serve.add_argument("--fallback-url", help="--cascade: the fallback's base URL (default: the reference's endpoint)")
+    serve.add_argument("--fallback-model", help="--cascade: the model name the fallback serves")
+    serve.add_argument("--fallback-api-key-env", help="--cascade: the variable holding the fallback's key")
+    serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="--cascade: override a recipe field, as for a run")  # fmt: skip
+    serve.add_argument("--runs-dir", type=Path, default=Path("runs"), help="--cascade: where run folders are")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--alias", help="the model name clients ask for (default: the packaged name or file stem)")
@@ -331,8 +342,12 @@ def _llamacpp(args) -> int:
 
 
 def _serve(args) -> int:
-    from pipeline import serve
+    from pipeline.serve import gguf as serve
 
+    if args.cascade is not None:
+        return _serve_cascade(args)
+    if args.model is None:
+        raise PipelineError("serve: give MODEL (packaged:NAME, a .gguf file, a run's gguf folder) or --cascade RECIPE")
     server = serve.start(args.model, args.alias, args.host, args.port, args.threads, args.context, args.api_key_env)
     print(f"serving {args.model} at http://{args.host}:{args.port}/v1 (Ctrl-C stops it)", file=sys.stderr)
     try:
@@ -341,6 +356,35 @@ def _serve(args) -> int:
         server.terminate()
         server.wait()
         return 0
+
+
+def _serve_cascade(args) -> int:
+    from pipeline import llamacpp_install, sweep
+    from pipeline.runs import run_dir_for
+    from pipeline.serve import gguf
+
+    if args.model is not None:
+        raise PipelineError(f"serve: give MODEL ({args.model}) or --cascade RECIPE, not both")
+    gguf.require_modules(("fastapi", "uvicorn"))
+    llamacpp_install.ensure()
+    from pipeline.serve import cascade  # fastapi: the serve extra, checked above
+
+    args.recipe = args.cascade
+    loaded = sweep.main_run(_load_recipe(args), args.runs_dir)  # a sweep's: the trial it chose
+    server = cascade.load(
+        loaded,
+        run_dir_for(loaded, args.runs_dir),
+        args.candidate,
+        args.fallback_url,
+        args.fallback_model,
+        args.fallback_api_key_env,
+        args.threads,
+        args.context,
+    )
+    print(server.describe(), file=sys.stderr)
+    print(f"serving the cascade at http://{args.host}:{args.port}/v1 (Ctrl-C stops it)", file=sys.stderr)
+    cascade.run(server, args.host, args.port, args.api_key_env)
+    return 0
 
 
 def _skypilot(args) -> int:

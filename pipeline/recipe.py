@@ -512,6 +512,12 @@ class CascadeSection(Section):
         description="Local candidates to cascade in front of the reference: specialized and quantize labels "
         "(gguf-q4_k_m, ...); default: specialized and every GGUF variant.",
     )
+    when_fallback_fails: Literal["error", "answer_locally"] = Field(
+        "error",
+        description="The served cascade (`specialist serve --cascade`), when the fallback cannot answer a deferred "
+        "request: error (HTTP 502 naming the fallback) or answer_locally (the specialist's answer, flagged "
+        "fallback_failed). Serving only: the measured cascade does not depend on it.",
+    )
 
 
 class ShipSection(Section):

@@ -11,7 +11,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import serve
+from pipeline.serve import gguf as serve
 
 MODEL = "packaged:smollm2-135m-instruct"
 ALIAS = "smollm2"

@@ -31,7 +31,8 @@ STAGE = "cascade"
 def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str | None:
     if loaded.recipe.cascade is None:
         return None
-    return stage_fingerprint(STAGE, done_fingerprint(run_dir / "evaluate"), loaded.recipe.cascade.model_dump())
+    rule = loaded.recipe.cascade.model_dump(exclude={"when_fallback_fails"})  # serving only
+    return stage_fingerprint(STAGE, done_fingerprint(run_dir / "evaluate"), rule)
 
 
 def cascade_candidates(loaded: LoadedRecipe, found: list[evaluate.Candidate]) -> list[evaluate.Candidate]:

@@ -58,13 +58,15 @@ def environment(api_key_env: str | None) -> dict[str, str]:
     return env
 
 
+def require_modules(modules: tuple[str, ...] = SERVER_MODULES) -> None:
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise PipelineError(f"serve: the server needs {', '.join(missing)}: .venv/bin/pip install -e '.[serve]'")
+
+
 def prepare(ref: str) -> Path:
     """The GGUF file, with llama-cpp-python built and the server's dependencies checked."""
-    missing = [name for name in SERVER_MODULES if importlib.util.find_spec(name) is None]
-    if missing:
-        raise PipelineError(
-            f"serve: llama.cpp's server needs {', '.join(missing)}: .venv/bin/pip install -e '.[serve]'"
-        )
+    require_modules()
     gguf = gguf_file(ref)
     llamacpp_install.ensure()
     return gguf
