@@ -512,6 +512,13 @@ class CascadeSection(Section):
         description="Local candidates to cascade in front of the reference: specialized and quantize labels "
         "(gguf-q4_k_m, ...); default: specialized and every GGUF variant.",
     )
+    reference_answers: Literal["every_row", "deferred_rows"] = Field(
+        "every_row",
+        description="every_row: the reference answers every eval row at evaluation, so the report compares it alone "
+        "and draws the coverage curve on the eval rows; deferred_rows: it answers the validation rows and only the "
+        "eval rows a cascade defers (for a reference that costs per request); the report then has no "
+        "reference-alone figure on the eval rows, and the curve is drawn on the validation rows.",
+    )
     when_fallback_fails: Literal["error", "answer_locally"] = Field(
         "error",
         description="The served cascade (`specialist serve --cascade`), when the fallback cannot answer a deferred "
@@ -956,6 +963,13 @@ def _cascade_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
         problems.append((("cascade",), "needs evaluate.reference: the model deferred requests go to"))
     if recipe.data.validation == 0:
         problems.append((("data", "validation"), "is 0, but cascade: chooses its threshold on validation rows"))
+    if cascade.reference_answers == "deferred_rows":
+        for gate in ("min_gap_closed", "max_latency_ratio"):
+            if getattr(recipe.evaluate.gates, gate) is not None:
+                problems.append(
+                    (("evaluate", "gates", gate), "needs the reference alone on every eval row, which "
+                     "cascade.reference_answers: deferred_rows does not ask for; set it to null, or every_row")
+                )  # fmt: skip
     if cascade.rule == "target" and cascade.target is None:
         problems.append((("cascade", "target"), "rule target needs target: the metric to reach on validation"))
     if cascade.rule == "max_defer" and cascade.max_defer is None:

@@ -191,14 +191,22 @@ def confidence_facts(results: dict, metric: str, generations: dict[str, list[dic
     return found
 
 
-def cascade_facts(result: dict, report: dict) -> dict:
+def cascade_facts(result: dict, report: dict, reference) -> dict:
     """The cascade stage's result with what each cascade costs per 1,000 answers where the reference is priced
-    (the deferred share of the reference's cost; local answers have no per-token charge)."""
-    reference_cost = report["candidates"].get("reference", {}).get("cost_per_1000_answers")
+    (the deferred share of the reference's cost; local answers have no per-token charge). Where the reference
+    answered only the deferred rows, it is priced from those, and has no metric of its own on the eval rows."""
+    alone = report["candidates"].get("reference")
+    if alone is not None:
+        reference_cost = alone.get("cost_per_1000_answers")
+        result["reference_value"] = alone["metrics"][result["metric"]]["value"]
+        result["reference_ci95"] = alone["metrics"][result["metric"]]["ci95"]
+    else:
+        reference_cost = answer_cost(result.get("reference_cost") or {}, 1, reference, "reference")[
+            "cost_per_1000_answers"
+        ]
+        result["reference_value"] = result["reference_ci95"] = None
     for facts in result["candidates"].values():
         facts["cost_per_1000_answers"] = None if reference_cost is None else (1 - facts["share_local"]) * reference_cost
-    result["reference_value"] = report["candidates"]["reference"]["metrics"][result["metric"]]["value"]
-    result["reference_ci95"] = report["candidates"]["reference"]["metrics"][result["metric"]]["ci95"]
     return result
 
 
@@ -207,13 +215,21 @@ def cascade_markdown(report: dict) -> list[str]:
     if not c:
         return []
     metric, rule = c["metric"], c["rule"]
-    low, high = c["reference_ci95"]
+    if c["reference_value"] is not None:
+        low, high = c["reference_ci95"]
+        alone = f"The reference alone: {metric} {c['reference_value']:.3f} [{low:.3f}, {high:.3f}]."
+    else:
+        alone = (
+            f"The reference answered only the {c['reference_eval_rows']} of {c['eval_rows']} eval rows a cascade "
+            "deferred (cascade.reference_answers: deferred_rows): its metric alone on the eval rows was not "
+            "measured, nothing is paired with it, and the curve is drawn on the validation rows."
+        )
     lines = [
         "## Cascade: the specialist where it is sure, the reference below a threshold",
         "",
         f"Each threshold was chosen on the {c['validation_rows']} validation rows (rule: {rule['rule']}; the "
         f"reference scores {c['reference_validation_value']:.4f} there) and then applied unchanged to the eval rows. "
-        f"The reference alone: {metric} {c['reference_value']:.3f} [{low:.3f}, {high:.3f}].",
+        + alone,
         "",
         f"| cascade | threshold | {metric} (95% CI) | answered locally | vs reference alone (won/lost, p) "
         "| mean latency | cost / 1k answers | on validation |",
@@ -221,11 +237,12 @@ def cascade_markdown(report: dict) -> list[str]:
     ]
     for name, f in c["candidates"].items():
         versus = f["versus_reference"]
+        paired_with = "—" if versus is None else f"{versus['wins']}/{versus['losses']}, p={versus['p_value']:.2g}"
         cost = "—" if f.get("cost_per_1000_answers") is None else f"{f['cost_per_1000_answers']:.4g}"
         threshold = "defer all" if f["threshold"] is None or f["threshold"] == float("inf") else f"{f['threshold']:.4f}"
         lines.append(
             f"| {name} + reference | {threshold} | {f['value']:.3f} [{f['ci95'][0]:.3f}, {f['ci95'][1]:.3f}] "
-            f"| {f['share_local']:.1%} | {versus['wins']}/{versus['losses']}, p={versus['p_value']:.2g} "
+            f"| {f['share_local']:.1%} | {paired_with} "
             f"| {_num(f['latency_seconds_mean'], 3)} s | {cost} | {f['validation']['value']:.4f} at "
             f"{f['validation']['share_local']:.0%} local |"
         )
@@ -272,15 +289,18 @@ def write_cascade_plot(report: dict, path: Path) -> None:
     plt = pyplot()
     c = report["cascade"]
     figure, axis = plt.subplots(figsize=(7, 4.6))
+    on_eval = all(f.get("curve_rows", "eval") == "eval" for f in c["candidates"].values())
     for name, f in c["candidates"].items():
         curve = f["curve"]
         line = axis.plot(
             [p["share_local"] for p in curve], [p["value"] for p in curve], "-", label=f"{name} + reference"
         )
-        axis.plot([f["share_local"]], [f["value"]], "o", markersize=9, color=line[0].get_color())
-    axis.axhline(c["reference_value"], color="tab:blue", linestyle="--", linewidth=1, label="reference alone")
+        point = f if on_eval else f["validation"]  # the chosen threshold, on the rows the curve is drawn on
+        axis.plot([point["share_local"]], [point["value"]], "o", markersize=9, color=line[0].get_color())
+    reference = c["reference_value"] if on_eval else c["reference_validation_value"]
+    axis.axhline(reference, color="tab:blue", linestyle="--", linewidth=1, label="reference alone")
     axis.set_xlabel("share answered locally (threshold chosen on validation: dots)")
-    axis.set_ylabel(f"{c['metric']} on the eval rows")
+    axis.set_ylabel(f"{c['metric']} on the {'eval' if on_eval else 'validation'} rows")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=9)
     axis.set_title(f"{report['recipe']}: cascade coverage against {c['metric']}")
@@ -679,7 +699,8 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     report["confidence"] = confidence_facts(results, report["metric"], generations)
     cascade_result = run_dir / "cascade" / "result.json"
     if loaded.recipe.cascade is not None and cascade_result.is_file():
-        report["cascade"] = cascade_facts(json.loads(cascade_result.read_text()), report)
+        reference = loaded.recipe.evaluate.reference
+        report["cascade"] = cascade_facts(json.loads(cascade_result.read_text()), report, reference)
         gate = loaded.recipe.evaluate.gates.cascade_min
         if gate is not None:
             value = report["cascade"]["candidates"].get("specialized", {}).get("value")

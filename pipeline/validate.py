@@ -151,8 +151,13 @@ def _sweep_lines(loaded: LoadedRecipe, problems: list, notes: list) -> list[str]
         goal = {"match_reference": "match the reference's metric", "target": f"reach {c.target}",
                 "max_defer": f"the best metric deferring at most {c.max_defer}"}[c.rule]  # fmt: skip
         names = ", ".join(c.candidates or ["specialized", "every GGUF variant"])
+        asked = (
+            "; the reference answers the validation rows and only the eval rows deferred (no reference-alone figure)"
+            if c.reference_answers == "deferred_rows"
+            else ""
+        )
         lines.append(
-            f"cascade: {names} in front of the reference, the threshold chosen on the validation rows to {goal}"
+            f"cascade: {names} in front of the reference, the threshold chosen on the validation rows to {goal}{asked}"
         )
     if recipe.learning_curve is not None:
         c = recipe.learning_curve

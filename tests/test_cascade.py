@@ -88,3 +88,29 @@ def test_a_cascade_chooses_on_validation_and_reports_on_the_eval_rows(tiny_recip
     again = json.loads((run_dir_for(load_recipe(recipe), tmp_path / "b") / "cascade" / "result.json").read_text())
     assert again["candidates"]["specialized"]["threshold"] == cascade["threshold"]
     assert again["candidates"]["specialized"]["value"] != cascade["value"] or cascade["value"] == 0
+
+
+def test_a_reference_that_answers_only_the_deferred_rows_is_asked_for_those_alone(tiny_recipe, write_recipe, tmp_path):
+    every = write_recipe(f"extends: {tiny_recipe.name}\n{CASCADE}", "every.yaml")
+    deferred = write_recipe("extends: every.yaml\ncascade: {reference_answers: deferred_rows}\n", "deferred.yaml")
+    assert main(["run", str(every), "--runs-dir", str(tmp_path / "every")]) == 0
+    assert main(["run", str(deferred), "--runs-dir", str(tmp_path / "deferred")]) == 0
+    both = [run_dir_for(load_recipe(r), tmp_path / name) for r, name in ((every, "every"), (deferred, "deferred"))]
+    measured, only = (json.loads((d / "cascade" / "result.json").read_text()) for d in both)
+    # the same threshold: it never depended on the eval rows
+    assert only["candidates"]["specialized"]["threshold"] == measured["candidates"]["specialized"]["threshold"]
+    run_dir = both[1]
+    results = json.loads((run_dir / "evaluate" / "results.json").read_text())
+    assert "reference" not in results["candidates"]  # the evaluation did not ask it
+    lines = (run_dir / "cascade" / "generations" / "reference-deferred.jsonl").read_text().splitlines()[1:]
+    asked = {json.loads(line)["row"] for line in lines}
+    threshold = only["candidates"]["specialized"]["threshold"]
+    threshold = math.inf if threshold is None else threshold
+    local = [json.loads(line) for line in (run_dir / "evaluate/generations/specialized.jsonl").open()][1:]
+    below = [e["row"] for e in local if e["confidence"] < threshold]
+    assert 0 < len(below) < len(local) and len(asked) == len(below) == only["reference_eval_rows"]
+    assert only["candidates"]["specialized"]["versus_reference"] is None
+    assert only["candidates"]["specialized"]["curve_rows"] == "validation"
+    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    assert "reference" not in report["candidates"] and report["cascade"]["reference_value"] is None
+    assert f"answered only the {len(below)} of 24 eval rows" in (run_dir / "evaluate" / "report.md").read_text()

@@ -4,7 +4,10 @@ Deterministic (seeded): `python data/intents/generate.py` rewrites train.jsonl a
 this file. Every message is built from an intent's phrasings, slot values (order numbers, products,
 cities) and an optional greeting or sign-off. A quarter of each intent's phrasings appear only in the
 test split, so the test set asks for generalization, not recall; no test message occurs in train,
-even after normalizing case and whitespace.
+even after normalizing case and whitespace. validation.jsonl (10 rows per intent) is drawn the way the test
+rows are, half from the held-out phrasings, as a team would label a sample of live traffic to choose a
+threshold on; it shares no message with train or test, and is made after them with a seed of its own, so
+train.jsonl and test.jsonl are the same with or without it.
 """
 
 from __future__ import annotations
@@ -154,15 +157,19 @@ def normalized(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def generate(train_per_intent: int = 80, test_per_intent: int = 20, seed: int = 0) -> tuple[list, list]:
+def generate(
+    train_per_intent: int = 80, test_per_intent: int = 20, validation_per_intent: int = 10, seed: int = 0
+) -> tuple[list, list, list]:
     rng = random.Random(seed)
     train, test = [], []
+    phrasings_of: dict[str, tuple[list, list]] = {}
     taken: dict[str, str] = {}  # normalized texts used by any intent so far: no message has two labels
     for label, phrasings in INTENTS.items():
         shuffled = phrasings[:]
         rng.shuffle(shuffled)
         held_out = shuffled[: len(shuffled) // 4]  # these phrasings never appear in training
         seen = shuffled[len(held_out) :]
+        phrasings_of[label] = (held_out, seen)
         train_texts: dict[str, str] = {}
         while len(train_texts) < train_per_intent:
             text = message(rng, rng.choice(seen))
@@ -179,13 +186,24 @@ def generate(train_per_intent: int = 80, test_per_intent: int = 20, seed: int = 
         test += [{"text": t, "label": label} for t in sorted(test_texts.values())]
     rng.shuffle(train)
     rng.shuffle(test)
-    return train, test
+    validation = []
+    drawn = random.Random(seed + 1)  # its own stream: train and test do not depend on it
+    for label, (held_out, seen) in phrasings_of.items():
+        texts: dict[str, str] = {}
+        while len(texts) < validation_per_intent:
+            text = message(drawn, drawn.choice(held_out if drawn.random() < 0.5 else seen))
+            if normalized(text) not in taken:  # every train and test message of every intent by now
+                texts.setdefault(normalized(text), text)
+        taken.update(texts)
+        validation += [{"text": t, "label": label} for t in sorted(texts.values())]
+    drawn.shuffle(validation)
+    return train, test, validation
 
 
 def main() -> None:
     folder = Path(__file__).resolve().parent
-    train, test = generate()
-    for name, rows in (("train", train), ("test", test)):
+    train, test, validation = generate()
+    for name, rows in (("train", train), ("test", test), ("validation", validation)):
         with (folder / f"{name}.jsonl").open("w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 from pipeline import data
@@ -53,35 +54,28 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     (stage_dir / "generations").mkdir(parents=True, exist_ok=True)
     metric = recipe.evaluate.metrics[0]
     score = scorer(metric)
+    ignore_case = recipe.evaluate.ignore_case
     everyone = evaluate.candidates(loaded, run_dir)
     reference = next(c for c in everyone if c.role == "reference")
     splits = data.load_splits(recipe.data)
     validation, eval_rows = splits.validation, splits.eval
     if not validation:
         raise PipelineError(f"{loaded.path}: no validation rows to choose the cascade's threshold on")
-    validation_asked = (  # the same rows, as the reference is asked them
-        data.load_splits(recipe.data, reference.prompt_template, "evaluate.reference.prompt").validation
+    asked = (  # the same rows, as the reference is asked them
+        data.load_splits(recipe.data, reference.prompt_template, "evaluate.reference.prompt")
         if reference.prompt_template
-        else validation
+        else splits
     )
-    reference_answers, _ = evaluate.candidate_answers(reference, validation_asked, loaded, stage_dir)
+    reference_answers, reference_validation_cost = evaluate.candidate_answers(
+        reference, asked.validation, loaded, stage_dir
+    )
     targets = [row.target for row in validation]
-    ignore_case = recipe.evaluate.ignore_case
     reference_validation = score([a["prediction"] for a in reference_answers], targets, ignore_case)["per_row"]
-
     eval_results = json.loads((run_dir / "evaluate" / "results.json").read_text())
     eval_targets = [row.target for row in eval_rows]
-    reference_eval = _cached(run_dir, "reference")
-    reference_cost = eval_results["candidates"]["reference"]
-    reference_rows = reference_cost["metrics"][metric]["per_row"]
 
-    found = {
-        "metric": metric,
-        "rule": recipe.cascade.model_dump(),
-        "validation_rows": len(validation),
-        "candidates": {},
-    }
-    found["reference_validation_value"] = sum(reference_validation) / len(reference_validation)
+    # each candidate's threshold, from the validation rows alone
+    chosen = {}
     for candidate in cascade_candidates(loaded, everyone):
         answers, _ = evaluate.candidate_answers(candidate, validation, loaded, stage_dir)
         local_validation = score([a["prediction"] for a in answers], targets, ignore_case)["per_row"]
@@ -89,13 +83,42 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         threshold, why = choose_threshold(confidences, local_validation, reference_validation, recipe.cascade)
         local_eval = _cached(run_dir, candidate.name)
         answered = [e["confidence"] >= threshold for e in local_eval]
+        chosen[candidate.name] = (confidences, local_validation, threshold, why, local_eval, answered)
+
+    every_row = not evaluate.reference_deferred_only(recipe)
+    if every_row:  # the evaluation asked the reference every eval row: for the comparison with it alone
+        reference_eval = _cached(run_dir, "reference")
+        reference_cost = eval_results["candidates"]["reference"]
+        reference_rows = reference_cost["metrics"][metric]["per_row"]
+    else:  # asked only where some cascade defers: an expensive reference pays for those rows alone
+        deferred = sorted({i for *_, answered in chosen.values() for i, here in enumerate(answered) if not here})
+        reference_eval, reference_cost = [None] * len(eval_rows), reference_validation_cost
+        if deferred:
+            only = replace(reference, name="reference-deferred")
+            answers, reference_cost = evaluate.candidate_answers(
+                only, [asked.eval[i] for i in deferred], loaded, stage_dir
+            )
+            for i, answer in zip(deferred, answers, strict=True):
+                reference_eval[i] = answer
+
+    found = {
+        "metric": metric,
+        "rule": recipe.cascade.model_dump(exclude={"when_fallback_fails"}),
+        "validation_rows": len(validation),
+        "eval_rows": len(eval_rows),
+        # eval rows the reference answered: all of them, or only those some cascade deferred
+        "reference_eval_rows": len(eval_rows) if every_row else sum(a is not None for a in reference_eval),
+        "reference_validation_value": sum(reference_validation) / len(reference_validation),
+        "candidates": {},
+    }
+    for name, (confidences, local_validation, threshold, why, local_eval, answered) in chosen.items():
         predictions = [
             local["prediction"] if here else ref["prediction"]
             for local, ref, here in zip(local_eval, reference_eval, answered, strict=True)
         ]
-        scores = {name: scorer(name)(predictions, eval_targets, ignore_case) for name in recipe.evaluate.metrics}
+        scores = {m: scorer(m)(predictions, eval_targets, ignore_case) for m in recipe.evaluate.metrics}
         ci = metric_interval(metric, scores[metric], (predictions, eval_targets), recipe.evaluate, recipe.train.seed)
-        local_cost = eval_results["candidates"][candidate.name]
+        local_cost = eval_results["candidates"][name]
         share_local = sum(answered) / len(answered)
         local_rows = local_cost["metrics"][metric]["per_row"]
         wrong = [  # answered locally and wrong: the errors no threshold at this level catches
@@ -104,7 +127,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
             for i, e in enumerate(local_eval)
             if answered[i] and local_rows[i] < 1
         ]  # fmt: skip
-        found["candidates"][candidate.name] = {
+        found["candidates"][name] = {
             "threshold": threshold if math.isfinite(threshold) else None,  # None: everything deferred
             "why": why,
             # how far its confidence can be trusted, on the rows that chose the threshold
@@ -112,23 +135,33 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
             "validation": operating_point(confidences, local_validation, reference_validation, threshold),
             "value": scores[metric]["value"],
             "ci95": list(ci),
-            "metrics": {name: s["value"] for name, s in scores.items()},
+            "metrics": {m: s["value"] for m, s in scores.items()},
             "share_local": share_local,
             "latency_seconds_mean": _latency(local_cost, reference_cost, share_local),
+            # without the reference's answer on every eval row there is nothing to pair with, nor a curve there
             "versus_reference": {
                 k: v
                 for k, v in paired(scores[metric]["per_row"], reference_rows, recipe.evaluate.bootstrap_samples).items()
                 if k not in ("won_rows", "lost_rows")
-            },
-            "curve": coverage_curve([e["confidence"] for e in local_eval], local_rows, reference_rows),
+            }
+            if every_row
+            else None,
+            "curve": coverage_curve([e["confidence"] for e in local_eval], local_rows, reference_rows)
+            if every_row
+            else coverage_curve(confidences, local_validation, reference_validation),
+            "curve_rows": "eval" if every_row else "validation",
             "confident_wrong": sorted(wrong, key=lambda w: -w["confidence"])[:10],  # the surest first
             "confident_wrong_count": len(wrong),
         }  # fmt: skip
         log(
             STAGE,
-            f"{candidate.name}: threshold {threshold:.4f} ({why}); eval rows: {metric} {scores[metric]['value']:.3f} "
+            f"{name}: threshold {threshold:.4f} ({why}); eval rows: {metric} {scores[metric]['value']:.3f} "
             f"with {share_local:.0%} answered locally",
         )
+    if not every_row:
+        found["reference_cost"] = {  # priced from the rows it answered (report.cascade_facts)
+            k: reference_cost.get(k) for k in ("prompt_tokens_per_example", "generated_tokens_per_example")
+        }
     write_json_atomic(stage_dir / "result.json", found)
     mark_done(stage_dir, fingerprint(loaded, run_dir))
     return found

@@ -125,13 +125,20 @@ def score_specialized(loaded: LoadedRecipe, run_dir: Path, rows: list[data.TaskR
     return {"rows": len(rows), "metrics": metrics, "predictions": predictions, "references": references, **cost}
 
 
+def reference_deferred_only(recipe) -> bool:
+    """The reference answers only the eval rows a cascade defers (the cascade stage asks it), not all of them."""
+    return recipe.cascade is not None and recipe.cascade.reference_answers == "deferred_rows"
+
+
 def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
     settings = loaded.recipe.evaluate.model_dump()
+    deferred_only = ["reference: deferred rows only"] if reference_deferred_only(loaded.recipe) else []
     return stage_fingerprint(
         STAGE,
         done_fingerprint(run_dir / "quantize"),
         {**settings, "reference": answer_identity(settings["reference"])},
         [c.fingerprint() for c in candidates(loaded, run_dir)],
+        *deferred_only,
     )
 
 
@@ -150,6 +157,9 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     results = {}
     rows_by_prompt: dict[str | None, list[data.TaskRow]] = {}  # read and render the data once per prompt template
     for candidate in candidates(loaded, run_dir):
+        if candidate.role == "reference" and reference_deferred_only(recipe):
+            log(STAGE, "reference: asked only for the eval rows a cascade defers (cascade.reference_answers)")
+            continue
         if candidate.prompt_template not in rows_by_prompt:
             rows_by_prompt[candidate.prompt_template] = data.load_rows(
                 recipe.data, "eval", candidate.prompt_template, "evaluate.reference.prompt"
