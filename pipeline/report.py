@@ -298,7 +298,7 @@ def write_cascade_plot(report: dict, path: Path) -> None:
         point = f if on_eval else f["validation"]  # the chosen threshold, on the rows the curve is drawn on
         axis.plot([point["share_local"]], [point["value"]], "o", markersize=9, color=line[0].get_color())
     reference = c["reference_value"] if on_eval else c["reference_validation_value"]
-    axis.axhline(reference, color="tab:blue", linestyle="--", linewidth=1, label="reference alone")
+    axis.axhline(reference, color="black", linestyle="--", linewidth=1, label="reference alone")
     axis.set_xlabel("share answered locally (threshold chosen on validation: dots)")
     axis.set_ylabel(f"{c['metric']} on the {'eval' if on_eval else 'validation'} rows")
     axis.grid(alpha=0.3)
