@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -350,6 +351,7 @@ def _serve(args) -> int:
         raise PipelineError("serve: give MODEL (packaged:NAME, a .gguf file, a run's gguf folder) or --cascade RECIPE")
     server = serve.start(args.model, args.alias, args.host, args.port, args.threads, args.context, args.api_key_env)
     print(f"serving {args.model} at http://{args.host}:{args.port}/v1 (Ctrl-C stops it)", file=sys.stderr)
+    signal.signal(signal.SIGTERM, lambda *_: server.terminate())  # a scheduler's stop reaches the server too
     try:
         return server.wait()
     except KeyboardInterrupt:

@@ -227,6 +227,7 @@ def cascade_markdown(report: dict) -> list[str]:
     lines = [
         "## Cascade: the specialist where it is sure, the reference below a threshold",
         "",
+        f"Below the threshold, requests go to the fallback: the reference, {c.get('fallback', 'evaluate.reference')}. "
         f"Each threshold was chosen on the {c['validation_rows']} validation rows (rule: {rule['rule']}; the "
         f"reference scores {c['reference_validation_value']:.4f} there) and then applied unchanged to the eval rows. "
         + alone,

@@ -104,6 +104,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     found = {
         "metric": metric,
         "rule": recipe.cascade.model_dump(exclude={"when_fallback_fails"}),
+        "fallback": recipe.evaluate.reference.model,  # the operating point's other half (a name, never a key)
         "validation_rows": len(validation),
         "eval_rows": len(eval_rows),
         # eval rows the reference answered: all of them, or only those some cascade deferred
