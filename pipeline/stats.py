@@ -138,3 +138,23 @@ def calibration(confidences: list[float], correct: list[float], bins: int = 10) 
         ece += len(members) / total * abs(accuracy - confidence)
         table.append({"low": low, "high": high, "rows": len(members), "confidence": confidence, "accuracy": accuracy})
     return {"ece": ece, "bins": table, "rows": total}
+
+
+def cascade_latency(local: list[float], reference: list[float], share_local: float) -> dict:
+    """Seconds per request of a cascade, from single-request samples of each model: every request waits for the
+    local model, the deferred share for the reference too (drawn independently). Mean, p50 and p95 of that mixture:
+    each local sample weighs share_local / n, each (local + reference) pair (1 - share_local) / (n m)."""
+    n, m = len(local), len(reference)
+    points = sorted(
+        [(x, share_local / n) for x in local] + [(x + y, (1 - share_local) / (n * m)) for x in local for y in reference]
+    )
+
+    def quantile(q: float) -> float:
+        total = 0.0
+        for value, weight in points:
+            total += weight
+            if total >= q - 1e-12:
+                return value
+        return points[-1][0]
+
+    return {"mean": sum(v * w for v, w in points), "p50": quantile(0.5), "p95": quantile(0.95)}

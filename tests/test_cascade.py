@@ -40,6 +40,16 @@ def test_rules_on_a_known_validation_set():
     assert threshold == 0.6  # at most 1 of 5 deferred: 0.6 (the 0.5 row deferred) scores 4/5, 0.5 scores 3/5
 
 
+def test_a_cascades_latency_mixes_the_local_answers_with_the_deferred_ones():
+    from pipeline.stats import cascade_latency
+
+    # half the requests answered in 1 s locally; the other half wait 1 s there and 10 s more at the reference
+    found = cascade_latency([1.0, 1.0], [10.0], share_local=0.5)
+    assert found == {"mean": pytest.approx(6.0), "p50": 1.0, "p95": 11.0}
+    assert cascade_latency([1.0, 3.0], [10.0, 20.0], share_local=1.0)["p95"] == 3.0  # nothing deferred
+    assert cascade_latency([1.0], [10.0], share_local=0.0)["mean"] == pytest.approx(11.0)
+
+
 def test_calibration_bins_and_expected_error():
     from pipeline.stats import calibration
 
@@ -61,6 +71,8 @@ def test_a_cascade_chooses_on_validation_and_reports_on_the_eval_rows(tiny_recip
     assert cascade["validation"]["share_local"] >= 0.5  # the rule, on the rows that chose it
     assert cascade["calibration"]["rows"] == 24 and 0 <= cascade["calibration"]["ece"] <= 1
     assert 0 <= cascade["share_local"] <= 1 and cascade["ci95"][0] <= cascade["value"] <= cascade["ci95"][1]
+    seconds = cascade["latency_seconds"]  # from the timed single requests of the specialist and the reference
+    assert 0 < seconds["p50"] <= seconds["p95"] and seconds["mean"] > 0
     eval_answers = {
         name: [json.loads(line) for line in (run_dir / "evaluate" / "generations" / f"{name}.jsonl").open()][1:]
         for name in ("specialized", "reference")

@@ -24,7 +24,7 @@ from pipeline.recipe import LoadedRecipe
 from pipeline.report import input_text, metric_interval
 from pipeline.runs import done_fingerprint, log, mark_done, stage_fingerprint, start_stage, write_json_atomic
 from pipeline.stages import evaluate
-from pipeline.stats import calibration, paired
+from pipeline.stats import calibration, cascade_latency, paired
 
 STAGE = "cascade"
 
@@ -138,7 +138,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
             "ci95": list(ci),
             "metrics": {m: s["value"] for m, s in scores.items()},
             "share_local": share_local,
-            "latency_seconds_mean": _latency(local_cost, reference_cost, share_local),
+            "latency_seconds": _latency(local_cost, reference_cost, share_local),
             # without the reference's answer on every eval row there is nothing to pair with, nor a curve there
             "versus_reference": {
                 k: v
@@ -219,11 +219,13 @@ def _cached(run_dir: Path, name: str) -> list[dict]:
     return [by_row[i] for i in range(len(by_row))]
 
 
-def _latency(local: dict, reference: dict, share_local: float) -> float | None:
-    """Mean single-request seconds: every request waits for the local model, deferred ones for the reference too
-    (from each candidate's single-request p50)."""
+def _latency(local: dict, reference: dict, share_local: float) -> dict:
+    """Single-request seconds of the cascade (mean, p50, p95): every request waits for the local model, deferred
+    ones for the reference too, from each candidate's timed single requests. Results from before those were kept
+    give the mean from the two p50s alone."""
+    if local.get("single_request_seconds") and reference.get("single_request_seconds"):
+        return cascade_latency(local["single_request_seconds"], reference["single_request_seconds"], share_local)
     local_s = local.get("single_request_seconds_p50") or local.get("seconds_per_example_p50")
     reference_s = reference.get("single_request_seconds_p50") or reference.get("seconds_per_example_p50")
-    if local_s is None or reference_s is None:
-        return None
-    return local_s + (1 - share_local) * reference_s
+    mean = None if local_s is None or reference_s is None else local_s + (1 - share_local) * reference_s
+    return {"mean": mean, "p50": None, "p95": None}

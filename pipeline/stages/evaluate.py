@@ -298,6 +298,7 @@ def _cost(candidate: Candidate, facts: dict, generations: list[dict]) -> dict:
         "single_request_seconds_p50": runtimes.percentile(single, 50),
         "single_request_seconds_p95": runtimes.percentile(single, 95),
         "single_request_rows": len(single),
+        "single_request_seconds": single,  # the samples: a cascade's latency mixes two models' (stages/cascade.py)
         "generation_seconds": sum(seconds),
         "generated_tokens_per_second": tokens / sum(seconds) if tokens is not None and sum(seconds) else None,
         "generated_tokens": tokens,
