@@ -367,8 +367,9 @@ class EvaluateSection(Section):
     metrics: list[str] = Field(
         ["exact_match"],
         min_length=1,
-        description="Task metrics: exact_match, accuracy, macro_f1, rouge_l, chrf, json_match, or your own as "
-        "file.py:function (relative to the recipe) returning one score per row. The first one decides gates.",
+        description="Task metrics: exact_match, accuracy, macro_f1, rouge_l, chrf, json_match, json_top_level, or "
+        "your own as file.py:function (relative to the recipe) returning one score per row. The first one decides "
+        "gates.",
     )
     ignore_case: bool = Field(False, description="Compare predictions and references case-insensitively.")
     max_new_tokens: int = Field(16, gt=0, le=32_768, description="Longest generated answer in tokens.")

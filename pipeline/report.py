@@ -210,6 +210,39 @@ def cascade_facts(result: dict, report: dict, reference) -> dict:
     return result
 
 
+def json_fields_markdown(report: dict, limit: int = 20) -> list[str]:
+    """json_match inside the object: per candidate the whole-object rate and field precision / recall / F1, then
+    each field path's F1 (the most frequent first), so a reader sees which fields extraction gets wrong."""
+    scored = {n: c["metrics"]["json_match"] for n, c in report["candidates"].items() if "json_match" in c["metrics"]}
+    if not scored or not any(s.get("per_field") for s in scored.values()):
+        return []
+    names = list(scored)
+    lines = [
+        "## JSON fields",
+        "",
+        "Fields by path (list items under `path[]`, order aside); F1 over every field of every row.",
+        "",
+        "| | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for key, what in (("json_valid", "valid JSON object"), ("exact_object", "whole object right"),
+                      ("field_precision", "field precision"), ("field_recall", "field recall"),
+                      ("field_f1", "field F1")):  # fmt: skip
+        lines.append(f"| {what} | " + " | ".join(_num(scored[n].get(key)) for n in names) + " |")
+    support = {}
+    for s in scored.values():
+        for path, f in (s.get("per_field") or {}).items():
+            support[path] = max(support.get(path, 0), f["support"])
+    shown = sorted(support, key=lambda path: (-support[path], path))[:limit]
+    lines += ["", "| field (expected count) | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for path in shown:
+        cells = [_num((scored[n].get("per_field") or {}).get(path, {}).get("f1")) for n in names]
+        lines.append(f"| `{path}` ({support[path]}) | " + " | ".join(cells) + " |")
+    if len(support) > limit:
+        lines.append(f"\n{len(support) - limit} more fields in report.json (`metrics.json_match.per_field`).")
+    return [*lines, ""]
+
+
 def cascade_markdown(report: dict) -> list[str]:
     c = report.get("cascade")
     if not c:
@@ -373,6 +406,7 @@ def render_markdown(report: dict, flips: list[dict], plot: str | None = None) ->
     lines += distillation_markdown(report)
     lines += fidelity_markdown(report)
     lines += confidence_markdown(report)
+    lines += json_fields_markdown(report)
     lines += cascade_markdown(report)
     if plot:
         lines += [f"![{metric} against peak memory and latency]({plot})", ""]

@@ -196,6 +196,46 @@ def test_json_match_scores_fields_and_validity():
     assert out["json_valid"] == pytest.approx(2 / 3)
 
 
+def test_json_match_scores_nested_fields_list_items_and_extra_fields():
+    reference = '{"intent": "book", "slots": {"city": "Lyon", "date": "friday"}, "tags": ["a", "b"]}'
+    predictions = [
+        '{"tags": ["b", "a"], "slots": {"date": "friday", "city": "Lyon"}, "intent": "book"}',  # the same object
+        '{"intent": "book", "slots": {"city": "Porto", "date": "friday", "time": "9"}, "tags": ["a"]}',
+        '{"intent": "book", "slots": {}}',
+        "{not json",
+    ]
+    out = scores("json_match", predictions, [reference] * 4)
+    # fields: intent, slots.city, slots.date, tags[] x2 = 5 expected. Row 2 predicts 5 (time extra, city wrong,
+    # one tag missing): 3 match, F1 = 6 / 10. Row 3 predicts intent and an empty slots object: 1 match, 2 / 7.
+    assert out["per_row"] == pytest.approx([1.0, 0.6, 2 / 7, 0.0])
+    assert out["exact_object"] == 0.25 and out["json_valid"] == 0.75
+    assert out["field_recall"] == pytest.approx((5 + 3 + 1) / 20)
+    assert out["field_precision"] == pytest.approx((5 + 3 + 1) / (5 + 5 + 2))
+    city, time = out["per_field"]["slots.city"], out["per_field"]["slots.time"]
+    assert city["support"] == 4 and city["recall"] == 0.25 and city["precision"] == 0.5
+    assert time["support"] == 0 and time["precision"] == 0.0 and time["recall"] is None
+    assert out["per_field"]["tags[]"]["recall"] == pytest.approx(3 / 8)
+    # the report's JSON fields section: per candidate the object rates, then each field's F1, most expected first
+    from pipeline.report import json_fields_markdown
+
+    perfect = scores("json_match", [reference], [reference])
+    shown = "\n".join(
+        json_fields_markdown(
+            {
+                "candidates": {
+                    "specialized": {"metrics": {"json_match": out}},
+                    "reference": {"metrics": {"json_match": perfect}},
+                }
+            }
+        )
+    )
+    assert "| whole object right | 0.250 | 1.000 |" in shown
+    assert shown.index("`tags[]` (8)") < shown.index("`intent` (4)") and "| `slots.city` (4) | 0.333 | 1.000 |" in shown
+    # the earlier score, under its own name: top-level keys of the reference, a nested object as one value
+    top = scores("json_top_level", predictions, [reference] * 4)
+    assert top["per_row"] == pytest.approx([2 / 3, 1 / 3, 1 / 3, 0.0])
+
+
 def test_paired_test_is_mcnemar_for_binary_rows_and_a_bootstrap_otherwise():
     from pipeline.stats import paired
 
