@@ -12,6 +12,7 @@ import json
 import math
 from pathlib import Path
 
+from pipeline import label_errors
 from pipeline.errors import PipelineError
 from pipeline.metrics import score_function
 from pipeline.recipe import LoadedRecipe
@@ -210,6 +211,44 @@ def cascade_facts(result: dict, report: dict, reference) -> dict:
     return result
 
 
+def labels_markdown(report: dict, limit: int = 20) -> list[str]:
+    """Per label, the specialist's precision / recall / F1 beside the reference's F1 and the rows training had of
+    it, the worst first; then what it mistakes for what."""
+    found = report.get("labels")
+    if not found or "specialized" not in found["candidates"]:
+        return []
+    mine = found["candidates"]["specialized"]
+    theirs = found["candidates"].get("reference")
+    train = found["train_rows"]
+    worst = sorted(mine["per_label"].items(), key=lambda item: (item[1]["f1"], -item[1]["support"], item[0]))
+    lines = [
+        "## Errors by label",
+        "",
+        f"The specialist's labels, worst F1 first ({min(limit, len(worst))} of {len(worst)}), with the training "
+        "rows each had: a label with few rows and many errors wants more examples.",
+        "",
+        "| label | training rows | eval rows | precision | recall | F1 | reference F1 | most often answered instead |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    instead = {}
+    for c in mine["confusions"]:
+        instead.setdefault(c["expected"], c)
+    for label, s in worst[:limit]:
+        ref = theirs["per_label"].get(label, {}).get("f1") if theirs else None
+        wrong = instead.get(label)
+        shown = f"{_cell(wrong['answered'][:40])} ({wrong['rows']})" if wrong else "—"
+        lines.append(
+            f"| {_cell(label)} | {train.get(label, 0)} | {s['support']} | {_num(s['precision'])} | {_num(s['recall'])} "
+            f"| {_num(s['f1'])} | {_num(ref)} | {shown} |"
+        )
+    if mine["confusions"]:
+        pairs = ", ".join(
+            f"{_cell(c['expected'])} → {_cell(c['answered'][:40])} ({c['rows']})" for c in mine["confusions"][:10]
+        )
+        lines += ["", f"Confusions that cost the most rows (expected → answered): {pairs}."]
+    return [*lines, ""]
+
+
 def json_fields_markdown(report: dict, limit: int = 20) -> list[str]:
     """json_match inside the object: per candidate the whole-object rate and field precision / recall / F1, then
     each field path's F1 (the most frequent first), so a reader sees which fields extraction gets wrong."""
@@ -406,6 +445,7 @@ def render_markdown(report: dict, flips: list[dict], plot: str | None = None) ->
     lines += distillation_markdown(report)
     lines += fidelity_markdown(report)
     lines += confidence_markdown(report)
+    lines += labels_markdown(report)
     lines += json_fields_markdown(report)
     lines += cascade_markdown(report)
     if plot:
@@ -730,6 +770,9 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         if (run_dir / name).is_file():
             report[key] = json.loads((run_dir / name).read_text())
             plot(report[key], run_dir / "evaluate" / ("sweep.png" if key == "sweep" else "curve.png"))
+    train_targets = [row.target for row in splits.train]
+    if data.is_label_set(train_targets + references):  # which labels it gets wrong, as what; rows that taught it
+        report["labels"] = label_errors.analysis(texts, train_targets, loaded.recipe.evaluate.ignore_case)
     left_out = {split: len(wheres) for split, wheres in splits.dropped_empty.items()}
     if left_out:
         report["rows_left_out_empty"] = left_out

@@ -100,6 +100,14 @@ def test_report_has_every_candidate_with_its_numbers(finished_run):
     assert report["gates"]["passed"] is True
     markdown = (run_dir / "evaluate" / "report.md").read_text()
     assert "## Verdict" in markdown and "![exact_match against peak memory and latency](report.png)" in markdown
+    # errors by label: the specialist's per-label scores recomputed from its answers, with the training rows
+    labels = report["labels"]
+    assert sum(labels["train_rows"].values()) == len(data.load_splits(loaded.recipe.data).train)
+    per_label = labels["candidates"]["specialized"]["per_label"]
+    assert sum(s["support"] for s in per_label.values()) == len(targets)
+    right = sum(round(s["recall"] * s["support"]) for s in per_label.values())
+    assert right == round(report["candidates"]["specialized"]["metrics"]["exact_match"]["value"] * len(targets))
+    assert "## Errors by label" in markdown
     assert (run_dir / "evaluate" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["candidates"]["bnb-nf4"]["parameters"] == report["candidates"]["base"]["parameters"]
 

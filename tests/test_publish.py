@@ -285,6 +285,9 @@ def test_rows_of_the_data_go_to_a_private_repo_and_not_to_a_public_one(finished,
     first = read_jsonl(recipe.parent / "test.jsonl")[0][1]
     flip = {"row": 0, "source": "test.jsonl:1", "input": f"Message: {first['text']}\nIntent:", "versus": "base"}
     report["flipped_rows"] = [{**flip, "expected": first["label"], "other": "x", "specialized": "y", "kind": "won"}]
+    # and a wrong answer that quotes its row, among the confusions of the errors by label
+    confusion = {"expected": first["label"], "answered": first["text"], "rows": 1}
+    report["labels"]["candidates"]["specialized"]["confusions"].insert(0, confusion)
     report_path.write_text(json.dumps(report))  # a flipped row, whatever the tiny models happened to answer
     try:
         _check_examples_by_privacy(finished, run_dir, data_in, capfd)

@@ -291,3 +291,21 @@ def test_bench_gives_the_same_answers_both_ways(tiny_recipe, capsys):
     assert result["identical"] == result["rows"] == 12
     assert result["batched"]["tokens"] == result["naive"]["tokens"]  # same work, so tokens/s compare honestly
     assert "batched / naive tokens/s" in capsys.readouterr().out
+
+
+def test_errors_by_label_count_each_labels_precision_recall_and_confusions():
+    from pipeline import label_errors
+    from pipeline.report import labels_markdown
+
+    references = ["a", "a", "a", "b", "b", "c"]
+    predictions = ["a", "b", "x", "b", "b", "a"]
+    scores = label_errors.per_label(predictions, references)
+    assert scores["a"] == {"precision": 0.5, "recall": 1 / 3, "f1": 0.4, "support": 3, "predicted": 2}
+    assert scores["b"]["precision"] == 2 / 3 and scores["b"]["recall"] == 1.0
+    assert scores["c"]["precision"] is None and scores["c"]["f1"] == 0.0  # never answered
+    pairs = label_errors.confusions(predictions, references)
+    assert {(p["expected"], p["answered"], p["rows"]) for p in pairs} == {("a", "b", 1), ("a", "x", 1), ("c", "a", 1)}
+    found = label_errors.analysis({"specialized": (predictions, references)}, ["a", "a", "b", "c"] * 2, False)
+    assert found["train_rows"] == {"a": 4, "b": 2, "c": 2}
+    table = "\n".join(labels_markdown({"labels": found}))
+    assert table.index("| c | 2 | 1 |") < table.index("| a | 4 | 3 |")  # the worst F1 first

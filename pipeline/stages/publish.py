@@ -235,6 +235,14 @@ def without_examples(report: dict) -> dict:
         cascade["confident_wrong"] = [
             {"row": w["row"], "confidence": w["confidence"]} for w in cascade["confident_wrong"]
         ]
+    labels = shown.get("labels") or {}
+    known = set(labels.get("train_rows", {}))
+    for found in labels.get("candidates", {}).values():  # a wrong answer outside the label set may quote a row
+        known |= set(found["per_label"])
+    for found in labels.get("candidates", {}).values():
+        for pair in found["confusions"]:
+            if pair["answered"] not in known:
+                pair["answered"] = "(an answer outside the label set)"
     return shown
 
 
