@@ -933,6 +933,7 @@ def write_plot(report: dict, path: Path) -> None:
         (axes[0], "peak_memory_bytes", "peak memory (MB, log)"),
         (axes[1], latency_key, latency_label),
     ):
+        labelled: list[tuple[float, float]] = []
         for name, c in candidates.items():
             if c.get(key) is None:  # an API's memory is on its server, not measured here
                 continue
@@ -944,7 +945,15 @@ def write_plot(report: dict, path: Path) -> None:
             axis.errorbar(
                 [x], [m["value"]], yerr=error, fmt=marker, capsize=4, color=color, markersize=7, label=name + runtime
             )
+            # the number itself beside its point, where it does not fall on another's (the ticks read the rest)
+            if all(abs(math.log10(x / ox)) > 0.25 or abs(m["value"] - oy) > 0.06 for ox, oy in labelled):
+                value = f"{x:,.0f} MB" if key.endswith("bytes") else f"{x:.3g} s"
+                axis.annotate(value, (x, m["value"]), textcoords="offset points", xytext=(6, -10), fontsize=7)
+                labelled.append((x, m["value"]))
         axis.set_xscale("log")
+        # log axes with ticks a reader can read: 1, 2, 5 per decade, written as plain numbers
+        axis.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.{_decimals(v)}f}"))
         axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.set_xlabel(label)
         axis.grid(alpha=0.3)
@@ -954,6 +963,11 @@ def write_plot(report: dict, path: Path) -> None:
     figure.suptitle(f"{report['recipe']}: {metric} vs what it costs to run ({report['eval_rows']} rows)")
     figure.tight_layout(rect=(0, 0, 0.86, 1))
     save(figure, path)  # tight: the legend sits outside the axes
+
+
+def _decimals(value: float) -> int:
+    """Decimals that show a 1-2-5 tick as written (0.05, 0.2, 5, 2,000)."""
+    return max(0, -math.floor(math.log10(value))) if value > 0 else 0
 
 
 def _mb(n: int | None) -> str:

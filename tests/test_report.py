@@ -309,3 +309,11 @@ def test_errors_by_label_count_each_labels_precision_recall_and_confusions():
     assert found["train_rows"] == {"a": 4, "b": 2, "c": 2}
     table = "\n".join(labels_markdown({"labels": found}))
     assert table.index("| c | 2 | 1 |") < table.index("| a | 4 | 3 |")  # the worst F1 first
+
+
+def test_log_axis_ticks_are_written_as_plain_numbers():
+    from pipeline.report import _decimals
+
+    assert [f"{v:,.{_decimals(v)}f}" for v in (0.05, 0.2, 1.0, 2.0, 500.0, 2000.0)] == [
+        "0.05", "0.2", "1", "2", "500", "2,000"
+    ]  # fmt: skip
