@@ -16,6 +16,7 @@ from pipeline import label_errors
 from pipeline.errors import PipelineError
 from pipeline.metrics import score_function
 from pipeline.recipe import LoadedRecipe
+from pipeline.render import html
 from pipeline.render.plots import pyplot, save
 from pipeline.render.sweep import curve_markdown, sweep_markdown, write_curve_plot, write_sweep_plot
 from pipeline.runs import (
@@ -32,7 +33,7 @@ from pipeline.stats import bootstrap_ci, gap_closed, paired
 
 STAGE = "report"
 # 2: `validation`, the adapter training kept and the curve that chose it; 3: `sweep`, `learning_curve`, `confidence`
-REPORT_SCHEMA_VERSION = 3
+REPORT_SCHEMA_VERSION = 4
 
 
 # --- building the report ------------------------------------------------------------------------
@@ -695,6 +696,24 @@ def flipped_rows(
     return flips
 
 
+def side_by_side(report: dict, results: dict, generations: dict[str, list[dict]], rows: list) -> list[dict]:
+    """Every eval row with each candidate's answer and whether the gating metric scored it right (1 per row)."""
+    metric, labels = report["metric"], "labels" in report
+    per_row = {name: r["metrics"][metric]["per_row"] for name, r in results["candidates"].items()}
+    return [
+        {
+            "row": i,
+            "source": row.source,
+            "input": input_text(row),
+            "expected": row.target.strip(),
+            "label": row.target.strip() if labels else None,
+            "answers": {name: generations[name][i]["prediction"] for name in report["candidates"]},
+            "right": {name: per_row[name][i] >= 1 for name in report["candidates"]},
+        }
+        for i, row in enumerate(rows)
+    ]
+
+
 def input_text(row) -> str:
     """What the row asked: the prompt, or the last user turn of a conversation."""
     if row.messages is None:
@@ -794,6 +813,9 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     plot_path = run_dir / "evaluate" / "report.png"
     write_plot(report, plot_path)
     write_text_atomic(run_dir / "evaluate" / "report.md", render_markdown(report, flips, plot_path.name))
+    html.write(
+        report, verdict(report), side_by_side(report, results, generations, rows), run_dir / "evaluate" / "report.html"
+    )
     from pipeline import tracking
 
     tracking.log_report(loaded, run_dir, report)

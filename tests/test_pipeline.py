@@ -48,6 +48,7 @@ def test_run_writes_the_run_folder(finished_run, tiny_models):
         "evaluate/report.png",
         "evaluate/report.json",
         "evaluate/report.md",
+        "evaluate/report.html",
         "evaluate/.done.json",
         *(f"evaluate/generations/{c}.jsonl" for c in ("base", "specialized", "bnb-nf4", "bnb-int8", "reference")),
     }

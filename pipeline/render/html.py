@@ -1,0 +1,99 @@
+"""report.html: one self-contained page per run (styles, script and charts inline; opens from a file, no
+network). Jinja2 renders the page (pipeline/render/templates/report.html.j2, autoescaped); Plotly draws the
+charts, its library inlined once. The page shows the verdict and gates, the candidates (sortable), what each
+costs (log axes with plain-number ticks and the values on the points), the errors by label, the cascade,
+the JSON fields, and every eval row side by side with filters and a text search."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import jinja2
+
+from pipeline.runs import write_text_atomic
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+def cost_charts(report: dict) -> str:
+    """The metric against peak memory and against single-request latency, per candidate with its 95% CI, as
+    HTML (Plotly's library inlined in this first figure)."""
+    import plotly.colors
+    import plotly.graph_objects as go
+    import plotly.io as pio
+    from plotly.subplots import make_subplots
+
+    metric = report["metric"]
+    candidates = report["candidates"]
+    single = all(c.get("single_request_seconds_p50") for c in candidates.values())
+    latency_key = "single_request_seconds_p50" if single else "seconds_per_example_p50"
+    latency_title = "seconds per single request, p50" if single else "seconds per example, p50"
+    figure = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.06,
+                           subplot_titles=("peak memory (MB)", latency_title))  # fmt: skip
+    palette = plotly.colors.qualitative.Plotly  # one color per candidate, the same in both charts
+    color = {name: palette[i % len(palette)] for i, name in enumerate(candidates)}
+    for column, key in ((1, "peak_memory_bytes"), (2, latency_key)):
+        xs, labelled = [], []
+        for name, c in candidates.items():
+            if c.get(key) is None:  # an API's memory is its server's
+                continue
+            m = c["metrics"][metric]
+            x = c[key] / 1e6 if key.endswith("bytes") else c[key]
+            xs.append(x)
+            text = f"{x:,.0f} MB" if key.endswith("bytes") else f"{x:.3g} s"
+            # the value beside its point where it does not fall on another's (hovering shows every one)
+            shown = all(abs(math.log10(x / ox)) > 0.25 or abs(m["value"] - oy) > 0.06 for ox, oy in labelled)
+            labelled += [(x, m["value"])] if shown else []
+            figure.add_trace(
+                go.Scatter(
+                    x=[x], y=[m["value"]], mode="markers+text", name=name, legendgroup=name, showlegend=column == 2,
+                    text=[text if shown else ""], textposition="middle right", cliponaxis=False,
+                    marker={"size": 10, "color": color[name]},
+                    error_y={"type": "data", "symmetric": False, "array": [m["ci95"][1] - m["value"]],
+                             "arrayminus": [m["value"] - m["ci95"][0]]},
+                    hovertemplate=f"{name}: {metric} %{{y:.3f}} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}], {text}"
+                    "<extra></extra>",
+                ),
+                row=1, col=column,
+            )  # fmt: skip
+        ticks = readable_ticks(xs)
+        figure.update_xaxes(type="log", tickvals=ticks, ticktext=[_plain(t) for t in ticks], row=1, col=column)
+    figure.update_yaxes(title_text=metric, row=1, col=1)
+    figure.update_layout(height=420, margin={"l": 60, "r": 20, "t": 40, "b": 40}, template="plotly_white")
+    return pio.to_html(figure, include_plotlyjs=True, full_html=False, config={"displaylogo": False})
+
+
+def readable_ticks(values: list[float]) -> list[float]:
+    """1, 2, 5 per decade over the values' range (at least one tick below and above each value)."""
+    if not values:
+        return []
+    low, high = math.floor(math.log10(min(values))), math.ceil(math.log10(max(values)))
+    ticks = [m * 10**e for e in range(low, high + 1) for m in (1, 2, 5)]
+    inside = [t for t in ticks if min(values) / 2.5 <= t <= max(values) * 2.5]
+    return inside or ticks
+
+
+def _plain(value: float) -> str:
+    decimals = max(0, -math.floor(math.log10(value))) if value > 0 else 0
+    return f"{value:,.{decimals}f}"
+
+
+def write(report: dict, verdict: list[str], rows: list[dict], path: Path) -> None:
+    """Render the page. `rows`: per eval row {row, source, input, expected, label, answers: {name: answer},
+    right: {name: bool}} (the gating metric's per-row score of 1)."""
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined
+    )
+    names = list(report["candidates"])
+    page = environment.get_template("report.html.j2").render(
+        report=report,
+        verdict=[line.removeprefix("- ").replace("**", "") for line in verdict],
+        names=names,
+        rows=rows,
+        labels=sorted({r["label"] for r in rows if r["label"] is not None}),
+        charts=cost_charts(report),
+        num=lambda x, d=3: "—" if x is None else f"{x:.{d}f}",
+        mb=lambda n: "—" if n is None else f"{n / 1e6:,.0f}",
+    )
+    write_text_atomic(path, page)
