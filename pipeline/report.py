@@ -431,7 +431,9 @@ def render_markdown(report: dict, flips: list[dict], plot: str | None = None) ->
         f"Run `{report['run_id']}`, {report['eval_rows']} eval rows, same rows and greedy decoding for every "
         f"candidate; gates use `{metric}`. 95% bootstrap intervals in brackets. Latency: seconds per example "
         "amortized over a batch (llama.cpp answers one request at a time), and per single request (batch 1, "
-        "after a warm-up) as a local user waits for one answer."
+        "after a warm-up) as a local user waits for one answer. CPU-s and J per 1,000 answers: over those single "
+        "requests, the candidate's process's CPU time on all its threads (llama.cpp's included), and the energy "
+        "counter's joules where the machine has one (rapl: the CPU packages, every process on them; nvml: the GPU)."
         + _endpoint_sentence(report)
         + _left_out_sentence(report),
         "",
@@ -495,8 +497,9 @@ def candidates_table(report: dict) -> list[str]:
     lines = [
         "| candidate | role | runtime | " + " | ".join(metric_names) + " | specialized won/lost here (p) "
         "| parameters | size on disk | peak memory | s/example p50 | p95 | single request p50 | p95 "
-        "| gen tokens/s | tokens in / out per answer |" + (" cost per 1,000 answers |" if priced else ""),
-        "|---" * (len(metric_names) + 13 + priced) + "|",
+        "| gen tokens/s | tokens in / out per answer | CPU-s / 1k answers | J / 1k answers |"
+        + (" cost per 1,000 answers |" if priced else ""),
+        "|---" * (len(metric_names) + 15 + priced) + "|",
     ]
     for name, c in report["candidates"].items():
         scores = " | ".join(
@@ -511,10 +514,19 @@ def candidates_table(report: dict) -> list[str]:
             f"| {c['seconds_per_example_p50']:.4f} | {c['seconds_per_example_p95']:.4f} "
             f"| {_num(c.get('single_request_seconds_p50'), 4)} | {_num(c.get('single_request_seconds_p95'), 4)} "
             f"| {_num(c['generated_tokens_per_second'], 1)} "
-            f"| {_num(c.get('prompt_tokens_per_example'), 1)} / {_num(c.get('generated_tokens_per_example'), 1)} |"
+            f"| {_num(c.get('prompt_tokens_per_example'), 1)} / {_num(c.get('generated_tokens_per_example'), 1)} "
+            f"| {_num(c.get('cpu_seconds_per_1000_answers'), 1)} | {_joules(c)} |"
             + (f" {_money(c)} |" if priced else "")
         )
     return lines
+
+
+def _joules(candidate: dict) -> str:
+    """Energy per 1,000 answers and the counter it is from; where the machine exposes none, say so."""
+    joules = candidate.get("joules_per_1000_answers")
+    if joules is None:
+        return "— (API)" if candidate.get("runtime") == "endpoint" else "— (no energy counter)"
+    return f"{joules:,.0f} ({candidate.get('energy_counter')})"
 
 
 def _money(candidate: dict) -> str:

@@ -94,6 +94,7 @@ def test_report_has_every_candidate_with_its_numbers(finished_run):
             "size_on_disk_bytes",
             "generated_tokens_per_second",
             "prompt_tokens_per_example",
+            "cpu_seconds_per_1000_answers",  # what answering costs the device, one request at a time
         ):
             assert candidate[key] is not None and candidate[key] >= 0, (name, key)
     sizes = {n: c["size_on_disk_bytes"] for n, c in report["candidates"].items()}

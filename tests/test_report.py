@@ -317,3 +317,27 @@ def test_log_axis_ticks_are_written_as_plain_numbers():
     assert [f"{v:,.{_decimals(v)}f}" for v in (0.05, 0.2, 1.0, 2.0, 500.0, 2000.0)] == [
         "0.05", "0.2", "1", "2", "500", "2,000"
     ]  # fmt: skip
+
+
+def test_device_cost_counts_cpu_seconds_and_reads_rapl_where_there_is_one(tmp_path, monkeypatch):
+    from pipeline import runtimes
+
+    with runtimes.DeviceCost() as cost:
+        sum(i * i for i in range(2_000_000))  # CPU work in this process
+    assert cost.cpu_seconds > 0.01
+    # a machine with RAPL: two packages, one of whose counters wraps while we answer
+    for name, before in {"intel-rapl:0": 1_000_000, "intel-rapl:1": 9_000_000}.items():
+        zone = tmp_path / name
+        zone.mkdir()
+        (zone / "energy_uj").write_text(str(before))
+        (zone / "max_energy_range_uj").write_text("10000000")
+    (tmp_path / "intel-rapl:0:0").mkdir()  # a subzone (core), inside its package's figure: not added again
+    monkeypatch.setattr(runtimes, "RAPL", tmp_path)
+    with runtimes.DeviceCost() as cost:
+        (tmp_path / "intel-rapl:0" / "energy_uj").write_text("4000000")
+        (tmp_path / "intel-rapl:1" / "energy_uj").write_text("1000000")
+    assert cost.energy_counter == "rapl" and cost.energy_joules == pytest.approx(3.0 + 2.0)
+    monkeypatch.setattr(runtimes, "RAPL", tmp_path / "none")
+    with runtimes.DeviceCost() as cost:
+        pass
+    assert cost.energy_counter is None and cost.energy_joules is None

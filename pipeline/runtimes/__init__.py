@@ -18,6 +18,7 @@ import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
@@ -127,6 +128,76 @@ class PeakMemory:
         else:
             self.peak_bytes = self._rss_peak - self._rss_baseline
         return False
+
+
+RAPL = Path("/sys/class/powercap")
+
+
+class DeviceCost:
+    """What a stretch of answering costs the device: this process's CPU time over all its threads (llama.cpp's
+    threads included: it runs in the process), and the energy counter where the machine exposes one: Linux
+    RAPL (the CPU packages' energy, every process on them counted) or, on CUDA, NVML's (the GPU's). Where
+    neither is readable, energy is None and `energy_counter` says so."""
+
+    def __init__(self, cuda: bool = False):
+        self._cuda = cuda
+
+    def __enter__(self):
+        self._process = psutil.Process()
+        self._cpu = self._cpu_seconds()
+        self.energy_counter, self._energy = _energy_reading(self._cuda)
+        return self
+
+    def _cpu_seconds(self) -> float:
+        times = self._process.cpu_times()
+        return times.user + times.system
+
+    def __exit__(self, *exc):
+        self.cpu_seconds = self._cpu_seconds() - self._cpu
+        self.energy_joules = None
+        if self.energy_counter is not None:
+            _, now = _energy_reading(self._cuda)
+            self.energy_joules = _energy_used(self._energy, now)
+        return False
+
+    def facts(self, prefix: str) -> dict:
+        return {
+            f"{prefix}_cpu_seconds": self.cpu_seconds,
+            f"{prefix}_energy_joules": self.energy_joules,
+            "energy_counter": self.energy_counter,
+        }
+
+
+def _energy_reading(cuda: bool) -> tuple[str | None, dict | None]:
+    """(counter name, {domain: (joules, wraps at joules)}) from NVML on CUDA, else RAPL packages, else (None, None)."""
+    if cuda:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            return "nvml", {"gpu0": (pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000, None)}
+        except Exception:  # noqa: BLE001 - no pynvml, no driver support: no energy figure, said so
+            return None, None
+    domains = {}
+    for zone in sorted(RAPL.glob("intel-rapl:[0-9]*")) if RAPL.is_dir() else []:  # packages, not their subzones
+        if zone.name.count(":") != 1:
+            continue
+        try:
+            joules = int((zone / "energy_uj").read_text()) / 1e6
+            wraps = int((zone / "max_energy_range_uj").read_text()) / 1e6
+        except (OSError, ValueError):  # unreadable without root on recent kernels
+            return None, None
+        domains[zone.name] = (joules, wraps)
+    return ("rapl", domains) if domains else (None, None)
+
+
+def _energy_used(before: dict, after: dict) -> float:
+    total = 0.0
+    for domain, (joules, wraps) in after.items():
+        used = joules - before[domain][0]
+        total += used + wraps if used < 0 and wraps else used  # the counter wrapped once
+    return total
 
 
 def _reset_peak_rss() -> bool:

@@ -14,7 +14,7 @@ import multiprocessing
 import time
 from pathlib import Path
 
-from pipeline.runtimes import GenerationJob, OnBatch, PeakMemory, Prompt, run_in_child
+from pipeline.runtimes import DeviceCost, GenerationJob, OnBatch, PeakMemory, Prompt, run_in_child
 
 
 def run(gguf_file: Path, job: GenerationJob, on_batch: OnBatch, gpu: bool) -> dict:
@@ -112,7 +112,8 @@ def _generate(gguf_file: str, job: GenerationJob, gpu: bool, on_batch: OnBatch) 
                     for row in job.todo[start : start + job.batch_size]
                 ]
             )
-        single = [complete(llm, ids[row], job.max_new_tokens)["seconds"] for row in job.latency_rows]
+        with DeviceCost(cuda=gpu) as device_cost:  # llama.cpp's threads are this process's
+            single = [complete(llm, ids[row], job.max_new_tokens)["seconds"] for row in job.latency_rows]
     return {
         "runtime": "llama.cpp",
         "weights_memory_bytes": Path(gguf_file).stat().st_size,
@@ -120,6 +121,7 @@ def _generate(gguf_file: str, job: GenerationJob, gpu: bool, on_batch: OnBatch) 
         "process_peak_memory_bytes": memory.process_peak_bytes,
         "load_seconds": round(load_seconds, 3),
         "single_request_seconds": single,
+        **device_cost.facts("single_request"),
         "prompt_tokens": [len(x) for x in ids],
         "device": "cuda" if gpu else "cpu",
         "threads": job.threads,

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from pipeline import models
 from pipeline.errors import PipelineError
-from pipeline.runtimes import GenerationJob, OnBatch, PeakMemory, run_in_child
+from pipeline.runtimes import DeviceCost, GenerationJob, OnBatch, PeakMemory, run_in_child
 
 
 def run(
@@ -78,7 +78,8 @@ def _generate(
         )
         for batch in batches:
             on_batch(batch)
-        single = single_request_seconds(model, tokenizer, prompts, job.latency_rows, job.max_new_tokens)
+        with DeviceCost(cuda=torch.cuda.is_available()) as device_cost:  # what one request at a time costs
+            single = single_request_seconds(model, tokenizer, prompts, job.latency_rows, job.max_new_tokens)
     return {
         "runtime": "transformers",
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -87,6 +88,7 @@ def _generate(
         "process_peak_memory_bytes": memory.process_peak_bytes,
         "load_seconds": round(load_seconds, 3),
         "single_request_seconds": single,
+        **device_cost.facts("single_request"),
         "prompt_tokens": [len(p) for p in prompts],
         "device": str(models.device()),
         "threads": torch.get_num_threads(),

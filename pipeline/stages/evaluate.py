@@ -299,6 +299,10 @@ def _cost(candidate: Candidate, facts: dict, generations: list[dict]) -> dict:
         "single_request_seconds_p95": runtimes.percentile(single, 95),
         "single_request_rows": len(single),
         "single_request_seconds": single,  # the samples: a cascade's latency mixes two models' (stages/cascade.py)
+        # what answering costs the device, one request at a time (local runtimes; an API's is its server's)
+        "cpu_seconds_per_1000_answers": _per_1000(facts.get("single_request_cpu_seconds"), len(single)),
+        "joules_per_1000_answers": _per_1000(facts.get("single_request_energy_joules"), len(single)),
+        "energy_counter": facts.get("energy_counter"),
         "generation_seconds": sum(seconds),
         "generated_tokens_per_second": tokens / sum(seconds) if tokens is not None and sum(seconds) else None,
         "generated_tokens": tokens,
@@ -308,6 +312,10 @@ def _cost(candidate: Candidate, facts: dict, generations: list[dict]) -> dict:
         "device": facts["device"],
         "threads": facts["threads"],
     }
+
+
+def _per_1000(total: float | None, answers: int) -> float | None:
+    return None if total is None or not answers else 1000 * total / answers
 
 
 def _parameters(candidate: Candidate, facts: dict) -> int:
