@@ -79,6 +79,35 @@ def _plain(value: float) -> str:
     return f"{value:,.{decimals}f}"
 
 
+def json_fields(report: dict, limit: int = 50) -> dict | None:
+    """json_match inside the object, per candidate: the object rates and each field path's F1, most expected first."""
+    scored = {n: c["metrics"]["json_match"] for n, c in report["candidates"].items() if "json_match" in c["metrics"]}
+    if not any(s.get("per_field") for s in scored.values()):
+        return None
+    support: dict[str, int] = {}
+    for s in scored.values():
+        for path, f in (s.get("per_field") or {}).items():
+            support[path] = max(support.get(path, 0), f["support"])
+    paths = sorted(support, key=lambda path: (-support[path], path))[:limit]
+    return {
+        "names": list(scored),
+        "overall": [
+            (what, [scored[n].get(key) for n in scored])
+            for key, what in (
+                ("json_valid", "valid JSON object"),
+                ("exact_object", "whole object right"),
+                ("field_precision", "field precision"),
+                ("field_recall", "field recall"),
+                ("field_f1", "field F1"),
+            )
+        ],  # fmt: skip
+        "fields": [
+            (path, support[path], [(scored[n].get("per_field") or {}).get(path, {}).get("f1") for n in scored])
+            for path in paths
+        ],
+    }
+
+
 def write(report: dict, verdict: list[str], rows: list[dict], path: Path) -> None:
     """Render the page. `rows`: per eval row {row, source, input, expected, label, answers: {name: answer},
     right: {name: bool}} (the gating metric's per-row score of 1)."""
@@ -93,6 +122,7 @@ def write(report: dict, verdict: list[str], rows: list[dict], path: Path) -> Non
         rows=rows,
         labels=sorted({r["label"] for r in rows if r["label"] is not None}),
         charts=cost_charts(report),
+        json_fields=json_fields(report),
         num=lambda x, d=3: "—" if x is None else f"{x:.{d}f}",
         mb=lambda n: "—" if n is None else f"{n / 1e6:,.0f}",
     )
