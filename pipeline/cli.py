@@ -163,6 +163,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key-env", help="require the key held in this environment variable")
     serve.set_defaults(handler=_serve)
 
+    listing = verbs.add_parser("runs", help="list the runs under a runs folder: recipe, run id, when, gates, metric")
+    listing.add_argument("name", nargs="?", metavar="NAME", help="only this recipe's runs (its name: field)")
+    listing.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders are (default: runs)")
+    listing.add_argument("--json", action="store_true", help="print the list as JSON")
+    listing.set_defaults(handler=_runs)
+
     sky = verbs.add_parser(
         "skypilot", help="install SkyPilot once per machine, in an environment of its own, for `submit sky`"
     )
@@ -386,6 +392,35 @@ def _serve_cascade(args) -> int:
     print(server.describe(), file=sys.stderr)
     print(f"serving the cascade at http://{args.host}:{args.port}/v1 (Ctrl-C stops it)", file=sys.stderr)
     cascade.run(server, args.host, args.port, args.api_key_env)
+    return 0
+
+
+def _runs(args) -> int:
+    import json
+
+    from pipeline.runs import list_runs
+
+    if not args.runs_dir.is_dir():
+        raise PipelineError(f"{args.runs_dir}: no such runs folder (--runs-dir)")
+    found = list_runs(args.runs_dir, args.name)
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    if not found:
+        print(f"no runs under {args.runs_dir}" + (f" for {args.name}" if args.name else ""))
+        return 0
+
+    def score(s: dict | None) -> str:
+        return "—" if s is None else f"{s['value']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
+
+    print("| recipe | run id | last run (UTC) | stages done | gates | metric | specialized | reference |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in found:
+        gates = {True: "passed", False: "FAILED", None: "—"}[r["gates_passed"]]
+        print(
+            f"| {r['recipe']} | {r['run_id']} | {(r['last_run'] or '—')[:19]} | {', '.join(r['stages_done']) or '—'} "
+            f"| {gates} | {r['metric'] or '—'} | {score(r['specialized'])} | {score(r['reference'])} |"
+        )
     return 0
 
 

@@ -288,3 +288,18 @@ def test_quantize_refuses_a_keep_pattern_that_names_no_module(finished_run, tiny
     args = ["quantize", tiny_recipe, "--runs-dir", run_dir.parent.parent, "--set", overrides[0]]
     assert run_cli(*args) == 2
     assert "no module of the model is named 'transformer.h.0'" in capsys.readouterr().err
+
+
+def test_runs_lists_each_run_with_its_gates_and_metric(finished_run, capsys):
+    loaded, run_dir = finished_run
+    runs = run_dir.parent.parent
+    (runs / "other" / "half-written").mkdir(parents=True)  # no manifest: not a run
+    assert run_cli("runs", "--runs-dir", runs) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if loaded.run_id in line]
+    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    value = report["candidates"]["specialized"]["metrics"]["exact_match"]["value"]
+    assert len(lines) == 1 and "| tiny-test |" in lines[0] and "| passed |" in lines[0]
+    assert f"{value:.3f}" in lines[0] and "train, quantize, evaluate, report" in lines[0]
+    assert run_cli("runs", "--runs-dir", runs, "--json", "nothing-by-this-name") == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert run_cli("runs", "--runs-dir", runs / "missing") == 2
