@@ -12,7 +12,7 @@ RECIPE_ARGS = $(RECIPE) --runs-dir $(RUNS) $(foreach s,$(SET),--set $(s)) $(if $
 TINY_MODELS := build/tiny-models/base/model.safetensors
 
 .DEFAULT_GOAL := help
-.PHONY: help setup schema bench inspect bench-train serve models llamacpp skypilot train quantize eval report publish submit validate tiny-models test lint clean
+.PHONY: help setup schema bench inspect bench-train serve models llamacpp skypilot train quantize eval report publish submit validate tiny-models compare runs test lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -82,6 +82,12 @@ bench-train: $(VENV)/.installed $(TINY_MODELS) ## the train stage vs a plain pef
 
 serve: $(VENV)/.installed ## llama.cpp's OpenAI-compatible server on MODEL (packaged:NAME or a .gguf; PORT=8080); CASCADE=recipe serves that run's cascade (FALLBACK=url)
 	$(VENV)/bin/specialist serve $(if $(CASCADE),--cascade $(CASCADE) $(if $(FALLBACK),--fallback-url $(FALLBACK)) $(if $(FALLBACK_MODEL),--fallback-model $(FALLBACK_MODEL)),$(or $(MODEL),packaged:qwen2.5-coder-1.5b-instruct)) --port $(or $(PORT),8080) $(if $(API_KEY_ENV),--api-key-env $(API_KEY_ENV))
+
+compare: $(VENV)/.installed ## runs side by side: RUNS="runs/demo/ID1 runs/demo/ID2" (folders or recipes)
+	$(VENV)/bin/specialist compare $(RUNS)
+
+runs: $(VENV)/.installed ## list the runs under runs/
+	$(VENV)/bin/specialist runs
 
 test: $(VENV)/.installed ## run the test suite (unit + integration on tiny models)
 	$(PY) -m pytest -q -rs

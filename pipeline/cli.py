@@ -163,6 +163,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key-env", help="require the key held in this environment variable")
     serve.set_defaults(handler=_serve)
 
+    comparing = verbs.add_parser(
+        "compare", help="runs of one task side by side: recipe differences, metrics with CIs, paired tests, cost"
+    )
+    comparing.add_argument("runs", nargs="+", metavar="RUN_OR_RECIPE", help="run folders (runs/NAME/ID) or recipes")
+    comparing.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders are (default: runs)")
+    comparing.set_defaults(handler=_compare)
+
     listing = verbs.add_parser("runs", help="list the runs under a runs folder: recipe, run id, when, gates, metric")
     listing.add_argument("name", nargs="?", metavar="NAME", help="only this recipe's runs (its name: field)")
     listing.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders are (default: runs)")
@@ -392,6 +399,16 @@ def _serve_cascade(args) -> int:
     print(server.describe(), file=sys.stderr)
     print(f"serving the cascade at http://{args.host}:{args.port}/v1 (Ctrl-C stops it)", file=sys.stderr)
     cascade.run(server, args.host, args.port, args.api_key_env)
+    return 0
+
+
+def _compare(args) -> int:
+    from pipeline import compare
+
+    folders = [compare.run_folder(ref, args.runs_dir) for ref in args.runs]
+    _, folder = compare.compare(folders, args.runs_dir)
+    print((folder / "compare.md").read_text())
+    print(f"wrote {folder / 'compare.md'} and {folder / 'compare.html'}", file=sys.stderr)
     return 0
 
 

@@ -6,6 +6,7 @@ the JSON fields, and every eval row side by side with filters and a text search.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -108,22 +109,44 @@ def json_fields(report: dict, limit: int = 50) -> dict | None:
     }
 
 
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined
+    )
+
+
+def write_compare(found: dict, path: Path) -> None:
+    """compare.html: runs of one task side by side (pipeline/compare.py's result), self-contained."""
+    page = (
+        _environment()
+        .get_template("compare.html.j2")
+        .render(
+            found=found,
+            runs=[r["id"] for r in found["runs"]],
+            num=lambda x, d=3: "—" if x is None else f"{x:.{d}f}",
+            dumps=lambda v: json.dumps(v),
+        )
+    )
+    write_text_atomic(path, page)
+
+
 def write(report: dict, verdict: list[str], rows: list[dict], path: Path) -> None:
     """Render the page. `rows`: per eval row {row, source, input, expected, label, answers: {name: answer},
     right: {name: bool}} (the gating metric's per-row score of 1)."""
-    environment = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined
-    )
     names = list(report["candidates"])
-    page = environment.get_template("report.html.j2").render(
-        report=report,
-        verdict=[line.removeprefix("- ").replace("**", "") for line in verdict],
-        names=names,
-        rows=rows,
-        labels=sorted({r["label"] for r in rows if r["label"] is not None}),
-        charts=cost_charts(report),
-        json_fields=json_fields(report),
-        num=lambda x, d=3: "—" if x is None else f"{x:.{d}f}",
-        mb=lambda n: "—" if n is None else f"{n / 1e6:,.0f}",
+    page = (
+        _environment()
+        .get_template("report.html.j2")
+        .render(
+            report=report,
+            verdict=[line.removeprefix("- ").replace("**", "") for line in verdict],
+            names=names,
+            rows=rows,
+            labels=sorted({r["label"] for r in rows if r["label"] is not None}),
+            charts=cost_charts(report),
+            json_fields=json_fields(report),
+            num=lambda x, d=3: "—" if x is None else f"{x:.{d}f}",
+            mb=lambda n: "—" if n is None else f"{n / 1e6:,.0f}",
+        )
     )
     write_text_atomic(path, page)

@@ -1,0 +1,193 @@
+"""`specialist compare RUN_OR_RECIPE...`: runs of one task side by side.
+
+Each run is read from its folder (report.json, results.json with per-row scores, the generations cache and
+recipe.resolved.yaml), never re-run. The comparison: what differs between the resolved recipes, every
+candidate's metric with its interval per run, each later run's specialist paired against the first's on the
+rows both evaluated (McNemar or a paired bootstrap, as the report does), what each costs, and the eval rows
+whose answer turned right or wrong. Written to runs/compare-<ids>/ as compare.json, compare.md and a
+self-contained compare.html.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import yaml
+
+from pipeline import data, sweep
+from pipeline.errors import PipelineError
+from pipeline.recipe import load_recipe
+from pipeline.render import html
+from pipeline.report import input_text
+from pipeline.runs import run_dir_for, write_json_atomic, write_text_atomic
+from pipeline.stages.evaluate import read_generations
+from pipeline.stats import paired
+
+COST_KEYS = ("size_on_disk_bytes", "peak_memory_bytes", "single_request_seconds_p50", "cpu_seconds_per_1000_answers")
+
+
+def run_folder(ref: str, runs_dir: Path) -> Path:
+    """A run folder given as itself, or a recipe file standing for its run (a sweep's: the trial it chose)."""
+    path = Path(ref)
+    if path.is_dir() and (path / "manifest.json").is_file():
+        folder = path
+    elif path.suffix in (".yaml", ".yml") and path.is_file():
+        folder = run_dir_for(sweep.main_run(load_recipe(path), runs_dir), runs_dir)
+    else:
+        raise PipelineError(f"compare: {ref} is neither a run folder (runs/NAME/ID) nor a recipe file")
+    if not (folder / "evaluate" / "report.json").is_file():
+        raise PipelineError(f"compare: {folder} has no report; finish it with `make train` (or `make report`)")
+    return folder
+
+
+def compare(folders: list[Path], out_root: Path) -> tuple[dict, Path]:
+    if len(folders) < 2:
+        raise PipelineError("compare: give at least two runs (run folders or recipes)")
+    runs = [_read(folder) for folder in folders]
+    metric = runs[0]["report"]["metric"]
+    if any(r["report"]["metric"] != metric for r in runs):
+        shown = ", ".join(f"{r['id']}: {r['report']['metric']}" for r in runs)
+        raise PipelineError(f"compare: the runs gate on different metrics ({shown}); compare runs of one task")
+    names = list(dict.fromkeys(n for r in runs for n in r["report"]["candidates"]))
+    found = {
+        "metric": metric,
+        "runs": [{"id": r["id"], "recipe": r["report"]["recipe"], "folder": str(r["folder"])} for r in runs],
+        "recipe_differences": recipe_differences([r["recipe"] for r in runs]),
+        "candidates": {name: [_scores(r["report"]["candidates"].get(name), metric) for r in runs] for name in names},
+        "versus_first": [_versus(runs[0], other, metric) for other in runs[1:]],
+    }
+    ids = "-".join(r["id"] for r in runs)
+    folder = out_root / f"compare-{hashlib.sha256(ids.encode()).hexdigest()[:12]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / "compare.json", found)
+    write_text_atomic(folder / "compare.md", "\n".join(markdown(found)) + "\n")
+    html.write_compare(found, folder / "compare.html")
+    return found, folder
+
+
+def _read(folder: Path) -> dict:
+    report = json.loads((folder / "evaluate" / "report.json").read_text())
+    results = json.loads((folder / "evaluate" / "results.json").read_text())
+    loaded = load_recipe(folder / "recipe.resolved.yaml")
+    return {
+        "folder": folder,
+        "id": folder.name,
+        "report": report,
+        "results": results,
+        "recipe": yaml.safe_load((folder / "recipe.resolved.yaml").read_text()),
+        "rows": data.load_rows(loaded.recipe.data, "eval"),
+    }
+
+
+def recipe_differences(recipes: list[dict]) -> dict[str, list]:
+    """Dotted field -> its value in each run, for the fields whose values differ (missing: None)."""
+    flat = [_flatten(r) for r in recipes]
+    keys = sorted(set().union(*flat))
+    return {
+        key: [f.get(key) for f in flat]
+        for key in keys
+        if len({json.dumps(f.get(key), sort_keys=True) for f in flat}) > 1
+    }
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict) and value:
+        out = {}
+        for key, inner in value.items():
+            out.update(_flatten(inner, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def _scores(candidate: dict | None, metric: str) -> dict | None:
+    if candidate is None:
+        return None
+    scores = candidate["metrics"][metric]
+    return {"value": scores["value"], "ci95": scores["ci95"], **{k: candidate.get(k) for k in COST_KEYS}}
+
+
+def _versus(first: dict, other: dict, metric: str, limit: int = 10) -> dict:
+    """The other run's specialist against the first's: paired on the same eval rows, and the rows that changed."""
+    same_rows = [(r.prompt, r.messages, r.target) for r in first["rows"]] == [
+        (r.prompt, r.messages, r.target) for r in other["rows"]
+    ]
+    found = {"run": other["id"], "same_eval_rows": same_rows}
+    if not same_rows:
+        return found  # different rows: the intervals above compare them, nothing pairs
+    a = first["results"]["candidates"]["specialized"]["metrics"][metric]["per_row"]
+    b = other["results"]["candidates"]["specialized"]["metrics"][metric]["per_row"]
+    test = paired(b, a)
+    answers = [
+        [g["prediction"] for g in read_generations(run["folder"] / "evaluate" / "generations" / "specialized.jsonl")]
+        for run in (first, other)
+    ]
+    changed = [
+        {"row": i, "input": input_text(row), "expected": row.target.strip(), "before": answers[0][i],
+         "after": answers[1][i], "kind": "now right" if b[i] > a[i] else "now wrong"}
+        for i, row in enumerate(first["rows"])
+        if (a[i] >= 1) != (b[i] >= 1)
+    ]  # fmt: skip
+    found.update(
+        wins=test["wins"],
+        losses=test["losses"],
+        test=test["test"],
+        p_value=test["p_value"],
+        changed_rows=len(changed),
+        changed=[c for c in changed if c["kind"] == "now right"][:limit]
+        + [c for c in changed if c["kind"] == "now wrong"][:limit],
+    )
+    return found
+
+
+def markdown(found: dict) -> list[str]:
+    runs = [r["id"] for r in found["runs"]]
+    metric = found["metric"]
+    named = ", ".join(f"{r['recipe']} `{r['id']}`" for r in found["runs"])
+    lines = [f"# Runs side by side: {named}", ""]
+    lines += ["## Recipe differences", ""]
+    if found["recipe_differences"]:
+        lines += ["| field | " + " | ".join(runs) + " |", "|---" * (len(runs) + 1) + "|"]
+        for key, values in found["recipe_differences"].items():
+            lines.append(f"| `{key}` | " + " | ".join(f"`{json.dumps(v)}`" for v in values) + " |")
+    else:
+        lines.append("The resolved recipes are the same.")
+    lines += ["", f"## {metric} [95% CI] and cost", "", "| candidate | " + " | ".join(runs) + " |",
+              "|---" * (len(runs) + 1) + "|"]  # fmt: skip
+    for name, per_run in found["candidates"].items():
+        cells = []
+        for s in per_run:
+            if s is None:
+                cells.append("—")
+                continue
+            cost = []
+            if s.get("peak_memory_bytes"):
+                cost.append(f"{s['peak_memory_bytes'] / 1e6:,.0f} MB")
+            if s.get("single_request_seconds_p50"):
+                cost.append(f"{s['single_request_seconds_p50']:.3f} s")
+            spent = f" ({', '.join(cost)})" if cost else ""
+            cells.append(f"{s['value']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]{spent}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## The specialist against the first run's, on the same rows", ""]
+    for v in found["versus_first"]:
+        if not v["same_eval_rows"]:
+            lines.append(f"- `{v['run']}`: different eval rows; compare the intervals above, nothing pairs.")
+            continue
+        lines.append(
+            f"- `{v['run']}`: right where `{runs[0]}` was wrong on {v['wins']} rows, wrong where it was right on "
+            f"{v['losses']} ({v['test']}, p = {v['p_value']:.3g})."
+        )
+        if v["changed"]:
+            lines += ["", "| row | input | expected | before | after |", "|---|---|---|---|---|"]
+            lines += [
+                f"| {c['row']} | {_cell(c['input'][-60:])} | {_cell(c['expected'])} | {_cell(c['before'])} "
+                f"| {_cell(c['after'])} |"
+                for c in v["changed"]
+            ]
+            lines.append("")
+    return lines
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")

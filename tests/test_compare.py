@@ -1,0 +1,52 @@
+"""`specialist compare`: two runs of the tiny task (LoRA rank 16 against 4) side by side: the recipe field that
+differs, each candidate's metric, the specialists paired on the same rows, and the rows that changed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.recipe import load_recipe
+from pipeline.runs import run_dir_for
+
+pytestmark = pytest.mark.integration
+
+
+def test_two_runs_of_one_task_side_by_side(tiny_recipe, write_recipe, intents_rows, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert main(["run", str(tiny_recipe), "--runs-dir", str(runs)]) == 0
+    assert main(["run", str(tiny_recipe), "--runs-dir", str(runs), "--set", "lora.r=4"]) == 0
+    first = run_dir_for(load_recipe(tiny_recipe), runs)
+    second = run_dir_for(load_recipe(tiny_recipe, ["lora.r=4"]), runs)
+    capsys.readouterr()
+    assert main(["compare", str(first), str(second), "--runs-dir", str(runs)]) == 0
+    shown = capsys.readouterr().out
+    (folder,) = runs.glob("compare-*")
+    found = json.loads((folder / "compare.json").read_text())
+    assert found["recipe_differences"] == {"lora.r": [16, 4]}
+    assert "| `lora.r` | `16` | `4` |" in shown
+    rows = [
+        json.loads((d / "evaluate" / "results.json").read_text())["candidates"]["specialized"]["metrics"]["exact_match"]
+        for d in (first, second)
+    ]
+    a, b = rows[0]["per_row"], rows[1]["per_row"]
+    (versus,) = found["versus_first"]
+    assert versus["same_eval_rows"] and versus["wins"] == sum(y > x for x, y in zip(a, b, strict=True))
+    assert versus["losses"] == sum(y < x for x, y in zip(a, b, strict=True))
+    assert versus["changed_rows"] == versus["wins"] + versus["losses"]
+    assert found["candidates"]["specialized"][1]["value"] == rows[1]["value"]
+    assert found["candidates"]["reference"][0]["value"] == found["candidates"]["reference"][1]["value"]
+    page = (folder / "compare.html").read_text()
+    assert first.name in page and second.name in page and "<script" not in page
+
+    # a run on other eval rows: its interval is shown, nothing is paired
+    train, test = intents_rows
+    shorter = tmp_path / "shorter.jsonl"
+    shorter.write_text("".join(test.read_text().splitlines(keepends=True)[:12]))
+    other = write_recipe(f"extends: {tiny_recipe.name}\ndata: {{eval: {shorter}}}\n", "other.yaml")
+    assert main(["run", str(other), "--runs-dir", str(runs)]) == 0
+    assert main(["compare", str(first), str(other), "--runs-dir", str(runs)]) == 0
+    assert "different eval rows" in capsys.readouterr().out
+    assert main(["compare", str(first)]) == 2  # one run is not a comparison
