@@ -708,6 +708,17 @@ def flipped_rows(
     return flips
 
 
+def page_rows(loaded: LoadedRecipe, run_dir: Path, report: dict) -> list[dict]:
+    """side_by_side for a finished run, read from its folder (what publish puts in a bundle's report.html)."""
+    from pipeline import data
+
+    results = json.loads((run_dir / "evaluate" / "results.json").read_text())
+    generations = {
+        name: read_generations(run_dir / "evaluate" / "generations" / f"{name}.jsonl") for name in results["candidates"]
+    }
+    return side_by_side(report, results, generations, data.load_rows(loaded.recipe.data, "eval"))
+
+
 def side_by_side(report: dict, results: dict, generations: dict[str, list[dict]], rows: list) -> list[dict]:
     """Every eval row with each candidate's answer and whether the gating metric scored it right (1 per row)."""
     metric, labels = report["metric"], "labels" in report

@@ -275,7 +275,9 @@ def test_rows_of_the_data_go_to_a_private_repo_and_not_to_a_public_one(finished,
 
     def data_in(files: dict[str, bytes]) -> set[str]:
         texts = [
-            content.decode("utf-8", "replace") for name, content in files.items() if name.endswith((".md", ".json"))
+            content.decode("utf-8", "replace")
+            for name, content in files.items()
+            if name.endswith((".md", ".json", ".html"))
         ]
         return {text for text in inputs if any(text in content for content in texts)}
 

@@ -62,7 +62,10 @@ def cost_charts(report: dict) -> str:
         figure.update_xaxes(type="log", tickvals=ticks, ticktext=[_plain(t) for t in ticks], row=1, col=column)
     figure.update_yaxes(title_text=metric, row=1, col=1)
     figure.update_layout(height=420, margin={"l": 60, "r": 20, "t": 40, "b": 40}, template="plotly_white")
-    return pio.to_html(figure, include_plotlyjs=True, full_html=False, config={"displaylogo": False})
+    # a fixed id: the same report gives the same bytes (a bundle is rebuilt identically)
+    return pio.to_html(
+        figure, include_plotlyjs=True, full_html=False, config={"displaylogo": False}, div_id="cost-charts"
+    )
 
 
 def readable_ticks(values: list[float]) -> list[float]:
@@ -130,23 +133,25 @@ def write_compare(found: dict, path: Path) -> None:
     write_text_atomic(path, page)
 
 
-def write(report: dict, verdict: list[str], rows: list[dict], path: Path) -> None:
-    """Render the page. `rows`: per eval row {row, source, input, expected, label, answers: {name: answer},
-    right: {name: bool}} (the gating metric's per-row score of 1)."""
-    names = list(report["candidates"])
-    page = (
+def write(report: dict, verdict: list[str], rows: list[dict] | None, path: Path) -> None:
+    write_text_atomic(path, render(report, verdict, rows))
+
+
+def render(report: dict, verdict: list[str], rows: list[dict] | None) -> str:
+    """The page. `rows`: per eval row {row, source, input, expected, label, answers: {name: answer}, right: {name:
+    bool}} (the gating metric's per-row score of 1); None where the rows' text must stay out (a public bundle)."""
+    return (
         _environment()
         .get_template("report.html.j2")
         .render(
             report=report,
             verdict=[line.removeprefix("- ").replace("**", "") for line in verdict],
-            names=names,
+            names=list(report["candidates"]),
             rows=rows,
-            labels=sorted({r["label"] for r in rows if r["label"] is not None}),
+            labels=sorted({r["label"] for r in rows or [] if r["label"] is not None}),
             charts=cost_charts(report),
             json_fields=json_fields(report),
             num=lambda x, d=3: "—" if x is None else f"{x:.{d}f}",
             mb=lambda n: "—" if n is None else f"{n / 1e6:,.0f}",
         )
     )
-    write_text_atomic(path, page)

@@ -22,6 +22,7 @@ import yaml
 from pipeline.errors import PipelineError, RemoteError
 from pipeline.models import PACKAGED
 from pipeline.recipe import LoadedRecipe
+from pipeline.render import html
 from pipeline.render.sweep import curve_markdown, sweep_markdown
 from pipeline.report import (
     candidates_table,
@@ -30,6 +31,7 @@ from pipeline.report import (
     failed_gates,
     fidelity_markdown,
     gates_markdown,
+    page_rows,
     render_markdown,
     verdict,
 )
@@ -136,6 +138,8 @@ def build_bundle(loaded: LoadedRecipe, run_dir: Path, report: dict) -> Bundle:
     (tmp / "report.json").write_text(public_text(json.dumps(shown, indent=2, sort_keys=False) + "\n"))
     flips = shown.get("flipped_rows", [])
     (tmp / "report.md").write_text(public_text(render_markdown(shown, flips, "report.png")))
+    rows = page_rows(loaded, run_dir, shown) if examples else None  # a public page: no row of the data
+    (tmp / "report.html").write_text(public_text(html.render(shown, verdict(shown), rows)))
     _link_or_copy(run_dir / "evaluate" / "report.png", tmp / "report.png")
     for plot in PLOTS:  # a sweep's trials, a learning curve, a cascade: where the report has them
         if (run_dir / "evaluate" / plot).is_file():
