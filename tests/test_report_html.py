@@ -87,7 +87,9 @@ def test_the_report_page_opens_offline_filters_its_rows_and_sorts(tiny_recipe, t
     values = [float(c.get_attribute("data-sort")) for c in cells]
     assert values == sorted(values)
 
-    assert browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")  # the charts drew
+    # the charts drew: the costs, and the specialist's confusion matrix (10 labels: few enough to show)
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")) == 2
+    assert browser.find_element(By.ID, "confusion-matrix").is_displayed()
     errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert errors == []
     shot = tmp_path / "report.png"

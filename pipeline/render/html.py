@@ -68,6 +68,40 @@ def cost_charts(report: dict) -> str:
     )
 
 
+def confusion_chart(report: dict, most_labels: int = 30) -> str | None:
+    """The specialist's confusion matrix (expected label by row, its answer by column; answers outside the label
+    set in one "other" column) where the labels are few enough to read; None otherwise. After cost_charts, whose
+    figure carries the chart library."""
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    found = (report.get("labels") or {}).get("candidates", {}).get("specialized")
+    if not found or len(found["per_label"]) > most_labels:
+        return None
+    labels = list(found["per_label"])
+    columns = [*labels, "other"]
+    counts = {e: dict.fromkeys(columns, 0) for e in labels}
+    for e, scores in found["per_label"].items():
+        counts[e][e] = round(scores["recall"] * scores["support"])
+    for pair in found["confusions"]:
+        if pair["expected"] in counts:
+            column = pair["answered"] if pair["answered"] in counts else "other"
+            counts[pair["expected"]][column] += pair["rows"]
+    z = [[counts[e][a] for a in columns] for e in labels]
+    figure = go.Figure(
+        go.Heatmap(
+            z=z, x=columns, y=labels, colorscale="Blues", text=z, texttemplate="%{text}", showscale=False,
+            hovertemplate="expected %{y}, answered %{x}: %{z} rows<extra></extra>",
+        )
+    )  # fmt: skip
+    figure.update_layout(
+        height=120 + 22 * len(labels), margin={"l": 140, "r": 20, "t": 20, "b": 120}, template="plotly_white",
+        xaxis={"title": "the specialist answered", "tickangle": -45},
+        yaxis={"title": "expected", "autorange": "reversed"},
+    )  # fmt: skip
+    return pio.to_html(figure, include_plotlyjs=False, full_html=False, div_id="confusion-matrix")
+
+
 def readable_ticks(values: list[float]) -> list[float]:
     """1, 2, 5 per decade over the values' range (at least one tick below and above each value)."""
     if not values:
@@ -150,6 +184,7 @@ def render(report: dict, verdict: list[str], rows: list[dict] | None) -> str:
             rows=rows,
             labels=sorted({r["label"] for r in rows or [] if r["label"] is not None}),
             charts=cost_charts(report),
+            confusion=confusion_chart(report),
             json_fields=json_fields(report),
             num=lambda x, d=3: "—" if x is None else f"{x:.{d}f}",
             mb=lambda n: "—" if n is None else f"{n / 1e6:,.0f}",
