@@ -9,15 +9,7 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import EXIT_CRASHED, EXIT_GATES_FAILED, PipelineError
-
-STAGE_NAMES = (
-    "distill",
-    "train",
-    "quantize",
-    "evaluate",
-    "cascade",
-    "report",
-)  # pipeline.runner.STAGE_ORDER, without importing torch
+from pipeline.runs import STAGE_ORDER  # not pipeline.runner's import of the stages: no torch to print --help
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="a sweep recipe: train and score trial N only (what each task of a Slurm job array runs)",
     )
-    for stage in STAGE_NAMES:
+    for stage in STAGE_ORDER:
         recipe_verb(
             stage if stage != "evaluate" else "eval",
             _run_one(stage),

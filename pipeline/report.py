@@ -16,8 +16,8 @@ from pipeline import label_errors
 from pipeline.errors import PipelineError
 from pipeline.metrics import score_function
 from pipeline.recipe import LoadedRecipe
-from pipeline.render import html
-from pipeline.render.plots import pyplot, save
+from pipeline.render import html, tables
+from pipeline.render.plots import clear_of, pyplot, save, tick_label
 from pipeline.render.sweep import curve_markdown, sweep_markdown, write_curve_plot, write_sweep_plot
 from pipeline.runs import (
     done_fingerprint,
@@ -253,10 +253,10 @@ def labels_markdown(report: dict, limit: int = 20) -> list[str]:
 def json_fields_markdown(report: dict, limit: int = 20) -> list[str]:
     """json_match inside the object: per candidate the whole-object rate and field precision / recall / F1, then
     each field path's F1 (the most frequent first), so a reader sees which fields extraction gets wrong."""
-    scored = {n: c["metrics"]["json_match"] for n, c in report["candidates"].items() if "json_match" in c["metrics"]}
-    if not scored or not any(s.get("per_field") for s in scored.values()):
+    found = tables.json_fields(report, limit)
+    if found is None:
         return []
-    names = list(scored)
+    names = found["names"]
     lines = [
         "## JSON fields",
         "",
@@ -265,21 +265,12 @@ def json_fields_markdown(report: dict, limit: int = 20) -> list[str]:
         "| | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
     ]
-    for key, what in (("json_valid", "valid JSON object"), ("exact_object", "whole object right"),
-                      ("field_precision", "field precision"), ("field_recall", "field recall"),
-                      ("field_f1", "field F1")):  # fmt: skip
-        lines.append(f"| {what} | " + " | ".join(_num(scored[n].get(key)) for n in names) + " |")
-    support = {}
-    for s in scored.values():
-        for path, f in (s.get("per_field") or {}).items():
-            support[path] = max(support.get(path, 0), f["support"])
-    shown = sorted(support, key=lambda path: (-support[path], path))[:limit]
+    lines += [f"| {what} | " + " | ".join(_num(v) for v in values) + " |" for what, values in found["overall"]]
     lines += ["", "| field (expected count) | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for path in shown:
-        cells = [_num((scored[n].get("per_field") or {}).get(path, {}).get("f1")) for n in names]
-        lines.append(f"| `{path}` ({support[path]}) | " + " | ".join(cells) + " |")
-    if len(support) > limit:
-        lines.append(f"\n{len(support) - limit} more fields in report.json (`metrics.json_match.per_field`).")
+    for path, support, values in found["fields"]:
+        lines.append(f"| `{path}` ({support}) | " + " | ".join(_num(v) for v in values) + " |")
+    if found["more"]:
+        lines.append(f"\n{found['more']} more fields in report.json (`metrics.json_match.per_field`).")
     return [*lines, ""]
 
 
@@ -991,14 +982,14 @@ def write_plot(report: dict, path: Path) -> None:
                 [x], [m["value"]], yerr=error, fmt=marker, capsize=4, color=color, markersize=7, label=name + runtime
             )
             # the number itself beside its point, where it does not fall on another's (the ticks read the rest)
-            if all(abs(math.log10(x / ox)) > 0.25 or abs(m["value"] - oy) > 0.06 for ox, oy in labelled):
+            if clear_of(x, m["value"], labelled):
                 value = f"{x:,.0f} MB" if key.endswith("bytes") else f"{x:.3g} s"
                 axis.annotate(value, (x, m["value"]), textcoords="offset points", xytext=(6, -10), fontsize=7)
                 labelled.append((x, m["value"]))
         axis.set_xscale("log")
         # log axes with ticks a reader can read: 1, 2, 5 per decade, written as plain numbers
         axis.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.{_decimals(v)}f}"))
+        axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: tick_label(v)))
         axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.set_xlabel(label)
         axis.grid(alpha=0.3)
@@ -1008,11 +999,6 @@ def write_plot(report: dict, path: Path) -> None:
     figure.suptitle(f"{report['recipe']}: {metric} vs what it costs to run ({report['eval_rows']} rows)")
     figure.tight_layout(rect=(0, 0, 0.86, 1))
     save(figure, path)  # tight: the legend sits outside the axes
-
-
-def _decimals(value: float) -> int:
-    """Decimals that show a 1-2-5 tick as written (0.05, 0.2, 5, 2,000)."""
-    return max(0, -math.floor(math.log10(value))) if value > 0 else 0
 
 
 def _mb(n: int | None) -> str:

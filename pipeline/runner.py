@@ -9,10 +9,18 @@ from pipeline import report
 from pipeline.data import data_fingerprint
 from pipeline.models import recorded_references
 from pipeline.recipe import LoadedRecipe
-from pipeline.runs import in_launched_process, is_done, log, prepare_run_dir, record_stage_run, run_dir_for, run_lock
+from pipeline.runs import (
+    STAGE_ORDER,
+    in_launched_process,
+    is_done,
+    log,
+    prepare_run_dir,
+    record_stage_run,
+    run_dir_for,
+    run_lock,
+)
 from pipeline.stages import cascade, distill, evaluate, quantize, train
 
-STAGE_ORDER = ("distill", "train", "quantize", "evaluate", "cascade", "report")
 STAGES = {
     "distill": distill,
     "train": train,

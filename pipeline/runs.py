@@ -440,7 +440,8 @@ def log(stage: str, message: str) -> None:
     print(f"[{stage}] {message}", file=sys.stderr, flush=True)
 
 
-STAGE_FOLDERS = ("distill", "train", "quantize", "evaluate", "cascade", "report")  # pipeline.runner.STAGE_ORDER
+# a run's stages in order, each with its folder: here, so the cli and the listing need not import the stages (torch)
+STAGE_ORDER = ("distill", "train", "quantize", "evaluate", "cascade", "report")
 
 
 def list_runs(runs_root: Path, name: str | None = None) -> list[dict]:
@@ -459,7 +460,7 @@ def list_runs(runs_root: Path, name: str | None = None) -> list[dict]:
             "run_id": run_dir.name,
             "recipe_file": manifest.get("recipe"),
             "last_run": invocations[-1].get("started_at"),
-            "stages_done": [s for s in STAGE_FOLDERS if (run_dir / s / DONE_MARKER).is_file()],
+            "stages_done": [s for s in STAGE_ORDER if (run_dir / s / DONE_MARKER).is_file()],
             "gates_passed": None,
             "metric": None,
             "specialized": None,

@@ -32,13 +32,18 @@ class LlamaServer:
         return sum("POST /v1/" in line for line in self.log.read_text(errors="replace").splitlines())
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout=10)
+
+
+def stop_process(process: subprocess.Popen, timeout: float) -> None:
+    """Terminate a server the tests started, and kill it if it does not go within `timeout` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def free_port() -> int:

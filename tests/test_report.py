@@ -312,9 +312,9 @@ def test_errors_by_label_count_each_labels_precision_recall_and_confusions():
 
 
 def test_log_axis_ticks_are_written_as_plain_numbers():
-    from pipeline.report import _decimals
+    from pipeline.render.plots import tick_label
 
-    assert [f"{v:,.{_decimals(v)}f}" for v in (0.05, 0.2, 1.0, 2.0, 500.0, 2000.0)] == [
+    assert [tick_label(v) for v in (0.05, 0.2, 1.0, 2.0, 500.0, 2000.0)] == [
         "0.05", "0.2", "1", "2", "500", "2,000"
     ]  # fmt: skip
 

@@ -96,12 +96,7 @@ class Cascade:
             return error.code, dict(error.headers), json.load(error)
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        llama_server.stop_process(self.process, timeout=20)
 
 
 def _generations(run_dir: Path, name: str) -> dict[int, dict]:

@@ -13,6 +13,7 @@ A recipe may also name its own metric as `path/to/file.py:function` (relative to
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -71,6 +72,15 @@ class RowMetric(evaluate.Metric):
     def _compute(self, predictions, references, ignore_case=False):
         value, per_row = self.score(predictions, references, ignore_case)
         return {self.NAME: value, "per_row": per_row, "mean_of_rows": self.MEAN_OF_ROWS}
+
+
+def parse_json_object(text: str) -> dict | None:
+    """The text as a JSON object, or None where it does not parse or is not an object (json_match, json_top_level)."""
+    try:
+        value = json.loads(text.strip())
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def mean(values: list[float]) -> float:

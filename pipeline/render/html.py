@@ -12,6 +12,8 @@ from pathlib import Path
 
 import jinja2
 
+from pipeline.render import tables
+from pipeline.render.plots import clear_of, tick_label
 from pipeline.runs import write_text_atomic
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -44,7 +46,7 @@ def cost_charts(report: dict) -> str:
             xs.append(x)
             text = f"{x:,.0f} MB" if key.endswith("bytes") else f"{x:.3g} s"
             # the value beside its point where it does not fall on another's (hovering shows every one)
-            shown = all(abs(math.log10(x / ox)) > 0.25 or abs(m["value"] - oy) > 0.06 for ox, oy in labelled)
+            shown = clear_of(x, m["value"], labelled)
             labelled += [(x, m["value"])] if shown else []
             figure.add_trace(
                 go.Scatter(
@@ -59,7 +61,7 @@ def cost_charts(report: dict) -> str:
                 row=1, col=column,
             )  # fmt: skip
         ticks = readable_ticks(xs)
-        figure.update_xaxes(type="log", tickvals=ticks, ticktext=[_plain(t) for t in ticks], row=1, col=column)
+        figure.update_xaxes(type="log", tickvals=ticks, ticktext=[tick_label(t) for t in ticks], row=1, col=column)
     figure.update_yaxes(title_text=metric, row=1, col=1)
     figure.update_layout(height=420, margin={"l": 60, "r": 20, "t": 40, "b": 40}, template="plotly_white")
     # a fixed id: the same report gives the same bytes (a bundle is rebuilt identically)
@@ -112,40 +114,6 @@ def readable_ticks(values: list[float]) -> list[float]:
     return inside or ticks
 
 
-def _plain(value: float) -> str:
-    decimals = max(0, -math.floor(math.log10(value))) if value > 0 else 0
-    return f"{value:,.{decimals}f}"
-
-
-def json_fields(report: dict, limit: int = 50) -> dict | None:
-    """json_match inside the object, per candidate: the object rates and each field path's F1, most expected first."""
-    scored = {n: c["metrics"]["json_match"] for n, c in report["candidates"].items() if "json_match" in c["metrics"]}
-    if not any(s.get("per_field") for s in scored.values()):
-        return None
-    support: dict[str, int] = {}
-    for s in scored.values():
-        for path, f in (s.get("per_field") or {}).items():
-            support[path] = max(support.get(path, 0), f["support"])
-    paths = sorted(support, key=lambda path: (-support[path], path))[:limit]
-    return {
-        "names": list(scored),
-        "overall": [
-            (what, [scored[n].get(key) for n in scored])
-            for key, what in (
-                ("json_valid", "valid JSON object"),
-                ("exact_object", "whole object right"),
-                ("field_precision", "field precision"),
-                ("field_recall", "field recall"),
-                ("field_f1", "field F1"),
-            )
-        ],  # fmt: skip
-        "fields": [
-            (path, support[path], [(scored[n].get("per_field") or {}).get(path, {}).get("f1") for n in scored])
-            for path in paths
-        ],
-    }
-
-
 def _environment() -> jinja2.Environment:
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined
@@ -185,7 +153,7 @@ def render(report: dict, verdict: list[str], rows: list[dict] | None) -> str:
             labels=sorted({r["label"] for r in rows or [] if r["label"] is not None}),
             charts=cost_charts(report),
             confusion=confusion_chart(report),
-            json_fields=json_fields(report),
+            json_fields=tables.json_fields(report, limit=50),
             num=lambda x, d=3: "—" if x is None else f"{x:.{d}f}",
             mb=lambda n: "—" if n is None else f"{n / 1e6:,.0f}",
         )

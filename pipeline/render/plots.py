@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 
@@ -23,3 +24,14 @@ def save(figure, path: Path, tight: bool = True) -> None:
     figure.savefig(tmp, dpi=110, **({"bbox_inches": "tight"} if tight else {}))
     plt.close(figure)
     tmp.replace(path)
+
+
+def tick_label(value: float) -> str:
+    """A log axis's 1-2-5 tick written as the number it is (0.05, 0.2, 5, 2,000), not as a power of ten."""
+    decimals = max(0, -math.floor(math.log10(value))) if value > 0 else 0
+    return f"{value:,.{decimals}f}"
+
+
+def clear_of(x: float, y: float, labelled: list[tuple[float, float]]) -> bool:
+    """Whether a value written beside the point (x on a log axis, y linear) keeps clear of those already written."""
+    return all(abs(math.log10(x / ox)) > 0.25 or abs(y - oy) > 0.06 for ox, oy in labelled)

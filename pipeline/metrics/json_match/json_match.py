@@ -12,14 +12,7 @@ from collections import Counter
 
 from pipeline import metrics
 from pipeline.metrics import mean
-
-
-def parse_object(text: str):
-    try:
-        value = json.loads(text.strip())
-    except json.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
+from pipeline.metrics import parse_json_object as parse_object
 
 
 def fields(value, path: str = "") -> Counter:

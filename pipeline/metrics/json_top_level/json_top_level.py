@@ -3,18 +3,9 @@ object; a row scores the share of its top-level keys that the prediction, parsed
 equal values (0 if the prediction is not valid JSON; a nested object counts as one value, extra predicted keys
 cost nothing). Also returns json_valid, the share of predictions that parse as a JSON object."""
 
-import json
-
 from pipeline import metrics
 from pipeline.metrics import mean
-
-
-def parse_object(text: str):
-    try:
-        value = json.loads(text.strip())
-    except json.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
+from pipeline.metrics import parse_json_object as parse_object
 
 
 def field_match(prediction: str, reference: str) -> float:

@@ -1,0 +1,34 @@
+"""Tables the report shows both as Markdown and as its page: the data of each, shaped once."""
+
+from __future__ import annotations
+
+
+def json_fields(report: dict, limit: int = 50) -> dict | None:
+    """json_match inside the object, per candidate: the object rates and each field path's F1, most expected first
+    (`limit` of them; `more`: how many are left out). None without per-field scores."""
+    scored = {n: c["metrics"]["json_match"] for n, c in report["candidates"].items() if "json_match" in c["metrics"]}
+    if not any(s.get("per_field") for s in scored.values()):
+        return None
+    support: dict[str, int] = {}
+    for s in scored.values():
+        for path, f in (s.get("per_field") or {}).items():
+            support[path] = max(support.get(path, 0), f["support"])
+    paths = sorted(support, key=lambda path: (-support[path], path))[:limit]
+    return {
+        "names": list(scored),
+        "overall": [
+            (what, [scored[n].get(key) for n in scored])
+            for key, what in (
+                ("json_valid", "valid JSON object"),
+                ("exact_object", "whole object right"),
+                ("field_precision", "field precision"),
+                ("field_recall", "field recall"),
+                ("field_f1", "field F1"),
+            )
+        ],  # fmt: skip
+        "fields": [
+            (path, support[path], [(scored[n].get("per_field") or {}).get(path, {}).get("f1") for n in scored])
+            for path in paths
+        ],
+        "more": max(0, len(support) - limit),
+    }
