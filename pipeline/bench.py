@@ -17,9 +17,10 @@ import time
 import torch
 
 from pipeline import data, models
-from pipeline.recipe import LoadedRecipe
+from pipeline.recipe import LoadedRecipe, load_recipe
 from pipeline.runtimes import PeakMemory
 from pipeline.runtimes.transformers import eos_token_ids, generate_batches, until_eos
+from pipeline.stages import train as train_stage
 
 
 def naive_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
@@ -155,8 +156,6 @@ def _train_way(recipe_path: str, overrides: list[str], way: str) -> dict:
     import tempfile
     from pathlib import Path
 
-    from pipeline.recipe import load_recipe
-
     loaded = load_recipe(recipe_path, overrides)
     recipe = loaded.recipe
     source = models.resolve_model(recipe.model.base)
@@ -170,11 +169,9 @@ def _train_way(recipe_path: str, overrides: list[str], way: str) -> dict:
         if way == "train stage":
             from peft import PeftModel
 
-            from pipeline.stages import train
-
             with tempfile.TemporaryDirectory() as folder:
                 run_dir = Path(folder)
-                result = train.run(loaded, run_dir)
+                result = train_stage.run(loaded, run_dir)
                 losses = [json.loads(line)["loss"] for line in (run_dir / "train" / "metrics.jsonl").open()]
                 base = models.load_model(source, models.compute_dtype(recipe.model.dtype))
                 model = PeftModel.from_pretrained(base, run_dir / "train" / "adapter")
@@ -211,13 +208,11 @@ def _plain_loop(recipe, source, examples, pad_id):
     from peft import get_peft_model
     from transformers import get_linear_schedule_with_warmup, set_seed
 
-    from pipeline.stages.train import lora_config
-
     train = recipe.train
     set_seed(train.seed)
     model = models.load_model(source, models.compute_dtype(recipe.model.dtype))
     model.config.use_cache = False
-    model = get_peft_model(model, lora_config(recipe.lora))  # the train stage's own LoRA settings
+    model = get_peft_model(model, train_stage.lora_config(recipe.lora))  # the train stage's own LoRA settings
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=train.lr, weight_decay=train.weight_decay)

@@ -236,7 +236,7 @@ def _report_exit(report: dict | None, run_dir: Path) -> int:
         return 0
     print(run_dir / "evaluate" / "report.md")
     if not report["gates"]["passed"]:
-        from pipeline.report import failed_gates
+        from pipeline.stages.report import failed_gates
 
         print(f"gates failed: {', '.join(failed_gates(report))}", file=sys.stderr)
         return EXIT_GATES_FAILED

@@ -20,7 +20,6 @@ from pipeline import data, sweep
 from pipeline.errors import PipelineError
 from pipeline.recipe import load_recipe
 from pipeline.render import html
-from pipeline.report import input_text
 from pipeline.runs import run_dir_for, write_json_atomic, write_text_atomic
 from pipeline.stages.evaluate import read_generations
 from pipeline.stats import paired
@@ -124,7 +123,7 @@ def _versus(first: dict, other: dict, metric: str, limit: int = 10) -> dict:
         for run in (first, other)
     ]
     changed = [
-        {"row": i, "input": input_text(row), "expected": row.target.strip(), "before": answers[0][i],
+        {"row": i, "input": row.input_text(), "expected": row.target.strip(), "before": answers[0][i],
          "after": answers[1][i], "kind": "now right" if b[i] > a[i] else "now wrong"}
         for i, row in enumerate(first["rows"])
         if (a[i] >= 1) != (b[i] >= 1)

@@ -50,6 +50,12 @@ class TaskRow:
             return json.dumps(self.messages[:-1])
         return f"{self.prompt} {self.target}".strip() if self.plain else self.prompt
 
+    def input_text(self) -> str:
+        """What the row asked: the prompt, or the last user turn of a conversation."""
+        if self.messages is None:
+            return self.prompt
+        return next((m["content"] for m in reversed(self.messages) if m["role"] == "user"), "")
+
     def dedup_key(self) -> str:
         """exact_key after lowercasing and collapsing whitespace."""
         return re.sub(r"\s+", " ", self.exact_key()).strip().lower()
@@ -189,7 +195,7 @@ def _read_hub(ref: str, section: DataSection, split: str) -> list[tuple[str, dic
     try:
         table = datasets.load_dataset(name, section.hub_config, split=split_name, revision=revision or None)
     except Exception as e:  # noqa: BLE001 - network, missing split, missing config: each a clear message
-        from pipeline.models import hub_failure_in_chain
+        from pipeline.models import hub_failure_in_chain  # here: models loads torch, which data need not
 
         failure = hub_failure_in_chain(e, f"hub:{ref}")
         if isinstance(failure, RemoteError):  # retry later (exit 3), not a recipe to fix

@@ -1040,7 +1040,7 @@ def _publish_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
 
 def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     """Rules that span fields, which users would otherwise learn from a crash or a wasted run."""
-    from pipeline.metrics import available_metrics
+    from pipeline.metrics import available_metrics  # here: metrics loads evaluate + datasets (seconds)
 
     problems = []
     known_metrics = available_metrics()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import report
 from pipeline.data import data_fingerprint
 from pipeline.models import recorded_references
 from pipeline.recipe import LoadedRecipe
@@ -19,7 +18,7 @@ from pipeline.runs import (
     run_dir_for,
     run_lock,
 )
-from pipeline.stages import cascade, distill, evaluate, quantize, train
+from pipeline.stages import cascade, distill, evaluate, quantize, report, train
 
 STAGES = {
     "distill": distill,

@@ -440,6 +440,8 @@ def log(stage: str, message: str) -> None:
     print(f"[{stage}] {message}", file=sys.stderr, flush=True)
 
 
+# written into a run folder by pipeline/sweep.py (the sweep that chose it, its learning curve); read by its report
+SWEEP_FILE, CURVE_FILE = "sweep.json", "curve.json"
 # a run's stages in order, each with its folder: here, so the cli and the listing need not import the stages (torch)
 STAGE_ORDER = ("distill", "train", "quantize", "evaluate", "cascade", "report")
 

@@ -32,10 +32,12 @@ import yaml
 
 from pipeline import data, runner, stats
 from pipeline.errors import PipelineError
+from pipeline.metrics import metric_interval
 from pipeline.recipe import LoadedRecipe, load_recipe
 from pipeline.render.sweep import curve_markdown, sweep_markdown, write_curve_plot, write_sweep_plot
-from pipeline.report import CURVE_FILE, SWEEP_FILE, metric_interval
 from pipeline.runs import (
+    CURVE_FILE,
+    SWEEP_FILE,
     done_fingerprint,
     is_done,
     log,

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline import data, models
+from pipeline import data, gguf_export, llamacpp_install, models, sweep
 from pipeline.errors import PipelineError, RemoteError
-from pipeline.recipe import LoadedRecipe, RecipeError
+from pipeline.metrics import score_rows, user_metric
+from pipeline.recipe import DataSection, LoadedRecipe, ModelSection, RecipeError
+from pipeline.stages import distill
 
 
 def check(loaded: LoadedRecipe) -> dict:
@@ -37,8 +39,6 @@ def check(loaded: LoadedRecipe) -> dict:
         raise PipelineError("\n".join([*problems, *([str(unreachable)] if unreachable else [])]))
     train_rows, eval_rows = splits.train, splits.eval
     if recipe.distill:
-        from pipeline.stages import distill
-
         inputs = distill.teacher_rows(recipe)  # every input renders through the teacher's prompt
         notes.append(
             f"distill: the teacher ({recipe.teacher().model}) labels {len(inputs)} inputs from "
@@ -123,8 +123,6 @@ def check(loaded: LoadedRecipe) -> dict:
 def _sweep_lines(loaded: LoadedRecipe, problems: list, notes: list) -> list[str]:
     """What a sweep / learning curve will run, in words; every trial loaded (a bad value is found now, at the
     line of the sweep that names it) and every swept base model checked."""
-    from pipeline import sweep
-
     recipe, lines = loaded.recipe, []
     if recipe.sweep is not None:
         try:
@@ -189,8 +187,6 @@ def _training_lengths(loaded: LoadedRecipe, base: models.ModelSource, train_rows
 def _metric_problems(loaded: LoadedRecipe, eval_rows: list | None) -> list[str]:
     """Each metric of the user's own loads, and scores a few eval rows (their targets as predictions) with
     one finite number each: a metric that raises is found now, not after training."""
-    from pipeline.metrics import score_rows, user_metric
-
     problems = []
     targets = [row.target for row in (eval_rows or [])[:4]] or ["an answer", "another answer"]
     for i, name in enumerate(loaded.recipe.evaluate.metrics):
@@ -232,8 +228,6 @@ def problems_beside(error: RecipeError) -> list[str]:
     and rows and their model, so that one validate pass reports every problem at once."""
     from pydantic import ValidationError
 
-    from pipeline.recipe import DataSection, ModelSection
-
     if "*" in error.bad_sections:
         return []
     problems: list[str] = []
@@ -261,8 +255,6 @@ def problems_beside(error: RecipeError) -> list[str]:
 
 def _llamacpp_problems(loaded: LoadedRecipe, notes: list[str]) -> list[str]:
     """GGUF variants need llama.cpp: built once per machine, which needs cmake and a C++ compiler."""
-    from pipeline import gguf_export, llamacpp_install
-
     recipe = loaded.recipe
     first = next((i for i, v in enumerate(recipe.quantize) if v.kind == "gguf"), None)
     if first is None:

@@ -263,7 +263,8 @@ def test_a_teacher_stopped_mid_labelling_resumes_without_asking_a_row_twice(
 
 def test_a_priced_teacher_behind_an_api_puts_its_labelling_cost_in_the_report():
     from pipeline.recipe import PriceSection
-    from pipeline.report import distillation, distillation_markdown
+    from pipeline.render.markdown import distillation_markdown
+    from pipeline.stages.report import distillation
 
     labelling = {
         "teacher": "gpt-x", "inputs": 400, "labelled": 390, "dropped": 10, "teacher_seconds": 200.0,

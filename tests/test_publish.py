@@ -290,6 +290,11 @@ def test_rows_of_the_data_go_to_a_private_repo_and_not_to_a_public_one(finished,
     # and a wrong answer that quotes its row, among the confusions of the errors by label
     confusion = {"expected": first["label"], "answered": first["text"], "rows": 1}
     report["labels"]["candidates"]["specialized"]["confusions"].insert(0, confusion)
+    # and an answer that is not JSON, quoting another row, among the answers' examples
+    second = read_jsonl(recipe.parent / "test.jsonl")[1][1]
+    example = {"row": 1, "answer": second["text"], "cut_off": False}
+    invalid = {"count": 1, "share": 0.04, "cut_off": 0, "rows": [1], "examples": [example]}
+    report["answers"]["candidates"]["specialized"]["invalid_json"] = invalid
     report_path.write_text(json.dumps(report))  # a flipped row, whatever the tiny models happened to answer
     try:
         _check_examples_by_privacy(finished, run_dir, data_in, capfd)
@@ -302,6 +307,7 @@ def _check_examples_by_privacy(finished, run_dir, data_in, capfd):
     private = bundle_files(run_dir)
     report = json.loads(private["report.json"])
     assert report["flipped_rows"] and data_in(private)
+    assert read_jsonl(finished[0].parent / "test.jsonl")[1][1]["text"] in data_in(private)  # the answer example
     assert "## Rows that flipped" in private["report.md"].decode()
     card = private["README.md"].decode()
     assert "## Data in this repository" in card and "the first evaluation row's prompt" in card

@@ -5,7 +5,8 @@ import pytest
 
 from pipeline.metrics import available_metrics, metric_path, score_function
 from pipeline.recipe import load_recipe
-from pipeline.report import build_report, render_markdown
+from pipeline.render.markdown import render_markdown
+from pipeline.stages.report import build_report
 from pipeline.stats import bootstrap_ci, gap_closed, mcnemar_exact_p
 
 
@@ -216,7 +217,7 @@ def test_json_match_scores_nested_fields_list_items_and_extra_fields():
     assert time["support"] == 0 and time["precision"] == 0.0 and time["recall"] is None
     assert out["per_field"]["tags[]"]["recall"] == pytest.approx(3 / 8)
     # the report's JSON fields section: per candidate the object rates, then each field's F1, most expected first
-    from pipeline.report import json_fields_markdown
+    from pipeline.render.markdown import json_fields_markdown
 
     perfect = scores("json_match", [reference], [reference])
     shown = "\n".join(
@@ -294,18 +295,18 @@ def test_bench_gives_the_same_answers_both_ways(tiny_recipe, capsys):
 
 
 def test_errors_by_label_count_each_labels_precision_recall_and_confusions():
-    from pipeline import label_errors
-    from pipeline.report import labels_markdown
+    from pipeline import error_analysis
+    from pipeline.render.markdown import labels_markdown
 
     references = ["a", "a", "a", "b", "b", "c"]
     predictions = ["a", "b", "x", "b", "b", "a"]
-    scores = label_errors.per_label(predictions, references)
+    scores = error_analysis.per_label(predictions, references)
     assert scores["a"] == {"precision": 0.5, "recall": 1 / 3, "f1": 0.4, "support": 3, "predicted": 2}
     assert scores["b"]["precision"] == 2 / 3 and scores["b"]["recall"] == 1.0
     assert scores["c"]["precision"] is None and scores["c"]["f1"] == 0.0  # never answered
-    pairs = label_errors.confusions(predictions, references)
+    pairs = error_analysis.confusions(predictions, references)
     assert {(p["expected"], p["answered"], p["rows"]) for p in pairs} == {("a", "b", 1), ("a", "x", 1), ("c", "a", 1)}
-    found = label_errors.analysis({"specialized": (predictions, references)}, ["a", "a", "b", "c"] * 2, False)
+    found = error_analysis.label_analysis({"specialized": (predictions, references)}, ["a", "a", "b", "c"] * 2, False)
     assert found["train_rows"] == {"a": 4, "b": 2, "c": 2}
     table = "\n".join(labels_markdown({"labels": found}))
     assert table.index("| c | 2 | 1 |") < table.index("| a | 4 | 3 |")  # the worst F1 first
@@ -341,3 +342,38 @@ def test_device_cost_counts_cpu_seconds_and_reads_rapl_where_there_is_one(tmp_pa
     with runtimes.DeviceCost() as cost:
         pass
     assert cost.energy_counter is None and cost.energy_joules is None
+
+
+def test_answer_analysis_counts_lengths_cut_off_rows_and_answers_that_are_not_json():
+    from pipeline.error_analysis import answer_analysis, is_json_task
+    from pipeline.render.markdown import answers_markdown
+
+    references = ['{"a": 1}', '{"a": 2}', '{"a": 3}', '{"a": 4}']
+    assert is_json_task(["exact_match"], references) and is_json_task(["json_match"], ["free text"])
+    assert not is_json_task(["chrf"], ["free text", '{"a": 1}'])
+    generations = {
+        "specialized": [
+            {"prediction": '{"a": 1}', "generated_tokens": 5, "stopped": True},
+            {"prediction": '{"a": 2', "generated_tokens": 8, "stopped": False},  # cut off mid-object
+            {"prediction": "sure! a=3", "generated_tokens": 4, "stopped": True},
+            {"prediction": " ", "generated_tokens": 1, "stopped": True},
+        ],
+    }
+    found = answer_analysis(generations, references, json_task=True)
+    mine = found["candidates"]["specialized"]
+    assert found["expected"]["chars"] == {"mean": 8, "p50": 8, "p95": 8, "max": 8}
+    assert mine["chars"]["max"] == 9 and mine["chars"]["p50"] == 7.5  # lengths 8, 7, 9, 0 (stripped)
+    assert mine["generated_tokens"] == {"mean": 4.5, "p50": 4.5, "p95": 8, "max": 8}
+    assert mine["median_length_ratio"] == 7.5 / 8
+    assert mine["empty_rows"] == 1
+    assert mine["cut_off"] == {"count": 1, "share": 0.25, "rows": [1]}
+    bad = mine["invalid_json"]
+    assert (bad["count"], bad["cut_off"], bad["rows"]) == (3, 1, [1, 2, 3])
+    assert [(e["row"], e["cut_off"]) for e in bad["examples"]] == [(1, True), (2, False), (3, False)]
+    # shared bins hold every row of every candidate and of the expected answers
+    assert sum(mine["histogram"]) == sum(found["expected"]["histogram"]) == 4
+    assert found["length_bin_edges_chars"][-1] > 9
+    table = "\n".join(answers_markdown({"answers": {**found, "max_new_tokens": 8}}))
+    assert "| specialized | 8 / 9 / 9 | 0.94 | 4 / 8 | 1 (25.0%) | 1 | 3 (75.0%; 1) |" in table
+    assert '| 1 | yes | {"a": 2 |' in table and "a larger evaluate.max_new_tokens" in table
+    assert answers_markdown({"answers": found, "labels": {"candidates": {}}}) == []  # label tasks: errors by label

@@ -13,6 +13,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.recipe import load_recipe
 from pipeline.runs import run_dir_for
+from pipeline.stages.evaluate import read_generations
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
@@ -77,6 +78,19 @@ def test_the_report_page_opens_offline_filters_its_rows_and_sorts(tiny_recipe, t
     expected = [json.loads(line)["label"] for line in open(load_recipe(tiny_recipe).recipe.data.eval)]
     assert shown() == expected.count("track_order")
     label.select_by_value("")
+    # rows whose generation ran into max_new_tokens, for the candidate picked (the untrained base rambles)
+    cut = {
+        name: sum(
+            g["stopped"] is False for g in read_generations(run_dir / "evaluate" / "generations" / f"{name}.jsonl")
+        )
+        for name in ("base", "specialized")
+    }
+    assert cut["base"] > 0
+    show.select_by_value("cut")
+    for name in ("base", "specialized"):
+        Select(browser.find_element(By.ID, "who")).select_by_visible_text(name)
+        assert shown() == cut[name]
+    show.select_by_value("all")
     browser.find_element(By.ID, "search").send_keys("zzz-no-such-text")
     assert shown() == 0
 
@@ -94,3 +108,64 @@ def test_the_report_page_opens_offline_filters_its_rows_and_sorts(tiny_recipe, t
     assert errors == []
     shot = tmp_path / "report.png"
     assert browser.save_screenshot(str(shot)) and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_json_task_page_shows_answer_lengths_and_filters_answers_that_are_not_json(tiny_recipe, tmp_path, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from pipeline.error_analysis import answer_analysis
+    from pipeline.render import html
+    from pipeline.render.markdown import verdict
+    from pipeline.stages.report import build_report
+
+    expected = [json.dumps({"intent": f"intent {i}", "slots": {"n": i}}) for i in range(6)]
+    answers = {
+        "base": ["Sure! The intent is", "I think", expected[2], "{", "{}", "The"],  # 4 not JSON ("{}" is an object)
+        "specialized": [*expected[:4], '{"intent": "intent 4", "slo', "intent 5"],  # 2 not JSON, 1 of them cut off
+    }
+    cut_off = {"base": {0, 1, 5}, "specialized": {4}}
+    generations = {
+        name: [{"prediction": a, "generated_tokens": 8, "stopped": i not in cut_off[name]} for i, a in enumerate(texts)]
+        for name, texts in answers.items()
+    }
+    per_row = {name: [float(a == e) for a, e in zip(texts, expected, strict=True)] for name, texts in answers.items()}
+    costs = {"runtime": "transformers", "size_on_disk_bytes": 10**6, "peak_memory_bytes": 2 * 10**6,
+             "seconds_per_example_p50": 0.01, "seconds_per_example_p95": 0.02, "generated_tokens_per_second": 100.0,
+             "prompt_tokens_per_example": 9.0, "single_request_seconds_p50": 0.02}  # fmt: skip
+    results = {
+        "eval_rows": 6,
+        "candidates": {
+            name: {"role": name, "metrics": {"exact_match": {"value": sum(s) / 6, "per_row": s}}, **costs}
+            for name, s in per_row.items()
+        },
+    }
+    report = build_report(results, load_recipe(tiny_recipe))
+    report["answers"] = {**answer_analysis(generations, expected, json_task=True), "max_new_tokens": 8}
+    rows = [
+        {"row": i, "source": f"test.jsonl:{i + 1}", "input": f"message {i}", "expected": e, "label": None,
+         "answers": {n: answers[n][i] for n in answers}, "right": {n: per_row[n][i] >= 1 for n in answers}}
+        for i, e in enumerate(expected)
+    ]  # fmt: skip
+    page = tmp_path / "report.html"
+    page.write_text(html.render(report, verdict(report), rows))
+
+    browser.get(page.as_uri())
+    assert browser.find_element(By.ID, "answer-lengths").is_displayed()
+    table = browser.find_element(By.ID, "answers").text
+    assert "specialized 41 41 41 1.00 1 (16.7%) 0 2 (33.3%) 1" in table.replace("\n", " ")
+
+    def shown() -> int:
+        return sum(tr.is_displayed() for tr in browser.find_elements(By.CSS_SELECTOR, "#rows tbody tr"))
+
+    show, who = Select(browser.find_element(By.ID, "show")), Select(browser.find_element(By.ID, "who"))
+    assert not browser.find_element(By.ID, "who-pick").is_displayed()  # only with the filters that name a candidate
+    show.select_by_value("not-json")
+    assert browser.find_element(By.ID, "who-pick").is_displayed()
+    assert shown() == 2  # the specialist, picked first
+    who.select_by_visible_text("base")
+    assert shown() == 4
+    show.select_by_value("cut")
+    assert shown() == 3
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert errors == []

@@ -22,6 +22,7 @@ import datasets
 import evaluate
 
 from pipeline.errors import PipelineError
+from pipeline.stats import bootstrap_ci
 
 METRICS_DIR = Path(__file__).resolve().parent
 
@@ -178,3 +179,17 @@ def score_function(name: str) -> Callable[..., tuple[float, list[float]]]:
         if isinstance(value, type) and issubclass(value, RowMetric) and value is not RowMetric:
             return value.score
     raise PipelineError(f"{path}: no RowMetric subclass")
+
+
+def metric_interval(name: str, scores: dict, texts: tuple[list, list] | None, settings, seed: int) -> tuple:
+    """The bootstrap 95% interval of one metric's value: resampled per-row scores, or, for a metric that is
+    not a mean of rows (macro F1), the metric recomputed on resampled (prediction, reference) rows."""
+    recompute = None
+    if not scores.get("mean_of_rows", True) and texts:
+        score = score_function(name)
+        predictions, references = texts
+
+        def recompute(rows):
+            return score([predictions[i] for i in rows], [references[i] for i in rows], settings.ignore_case)[0]
+
+    return bootstrap_ci(scores["per_row"], settings.bootstrap_samples, seed, recompute)

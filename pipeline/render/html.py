@@ -2,7 +2,8 @@
 network). Jinja2 renders the page (pipeline/render/templates/report.html.j2, autoescaped); Plotly draws the
 charts, its library inlined once. The page shows the verdict and gates, the candidates (sortable), what each
 costs (log axes with plain-number ticks and the values on the points), the errors by label, the cascade,
-the JSON fields, and every eval row side by side with filters and a text search."""
+the JSON fields, the answers' lengths (and which were cut off or are not JSON), and every eval row side
+by side with filters and a text search."""
 
 from __future__ import annotations
 
@@ -104,6 +105,35 @@ def confusion_chart(report: dict, most_labels: int = 30) -> str | None:
     return pio.to_html(figure, include_plotlyjs=False, full_html=False, div_id="confusion-matrix")
 
 
+def answers_chart(report: dict) -> str | None:
+    """How long the answers are: per candidate (and the expected answers, dashed) the rows per length bin, on the
+    bins report.json's `answers` shares among them; None where there is no analysis. After cost_charts."""
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    found = report.get("answers")
+    if not found:
+        return None
+    edges = found["length_bin_edges_chars"]
+    bins = [f"{low}–{high - 1}" for low, high in zip(edges, edges[1:], strict=False)]
+    figure = go.Figure()
+    series = [("expected", found["expected"]["histogram"])]
+    series += [(name, f["histogram"]) for name, f in found["candidates"].items()]
+    for name, counts in series:
+        line = {"shape": "hvh", **({"dash": "dash", "color": "black"} if name == "expected" else {})}
+        figure.add_trace(
+            go.Scatter(
+                x=bins, y=counts, name=name, mode="lines+markers", line=line,
+                hovertemplate=f"{name}: %{{y}} rows of %{{x}} characters<extra></extra>",
+            )
+        )  # fmt: skip
+    figure.update_layout(
+        height=340, margin={"l": 60, "r": 20, "t": 20, "b": 60}, template="plotly_white",
+        xaxis={"title": "answer length (characters)", "type": "category"}, yaxis={"title": "rows"},
+    )  # fmt: skip
+    return pio.to_html(figure, include_plotlyjs=False, full_html=False, div_id="answer-lengths")
+
+
 def readable_ticks(values: list[float]) -> list[float]:
     """1, 2, 5 per decade over the values' range (at least one tick below and above each value)."""
     if not values:
@@ -154,7 +184,22 @@ def render(report: dict, verdict: list[str], rows: list[dict] | None) -> str:
             charts=cost_charts(report),
             confusion=confusion_chart(report),
             json_fields=tables.json_fields(report, limit=50),
+            # lengths, cut-off and not-JSON answers: their section for a generation task; the row filters for any
+            answers=None if report.get("labels") else report.get("answers"),
+            answers_chart=None if report.get("labels") else answers_chart(report),
+            flagged_rows=flagged_rows(report),
             num=lambda x, d=3: "—" if x is None else f"{x:.{d}f}",
             mb=lambda n: "—" if n is None else f"{n / 1e6:,.0f}",
         )
     )
+
+
+def flagged_rows(report: dict) -> dict[str, dict[str, set[int]]]:
+    """Per row filter ("cut" off at max_new_tokens, "not-json") the eval rows each candidate's answer falls under;
+    a filter no candidate's rows fall under is left out."""
+    found = (report.get("answers") or {}).get("candidates", {})
+    flags = {
+        "cut": {name: set(f["cut_off"]["rows"]) for name, f in found.items()},
+        "not-json": {name: set(f["invalid_json"]["rows"]) for name, f in found.items() if "invalid_json" in f},
+    }
+    return {kind: rows for kind, rows in flags.items() if any(rows.values())}

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psutil
 
+from pipeline import data
 from pipeline.errors import PipelineError, RuntimeFailure
 from pipeline.runs import write_crash_log
 
@@ -54,8 +55,6 @@ OnBatch = Callable[[list[dict]], None]
 
 def prompts_for(tokenizer, rows: list, chat: bool, system: str | None = None) -> list[Prompt]:
     """Each eval row's prompt, built by the same code training uses (pipeline.data)."""
-    from pipeline import data
-
     prompts = []
     for row in rows:
         text, add_special = data.prompt_text(tokenizer, row, chat, system)

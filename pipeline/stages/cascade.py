@@ -19,9 +19,8 @@ from pathlib import Path
 
 from pipeline import data
 from pipeline.errors import PipelineError
-from pipeline.metrics import scorer
+from pipeline.metrics import metric_interval, scorer
 from pipeline.recipe import LoadedRecipe
-from pipeline.report import input_text, metric_interval
 from pipeline.runs import done_fingerprint, log, mark_done, stage_fingerprint, start_stage, write_json_atomic
 from pipeline.stages import evaluate
 from pipeline.stats import calibration, cascade_latency, paired
@@ -123,7 +122,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         share_local = sum(answered) / len(answered)
         local_rows = local_cost["metrics"][metric]["per_row"]
         wrong = [  # answered locally and wrong: the errors no threshold at this level catches
-            {"row": i, "input": input_text(eval_rows[i]), "expected": eval_targets[i], "answer": e["prediction"],
+            {"row": i, "input": eval_rows[i].input_text(), "expected": eval_targets[i], "answer": e["prediction"],
              "confidence": e["confidence"]}
             for i, e in enumerate(local_eval)
             if answered[i] and local_rows[i] < 1

@@ -39,6 +39,7 @@ from pipeline.runs import (
     write_text_atomic,
 )
 from pipeline.runtimes import endpoint as endpoint_runtime
+from pipeline.runtimes import transformers as transformers_runtime
 from pipeline.templates import template_fields
 
 STAGE = "distill"
@@ -252,8 +253,6 @@ def as_choice(answer: str, answer_set: list[str]) -> str | None:
 def _label_locally(recipe: Recipe, source, tokenizer, prompts, todo, answer_set, keep) -> int:
     """The teacher through the transformers runtime (a process of its own), constrained to the answer set
     where there is one; returns its peak memory."""
-    from pipeline.runtimes import transformers as transformers_runtime
-
     settings = recipe.evaluate
     dtype = models.compute_dtype(recipe.model.dtype)
     trie = AnswerTrie.for_choices(tokenizer, answer_set) if answer_set else None

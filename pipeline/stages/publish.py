@@ -19,22 +19,21 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from pipeline import data
 from pipeline.errors import PipelineError, RemoteError
 from pipeline.models import PACKAGED
 from pipeline.recipe import LoadedRecipe
 from pipeline.render import html
-from pipeline.render.sweep import curve_markdown, sweep_markdown
-from pipeline.report import (
+from pipeline.render.markdown import (
     candidates_table,
     cascade_markdown,
     distillation_markdown,
-    failed_gates,
     fidelity_markdown,
     gates_markdown,
-    page_rows,
     render_markdown,
     verdict,
 )
+from pipeline.render.sweep import curve_markdown, sweep_markdown
 from pipeline.runs import (
     log,
     read_manifest,
@@ -43,6 +42,7 @@ from pipeline.runs import (
     training_invocation,
     write_json_atomic,
 )
+from pipeline.stages.report import failed_gates, page_rows
 
 STAGE = "publish"
 PUBLISHED_RECORD = "published.json"  # beside the bundle, not in it: what was pushed where, and when
@@ -239,6 +239,11 @@ def without_examples(report: dict) -> dict:
         cascade["confident_wrong"] = [
             {"row": w["row"], "confidence": w["confidence"]} for w in cascade["confident_wrong"]
         ]
+    for found in (shown.get("answers") or {}).get("candidates", {}).values():  # answers that are not JSON
+        if "invalid_json" in found:
+            found["invalid_json"]["examples"] = [
+                {"row": e["row"], "cut_off": e["cut_off"]} for e in found["invalid_json"]["examples"]
+            ]
     labels = shown.get("labels") or {}
     known = set(labels.get("train_rows", {}))
     for found in labels.get("candidates", {}).values():  # a wrong answer outside the label set may quote a row
@@ -271,6 +276,10 @@ def data_in_bundle(loaded: LoadedRecipe, report: dict) -> list[str]:
         if isinstance(c, dict)
     ):
         lines.append("- `report.json`: the text of the first prompt llama.cpp tokenized differently (fidelity).")
+    if any(
+        f.get("invalid_json", {}).get("examples") for f in (report.get("answers") or {}).get("candidates", {}).values()
+    ):
+        lines.append("- `report.md`, `report.json`: the first answers of each candidate that are not JSON (Answers).")
     return [
         "Text from the data is included (publish.include_examples "
         f"{'on' if loaded.recipe.publish.include_examples else 'default for a private repo'}):",
@@ -521,8 +530,6 @@ def example_prompt(loaded: LoadedRecipe, run_dir: Path, placeholders: bool = Fal
     """The first eval row's prompt as the model saw it, and whether the tokenizer adds BOS to it; with
     placeholders, the same row with each field the prompt uses shown as <field> instead of its text."""
     from transformers import AutoTokenizer
-
-    from pipeline import data
 
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "train" / "adapter"))
     row = data.load_splits(loaded.recipe.data).eval[0]
