@@ -14,8 +14,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import yaml
-
 from pipeline import data, sweep
 from pipeline.errors import PipelineError
 from pipeline.recipe import load_recipe
@@ -75,7 +73,8 @@ def _read(folder: Path) -> dict:
         "id": folder.name,
         "report": report,
         "results": results,
-        "recipe": yaml.safe_load((folder / "recipe.resolved.yaml").read_text()),
+        # through the schema: a field an older run's file leaves out reads as its default, not as a difference
+        "recipe": loaded.recipe.model_dump(mode="json"),
         "rows": data.load_rows(loaded.recipe.data, "eval"),
     }
 

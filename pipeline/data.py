@@ -225,8 +225,9 @@ class EmptyField(PipelineError):
 
 
 def text_value(value: Any, where: str, column: str, field: str) -> str:
-    """A row's value as the text a template inserts. Strings as written; numbers as their digits and
-    booleans as true/false (as JSON spells them); nothing, or lists and objects, is an error."""
+    """A row's value as the text a template inserts. Strings as written; numbers as their digits, booleans as
+    true/false, and lists and objects as compact JSON in the file's key order (as JSON spells them: a JSON target
+    such as {"intent": ..., "slots": {...}} needs no flattening); nothing is an error."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         raise EmptyField(where, column, field)
     if isinstance(value, str):
@@ -237,9 +238,12 @@ def text_value(value: Any, where: str, column: str, field: str) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return str(value)
+    if isinstance(value, dict | list | tuple):
+        return json.dumps(value, ensure_ascii=False)
     raise PipelineError(
         f"{where}: column {column!r} holds a {type(value).__name__} ({json.dumps(value, default=str)[:60]}), "
-        f"not text; {field} inserts text or a number here. Flatten the column, or pick another one"
+        f"not text; {field} inserts text, a number, or a list or object (as JSON) here. Convert the column, or "
+        "pick another one"
     )
 
 

@@ -48,14 +48,19 @@ def test_empty_rows_can_be_dropped_and_are_counted(tmp_path):
     assert splits.dropped_empty["train"] == [f"{path}:7 (text)", f"{path}:8 (label)"]
 
 
-def test_numbers_and_booleans_are_text_lists_are_not(tmp_path):
+def test_numbers_booleans_lists_and_objects_are_text_as_json_spells_them(tmp_path):
     path = tmp_path / "rows.jsonl"
-    jsonl(path, [{"text": 12.5, "label": 3}, {"text": True, "label": False}])
+    target = {"intent": "alarm_set", "slots": {"time": "nine am", "date": ["today", "tomorrow"]}, "ok": True}
+    jsonl(path, [{"text": 12.5, "label": 3}, {"text": True, "label": False}, {"text": ["a", "é"], "label": target}])
     rows = data.load_splits(section(tmp_path, path)).train
-    assert [(r.prompt, r.target) for r in rows] == [("Q: 12.5\nA:", " 3"), ("Q: true\nA:", " false")]
-    jsonl(path, [{"text": ["a", "b"], "label": "x"}])
-    with pytest.raises(PipelineError, match=r"rows.jsonl:1: column 'text' holds a list \(\[\"a\", \"b\"\]\), not text"):
-        data.load_splits(section(tmp_path, path))
+    assert [(r.prompt, r.target) for r in rows] == [
+        ("Q: 12.5\nA:", " 3"),
+        ("Q: true\nA:", " false"),
+        (
+            'Q: ["a", "é"]\nA:',
+            ' {"intent": "alarm_set", "slots": {"time": "nine am", "date": ["today", "tomorrow"]}, "ok": true}',
+        ),
+    ]  # an object keeps the file's key order, so the model learns the order the user wrote
 
 
 def test_an_empty_conversation_turn_and_alpaca_output_are_errors(tmp_path):

@@ -375,5 +375,5 @@ def test_answer_analysis_counts_lengths_cut_off_rows_and_answers_that_are_not_js
     assert found["length_bin_edges_chars"][-1] > 9
     table = "\n".join(answers_markdown({"answers": {**found, "max_new_tokens": 8}}))
     assert "| specialized | 8 / 9 / 9 | 0.94 | 4 / 8 | 1 (25.0%) | 1 | 3 (75.0%; 1) |" in table
-    assert '| 1 | yes | {"a": 2 |' in table and "a larger evaluate.max_new_tokens" in table
+    assert '| 1 | yes | {"a": 2 |' in table and "cut off on 1 row: an answer longer than" in table
     assert answers_markdown({"answers": found, "labels": {"candidates": {}}}) == []  # label tasks: errors by label

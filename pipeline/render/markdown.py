@@ -510,9 +510,11 @@ def answers_markdown(report: dict) -> list[str]:
             line += f" {bad['count']} ({bad['share']:.1%}; {bad['cut_off']}) |"
         lines.append(line)
     mine = found["candidates"].get("specialized", {})
-    if mine.get("cut_off", {}).get("count"):
-        lines += ["", f"The specialist was cut off on {mine['cut_off']['count']} rows: its answers there are "
-                  "incomplete; a larger evaluate.max_new_tokens lets them finish."]  # fmt: skip
+    cut = mine.get("cut_off", {}).get("count")
+    if cut:
+        lines += ["", f"The specialist was cut off on {cut} row{'s' if cut > 1 else ''}: an answer longer than "
+                  "evaluate.max_new_tokens allows, or one that repeats itself and never reaches its end token "
+                  "(report.html shows them: show → cut off at max_new_tokens)."]  # fmt: skip
     examples = mine.get("invalid_json", {}).get("examples")
     if examples:
         lines += ["", "The specialist's answers that are not a JSON object, the first few:", "",
