@@ -197,6 +197,15 @@ def test_json_match_scores_fields_and_validity():
     assert out["json_valid"] == pytest.approx(2 / 3)
 
 
+def test_json_in_one_code_fence_is_read_inside_it_and_nothing_else_around_it_is():
+    fence = "```"
+    answers = [f'{fence}json\n{{"city": "Lyon"}}\n{fence}', f'Here it is:\n{fence}json\n{{"city": "Lyon"}}\n{fence}',
+               f'{fence}\n{{"city": "Lyon"}}\n{fence}', f'{fence}json\n{{"city": "Lyon"}}']  # fmt: skip
+    out = scores("json_match", answers, ['{"city": "Lyon"}'] * 4)
+    assert out["per_row"] == [1.0, 0.0, 1.0, 0.0]  # text around the fence, or a fence never closed: not JSON
+    assert scores("json_top_level", answers, ['{"city": "Lyon"}'] * 4)["per_row"] == [1.0, 0.0, 1.0, 0.0]
+
+
 def test_json_match_scores_nested_fields_list_items_and_extra_fields():
     reference = '{"intent": "book", "slots": {"city": "Lyon", "date": "friday"}, "tags": ["a", "b"]}'
     predictions = [

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -75,10 +76,18 @@ class RowMetric(evaluate.Metric):
         return {self.NAME: value, "per_row": per_row, "mean_of_rows": self.MEAN_OF_ROWS}
 
 
+# one Markdown code fence around the whole answer (```json ... ```), as chat models often write JSON
+FENCED = re.compile(r"\A```[\w-]*[ \t]*\n(.*)\n[ \t]*```\Z", re.DOTALL)
+
+
 def parse_json_object(text: str) -> dict | None:
-    """The text as a JSON object, or None where it does not parse or is not an object (json_match, json_top_level)."""
+    """The text as a JSON object, or None where it does not parse or is not an object (json_match, json_top_level).
+    An answer that is one fenced code block and nothing else is read inside its fence: the object a program gets
+    after stripping the fence, which every client of a chat model does; anything around the fence is not JSON."""
+    text = text.strip()
+    fenced = FENCED.match(text)
     try:
-        value = json.loads(text.strip())
+        value = json.loads(fenced.group(1) if fenced else text)
     except json.JSONDecodeError:
         return None
     return value if isinstance(value, dict) else None
