@@ -86,6 +86,22 @@ def compare_export(
     return found
 
 
+def compare_top1(first: list[list[int]], second: list[list[int]], answer_positions: list[list[int]]) -> dict:
+    """Two llama.cpp files' top-1 tokens on the same sequences (inspect_gguf's `top1`), over every position and
+    over the answer positions: e.g. an adapter on the base GGUF against the merged GGUF of the same type."""
+    counts = {"all": [0, 0], "answer": [0, 0]}
+    for a, b, answer in zip(first, second, answer_positions, strict=True):
+        for name, picked in (("all", range(len(a))), ("answer", answer)):
+            counts[name][0] += len(picked)
+            counts[name][1] += sum(a[i] == b[i] for i in picked)
+    return {
+        "positions": counts["all"][0],
+        "top1_agreement": counts["all"][1] / counts["all"][0] if counts["all"][0] else None,
+        "answer_positions": counts["answer"][0],
+        "answer_top1_agreement": counts["answer"][1] / counts["answer"][0] if counts["answer"][0] else None,
+    }
+
+
 def token_parity(prompts: list[Prompt], llama_ids: list[list[int]], tokenizer) -> dict:
     """Whether llama.cpp tokenizes each eval prompt text to the ids training and evaluation used."""
     mismatched = [i for i, (p, ids) in enumerate(zip(prompts, llama_ids, strict=True)) if p.ids != ids]

@@ -6,7 +6,9 @@
   quantizer, no binary needed); q8_0, bf16 and f32 come straight from the converter;
 - `tensor_types` reads back which types the file really holds (llama.cpp falls back to other types for
   tensors whose rows do not divide into its blocks, so a "q4_k_m" file may be mostly q5_0);
-- `modelfile` writes the Ollama Modelfile: FROM, the template, the stop token, greedy parameters.
+- `convert_lora` runs llama.cpp's `convert_lora_to_gguf.py` on the adapter: a LoRA GGUF that llama.cpp applies
+  to a base GGUF at load or per request (one base in memory, many specialists);
+- `modelfile` writes the Ollama Modelfile: FROM (and ADAPTER), the template, the stop token, greedy parameters.
 
 The converter and quantizer run in a child process (`python -m pipeline.gguf_export ...`): the converter must
 import the `gguf` package vendored beside it, not the PyPI one transformers uses, and both print
@@ -44,11 +46,37 @@ QUANTIZER_TYPES = {  # name: llama_ftype (llama.h); the IQ types that need an im
     "q2_k": 10,
 }
 TYPES = (*CONVERTER_TYPES, *QUANTIZER_TYPES)  # the recipe's quantize[].type accepts exactly these
+LORA_TYPES = CONVERTER_TYPES  # what convert_lora_to_gguf.py writes an adapter as
+
+
+def variant_files(kind: str, folder: Path) -> tuple[Path, Path | None]:
+    """What a quantize variant's folder runs as in llama.cpp: (its model.gguf, None) for kind gguf; for kind
+    gguf-lora (the shared base GGUF its base.json names, its adapter.gguf)."""
+    if kind == "gguf":
+        return folder / "model.gguf", None
+    about = folder / "base.json"
+    if not about.is_file():
+        raise PipelineError(f"{folder}: no base.json naming the shared base GGUF; rerun the quantize stage")
+    base = Path(json.loads(about.read_text())["file"])
+    if not base.is_file():
+        raise PipelineError(
+            f"{folder}: its shared base GGUF {base} is gone (a cleared cache?); rerun the quantize stage to rebuild it"
+        )
+    return base, folder / "adapter.gguf"
 
 
 def convert(converter: Path, model_dir: Path, out_file: Path, out_type: str, log_path: Path) -> None:
     """llama.cpp's converter: a Hugging Face model folder -> one GGUF file of type f32/f16/bf16/q8_0."""
     _child(["convert", str(converter), str(model_dir), str(out_file), out_type], log_path, f"converting {model_dir}")
+
+
+def convert_lora(
+    lora_converter: Path, adapter_dir: Path, base_dir: Path, out_file: Path, out_type: str, log_path: Path
+) -> None:
+    """llama.cpp's convert_lora_to_gguf.py: a peft adapter folder -> a LoRA GGUF (A and B matrices, alpha) for the
+    base model whose config is in base_dir."""
+    args = ["convert-lora", str(lora_converter), str(adapter_dir), str(base_dir), str(out_file), out_type]
+    _child(args, log_path, f"converting the adapter {adapter_dir}")
 
 
 def quantize(f16_file: Path, out_file: Path, out_type: str, log_path: Path, threads: int) -> None:
@@ -131,12 +159,22 @@ def ollama_template(tokenizer, chat: bool, parts: tuple[str, str] | None) -> str
     return "{{ if .System }}" + with_system + "{{ else }}" + without_system + "{{ end }}"
 
 
-def modelfile(gguf_name: str, template: str, stop: list[str], max_new_tokens: int, system: str | None) -> str:
-    """An Ollama Modelfile: `ollama create NAME -f Modelfile` in this folder, no edits needed."""
+def modelfile(
+    gguf_name: str,
+    template: str,
+    stop: list[str],
+    max_new_tokens: int,
+    system: str | None,
+    adapter_name: str | None = None,
+) -> str:
+    """An Ollama Modelfile: `ollama create NAME -f Modelfile` in this folder, no edits needed. With an adapter,
+    FROM is the shared base file (a path) and ADAPTER the LoRA GGUF beside the Modelfile: Ollama stores the
+    base once however many specialists name it."""
     lines = [
         "# Written by specialist: the template and stop token this model was trained with; greedy decoding as",
         '# in its evaluation. ollama create NAME -f Modelfile && ollama run NAME "your input"',
-        f"FROM ./{gguf_name}",
+        f"FROM {gguf_name}" if adapter_name else f"FROM ./{gguf_name}",
+        *([f"ADAPTER ./{adapter_name}"] if adapter_name else []),
         f'TEMPLATE """{template}"""',
     ]
     if system:
@@ -208,6 +246,15 @@ def _is_gpt2_pre_tokenizer(tokenizer_json: Path) -> bool:
     return pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space", False)
 
 
+def _run_lora_converter(script: str, adapter_dir: str, base_dir: str, out_file: str, out_type: str) -> None:
+    """convert_lora_to_gguf.py as its command line runs it (its work is under `if __name__ == "__main__"`)."""
+    import runpy
+
+    sys.path.insert(0, str(Path(script).parent))
+    sys.argv = [script, "--base", base_dir, "--outfile", out_file, "--outtype", out_type, adapter_dir]
+    runpy.run_path(script, run_name="__main__")
+
+
 def _run_quantizer(f16_file: str, out_file: str, out_type: str, threads: str) -> None:
     import llama_cpp
 
@@ -224,6 +271,8 @@ if __name__ == "__main__":
     verb, *rest = sys.argv[1:]
     if verb == "convert":
         _run_converter(*rest)
+    elif verb == "convert-lora":
+        _run_lora_converter(*rest)
     elif verb == "quantize":
         _run_quantizer(*rest)
     else:

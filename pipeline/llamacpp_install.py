@@ -79,11 +79,20 @@ def converter_script() -> Path:
     return install_dir() / "converter" / "convert_hf_to_gguf.py"
 
 
+def lora_converter_script() -> Path:
+    """convert_lora_to_gguf.py, beside the model converter (it imports the same conversion/ and gguf-py/)."""
+    return install_dir() / "converter" / "convert_lora_to_gguf.py"
+
+
+def _converters_cached() -> bool:
+    return converter_script().is_file() and lora_converter_script().is_file()
+
+
 def missing_build_tools() -> list[str]:
     """What a build would need and this machine lacks; empty when llama.cpp is installed or cached already."""
     if is_ready():
         return []
-    if _cached_wheel(install_dir()) and converter_script().is_file():
+    if _cached_wheel(install_dir()) and _converters_cached():
         return []
     return [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
 
@@ -96,7 +105,7 @@ def is_ready() -> bool:
         and marker is not None
         and marker.is_file()
         and marker.read_text() == install_dir().name
-        and converter_script().is_file()
+        and _converters_cached()
     )
 
 
@@ -115,6 +124,8 @@ def ensure() -> Path:
         if wheel is None or not converter_script().is_file():
             _build(folder)
             wheel = _cached_wheel(folder)
+        elif not lora_converter_script().is_file():  # a cache from before the adapter converter was kept
+            _refresh_converters(folder)
         if not is_ready():
             _log(f"installing {wheel.name} from {folder}")
             with environment_lock():
@@ -125,6 +136,30 @@ def ensure() -> Path:
     if not is_ready():
         raise PipelineError(f"llama-cpp-python {VERSION} was installed from {folder} but cannot be found")
     return converter_script()
+
+
+def _download_sdist(tmp: Path) -> Path:
+    requirements = tmp / "requirements.txt"
+    requirements.write_text(f"llama-cpp-python=={VERSION} --hash=sha256:{SDIST_SHA256}\n")
+    _pip("download", "--no-deps", "--no-binary", ":all:", "--require-hashes", "-r", str(requirements), "-d", str(tmp))
+    requirements.unlink()
+    return next(tmp.glob("llama_cpp_python-*.tar.gz"))
+
+
+def _refresh_converters(folder: Path) -> None:
+    """The converters from the pinned sdist into a cache whose wheel is built already (no rebuild)."""
+    _log(f"adding llama.cpp's converters from the llama-cpp-python {VERSION} sdist to {folder}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        _extract_converter(_download_sdist(tmp), tmp / "converter")
+        old = folder / ".converter-old"
+        shutil.rmtree(old, ignore_errors=True)
+        if (folder / "converter").exists():
+            os.replace(folder / "converter", old)
+        os.replace(tmp / "converter", folder / "converter")
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _cached_wheel(folder: Path) -> Path | None:
@@ -144,12 +179,7 @@ def _build(folder: Path) -> None:
     _log(f"building llama-cpp-python {VERSION} once for this machine ({' '.join(args)}); about 3 min on 2 cores")
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        requirements = tmp / "requirements.txt"
-        requirements.write_text(f"llama-cpp-python=={VERSION} --hash=sha256:{SDIST_SHA256}\n")
-        _pip(
-            "download", "--no-deps", "--no-binary", ":all:", "--require-hashes", "-r", str(requirements), "-d", str(tmp)
-        )
-        sdist = next(tmp.glob("llama_cpp_python-*.tar.gz"))
+        sdist = _download_sdist(tmp)
         _extract_converter(sdist, tmp / "converter")
         env = {**os.environ, "CMAKE_ARGS": " ".join(args), "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1)}
         log_path = tmp / "build.log"
@@ -169,7 +199,6 @@ def _build(folder: Path) -> None:
                 f"(Debian: apt-get install cmake g++). Last lines:\n{tail}"
             )
         sdist.unlink()
-        requirements.unlink()
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     finally:
@@ -177,16 +206,18 @@ def _build(folder: Path) -> None:
 
 
 def _extract_converter(sdist: Path, out: Path) -> None:
-    """convert_hf_to_gguf.py with the conversion/ and gguf-py/ it imports, as vendored in the sdist."""
-    wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/", "LICENSE")
+    """convert_hf_to_gguf.py and convert_lora_to_gguf.py with the conversion/ and gguf-py/ they import, as
+    vendored in the sdist."""
+    wanted = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/gguf/", "LICENSE")
     with tarfile.open(sdist) as archive:
         for member in archive.getmembers():
             _, _, inner = member.name.partition("/vendor/llama.cpp/")
             if inner and inner.startswith(wanted) and member.isfile():
                 member.name = inner
                 archive.extract(member, out, filter="data")
-    if not (out / "convert_hf_to_gguf.py").is_file():
-        raise PipelineError(f"{sdist.name}: no vendor/llama.cpp/convert_hf_to_gguf.py inside; the sdist changed")
+    for script in ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py"):
+        if not (out / script).is_file():
+            raise PipelineError(f"{sdist.name}: no vendor/llama.cpp/{script} inside; the sdist changed")
 
 
 def _installed_version() -> str | None:

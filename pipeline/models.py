@@ -287,6 +287,27 @@ def _from_pretrained(cls, source: ModelSource, **kwargs):
         ) from None
 
 
+def local_folder(source: ModelSource) -> Path:
+    """The model's files in a folder on this machine (what llama.cpp's converters read): a local folder as it is,
+    a Hub model from the Hub's cache (downloaded there the first time, as from_pretrained does)."""
+    if source.is_local:
+        return Path(source.location)
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(source.location, revision=source.revision, allow_patterns=patterns))
+    except Exception as e:  # noqa: BLE001 - the Hub refusing or unreachable: the same message as a load
+        failure = hub_failure_in_chain(e, source.location)
+        if isinstance(failure, RemoteError):
+            raise failure from None
+        raise PipelineError(
+            f"could not download {source.location} from the Hugging Face Hub ({_first_line(e)}). If this machine "
+            "is offline, download the model where you have the Hub (`hf download ORG/NAME --local-dir DIR`) and "
+            "give DIR in the recipe."
+        ) from None
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer.tiktoken")
 
 

@@ -232,14 +232,26 @@ class TrainSection(Section):
 
 
 class QuantizeVariant(Section):
-    kind: Literal["bnb-nf4", "bnb-int8", "gguf"] = Field(
+    kind: Literal["bnb-nf4", "bnb-int8", "gguf", "gguf-lora"] = Field(
         description="bnb-nf4: 4-bit NormalFloat (QLoRA's format); bnb-int8: LLM.int8() 8-bit weights; gguf: a "
-        "llama.cpp file (for llama.cpp, Ollama, LM Studio) of the given type, evaluated through llama.cpp."
+        "llama.cpp file (for llama.cpp, Ollama, LM Studio) of the given type, evaluated through llama.cpp; "
+        "gguf-lora: the adapter alone as a LoRA GGUF, applied by llama.cpp to a base GGUF of base_type that every "
+        "run on this base shares (one base, many specialists), evaluated through llama.cpp with the adapter on."
     )
     type: Literal[gguf_export.TYPES] | None = Field(
         None,
         description="GGUF type (kind gguf only): f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, ... Tensors whose rows do "
         "not divide into the type's blocks fall back to another type; the report lists the types written.",
+    )
+    base_type: Literal[gguf_export.TYPES] | None = Field(
+        None,
+        description="kind gguf-lora only: the GGUF type of the shared base the adapter is applied to (q8_0, "
+        "q4_k_m, ...); converted once per base model and type, cached, and reused by every run on that base.",
+    )
+    adapter_type: Literal[gguf_export.LORA_TYPES] = Field(
+        "f16",
+        description="kind gguf-lora only: the adapter file's type (f32, f16, bf16, q8_0); LoRA matrices are small, "
+        "so f16 costs little.",
     )
     name: str | None = Field(
         None,
@@ -262,7 +274,14 @@ class QuantizeVariant(Section):
     def label(self) -> str:
         if self.name:
             return self.name
+        if self.kind == "gguf-lora":
+            return f"gguf-lora-{self.base_type}"
         return f"gguf-{self.type}" if self.kind == "gguf" else self.kind
+
+    @property
+    def is_gguf(self) -> bool:
+        """Run through llama.cpp: a whole GGUF file, or a LoRA GGUF on a shared base GGUF."""
+        return self.kind in ("gguf", "gguf-lora")
 
 
 class EndpointSection(Section):
@@ -1020,6 +1039,31 @@ def _sweep_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     return problems
 
 
+def _gguf_lora_problems(recipe: Recipe, i: int, variant: QuantizeVariant) -> list[tuple[tuple, str]]:
+    """A LoRA GGUF holds LoRA's A and B matrices only: what llama.cpp can apply to the base."""
+    if variant.kind != "gguf-lora":
+        if variant.base_type is not None:
+            return [(("quantize", i, "base_type"), f"is for kind gguf-lora; {variant.kind} has no shared base")]
+        if "adapter_type" in variant.model_fields_set:
+            return [(("quantize", i, "adapter_type"), f"is for kind gguf-lora; {variant.kind} has no adapter file")]
+        return []
+    problems = []
+    if variant.base_type is None:
+        message = "kind gguf-lora needs the shared base's type: q8_0, q4_k_m, ..."
+        problems.append((("quantize", i, "base_type"), message))
+    if recipe.lora.dora:
+        message = "llama.cpp applies plain LoRA only; lora.dora: true needs {kind: gguf, type: ...}"
+        problems.append((("quantize", i, "kind"), message))
+    if recipe.lora.modules_to_save:
+        problems.append(
+            (
+                ("quantize", i, "kind"),
+                "a LoRA GGUF cannot carry lora.modules_to_save (whole modules); use {kind: gguf, type: ...}",
+            )
+        )
+    return problems
+
+
 def _publish_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     publish = recipe.publish
     if publish is None:
@@ -1080,9 +1124,10 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
             problems.append((("quantize", i, "type"), "kind gguf needs a type: f16, q8_0, q4_k_m, q4_0, ..."))
         if variant.kind != "gguf" and variant.type is not None:
             problems.append((("quantize", i, "type"), f"is for kind gguf; {variant.kind} has no types"))
-        if variant.kind == "gguf" and (variant.keep_edge_layers or variant.keep_full_precision):
+        if variant.is_gguf and (variant.keep_edge_layers or variant.keep_full_precision):
             field = "keep_edge_layers" if variant.keep_edge_layers else "keep_full_precision"
             problems.append((("quantize", i, field), "is for the bitsandbytes kinds; a gguf type sets every tensor"))
+        problems += _gguf_lora_problems(recipe, i, variant)
     labels = [v.label for v in recipe.quantize]
     for i, label in enumerate(labels):
         if label in labels[:i]:

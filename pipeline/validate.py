@@ -256,7 +256,7 @@ def problems_beside(error: RecipeError) -> list[str]:
 def _llamacpp_problems(loaded: LoadedRecipe, notes: list[str]) -> list[str]:
     """GGUF variants need llama.cpp: built once per machine, which needs cmake and a C++ compiler."""
     recipe = loaded.recipe
-    first = next((i for i, v in enumerate(recipe.quantize) if v.kind == "gguf"), None)
+    first = next((i for i, v in enumerate(recipe.quantize) if v.is_gguf), None)
     if first is None:
         return []
     if recipe.data.format == "prompt_completion" and gguf_export.plain_prompt_parts(recipe.data.prompt) is None:

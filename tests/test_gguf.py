@@ -5,6 +5,7 @@ test session on a new machine pays the build (about 3 minutes on 2 cores).
 """
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -18,11 +19,15 @@ from pipeline.data import read_jsonl
 from pipeline.fidelity import token_parity
 from pipeline.models import ModelSource, load_tokenizer
 from pipeline.recipe import load_recipe
+from pipeline.runs import cache_root
 from pipeline.runtimes import Prompt
 
 pytestmark = pytest.mark.integration
 
-GGUF_VARIANTS = "quantize=[{kind: gguf, type: f16}, {kind: gguf, type: q8_0}, {kind: gguf, type: q4_0}]"
+GGUF_VARIANTS = (
+    "quantize=[{kind: gguf, type: f16}, {kind: gguf, type: q8_0}, {kind: gguf, type: q4_0}, "
+    "{kind: gguf-lora, base_type: q8_0}]"
+)
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +100,64 @@ def test_f16_file_answers_exactly_like_the_specialist_and_lower_types_drift(gguf
     candidate = report["candidates"]["gguf-f16"]
     assert candidate["runtime"] == "llama.cpp" and candidate["role"] == "quantized"
     assert report["comparisons"]["gguf-f16"]["wins"] == report["comparisons"]["gguf-f16"]["losses"] == 0
+
+
+def test_an_adapter_gguf_on_the_shared_base_answers_like_the_merged_file_of_its_type(gguf_run):
+    loaded, run_dir = gguf_run
+    folder = run_dir / "quantize" / "gguf-lora-q8_0"
+    variants = json.loads((run_dir / "quantize" / "result.json").read_text())["variants"]
+    lora, merged = variants["gguf-lora-q8_0"], variants["gguf-q8_0"]
+    assert {"adapter.gguf", "base.json", "Modelfile", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    assert (folder / "adapter.gguf").read_bytes()[:4] == b"GGUF"
+    # the adapter alone: LoRA's A and B matrices in f16 (2 bytes a parameter) and a header; the base is in the cache
+    from safetensors import safe_open
+
+    with safe_open(run_dir / "train" / "adapter" / "adapter_model.safetensors", "pt") as trained:
+        parameters = sum(math.prod(trained.get_slice(k).get_shape()) for k in trained.keys())
+    size = (folder / "adapter.gguf").stat().st_size
+    assert lora["size_on_disk_bytes"] == size and 2 * parameters < size < 2 * parameters + 32_000
+    base = Path(json.loads((folder / "base.json").read_text())["file"])
+    assert base.is_file() and cache_root() in base.parents and base.parent.parent.name == "gguf-bases"
+    assert lora["shared_base_bytes"] == base.stat().st_size
+    # the same tensors of the same type as the merged q8_0 file: its size but for metadata (the chat template)
+    assert abs(base.stat().st_size - merged["size_on_disk_bytes"]) < 0.01 * merged["size_on_disk_bytes"]
+    assert set(lora["tensor_types"]) == {"F16"} and lora["base_tensor_types"] == merged["tensor_types"]
+    modelfile = (folder / "Modelfile").read_text()
+    assert f"FROM {base}\n" in modelfile and "ADAPTER ./adapter.gguf\n" in modelfile
+    # the same model two ways: llama.cpp applying the adapter to the q8_0 base, and the merge written as q8_0
+    twin = lora["fidelity"]["versus_merged_gguf"]
+    assert twin["variant"] == "gguf-q8_0" and twin["answer_top1_agreement"] >= 0.95 and twin["top1_agreement"] >= 0.9
+    assert lora["fidelity"]["token_parity"]["identical"] == 24 and lora["fidelity"]["end_token"]["same"]
+    mine, theirs = _predictions(run_dir, "gguf-lora-q8_0"), _predictions(run_dir, "gguf-q8_0")
+    assert sum(mine[i]["prediction"] == theirs[i]["prediction"] for i in mine) >= 22  # of 24
+    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    candidate = report["candidates"]["gguf-lora-q8_0"]
+    assert candidate["runtime"] == "llama.cpp" and candidate["size_on_disk_bytes"] == lora["size_on_disk_bytes"]
+    assert candidate["weights_memory_bytes"] == lora["size_on_disk_bytes"] + lora["shared_base_bytes"]
+    shared = report["shared_base"]["gguf-lora-q8_0"]
+    assert shared["merged_variant"] == "gguf-q8_0" and shared["merged_bytes_measured"]
+    ten = shared["specialists"][-1]
+    assert ten["n"] == 10 and ten["disk_merged_bytes"] == 10 * merged["size_on_disk_bytes"]
+    assert ten["disk_shared_bytes"] == lora["shared_base_bytes"] + 10 * lora["size_on_disk_bytes"]
+    assert ten["disk_shared_bytes"] < ten["disk_merged_bytes"]  # (a tiny model: its r=16 adapter is half its size)
+    peak = report["candidates"]["gguf-q8_0"]["peak_memory_bytes"]
+    assert ten["memory_merged_bytes"] == 10 * peak
+    assert ten["memory_shared_bytes"] == candidate["peak_memory_bytes"] + 9 * lora["size_on_disk_bytes"]
+    markdown = (run_dir / "evaluate" / "report.md").read_text()
+    assert "## One base, many specialists" in markdown and "f16 adapter on a q8_0 base" in markdown
+    assert "against gguf-q8_0 (the merge written as one file of the same type)" in markdown
+
+
+def test_the_shared_base_gguf_is_converted_once_per_base_and_type(gguf_run):
+    from pipeline.stages.quantize import shared_base_gguf
+
+    loaded, run_dir = gguf_run
+    base = Path(json.loads((run_dir / "quantize" / "gguf-lora-q8_0" / "base.json").read_text())["file"])
+    written = base.stat().st_mtime_ns
+    converter = llamacpp_install.ensure()
+    assert shared_base_gguf(loaded.recipe, "q8_0", converter, 2) == base  # another run on this base: no conversion
+    assert base.stat().st_mtime_ns == written
+    assert json.loads((base.parent / "base.json").read_text())["type"] == "q8_0"
 
 
 def test_both_runtimes_give_each_answer_the_same_confidence(gguf_run):

@@ -97,7 +97,8 @@ def test_empty_file_and_a_list_at_top_level(write_recipe):
 
 def test_unknown_quantize_kind_in_a_list(write_recipe):
     path = write_recipe(MINIMAL + "quantize:\n  - kind: bnb-nf4\n  - kind: gptq\n")
-    assert error_of(path).startswith(f"{path}:11: quantize.1.kind: Input should be 'bnb-nf4', 'bnb-int8' or 'gguf'")
+    kinds = "'bnb-nf4', 'bnb-int8', 'gguf' or 'gguf-lora'"
+    assert error_of(path).startswith(f"{path}:11: quantize.1.kind: Input should be {kinds}")
 
 
 def test_schema_json_is_current():

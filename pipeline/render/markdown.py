@@ -33,6 +33,7 @@ def render_markdown(report: dict, flips: list[dict], plot: str | None = None) ->
         lines += curve_markdown(report["learning_curve"], plot="curve.png")
     lines += distillation_markdown(report)
     lines += fidelity_markdown(report)
+    lines += shared_base_markdown(report)
     lines += confidence_markdown(report)
     lines += labels_markdown(report)
     lines += json_fields_markdown(report)
@@ -78,7 +79,7 @@ def candidates_table(report: dict) -> list[str]:
         versus = f"{comparison['wins']}/{comparison['losses']}, p={comparison['p_value']:.3g}" if comparison else "—"
         lines.append(
             f"| {name} | {c['role']} | {c.get('runtime', 'transformers')} | {scores} | {versus} "
-            f"| {_millions(c.get('parameters'))} | {_mb(c['size_on_disk_bytes'])} | {_mb(c['peak_memory_bytes'])} "
+            f"| {_millions(c.get('parameters'))} | {_size(c)} | {_mb(c['peak_memory_bytes'])} "
             f"| {c['seconds_per_example_p50']:.4f} | {c['seconds_per_example_p95']:.4f} "
             f"| {_num(c.get('single_request_seconds_p50'), 4)} | {_num(c.get('single_request_seconds_p95'), 4)} "
             f"| {_num(c['generated_tokens_per_second'], 1)} "
@@ -146,7 +147,10 @@ def verdict(report: dict) -> list[str]:
         if spec.get("single_request_seconds_p50") and candidate.get("single_request_seconds_p50"):
             speed = spec["single_request_seconds_p50"] / candidate["single_request_seconds_p50"]
             parts.append(f"{speed:.1f}x the specialized model's single-request speed")
-        if spec.get("size_on_disk_bytes") and candidate.get("size_on_disk_bytes"):
+        if candidate.get("shared_base_bytes"):  # an adapter GGUF: what it adds, and the base it shares
+            parts.append(f"an adapter of {_mb(candidate['size_on_disk_bytes'])} on a shared base of "
+                         f"{_mb(candidate['shared_base_bytes'])}")  # fmt: skip
+        elif spec.get("size_on_disk_bytes") and candidate.get("size_on_disk_bytes"):
             parts.append(f"{candidate['size_on_disk_bytes'] / spec['size_on_disk_bytes']:.2f}x its size")
         said.append(f"- {name} ({candidate.get('runtime', 'transformers')}): " + ", ".join(parts) + ".")
     for name, check in report.get("fidelity", {}).items():
@@ -266,14 +270,55 @@ def fidelity_markdown(report: dict) -> list[str]:
         for name, check in files.items():
             export, parity = check["export"], check["token_parity"]
             types = ", ".join(f"{count} {kind}" for kind, count in check["tensor_types"].items())
+            kind = f"{check['type']} adapter on a {check['base']['type']} base" if "base" in check else check["type"]
             lines.append(
-                f"| {name} | {check['type']} | {types} | {export['top1_agreement']:.3f} "
+                f"| {name} | {kind} | {types} | {export['top1_agreement']:.3f} "
                 f"| {_num(export.get('answer_top1_agreement'))} | {export['nll']:.3f} ({export['nll_merged']:.3f}) "
                 f"| {_num(export.get('answer_nll'))} ({_num(export.get('answer_nll_merged'))}) "
                 f"| {parity['identical']}/{parity['prompts']} "
                 f"| {'yes' if check['end_token']['same'] else 'NO'} "
                 f"| {_pct(candidates.get(name, {}).get('stopped_at_end_token'))} |"
             )
+        for name, check in files.items():
+            twin = check.get("versus_merged_gguf")
+            if twin:
+                lines.append(
+                    f"\n{name} (the adapter applied by llama.cpp) against {twin['variant']} (the merge written as one "
+                    f"file of the same type): top-1 agreement {twin['top1_agreement']:.3f} over {twin['positions']} "
+                    f"positions, {_num(twin['answer_top1_agreement'])} on the answers."
+                )
+        lines.append("")
+    return lines
+
+
+def shared_base_markdown(report: dict) -> list[str]:
+    """What N specialists cost on one device: N merged GGUF files, or one base GGUF with N adapters."""
+    found = report.get("shared_base") or {}
+    if not found:
+        return []
+    lines = ["## One base, many specialists", ""]
+    for name, f in found.items():
+        merged = (
+            f["merged_variant"] or f"a merged {f['base_type']} file (the base file's size: same tensors, same type)"
+        )
+        agreement = f["answer_agreement_with_merged"]
+        lines += [
+            f"{name}: this run's adapter ({_mb(f['adapter_bytes'])}) on the {f['base_type']} base "
+            f"({_mb(f['base_bytes'])}, shared by every run on this base), against {merged} "
+            f"({_mb(f['merged_bytes'])})"
+            + (f"; the two give the same answer on {agreement:.1%} of the eval rows." if agreement is not None else ".")
+            + " Memory: merged files each in their own process (N × its measured peak), against one process with "
+            "the base and N adapters (the measured peak with one, plus each further adapter's size).",
+            "",
+            "| specialists | disk: merged files | disk: base + adapters | memory: merged files "
+            "| memory: base + adapters |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {s['n']} | {_mb(s['disk_merged_bytes'])} | {_mb(s['disk_shared_bytes'])} "
+            f"| {_mb(s['memory_merged_bytes'])} | {_mb(s['memory_shared_bytes'])} |"
+            for s in f["specialists"]
+        ]
         lines.append("")
     return lines
 
@@ -459,6 +504,13 @@ def _money(candidate: dict) -> str:
 
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{x:.0%}"
+
+
+def _size(candidate: dict) -> str:
+    """Size on disk; an adapter GGUF's with the shared base it needs, apart."""
+    if candidate.get("shared_base_bytes"):
+        return f"{_mb(candidate['size_on_disk_bytes'])} + {_mb(candidate['shared_base_bytes'])} shared base"
+    return _mb(candidate["size_on_disk_bytes"])
 
 
 def _mb(n: int | None) -> str:

@@ -17,17 +17,23 @@ from pathlib import Path
 from pipeline.runtimes import DeviceCost, GenerationJob, OnBatch, PeakMemory, Prompt, run_in_child
 
 
-def run(gguf_file: Path, job: GenerationJob, on_batch: OnBatch, gpu: bool) -> dict:
-    """Generate job.todo (reporting each batch of rows as it finishes) and time job.latency_rows."""
+def run(gguf_file: Path, job: GenerationJob, on_batch: OnBatch, gpu: bool, lora_file: Path | None = None) -> dict:
+    """Generate job.todo (reporting each batch of rows as it finishes) and time job.latency_rows. With lora_file,
+    llama.cpp applies that LoRA GGUF to gguf_file (the shared base) as it loads."""
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch, no earlier models
-    return run_in_child(context, _generate, (str(gguf_file), job, gpu), on_batch, f"llama.cpp {gguf_file}")
+    lora = str(lora_file) if lora_file else None
+    what = f"llama.cpp {gguf_file}" + (f" with {lora_file}" if lora_file else "")
+    return run_in_child(context, _generate, (str(gguf_file), job, gpu, lora), on_batch, what)
 
 
-def open_model(gguf_file: str, n_ctx: int, threads: int, gpu: bool, logits_all: bool = False):
+def open_model(
+    gguf_file: str, n_ctx: int, threads: int, gpu: bool, logits_all: bool = False, lora_file: str | None = None
+):
     import llama_cpp
 
     return llama_cpp.Llama(
         model_path=gguf_file,
+        lora_path=lora_file,  # a LoRA GGUF applied to the model at scale 1 (alpha / r is in the file)
         n_ctx=n_ctx,
         n_batch=n_ctx,
         n_ubatch=n_ctx,
@@ -94,14 +100,14 @@ def _log_probability(llm, token: int) -> float:
     return float(logits[token] - top - np.log(np.exp(logits - top).sum()))
 
 
-def _generate(gguf_file: str, job: GenerationJob, gpu: bool, on_batch: OnBatch) -> dict:
+def _generate(gguf_file: str, job: GenerationJob, gpu: bool, lora_file: str | None, on_batch: OnBatch) -> dict:
     import llama_cpp  # noqa: F401 - the runtime's own code is not the candidate's memory (torch is not either)
 
     with PeakMemory(cuda=False) as memory:
         started = time.perf_counter()
         # context: the longest prompt (its HF token count, plus slack for a tokenizer that differs) + answer
         n_ctx = max(len(p.ids) for p in job.prompts) + job.max_new_tokens + 64
-        llm = open_model(gguf_file, n_ctx, job.threads, gpu)
+        llm = open_model(gguf_file, n_ctx, job.threads, gpu, lora_file=lora_file)
         load_seconds = time.perf_counter() - started
         ids = [tokenize(llm, p) for p in job.prompts]
         complete(llm, ids[0], job.max_new_tokens)  # warm-up, untimed
@@ -116,7 +122,7 @@ def _generate(gguf_file: str, job: GenerationJob, gpu: bool, on_batch: OnBatch) 
             single = [complete(llm, ids[row], job.max_new_tokens)["seconds"] for row in job.latency_rows]
     return {
         "runtime": "llama.cpp",
-        "weights_memory_bytes": Path(gguf_file).stat().st_size,
+        "weights_memory_bytes": sum(Path(f).stat().st_size for f in (gguf_file, lora_file) if f),
         "peak_memory_bytes": memory.peak_bytes,
         "process_peak_memory_bytes": memory.process_peak_bytes,
         "load_seconds": round(load_seconds, 3),
@@ -134,14 +140,21 @@ def call_in_child(function, *args):
         return pool.apply(function, args)
 
 
-def inspect_gguf(gguf_file: str, sequences: list[list[int]], prompts: list[dict], threads: int, gpu: bool) -> dict:
-    """What the fidelity checks need from a GGUF file, computed in its own process: per sequence the
-    top-1 token and the negative log-likelihood of the next token at every position; llama.cpp's token
-    ids for each prompt; and the file's end token and chat template."""
+def inspect_gguf(
+    gguf_file: str,
+    sequences: list[list[int]],
+    prompts: list[dict],
+    threads: int,
+    gpu: bool,
+    lora_file: str | None = None,
+) -> dict:
+    """What the fidelity checks need from a GGUF file (with lora_file: that LoRA GGUF applied to it), computed in
+    its own process: per sequence the top-1 token and the negative log-likelihood of the next token at every
+    position; llama.cpp's token ids for each prompt; and the file's end token and chat template."""
     import numpy as np
 
     n_ctx = max([len(s) for s in sequences] + [len(p["ids"]) + 64 for p in prompts]) + 8
-    llm = open_model(gguf_file, n_ctx, threads, gpu, logits_all=True)
+    llm = open_model(gguf_file, n_ctx, threads, gpu, logits_all=True, lora_file=lora_file)
     top1, nll = [], []
     for ids in sequences:
         llm.reset()

@@ -11,9 +11,7 @@ message and chat template, as the evaluation asked it. Every response says who a
 counts both. When the fallback cannot answer, the recipe's `cascade.when_fallback_fails` decides: HTTP 502
 naming the fallback and why, or the local answer flagged `fallback_failed`.
 
-A client sends the task's input, not a rendered prompt: the last user message (chat) or the prompt (text
-completions) fills the prompt template's one field, or `fields` ({"name": value}, extra body) fills several;
-for data.format messages, the conversation itself.
+What a client sends (the task's input, not a rendered prompt) and gets back: pipeline/serve/openai_api.py.
 """
 
 from __future__ import annotations
@@ -22,30 +20,22 @@ import json
 import os
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from pipeline import data, models
+from pipeline import data, gguf_export, models
 from pipeline.errors import PipelineError
 from pipeline.recipe import LoadedRecipe
 from pipeline.runs import done_fingerprint
 from pipeline.runtimes import Prompt, llamacpp
 from pipeline.runtimes import endpoint as endpoint_runtime
-from pipeline.templates import template_fields
+from pipeline.serve import openai_api
+from pipeline.serve.openai_api import RequestError
 
 ANSWERED_BY_HEADER = "X-Cascade-Answered-By"
-
-
-class RequestError(Exception):
-    """A request the cascade cannot take: its HTTP status and a message for the client."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass
@@ -84,6 +74,7 @@ class CascadeServer:
     recipe: LoadedRecipe
     candidate: str
     gguf_file: Path
+    lora_file: Path | None  # a LoRA GGUF on gguf_file (a shared base), or None
     threshold: float | None  # None: the cascade stage found none that holds; everything is deferred
     operating_point: dict  # what the cascade stage measured at this threshold
     tokenizer: object  # the specialist's own (chat template, special tokens), as the evaluation renders prompts
@@ -94,7 +85,8 @@ class CascadeServer:
     counts: Counts = field(default_factory=Counts)
 
     def __post_init__(self):
-        self._llm = llamacpp.open_model(str(self.gguf_file), self.context, self.threads, gpu=_gpu())
+        lora = str(self.lora_file) if self.lora_file else None
+        self._llm = llamacpp.open_model(str(self.gguf_file), self.context, self.threads, gpu=_gpu(), lora_file=lora)
         self._local_lock = threading.Lock()  # llama.cpp's Python API serves one sequence at a time
         self._client = endpoint_runtime.Client(self.fallback)
 
@@ -105,7 +97,7 @@ class CascadeServer:
     def answer(self, body: dict, chat: bool) -> tuple[dict, dict]:
         """The response body (OpenAI's chat.completion or text_completion) and its headers."""
         settings = self.recipe.recipe.evaluate
-        max_tokens = _max_tokens(body, settings.max_new_tokens)
+        max_tokens = openai_api.max_tokens(body, settings.max_new_tokens)
         local_row, reference_row = self.rows(body, chat)
         text, add_special = data.prompt_text(self.tokenizer, local_row, self.specialist_chat)
         started = time.perf_counter()
@@ -154,53 +146,15 @@ class CascadeServer:
         """The request as the specialist's row and as the reference's (its own prompt template, where set)."""
         section = self.recipe.recipe.data
         if section.format == "messages":
-            turns = body.get("messages") if chat else None
-            if not isinstance(turns, list) or not turns:
-                raise RequestError(400, "trained on conversations: send messages to /v1/chat/completions")
-            answer = {"role": "assistant", "content": ""}  # the turn to generate, as an eval row ends
-            row = data.TaskRow(target="", source="request", messages=(*_turns(turns), answer))
+            row = openai_api.conversation_row(body, chat)
             return row, row
-        fields = _fields(body, chat, self._input_fields())
-        local = self._row(section.prompt, fields, "data.prompt")
-        return local, self._row(self.reference.prompt or section.prompt, fields, "evaluate.reference.prompt")
-
-    def _input_fields(self) -> set[str]:
-        section = self.recipe.recipe.data
-        if section.format == "alpaca":
-            return {"instruction", "input"}
-        return template_fields(section.prompt) | template_fields(self.reference.prompt or section.prompt)
-
-    def _row(self, template: str, fields: dict, field_name: str) -> data.TaskRow:
-        section = self.recipe.recipe.data
-        try:
-            if section.format == "alpaca":
-                return data.format_row(section, {**fields, "output": "-"}, "request")
-            prompt = data.render(template, fields, "request", field_name)
-            return data.TaskRow(target="", source="request", prompt=prompt)
-        except PipelineError as error:
-            raise RequestError(400, str(error)) from None
+        reference_prompt = self.reference.prompt or section.prompt
+        fields = openai_api.fields_of(body, chat, openai_api.input_fields(section, section.prompt, reference_prompt))
+        local = openai_api.task_row(section, section.prompt, fields)
+        return local, openai_api.task_row(section, reference_prompt, fields, "evaluate.reference.prompt")
 
     def _response(self, text: str, answer: dict, cascade: dict, chat: bool, model: str, prompt_tokens) -> tuple:
-        finish = "stop" if answer.get("stopped") else "length"
-        choice = {"index": 0, "finish_reason": finish, "logprobs": None}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        completion = answer.get("generated_tokens")
-        body = {
-            "id": f"cascade-{uuid.uuid4().hex[:24]}",
-            "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [choice],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion,
-                "total_tokens": (prompt_tokens or 0) + (completion or 0),
-            },
-            "cascade": cascade,
-        }
+        body = {**openai_api.completion(text, answer, chat, model, prompt_tokens, "cascade"), "cascade": cascade}
         return body, {ANSWERED_BY_HEADER: cascade["answered_by"]}
 
     def describe(self) -> str:
@@ -234,7 +188,7 @@ def load(
             f"cascade {loaded.path}` on a finished evaluation) first"
         )
     measured = json.loads(result_path.read_text())["candidates"]
-    ggufs = {v.label for v in recipe.quantize if v.kind == "gguf"}
+    ggufs = {v.label: v.kind for v in recipe.quantize if v.is_gguf}
     served = [name for name in measured if name in ggufs]
     if candidate is None:
         if not served:
@@ -249,13 +203,15 @@ def load(
             f"{', '.join(served) or 'none'}"
         )
     folder = run_dir / "quantize" / candidate
+    gguf_file, lora_file = gguf_export.variant_files(ggufs[candidate], folder)
     tokenizer = models.load_tokenizer(models.ModelSource(str(folder), None, True))
     data.apply_chat_template_file(tokenizer, recipe.data)
     point = measured[candidate]
     return CascadeServer(
         recipe=loaded,
         candidate=candidate,
-        gguf_file=folder / "model.gguf",
+        gguf_file=gguf_file,
+        lora_file=lora_file,
         threshold=point["threshold"],
         operating_point={"value": point["value"], "share_local": point["share_local"]},
         tokenizer=tokenizer,
@@ -297,25 +253,15 @@ def fallback_endpoint(
 
 def app(server: CascadeServer, api_key: str | None = None):
     """The FastAPI application: /v1/chat/completions, /v1/completions, /v1/models, /cascade/stats, /health."""
-    import secrets
-
     api = FastAPI(title="specialist cascade")
 
-    def refused(request: Request) -> JSONResponse | None:
-        if api_key is None:
-            return None
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if secrets.compare_digest(given.encode(), api_key.encode()):
-            return None
-        return _error(401, "a valid API key is needed (Authorization: Bearer ...)")
-
     def handle(request: Request, body: dict, chat: bool):
-        if (denied := refused(request)) is not None:
+        if (denied := openai_api.refused(request, api_key)) is not None:
             return denied
         try:
             payload, headers = server.answer(body, chat)
         except RequestError as error:
-            return _error(error.status, str(error))
+            return openai_api.error(error.status, str(error), "fallback_error")
         return JSONResponse(payload, headers=headers)
 
     @api.post("/v1/chat/completions")
@@ -328,10 +274,9 @@ def app(server: CascadeServer, api_key: str | None = None):
 
     @api.get("/v1/models")
     def served_models(request: Request):
-        if (denied := refused(request)) is not None:
+        if (denied := openai_api.refused(request, api_key)) is not None:
             return denied
-        names = [server.candidate, server.fallback.model]
-        return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "specialist"} for n in names]}
+        return openai_api.models_list([server.candidate, server.fallback.model])
 
     @api.get("/cascade/stats")
     def stats():
@@ -347,58 +292,7 @@ def app(server: CascadeServer, api_key: str | None = None):
 def run(server: CascadeServer, host: str, port: int, api_key_env: str | None) -> None:
     import uvicorn
 
-    api_key = None
-    if api_key_env:
-        api_key = os.environ.get(api_key_env, "").strip()
-        if not api_key:
-            raise PipelineError(f"serve: --api-key-env {api_key_env}: the variable is not set (or empty)")
-    uvicorn.run(app(server, api_key), host=host, port=port, log_level="warning")
-
-
-def _fields(body: dict, chat: bool, wanted: set[str]) -> dict:
-    """The input fields of a request: `fields`, or the one field filled from the user's text."""
-    given = body.get("fields")
-    if given is not None:
-        if not isinstance(given, dict):
-            raise RequestError(400, 'fields: give an object of the prompt template\'s fields, e.g. {"text": "..."}')
-        return given
-    if chat:
-        turns = body.get("messages")
-        users = [t for t in turns if isinstance(t, dict) and t.get("role") == "user"] if isinstance(turns, list) else []
-        if not users:
-            raise RequestError(400, "messages: send the input as a user message")
-        text = users[-1].get("content")
-    else:
-        text = body.get("prompt")
-    if not isinstance(text, str) or not text.strip():
-        raise RequestError(400, "the input is empty: send it as the last user message (chat) or the prompt")
-    if len(wanted) != 1:
-        raise RequestError(
-            400, f"the prompt template has {len(wanted)} fields ({', '.join(sorted(wanted))}): send them as "
-            "\"fields\": {name: value} in the request body",
-        )  # fmt: skip
-    return {next(iter(wanted)): text}
-
-
-def _turns(turns: list) -> tuple[dict, ...]:
-    for turn in turns:
-        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
-            raise RequestError(400, "messages: each turn needs a role and a text content")
-    return tuple({"role": t["role"], "content": t["content"]} for t in turns)
-
-
-def _max_tokens(body: dict, default: int) -> int:
-    value = body.get("max_tokens", body.get("max_completion_tokens"))
-    if value is None:
-        return default
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise RequestError(400, f"max_tokens: {value!r} is not a positive whole number")
-    return value
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "fallback_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+    uvicorn.run(app(server, openai_api.api_key_from(api_key_env)), host=host, port=port, log_level="warning")
 
 
 def _gpu() -> bool:

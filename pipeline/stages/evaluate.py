@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import data, models, runtimes
+from pipeline import data, gguf_export, models, runtimes
 from pipeline.errors import PipelineError
 from pipeline.metrics import scorer
 from pipeline.recipe import LoadedRecipe, answer_identity
@@ -49,6 +49,7 @@ class Candidate:
     adapter_dir: Path | None = None
     quantized: bool = False  # a variant of the quantize stage (bitsandbytes folder or GGUF file)
     gguf_file: Path | None = None  # run through llama.cpp instead of transformers
+    lora_file: Path | None = None  # a LoRA GGUF llama.cpp applies to gguf_file (then the shared base)
     prompt_template: str | None = None  # None: data.prompt
     system: str | None = None  # system message, where the chat template is used
     chat_template: str | None = None  # None: data.chat_template
@@ -76,12 +77,9 @@ def candidates(loaded: LoadedRecipe, run_dir: Path) -> list[Candidate]:
     found = [Candidate("base", "base", base, trust_remote_code=trust), _specialized(loaded, run_dir, base)]
     for variant in recipe.quantize:
         folder = run_dir / "quantize" / variant.label
-        gguf = folder / "model.gguf" if variant.kind == "gguf" else None
-        found.append(
-            Candidate(
-                variant.label, "quantized", models.ModelSource(str(folder), None, True), quantized=True, gguf_file=gguf
-            )
-        )
+        gguf, lora = gguf_export.variant_files(variant.kind, folder) if variant.is_gguf else (None, None)
+        source = models.ModelSource(str(folder), None, True)
+        found.append(Candidate(variant.label, "quantized", source, quantized=True, gguf_file=gguf, lora_file=lora))
     reference = recipe.evaluate.reference
     if reference:
         endpoint = None
@@ -237,7 +235,7 @@ def candidate_answers(candidate: Candidate, rows: list[data.TaskRow], loaded: Lo
     if candidate.endpoint is not None:
         facts = endpoint_runtime.run(candidate.endpoint, job, keep)
     elif candidate.gguf_file is not None:
-        facts = llamacpp.run(candidate.gguf_file, job, keep, gpu=torch.cuda.is_available())
+        facts = llamacpp.run(candidate.gguf_file, job, keep, torch.cuda.is_available(), candidate.lora_file)
     else:
         dtype = models.compute_dtype(loaded.recipe.model.dtype)
         facts = transformers_runtime.run(
@@ -276,7 +274,10 @@ def _cost(candidate: Candidate, facts: dict, generations: list[dict]) -> dict:
     tokens = sum(g["generated_tokens"] for g in generations) if counted else None
     prompt_tokens = facts["prompt_tokens"] or [g.get("prompt_tokens") for g in generations]  # API: per answer
     single = facts["single_request_seconds"]
-    if candidate.gguf_file is not None:
+    shared_base = None
+    if candidate.lora_file is not None:  # what one more specialist adds: its adapter; the base is shared
+        size, shared_base = candidate.lora_file.stat().st_size, candidate.gguf_file.stat().st_size
+    elif candidate.gguf_file is not None:
         size = candidate.gguf_file.stat().st_size  # the file a user deploys; the tokenizer files beside it are not
     else:
         size = dir_size_bytes(Path(candidate.source.location)) if candidate.source.is_local else None
@@ -285,6 +286,7 @@ def _cost(candidate: Candidate, facts: dict, generations: list[dict]) -> dict:
         size += adapter_size  # deployed as base + adapter
     return {
         "model": str(candidate.gguf_file or candidate.source.location),
+        **({"adapter_file": str(candidate.lora_file), "shared_base_bytes": shared_base} if candidate.lora_file else {}),
         "runtime": facts["runtime"],
         "adapter_size_bytes": adapter_size,
         "size_on_disk_bytes": size,

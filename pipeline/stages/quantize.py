@@ -1,8 +1,10 @@
 """Quantize stage: merge the adapter into the full-precision base, then build each quantized variant.
 
 Writes quantize/merged/ (the specialized model as one plain checkpoint) and quantize/<name>/ per variant
-in the recipe: bitsandbytes nf4 / int8 (serialized with save_pretrained), or a GGUF file written by
-llama.cpp's own converter and quantizer, with the tokenizer and an Ollama Modelfile beside it. Fidelity
+in the recipe: bitsandbytes nf4 / int8 (serialized with save_pretrained), a GGUF file written by llama.cpp's own
+converter and quantizer, or the adapter alone as a LoRA GGUF (llama.cpp's convert_lora_to_gguf.py) for a base GGUF
+that every run on that base shares (cached once per base and type), each with the tokenizer and an Ollama
+Modelfile beside it. Fidelity
 is checked where conversions break (pipeline/fidelity.py): the merge against base + adapter, each GGUF
 against the merged model, and llama.cpp's tokens against training's. result.json has each variant's
 size on disk and in memory, the GGUF tensor types actually written, and the fidelity figures.
@@ -11,7 +13,9 @@ size on disk and in memory, the GGUF tensor types actually written, and the fide
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -22,6 +26,8 @@ from pipeline import data, fidelity, gguf_export, llamacpp_install, models
 from pipeline.errors import PipelineError
 from pipeline.recipe import LoadedRecipe, QuantizeVariant
 from pipeline.runs import (
+    cache_lock,
+    cache_root,
     dir_size_bytes,
     done_fingerprint,
     log,
@@ -40,7 +46,7 @@ STAGE = "quantize"
 
 def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
     recipe = loaded.recipe
-    uses_llamacpp = any(v.kind == "gguf" for v in recipe.quantize)
+    uses_llamacpp = any(v.is_gguf for v in recipe.quantize)
     return stage_fingerprint(
         STAGE,
         done_fingerprint(run_dir / "train"),
@@ -99,7 +105,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
 
     merged_source = models.ModelSource(str(merged_dir), None, is_local=True)
     dtype = models.compute_dtype(recipe.model.dtype)
-    for variant in (v for v in recipe.quantize if v.kind != "gguf"):
+    for variant in (v for v in recipe.quantize if not v.is_gguf):
         keep = variant.keep_full_precision + _edge_layers(merged_dir, variant.keep_edge_layers)
         model = models.load_model(merged_source, dtype, quantization=variant.kind, keep_unquantized=keep)
         _check_kept_modules_exist(model, keep, variant.label)
@@ -112,7 +118,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         del model
         log(STAGE, f"{variant.label}: {variants[variant.label]['size_on_disk_bytes'] / 1e6:.1f} MB on disk")
 
-    gguf_variants = [v for v in recipe.quantize if v.kind == "gguf"]
+    gguf_variants = [v for v in recipe.quantize if v.is_gguf]
     if gguf_variants:
         prompts = prompts_for(tokenizer, eval_rows, chat)
         context = GgufContext(
@@ -120,9 +126,11 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         )
         try:
             for variant in gguf_variants:
-                variants[variant.label] = _export_gguf(variant, context, variants["merged"]["parameters"])
+                export = _export_gguf_lora if variant.kind == "gguf-lora" else _export_gguf
+                variants[variant.label] = export(variant, context, variants["merged"]["parameters"])
         finally:
             context.cleanup()
+        _compare_adapters_with_merged_files(variants, context)
 
     result = {"variants": variants}
     write_json_atomic(stage_dir / "result.json", result)
@@ -151,6 +159,7 @@ class GgufContext:
         self.plain_parts = None if chat else gguf_export.plain_prompt_parts(self.recipe.data.prompt)
         self._source_dir: Path | None = None
         self._f16: Path | None = None
+        self.top1: dict[str, list[list[int]]] = {}  # per GGUF variant, its top-1 tokens on the sequences
 
     def source_dir(self) -> Path:
         """The merged model as the converter should see it: its weights and config, and a tokenizer whose chat
@@ -190,7 +199,6 @@ class GgufContext:
 
 def _export_gguf(variant: QuantizeVariant, context: GgufContext, parameters: int) -> dict:
     """Write quantize/<name>/model.gguf with its tokenizer and Modelfile, and check it against the merged model."""
-    recipe = context.recipe
     variant_dir = context.stage_dir / variant.label
     tmp = temp_dir_for(variant_dir)
     tmp.mkdir()
@@ -199,45 +207,12 @@ def _export_gguf(variant: QuantizeVariant, context: GgufContext, parameters: int
         gguf_export.convert(context.converter, context.source_dir(), gguf_file, variant.type, tmp / "convert.log")
     else:
         gguf_export.quantize(context.f16_file(), gguf_file, variant.type, tmp / "quantize.log", context.threads)
-    context.tokenizer.save_pretrained(tmp)  # the eval prompts are rendered with it, as in training
-    eos_text = context.tokenizer.eos_token
-    template = gguf_export.ollama_template(context.tokenizer, context.chat, context.plain_parts)
-    system = _common_system(context.eval_rows) if context.chat else None
-    write_text_atomic(
-        tmp / "Modelfile",
-        gguf_export.modelfile("model.gguf", template, [eos_text], recipe.evaluate.max_new_tokens, system),
-    )
-    facts = llamacpp.call_in_child(
-        llamacpp.inspect_gguf,
-        str(gguf_file),
-        context.sequences,
-        [dataclasses.asdict(p) for p in context.prompts],
-        context.threads,
-        context.gpu,
-    )
-    export = fidelity.compare_export(context.merged_logits, context.sequences, context.answer_positions, facts)
-    parity = fidelity.token_parity(context.prompts, facts["token_ids"], context.tokenizer)
-    end_token = {
-        "trained": context.tokenizer.eos_token_id,
-        "gguf": facts["eos_token_id"],
-        "same": facts["eos_token_id"] == context.tokenizer.eos_token_id,
-    }
+    _write_modelfile(context, tmp, "model.gguf")
+    checks = _check_gguf(variant.label, context, gguf_file)
     types = gguf_export.tensor_types(gguf_file)
     replace_dir(tmp, variant_dir)
     size = (variant_dir / "model.gguf").stat().st_size
-    log(
-        STAGE,
-        f"{variant.label}: {size / 1e6:.1f} MB ({', '.join(f'{n} {t}' for t, n in types.items())}); top-1 agreement "
-        f"with merged {export['top1_agreement']:.3f} (answers {export['answer_top1_agreement'] or 0:.3f}), NLL "
-        f"{export['nll']:.3f} vs {export['nll_merged']:.3f}; "
-        f"tokens identical on {parity['identical']}/{parity['prompts']} prompts",
-    )
-    if not end_token["same"]:
-        log(
-            STAGE,
-            f"{variant.label}: WARNING the file's end token is {end_token['gguf']}, "
-            f"training ended with {end_token['trained']}",
-        )
+    _log_export(variant.label, f"{size / 1e6:.1f} MB ({_types_text(types)})", checks)
     return {
         "path": variant.label,
         "kind": "gguf",
@@ -247,8 +222,159 @@ def _export_gguf(variant: QuantizeVariant, context: GgufContext, parameters: int
         "memory_footprint_bytes": size,
         "parameters": parameters,
         "tensor_types": types,
-        "fidelity": {"export": export, "token_parity": parity, "end_token": end_token},
+        "fidelity": checks,
     }
+
+
+def _export_gguf_lora(variant: QuantizeVariant, context: GgufContext, parameters: int) -> dict:
+    """Write quantize/<name>/adapter.gguf (the adapter as a LoRA GGUF) for the shared base GGUF of base_type,
+    with the tokenizer and a Modelfile (FROM the base, ADAPTER the file), and check base + adapter in llama.cpp
+    against the merged model."""
+    recipe = context.recipe
+    base_file = shared_base_gguf(recipe, variant.base_type, context.converter, context.threads)
+    variant_dir = context.stage_dir / variant.label
+    tmp = temp_dir_for(variant_dir)
+    tmp.mkdir()
+    adapter_file = tmp / "adapter.gguf"
+    base_dir = models.local_folder(models.resolve_model(recipe.model.base))
+    adapter_dir = _adapter_as_llamacpp_reads_it(context.stage_dir.parent / "train" / "adapter", recipe.lora, tmp)
+    converter = llamacpp_install.lora_converter_script()
+    gguf_export.convert_lora(converter, adapter_dir, base_dir, adapter_file, variant.adapter_type, tmp / "convert.log")
+    if adapter_dir.parent == tmp:
+        shutil.rmtree(adapter_dir)
+    _write_modelfile(context, tmp, str(base_file), adapter="adapter.gguf")
+    checks = _check_gguf(variant.label, context, base_file, adapter_file)
+    types = gguf_export.tensor_types(adapter_file)
+    # which base the adapter goes on: evaluation, serving and the Modelfile read it from here
+    about = {"file": str(base_file), "model": recipe.model.base, "type": variant.base_type}
+    write_json_atomic(tmp / "base.json", {**about, "size_on_disk_bytes": base_file.stat().st_size})
+    replace_dir(tmp, variant_dir)
+    size = (variant_dir / "adapter.gguf").stat().st_size
+    base_size = base_file.stat().st_size
+    _log_export(variant.label, f"adapter {size / 1e6:.2f} MB on a shared {variant.base_type} base of "
+                f"{base_size / 1e6:.1f} MB ({base_file})", checks)  # fmt: skip
+    return {
+        "path": variant.label,
+        "kind": "gguf-lora",
+        "type": variant.adapter_type,
+        "base_type": variant.base_type,
+        "file": "adapter.gguf",
+        "base_file": str(base_file),
+        "size_on_disk_bytes": size,  # the adapter: what each further specialist on this base adds
+        "shared_base_bytes": base_size,
+        "memory_footprint_bytes": size + base_size,
+        "parameters": parameters,
+        "tensor_types": types,
+        "base_tensor_types": gguf_export.tensor_types(base_file),
+        "fidelity": checks,
+    }
+
+
+def shared_base_gguf(recipe, base_type: str, converter: Path, threads: int) -> Path:
+    """The base model as one GGUF of base_type: converted (and quantized) once per base model, type and llama.cpp
+    version, in $SPECIALIST_CACHE/gguf-bases/, and shared by every run and every adapter on that base. Under a
+    lock, written aside and renamed in: two runs at once convert it once, and a killed one leaves nothing."""
+    source = models.resolve_model(recipe.model.base)
+    identity = json.dumps([source.fingerprint, base_type, llamacpp_install.VERSION])
+    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    folder = cache_root() / "gguf-bases" / key
+    with cache_lock(f"gguf-base-{key}", f"converting {recipe.model.base} to a {base_type} GGUF"):
+        if (folder / "model.gguf").is_file():
+            return folder / "model.gguf"
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_dir_for(folder)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        base_dir = models.local_folder(source)
+        log(STAGE, f"converting the base {recipe.model.base} to a {base_type} GGUF once, shared by its adapters")
+        if base_type in gguf_export.CONVERTER_TYPES:
+            gguf_export.convert(converter, base_dir, tmp / "model.gguf", base_type, tmp / "convert.log")
+        else:
+            gguf_export.convert(converter, base_dir, tmp / "f16.gguf", "f16", tmp / "convert.log")
+            gguf_export.quantize(tmp / "f16.gguf", tmp / "model.gguf", base_type, tmp / "quantize.log", threads)
+            (tmp / "f16.gguf").unlink()
+        about = {"model": recipe.model.base, "weights": source.fingerprint, "type": base_type}
+        write_json_atomic(tmp / "base.json", {**about, "llama_cpp_python": llamacpp_install.VERSION})
+        replace_dir(tmp, folder)
+    return folder / "model.gguf"
+
+
+def _adapter_as_llamacpp_reads_it(adapter_dir: Path, lora, tmp: Path) -> Path:
+    """The adapter folder for llama.cpp's converter. llama.cpp scales a LoRA by alpha / r; a rank-stabilized
+    adapter (alpha / sqrt(r)) is given the alpha that makes the two equal, in a copy of its config."""
+    if not lora.rslora:
+        return adapter_dir
+    view = tmp / "adapter-for-llama.cpp"
+    view.mkdir()
+    for path in adapter_dir.iterdir():
+        if path.is_file() and path.name != "adapter_config.json":
+            os.symlink(path.resolve(), view / path.name)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config["lora_alpha"] = config["lora_alpha"] * math.sqrt(config["r"])
+    config["use_rslora"] = False
+    (view / "adapter_config.json").write_text(json.dumps(config))
+    return view
+
+
+def _write_modelfile(context: GgufContext, folder: Path, model: str, adapter: str | None = None) -> None:
+    context.tokenizer.save_pretrained(folder)  # the eval prompts are rendered with it, as in training
+    template = gguf_export.ollama_template(context.tokenizer, context.chat, context.plain_parts)
+    system = _common_system(context.eval_rows) if context.chat else None
+    stop = [context.tokenizer.eos_token]
+    text = gguf_export.modelfile(model, template, stop, context.recipe.evaluate.max_new_tokens, system, adapter)
+    write_text_atomic(folder / "Modelfile", text)
+
+
+def _check_gguf(label: str, context: GgufContext, gguf_file: Path, lora_file: Path | None = None) -> dict:
+    """The file (with lora_file applied) against the merged model on the same tokens, its tokenization of every
+    eval prompt against training's, and its end token."""
+    facts = llamacpp.call_in_child(
+        llamacpp.inspect_gguf,
+        str(gguf_file),
+        context.sequences,
+        [dataclasses.asdict(p) for p in context.prompts],
+        context.threads,
+        context.gpu,
+        str(lora_file) if lora_file else None,
+    )
+    context.top1[label] = facts["top1"]
+    eos = context.tokenizer.eos_token_id
+    return {
+        "export": fidelity.compare_export(context.merged_logits, context.sequences, context.answer_positions, facts),
+        "token_parity": fidelity.token_parity(context.prompts, facts["token_ids"], context.tokenizer),
+        "end_token": {"trained": eos, "gguf": facts["eos_token_id"], "same": facts["eos_token_id"] == eos},
+    }
+
+
+def _log_export(label: str, what: str, checks: dict) -> None:
+    export, parity, end_token = checks["export"], checks["token_parity"], checks["end_token"]
+    log(
+        STAGE,
+        f"{label}: {what}; top-1 agreement with merged {export['top1_agreement']:.3f} (answers "
+        f"{export['answer_top1_agreement'] or 0:.3f}), NLL {export['nll']:.3f} vs {export['nll_merged']:.3f}; "
+        f"tokens identical on {parity['identical']}/{parity['prompts']} prompts",
+    )
+    if not end_token["same"]:
+        log(STAGE, f"{label}: WARNING the file's end token is {end_token['gguf']}, training ended with "
+            f"{end_token['trained']}")  # fmt: skip
+
+
+def _types_text(types: dict[str, int]) -> str:
+    return ", ".join(f"{n} {t}" for t, n in types.items())
+
+
+def _compare_adapters_with_merged_files(variants: dict, context: GgufContext) -> None:
+    """Each adapter on its base GGUF against the merged GGUF of the same type, where the recipe builds one: the same
+    model two ways, so their top-1 tokens should agree as closely as the type's rounding allows."""
+    for label, variant in variants.items():
+        if variant.get("kind") != "gguf-lora":
+            continue
+        twin = next(
+            (n for n, v in variants.items() if v.get("kind") == "gguf" and v["type"] == variant["base_type"]), None
+        )
+        if twin is not None:
+            found = fidelity.compare_top1(context.top1[label], context.top1[twin], context.answer_positions)
+            variant["fidelity"]["versus_merged_gguf"] = {"variant": twin, **found}
 
 
 def _common_system(rows: list[data.TaskRow]) -> str | None:

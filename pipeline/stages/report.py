@@ -147,8 +147,61 @@ def _fidelity(quantized: dict | None) -> dict:
     variants = quantized["variants"]
     found = {"merge": variants["merged"].get("fidelity", {}).get("merge")}
     for name, variant in variants.items():
-        if variant.get("kind") == "gguf":
+        if variant.get("kind") in ("gguf", "gguf-lora"):
             found[name] = {"type": variant["type"], "tensor_types": variant["tensor_types"], **variant["fidelity"]}
+            if variant["kind"] == "gguf-lora":  # the adapter's own type and tensors; the base it goes on apart
+                found[name]["base"] = {"type": variant["base_type"], "tensor_types": variant["base_tensor_types"]}
+    return found
+
+
+def shared_base(report: dict, quantized: dict | None, generations: dict[str, list[dict]], counts=(1, 3, 10)) -> dict:
+    """Per adapter GGUF (kind gguf-lora): what N specialists cost on one device both ways, from this run's own
+    measured files: N merged GGUF files of the base's type, or one shared base with N adapters. Disk: the files.
+    Memory: N merged files loaded each in its own process (N times the merged file's measured peak) against one
+    process with the base and N adapters (the adapter candidate's measured peak, plus each further adapter's file
+    size); the merged side needs the recipe's own gguf variant of that type (else disk only, the merged file
+    being the base file's size: same tensors, same type). Answer agreement with that merged file on the eval rows."""
+    found = {}
+    variants = (quantized or {}).get("variants", {})
+    candidates = report["candidates"]
+    for name, variant in variants.items():
+        if variant.get("kind") != "gguf-lora" or name not in candidates:
+            continue
+        mine = candidates[name]
+        adapter, base = variant["size_on_disk_bytes"], variant["shared_base_bytes"]
+        twin = next(
+            (n for n, v in variants.items() if v.get("kind") == "gguf" and v["type"] == variant["base_type"]), None
+        )
+        merged = variants[twin]["size_on_disk_bytes"] if twin else base
+        merged_peak = candidates[twin]["peak_memory_bytes"] if twin in candidates else None
+        peak = mine.get("peak_memory_bytes")
+        facts = {
+            "base_type": variant["base_type"],
+            "base_bytes": base,
+            "adapter_bytes": adapter,
+            "merged_variant": twin,
+            "merged_bytes": merged,
+            "merged_bytes_measured": twin is not None,
+            "peak_memory_bytes": peak,
+            "merged_peak_memory_bytes": merged_peak,
+            "answer_agreement_with_merged": None,
+            "specialists": [
+                {
+                    "n": n,
+                    "disk_merged_bytes": n * merged,
+                    "disk_shared_bytes": base + n * adapter,
+                    "memory_merged_bytes": n * merged_peak if merged_peak else None,
+                    "memory_shared_bytes": peak + (n - 1) * adapter if peak else None,
+                }
+                for n in counts
+            ],
+        }
+        if twin in generations and name in generations:
+            same = sum(
+                a["prediction"] == b["prediction"] for a, b in zip(generations[name], generations[twin], strict=True)
+            )
+            facts["answer_agreement_with_merged"] = same / len(generations[name])
+        found[name] = facts
     return found
 
 
@@ -373,6 +426,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     if left_out:
         report["rows_left_out_empty"] = left_out
     report["confidence"] = confidence_facts(results, report["metric"], generations)
+    report["shared_base"] = shared_base(report, quantized, generations)
     cascade_result = run_dir / "cascade" / "result.json"
     if loaded.recipe.cascade is not None and cascade_result.is_file():
         reference = loaded.recipe.evaluate.reference

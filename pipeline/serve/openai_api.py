@@ -1,0 +1,150 @@
+"""What the served specialists share: an OpenAI-compatible request read as a task row of the recipe (the input a
+client sends fills the prompt template, as the evaluation renders it), the response bodies, errors and the API
+key check. Used by the cascade endpoint (serve/cascade.py) and the many-adapter server (serve/adapters.py).
+
+A client sends the task's input, not a rendered prompt: the last user message (chat) or the prompt (text
+completions) fills the prompt template's one field, or `fields` ({"name": value}, extra body) fills several;
+for data.format messages, the conversation itself.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from pipeline import data
+from pipeline.errors import PipelineError
+from pipeline.recipe import DataSection
+from pipeline.templates import template_fields
+
+
+class RequestError(Exception):
+    """A request the server cannot take: its HTTP status and a message for the client."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def input_fields(section: DataSection, *templates: str | None) -> set[str]:
+    """The fields a request's input fills: the prompt templates' (alpaca: instruction and input)."""
+    if section.format == "alpaca":
+        return {"instruction", "input"}
+    return set().union(*(template_fields(t) for t in templates if t))
+
+
+def task_row(section: DataSection, template: str | None, fields: dict, field: str = "data.prompt") -> data.TaskRow:
+    """The request's fields as an eval row of this data section, rendered through `template` (the recipe's `field`)."""
+    try:
+        if section.format == "alpaca":
+            return data.format_row(section, {**fields, "output": "-"}, "request")
+        prompt = data.render(template or section.prompt, fields, "request", field)
+        return data.TaskRow(target="", source="request", prompt=prompt)
+    except PipelineError as error:
+        raise RequestError(400, str(error)) from None
+
+
+def conversation_row(body: dict, chat: bool) -> data.TaskRow:
+    """A messages-format specialist's request: the conversation, ending where the answer is generated."""
+    turns = body.get("messages") if chat else None
+    if not isinstance(turns, list) or not turns:
+        raise RequestError(400, "trained on conversations: send messages to /v1/chat/completions")
+    for turn in turns:
+        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
+            raise RequestError(400, "messages: each turn needs a role and a text content")
+    answer = {"role": "assistant", "content": ""}  # the turn to generate, as an eval row ends
+    return data.TaskRow(
+        target="", source="request", messages=(*({"role": t["role"], "content": t["content"]} for t in turns), answer)
+    )
+
+
+def fields_of(body: dict, chat: bool, wanted: set[str]) -> dict:
+    """The input fields of a request: `fields`, or the one field filled from the user's text."""
+    given = body.get("fields")
+    if given is not None:
+        if not isinstance(given, dict):
+            raise RequestError(400, 'fields: give an object of the prompt template\'s fields, e.g. {"text": "..."}')
+        return given
+    if chat:
+        turns = body.get("messages")
+        users = [t for t in turns if isinstance(t, dict) and t.get("role") == "user"] if isinstance(turns, list) else []
+        if not users:
+            raise RequestError(400, "messages: send the input as a user message")
+        text = users[-1].get("content")
+    else:
+        text = body.get("prompt")
+    if not isinstance(text, str) or not text.strip():
+        raise RequestError(400, "the input is empty: send it as the last user message (chat) or the prompt")
+    if len(wanted) != 1:
+        raise RequestError(
+            400, f"the prompt template has {len(wanted)} fields ({', '.join(sorted(wanted))}): send them as "
+            "\"fields\": {name: value} in the request body",
+        )  # fmt: skip
+    return {next(iter(wanted)): text}
+
+
+def max_tokens(body: dict, default: int) -> int:
+    value = body.get("max_tokens", body.get("max_completion_tokens"))
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise RequestError(400, f"max_tokens: {value!r} is not a positive whole number")
+    return value
+
+
+def completion(text: str, answer: dict, chat: bool, model: str, prompt_tokens: int | None, prefix: str) -> dict:
+    """OpenAI's chat.completion or text_completion body for one answer (`answer`: stopped, generated_tokens)."""
+    finish = "stop" if answer.get("stopped") else "length"
+    choice = {"index": 0, "finish_reason": finish, "logprobs": None}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    generated = answer.get("generated_tokens")
+    return {
+        "id": f"{prefix}-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": generated,
+            "total_tokens": (prompt_tokens or 0) + (generated or 0),
+        },
+    }
+
+
+def models_list(names: list[str]) -> dict:
+    return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "specialist"} for n in names]}
+
+
+def error(status: int, message: str, server_side: str = "server_error") -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else server_side
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+def refused(request: Request, api_key: str | None) -> JSONResponse | None:
+    """None where the request may go on (no key required, or the right one); else the 401 response."""
+    if api_key is None:
+        return None
+    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if secrets.compare_digest(given.encode(), api_key.encode()):
+        return None
+    return error(401, "a valid API key is needed (Authorization: Bearer ...)")
+
+
+def api_key_from(variable: str | None) -> str | None:
+    """The key clients must send, from the environment variable --api-key-env names (never the command line)."""
+    import os
+
+    if not variable:
+        return None
+    key = os.environ.get(variable, "").strip()
+    if not key:
+        raise PipelineError(f"serve: --api-key-env {variable}: the variable is not set (or empty)")
+    return key
