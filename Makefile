@@ -80,8 +80,8 @@ bench: $(VENV)/.installed $(TINY_MODELS) ## batched evaluation vs one-row-at-a-t
 bench-train: $(VENV)/.installed $(TINY_MODELS) ## the train stage vs a plain peft loop on RECIPE's rows (ROWS=320): tokens/s, losses, memory
 	$(VENV)/bin/specialist bench-train $(RECIPE_ARGS) --rows $(or $(ROWS),320)
 
-serve: $(VENV)/.installed ## llama.cpp's OpenAI-compatible server on MODEL (packaged:NAME or a .gguf; PORT=8080); CASCADE=recipe serves that run's cascade (FALLBACK=url)
-	$(VENV)/bin/specialist serve $(if $(CASCADE),--cascade $(CASCADE) $(if $(FALLBACK),--fallback-url $(FALLBACK)) $(if $(FALLBACK_MODEL),--fallback-model $(FALLBACK_MODEL)),$(or $(MODEL),packaged:qwen2.5-coder-1.5b-instruct)) --port $(or $(PORT),8080) $(if $(API_KEY_ENV),--api-key-env $(API_KEY_ENV))
+serve: $(VENV)/.installed ## llama.cpp's OpenAI-compatible server on MODEL (packaged:NAME or a .gguf; PORT=8080); CASCADE=recipe serves that run's cascade (FALLBACK=url); ADAPTERS="a.yaml b.yaml" one base with those runs' adapters
+	$(VENV)/bin/specialist serve $(if $(ADAPTERS),--adapters $(ADAPTERS),$(if $(CASCADE),--cascade $(CASCADE) $(if $(FALLBACK),--fallback-url $(FALLBACK)) $(if $(FALLBACK_MODEL),--fallback-model $(FALLBACK_MODEL)),$(or $(MODEL),packaged:qwen2.5-coder-1.5b-instruct))) --port $(or $(PORT),8080) $(if $(API_KEY_ENV),--api-key-env $(API_KEY_ENV))
 
 compare: $(VENV)/.installed ## runs side by side: RUNS="runs/demo/ID1 runs/demo/ID2" (folders or recipes)
 	$(VENV)/bin/specialist compare $(RUNS)

@@ -133,20 +133,25 @@ def _parser() -> argparse.ArgumentParser:
     serve = verbs.add_parser(
         "serve",
         help="serve a GGUF (packaged:NAME, a .gguf file, a run's gguf folder) with llama.cpp's OpenAI-compatible "
-        "server, for a reference or teacher behind an endpoint; or, with --cascade RECIPE, the run's cascade: its "
-        "GGUF specialist where sure, the fallback below the threshold, as one endpoint",
+        "server, for a reference or teacher behind an endpoint; with --cascade RECIPE, the run's cascade: its "
+        "GGUF specialist where sure, the fallback below the threshold, as one endpoint; with --adapters, one base "
+        "GGUF with several runs' adapter GGUFs, the adapter chosen per request by model name",
     )
     serve.add_argument(
         "model", metavar="MODEL", nargs="?", help="packaged:NAME, a .gguf file, or runs/.../quantize/gguf-TYPE"
     )
     serve.add_argument("--cascade", type=Path, metavar="RECIPE", help="serve this recipe's finished cascade")
     serve.add_argument("--candidate", help="--cascade: the GGUF variant (default: the first the cascade measured)")
+    serve.add_argument("--adapters", nargs="+", metavar="[NAME=]RUN_OR_RECIPE",
+                       help="serve these runs' adapter GGUFs (kind gguf-lora) on their one shared base; a client's "
+                       "model name picks the adapter (default name: the recipe's)")  # fmt: skip
+    serve.add_argument("--variant", help="--adapters: the gguf-lora variant of each run (default: its first)")
     serve.add_argument("--fallback-url", help="--cascade: the fallback's base URL (default: the reference's endpoint)")
     serve.add_argument("--fallback-model", help="--cascade: the model name the fallback serves")
     serve.add_argument("--fallback-api-key-env", help="--cascade: the variable holding the fallback's key")
     serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="--cascade: override a recipe field, as for a run")  # fmt: skip
-    serve.add_argument("--runs-dir", type=Path, default=Path("runs"), help="--cascade: where run folders are")
+    serve.add_argument("--runs-dir", type=Path, default=Path("runs"), help="--cascade, --adapters: where runs are")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--alias", help="the model name clients ask for (default: the packaged name or file stem)")
@@ -350,10 +355,17 @@ def _llamacpp(args) -> int:
 def _serve(args) -> int:
     from pipeline.serve import gguf as serve
 
+    if args.cascade is not None and args.adapters:
+        raise PipelineError("serve: --cascade or --adapters, not both")
     if args.cascade is not None:
         return _serve_cascade(args)
+    if args.adapters:
+        return _serve_adapters(args)
     if args.model is None:
-        raise PipelineError("serve: give MODEL (packaged:NAME, a .gguf file, a run's gguf folder) or --cascade RECIPE")
+        raise PipelineError(
+            "serve: give MODEL (packaged:NAME, a .gguf file, a run's gguf folder), --cascade RECIPE or "
+            "--adapters RUN..."
+        )
     server = serve.start(args.model, args.alias, args.host, args.port, args.threads, args.context, args.api_key_env)
     print(f"serving {args.model} at http://{args.host}:{args.port}/v1 (Ctrl-C stops it)", file=sys.stderr)
     signal.signal(signal.SIGTERM, lambda *_: server.terminate())  # a scheduler's stop reaches the server too
@@ -391,6 +403,24 @@ def _serve_cascade(args) -> int:
     print(server.describe(), file=sys.stderr)
     print(f"serving the cascade at http://{args.host}:{args.port}/v1 (Ctrl-C stops it)", file=sys.stderr)
     cascade.run(server, args.host, args.port, args.api_key_env)
+    return 0
+
+
+def _serve_adapters(args) -> int:
+    from pipeline import llamacpp_install
+    from pipeline.serve import gguf
+
+    if args.model is not None:
+        raise PipelineError(f"serve: give MODEL ({args.model}) or --adapters, not both")
+    gguf.require_modules(("fastapi", "uvicorn"))
+    llamacpp_install.ensure()
+    from pipeline.serve import adapters  # fastapi: the serve extra, checked above
+
+    server = adapters.load(args.adapters, args.runs_dir, args.variant, args.threads, args.context)
+    print(server.describe(), file=sys.stderr)
+    print(f"serving {len(server.specialists)} adapters at http://{args.host}:{args.port}/v1 (Ctrl-C stops it)",
+          file=sys.stderr)  # fmt: skip
+    adapters.run(server, args.host, args.port, args.api_key_env)
     return 0
 
 

@@ -18,7 +18,7 @@ from pipeline import data, sweep
 from pipeline.errors import PipelineError
 from pipeline.recipe import load_recipe
 from pipeline.render import html
-from pipeline.runs import run_dir_for, write_json_atomic, write_text_atomic
+from pipeline.runs import write_json_atomic, write_text_atomic
 from pipeline.stages.evaluate import read_generations
 from pipeline.stats import paired
 
@@ -26,14 +26,8 @@ COST_KEYS = ("size_on_disk_bytes", "peak_memory_bytes", "single_request_seconds_
 
 
 def run_folder(ref: str, runs_dir: Path) -> Path:
-    """A run folder given as itself, or a recipe file standing for its run (a sweep's: the trial it chose)."""
-    path = Path(ref)
-    if path.is_dir() and (path / "manifest.json").is_file():
-        folder = path
-    elif path.suffix in (".yaml", ".yml") and path.is_file():
-        folder = run_dir_for(sweep.main_run(load_recipe(path), runs_dir), runs_dir)
-    else:
-        raise PipelineError(f"compare: {ref} is neither a run folder (runs/NAME/ID) nor a recipe file")
+    """A finished run, given as its folder or as a recipe (sweep.run_folder)."""
+    folder = sweep.run_folder(ref, runs_dir, "compare")
     if not (folder / "evaluate" / "report.json").is_file():
         raise PipelineError(f"compare: {folder} has no report; finish it with `make train` (or `make report`)")
     return folder

@@ -1044,7 +1044,7 @@ def _gguf_lora_problems(recipe: Recipe, i: int, variant: QuantizeVariant) -> lis
     if variant.kind != "gguf-lora":
         if variant.base_type is not None:
             return [(("quantize", i, "base_type"), f"is for kind gguf-lora; {variant.kind} has no shared base")]
-        if "adapter_type" in variant.model_fields_set:
+        if variant.adapter_type != QuantizeVariant.model_fields["adapter_type"].default:  # (a resolved file has it)
             return [(("quantize", i, "adapter_type"), f"is for kind gguf-lora; {variant.kind} has no adapter file")]
         return []
     problems = []

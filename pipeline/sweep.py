@@ -274,6 +274,16 @@ def main_run(loaded: LoadedRecipe, runs_dir: Path) -> LoadedRecipe:
     return loaded
 
 
+def run_folder(ref: str, runs_dir: Path, verb: str) -> Path:
+    """A run folder given as itself, or a recipe file standing for its run (a sweep's: the trial it chose)."""
+    path = Path(ref)
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return path
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return run_dir_for(main_run(load_recipe(path), runs_dir), runs_dir)
+    raise PipelineError(f"{verb}: {ref} is neither a run folder (runs/NAME/ID) nor a recipe file")
+
+
 def chosen_trial(loaded: LoadedRecipe, runs_dir: Path) -> LoadedRecipe:
     """The run a finished sweep chose."""
     path = summary_dir(loaded, runs_dir, "sweep") / SWEEP_FILE

@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
+import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,3 +76,44 @@ def start(log: Path, port: int | None = None, api_key_env: str | None = None) ->
         time.sleep(0.3)
     server.stop()
     raise RuntimeError(f"llama.cpp's server did not answer within 90 s:\n{log.read_text()[-2000:]}")
+
+
+class Specialist:
+    """`specialist serve ...` (the cascade, the adapters) as a user starts it, in a process of its own, on a free
+    port; ready when /health answers."""
+
+    def __init__(self, log: Path, *args: str, env: dict | None = None):
+        self.port = free_port()
+        command = [sys.executable, "-m", "pipeline", "serve", *args, "--port", str(self.port)]
+        with log.open("a") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=out, env={**os.environ, **(env or {})})
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited ({self.process.returncode}):\n{log.read_text()[-3000:]}")
+            try:
+                self.get("/health")
+                return
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"the server did not answer within 120 s:\n{log.read_text()[-3000:]}")
+
+    def get(self, path: str) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as response:
+            return json.load(response)
+
+    def post(self, path: str, body: dict, key: str | None = None) -> tuple[int, dict, dict]:
+        """(status, headers, body) of a POST, with `key` as the bearer token where given."""
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", json.dumps(body).encode(), headers=headers
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, dict(response.headers), json.load(response)
+        except urllib.error.HTTPError as error:
+            return error.code, dict(error.headers), json.load(error)
+
+    def stop(self) -> None:
+        stop_process(self.process, timeout=20)

@@ -6,12 +6,6 @@ answers; and when the reference is down, the recipe decides between an error and
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -59,44 +53,15 @@ def _recipe(write_recipe, tiny_models, intents_rows, base_url: str) -> Path:
     """)  # noqa: E501
 
 
-class Cascade:
-    """`specialist serve --cascade` as a user starts it, in a process of its own."""
+class Cascade(llama_server.Specialist):
+    """`specialist serve --cascade` as a user starts it; requests carry the API key unless told otherwise."""
 
     def __init__(self, recipe: Path, runs: Path, log: Path, *extra: str):
-        self.port = llama_server.free_port()
-        command = [sys.executable, "-m", "pipeline", "serve", "--cascade", str(recipe), "--runs-dir", str(runs)]
-        command += ["--port", str(self.port), "--threads", "1", "--context", "512", "--api-key-env", KEY_ENV, *extra]
-        with log.open("a") as out:
-            self.process = subprocess.Popen(command, stdout=out, stderr=out, env={**os.environ, KEY_ENV: KEY})
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the cascade exited ({self.process.returncode}):\n{log.read_text()[-3000:]}")
-            try:
-                self.get("/health")
-                return
-            except OSError:
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"the cascade did not answer within 120 s:\n{log.read_text()[-3000:]}")
-
-    def get(self, path: str) -> dict:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as response:
-            return json.load(response)
+        args = ["--cascade", str(recipe), "--runs-dir", str(runs), "--threads", "1", "--context", "512"]
+        super().__init__(log, *args, "--api-key-env", KEY_ENV, *extra, env={KEY_ENV: KEY})
 
     def post(self, path: str, body: dict, key: str | None = KEY) -> tuple[int, dict, dict]:
-        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}", json.dumps(body).encode(), headers=headers
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=120) as response:
-                return response.status, dict(response.headers), json.load(response)
-        except urllib.error.HTTPError as error:
-            return error.code, dict(error.headers), json.load(error)
-
-    def stop(self) -> None:
-        llama_server.stop_process(self.process, timeout=20)
+        return super().post(path, body, key)
 
 
 def _generations(run_dir: Path, name: str) -> dict[int, dict]:

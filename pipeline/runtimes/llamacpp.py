@@ -14,6 +14,7 @@ import multiprocessing
 import time
 from pathlib import Path
 
+from pipeline.errors import PipelineError
 from pipeline.runtimes import DeviceCost, GenerationJob, OnBatch, PeakMemory, Prompt, run_in_child
 
 
@@ -47,6 +48,32 @@ def open_model(
         seed=0,
         verbose=False,
     )
+
+
+def load_adapter(llm, lora_file: str):
+    """A LoRA GGUF loaded for this model (llama.cpp keeps it until the model is freed); not applied yet."""
+    import llama_cpp
+
+    adapter = llama_cpp.llama_adapter_lora_init(llm._model.model, lora_file.encode("utf-8"))
+    if adapter is None:
+        raise PipelineError(f"llama.cpp could not load the adapter {lora_file} for this base (see its log above)")
+    return adapter
+
+
+def use_adapter(llm, adapter) -> None:
+    """Apply this one adapter at scale 1 (alpha / r is in its file) to the context's next requests; None: the base
+    alone. llama.cpp changes the context only when the adapter differs from the one it has."""
+    import ctypes
+
+    import llama_cpp
+
+    if adapter is None:
+        status = llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, None, 0, None)
+    else:
+        adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
+        status = llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
+    if status != 0:
+        raise PipelineError(f"llama.cpp refused to set the adapter on the context (status {status})")
 
 
 def tokenize(llm, prompt: Prompt) -> list[int]:

@@ -23,9 +23,6 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-
 from pipeline import data, gguf_export, models
 from pipeline.errors import PipelineError
 from pipeline.recipe import LoadedRecipe
@@ -103,11 +100,7 @@ class CascadeServer:
         started = time.perf_counter()
         with self._local_lock:
             ids = llamacpp.tokenize(self._llm, Prompt([], text, add_special))
-            if len(ids) + max_tokens > self.context:
-                raise RequestError(
-                    400, f"the prompt is {len(ids)} tokens; with max_tokens {max_tokens} it passes the served "
-                    f"context of {self.context} (--context)",
-                )  # fmt: skip
+            openai_api.check_context(len(ids), max_tokens, self.context)
             local = llamacpp.complete(self._llm, ids, max_tokens, confidence=True)
         local_seconds = time.perf_counter() - started
         cascade = {
@@ -252,41 +245,16 @@ def fallback_endpoint(
 
 
 def app(server: CascadeServer, api_key: str | None = None):
-    """The FastAPI application: /v1/chat/completions, /v1/completions, /v1/models, /cascade/stats, /health."""
-    api = FastAPI(title="specialist cascade")
-
-    def handle(request: Request, body: dict, chat: bool):
-        if (denied := openai_api.refused(request, api_key)) is not None:
-            return denied
-        try:
-            payload, headers = server.answer(body, chat)
-        except RequestError as error:
-            return openai_api.error(error.status, str(error), "fallback_error")
-        return JSONResponse(payload, headers=headers)
-
-    @api.post("/v1/chat/completions")
-    def chat_completions(request: Request, body: dict):  # sync: FastAPI runs it in its thread pool
-        return handle(request, body, chat=True)
-
-    @api.post("/v1/completions")
-    def completions(request: Request, body: dict):
-        return handle(request, body, chat=False)
-
-    @api.get("/v1/models")
-    def served_models(request: Request):
-        if (denied := openai_api.refused(request, api_key)) is not None:
-            return denied
-        return openai_api.models_list([server.candidate, server.fallback.model])
-
-    @api.get("/cascade/stats")
-    def stats():
-        return {**server.counts.as_dict(), "candidate": server.candidate, "threshold": server.threshold}
-
-    @api.get("/health")
-    def health():
-        return {"status": "ok"}
-
-    return api
+    """/v1/chat/completions, /v1/completions, /v1/models, /cascade/stats, /health."""
+    return openai_api.app(
+        "specialist cascade",
+        server.answer,
+        lambda: [server.candidate, server.fallback.model],
+        "/cascade/stats",
+        lambda: {**server.counts.as_dict(), "candidate": server.candidate, "threshold": server.threshold},
+        api_key,
+        "fallback_error",
+    )
 
 
 def run(server: CascadeServer, host: str, port: int, api_key_env: str | None) -> None:

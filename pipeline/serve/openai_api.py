@@ -12,8 +12,9 @@ from __future__ import annotations
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from pipeline import data
@@ -96,6 +97,14 @@ def max_tokens(body: dict, default: int) -> int:
     return value
 
 
+def check_context(prompt_tokens: int, max_tokens: int, context: int) -> None:
+    if prompt_tokens + max_tokens > context:
+        raise RequestError(
+            400, f"the prompt is {prompt_tokens} tokens; with max_tokens {max_tokens} it passes the served context "
+            f"of {context} (--context)",
+        )  # fmt: skip
+
+
 def completion(text: str, answer: dict, chat: bool, model: str, prompt_tokens: int | None, prefix: str) -> dict:
     """OpenAI's chat.completion or text_completion body for one answer (`answer`: stopped, generated_tokens)."""
     finish = "stop" if answer.get("stopped") else "length"
@@ -148,3 +157,48 @@ def api_key_from(variable: str | None) -> str | None:
     if not key:
         raise PipelineError(f"serve: --api-key-env {variable}: the variable is not set (or empty)")
     return key
+
+
+def app(
+    title: str,
+    answer: Callable[[dict, bool], tuple[dict, dict]],
+    models: Callable[[], list[str]],
+    stats_path: str,
+    stats: Callable[[], dict],
+    api_key: str | None = None,
+    server_side: str = "server_error",
+) -> FastAPI:
+    """The FastAPI application every served specialist has: /v1/chat/completions and /v1/completions (answer(body,
+    chat) -> (response body, headers), RequestError for a refusal), /v1/models, its stats and /health."""
+    api = FastAPI(title=title)
+
+    def handle(request: Request, body: dict, chat: bool):
+        if (denied := refused(request, api_key)) is not None:
+            return denied
+        try:
+            payload, headers = answer(body, chat)
+        except RequestError as failure:
+            return error(failure.status, str(failure), server_side)
+        return JSONResponse(payload, headers=headers)
+
+    @api.post("/v1/chat/completions")
+    def chat_completions(request: Request, body: dict):  # sync: FastAPI runs it in its thread pool
+        return handle(request, body, chat=True)
+
+    @api.post("/v1/completions")
+    def completions(request: Request, body: dict):
+        return handle(request, body, chat=False)
+
+    @api.get("/v1/models")
+    def served_models(request: Request):
+        if (denied := refused(request, api_key)) is not None:
+            return denied
+        return models_list(models())
+
+    api.add_api_route(stats_path, lambda: stats(), methods=["GET"])
+
+    @api.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    return api
