@@ -84,8 +84,21 @@ def lora_converter_script() -> Path:
     return install_dir() / "converter" / "convert_lora_to_gguf.py"
 
 
+# llama.cpp's reference vocabularies (vocab-only GGUFs it tests its tokenizers on): each model family's real
+# tokenizer, offline, for the tiny models the architecture tests build (pipeline.models.build_tiny_architecture)
+VOCABS = ("llama-spm", "llama-bpe", "phi-3", "qwen2")
+
+
+def vocab_file(name: str) -> Path:
+    return install_dir() / "converter" / "vocab" / f"ggml-vocab-{name}.gguf"
+
+
 def _converters_cached() -> bool:
-    return converter_script().is_file() and lora_converter_script().is_file()
+    return (
+        converter_script().is_file()
+        and lora_converter_script().is_file()
+        and all(vocab_file(name).is_file() for name in VOCABS)
+    )
 
 
 def missing_build_tools() -> list[str]:
@@ -124,7 +137,7 @@ def ensure() -> Path:
         if wheel is None or not converter_script().is_file():
             _build(folder)
             wheel = _cached_wheel(folder)
-        elif not lora_converter_script().is_file():  # a cache from before the adapter converter was kept
+        elif not _converters_cached():  # a cache from before the adapter converter (and vocabularies) were kept
             _refresh_converters(folder)
         if not is_ready():
             _log(f"installing {wheel.name} from {folder}")
@@ -207,13 +220,14 @@ def _build(folder: Path) -> None:
 
 def _extract_converter(sdist: Path, out: Path) -> None:
     """convert_hf_to_gguf.py and convert_lora_to_gguf.py with the conversion/ and gguf-py/ they import, as
-    vendored in the sdist."""
+    vendored in the sdist, and the reference vocabularies (VOCABS) into vocab/."""
     wanted = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/gguf/", "LICENSE")
+    vocabs = {f"models/ggml-vocab-{name}.gguf" for name in VOCABS}
     with tarfile.open(sdist) as archive:
         for member in archive.getmembers():
             _, _, inner = member.name.partition("/vendor/llama.cpp/")
-            if inner and inner.startswith(wanted) and member.isfile():
-                member.name = inner
+            if inner and member.isfile() and (inner.startswith(wanted) or inner in vocabs):
+                member.name = inner.replace("models/", "vocab/", 1) if inner in vocabs else inner
                 archive.extract(member, out, filter="data")
     for script in ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py"):
         if not (out / script).is_file():

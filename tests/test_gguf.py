@@ -6,6 +6,7 @@ test session on a new machine pays the build (about 3 minutes on 2 cores).
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from pipeline import gguf_export, llamacpp_install
 from pipeline.cli import main
 from pipeline.data import read_jsonl
+from pipeline.errors import PipelineError
 from pipeline.fidelity import token_parity
 from pipeline.models import ModelSource, load_tokenizer
 from pipeline.recipe import load_recipe
@@ -310,8 +312,6 @@ def test_an_unknown_pre_tokenizer_is_an_error_naming_llamacpp(tiny_models, tmp_p
     tokenizer = json.loads((model / "tokenizer.json").read_text())
     tokenizer["pre_tokenizer"] = {"type": "Whitespace"}
     (model / "tokenizer.json").write_text(json.dumps(tokenizer))
-    from pipeline.errors import PipelineError
-
     with pytest.raises(PipelineError, match="does not know this tokenizer's pre-tokenizer"):
         gguf_export.convert(llamacpp_install.ensure(), model, tmp_path / "x.gguf", "f16", tmp_path / "convert.log")
 
@@ -340,3 +340,14 @@ def _chat_answers(gguf_file: str, texts: list[str]) -> list[str]:
         for t in texts
     ]
     return [r["choices"][0]["message"]["content"].strip() for r in replies]
+
+
+def _abort_reading(gguf_file: str) -> None:
+    os.abort()  # what llama.cpp does on a file it cannot use (a GGML_ASSERT in its loader)
+
+
+def test_a_llamacpp_child_that_aborts_is_an_error_naming_the_file_not_a_wait():
+    from pipeline.runtimes.llamacpp import call_in_child
+
+    with pytest.raises(PipelineError, match=r"llama.cpp died reading /x/model.gguf"):
+        call_in_child(_abort_reading, "/x/model.gguf")

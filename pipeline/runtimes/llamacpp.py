@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from pipeline.errors import PipelineError
@@ -162,9 +164,16 @@ def _generate(gguf_file: str, job: GenerationJob, gpu: bool, lora_file: str | No
 
 
 def call_in_child(function, *args):
-    """Run one of this module's functions in a fresh process (llama.cpp and torch each bring an OpenMP)."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(function, args)
+    """Run one of this module's functions in a fresh process (llama.cpp and torch each bring an OpenMP). A child
+    that dies (llama.cpp aborts on a file it cannot use) is an error naming the file, never a wait forever."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(function, *args).result()
+        except BrokenProcessPool:
+            raise PipelineError(
+                f"llama.cpp died reading {args[0]} (its messages are above): the file is not one it can run; "
+                "the converter's log beside the file says what it wrote"
+            ) from None
 
 
 def inspect_gguf(

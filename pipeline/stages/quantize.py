@@ -178,6 +178,11 @@ class GgufContext:
                 self.tokenizer.save_pretrained(view)
             finally:
                 self.tokenizer.chat_template = original
+            # A SentencePiece family's converter reads tokenizer.model (pieces and scores), which a fast tokenizer
+            # does not write back: the base model's own, as training used it
+            base_dir = models.local_folder(models.resolve_model(self.recipe.model.base))
+            if not (view / "tokenizer.model").exists() and (base_dir / "tokenizer.model").is_file():
+                os.symlink((base_dir / "tokenizer.model").resolve(), view / "tokenizer.model")
             self._source_dir = view
         return self._source_dir
 
