@@ -5,6 +5,7 @@ import pytest
 
 from pipeline.metrics import available_metrics, metric_path, score_function
 from pipeline.recipe import load_recipe
+from pipeline.render import tables
 from pipeline.render.markdown import render_markdown
 from pipeline.stages.report import build_report
 from pipeline.stats import bootstrap_ci, gap_closed, mcnemar_exact_p
@@ -103,10 +104,24 @@ def test_report_numbers_comparisons_and_gates(results, write_recipe):
     assert report["gates"]["passed"] is False
 
     markdown = render_markdown(report, flips=[])
+    assert markdown.startswith("# t: specialized vs base vs reference\n")
     assert "| specialized | specialized | transformers | 0.750 [" in markdown
     assert "5.0x as fast as the reference" in markdown
     assert "peaks at 0.12x the reference's memory" in markdown
     assert "**FAIL** `min_gap_closed`: 0.667 (threshold 0.9)" in markdown
+
+
+def test_a_run_without_a_reference_is_not_titled_as_one(results, write_recipe):
+    del results["candidates"]["reference"]
+    recipe = write_recipe("""
+        name: t
+        model: {base: org/m}
+        data: {train: a.jsonl, eval: b.jsonl, prompt: "{x}", target: "{y}"}
+        evaluate: {bootstrap_samples: 100}
+    """)
+    report = build_report(results, load_recipe(recipe))
+    assert render_markdown(report, flips=[]).startswith("# t: specialized vs base\n")
+    assert tables.title(report) == "t: specialized vs base"  # report.html's heading too
 
 
 def test_gguf_variants_get_single_request_speed_and_a_fidelity_table_with_warnings(results, write_recipe):

@@ -53,7 +53,7 @@ def test_the_report_page_opens_offline_filters_its_rows_and_sorts(tiny_recipe, t
     right = {name: c["metrics"]["exact_match"]["per_row"] for name, c in results["candidates"].items()}
 
     browser.get(page.as_uri())
-    assert browser.find_element(By.TAG_NAME, "h1").text.startswith("tiny-test")
+    assert browser.find_element(By.TAG_NAME, "h1").text == "tiny-test: specialized vs base vs reference"
 
     def shown() -> int:
         visible = [tr for tr in browser.find_elements(By.CSS_SELECTOR, "#rows tbody tr") if tr.is_displayed()]

@@ -177,6 +177,7 @@ def render(report: dict, verdict: list[str], rows: list[dict] | None) -> str:
         .get_template("report.html.j2")
         .render(
             report=report,
+            title=tables.title(report),
             verdict=[line.removeprefix("- ").replace("**", "") for line in verdict],
             names=list(report["candidates"]),
             rows=rows,

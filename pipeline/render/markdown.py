@@ -12,7 +12,7 @@ from pipeline.render.sweep import curve_markdown, sweep_markdown
 def render_markdown(report: dict, flips: list[dict], plot: str | None = None) -> str:
     metric = report["metric"]
     lines = [
-        f"# {report['recipe']}: specialized vs base vs reference",
+        f"# {tables.title(report)}",
         "",
         f"Run `{report['run_id']}`, {report['eval_rows']} eval rows, same rows and greedy decoding for every "
         f"candidate; gates use `{metric}`. 95% bootstrap intervals in brackets. Latency: seconds per example "

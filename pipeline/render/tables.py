@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+def title(report: dict) -> str:
+    """The report's heading: what the specialist is compared with in this run (a run without a reference says so)."""
+    roles = {c["role"] for c in report["candidates"].values()}
+    shown = [role for role in ("specialized", "base", "reference") if role in roles]
+    return f"{report['recipe']}: {' vs '.join(shown)}"
+
+
 def json_fields(report: dict, limit: int = 50) -> dict | None:
     """json_match inside the object, per candidate: the object rates and each field path's F1, most expected first
     (`limit` of them; `more`: how many are left out). None without per-field scores."""
