@@ -452,8 +452,10 @@ class PublishSection(Section):
     merged: bool = Field(False, description="Also upload the merged model (base + adapter) under merged/.")
     gguf: bool | list[str] = Field(
         False,
-        description="Also upload exported GGUF files: true for every gguf variant, or a list of variant names "
-        "(e.g. [gguf-q4_k_m]). Each goes to the repo root as <recipe name>-<type>.gguf with its Ollama Modelfile.",
+        description="Also upload exported GGUF files: true for every gguf and gguf-lora variant, or a list of "
+        "variant names (e.g. [gguf-q4_k_m, gguf-lora-q4_k_m]). Each goes to the repo root with its Ollama "
+        "Modelfile: a merged file as <recipe name>-<type>.gguf, an adapter GGUF as <recipe name>-lora-<adapter "
+        "type>.gguf (the card says how to make the base GGUF it goes on).",
     )
     license: str | None = Field(
         None,
@@ -1069,9 +1071,9 @@ def _publish_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     if publish is None:
         return []
     problems = []
-    gguf_labels = [v.label for v in recipe.quantize if v.kind == "gguf"]
+    gguf_labels = [v.label for v in recipe.quantize if v.kind in ("gguf", "gguf-lora")]
     if publish.gguf is True and not gguf_labels:
-        message = "no gguf variants under quantize: to publish; add {kind: gguf, type: ...}"
+        message = "no gguf variants under quantize: to publish; add {kind: gguf, type: ...} or {kind: gguf-lora}"
         problems.append((("publish", "gguf"), message))
     if isinstance(publish.gguf, list):
         for i, name in enumerate(publish.gguf):

@@ -41,7 +41,7 @@ def finished(tiny_models, tmp_path_factory):
         '  target: " {label}"\n'
         "  chat_template: never\n"
         "train: {epochs: 2, batch_size: 16, lr: 5.0e-3}\n"
-        "quantize: [{kind: gguf, type: q8_0}]\n"
+        "quantize: [{kind: gguf, type: q8_0}, {kind: gguf-lora, base_type: q8_0}]\n"
         "evaluate:\n"
         "  max_new_tokens: 6\n"
         "  batch_size: 8\n"
@@ -114,6 +114,12 @@ def test_dry_run_builds_the_bundle_and_uploads_nothing(finished, hub, capfd):
     assert files["adapter_model.safetensors"] == (run_dir / "train/adapter/adapter_model.safetensors").read_bytes()
     assert files["tiny-publish-q8_0.gguf"] == (run_dir / "quantize/gguf-q8_0/model.gguf").read_bytes()
     assert "FROM ./tiny-publish-q8_0.gguf" in files["Modelfile.q8_0"].decode()
+    # the adapter GGUF, named by its own type, and a Modelfile naming the base file the card says how to make
+    assert files["tiny-publish-lora-f16.gguf"] == (run_dir / "quantize/gguf-lora-q8_0/adapter.gguf").read_bytes()
+    modelfile = files["Modelfile.lora-q8_0"].decode()
+    assert "\nFROM ./tiny-llama-q8_0.gguf\n" in modelfile and "\nADAPTER ./tiny-publish-lora-f16.gguf\n" in modelfile
+    # what to run names no file of this machine's cache (report.json says which file was evaluated)
+    assert not any(b"gguf-bases" in files[name] for name in files if name.startswith(("Modelfile", "README")))
     # the adapter names the base on the Hub, not this machine's folder, so AutoPeftModel can load it anywhere
     assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == BASE_ID
     assert "dry run: nothing uploaded" in err and REPO in err
@@ -141,13 +147,18 @@ def test_the_card_parses_back_to_the_reports_numbers(finished, hub):
         for metric, values in c["metrics"].items()
     }
     assert found == expected
-    assert {"base", "specialized", "gguf-q8_0", "reference"} == {name for name, _ in found}
+    assert {"base", "specialized", "gguf-q8_0", "gguf-lora-q8_0", "reference"} == {name for name, _ in found}
     text = card.text
     spec = report["candidates"]["specialized"]["metrics"][report["metric"]]
     assert f"{spec['value']:.3f} [{spec['ci95'][0]:.3f}, {spec['ci95'][1]:.3f}]" in text  # the table, with its CI
     assert "### Verdict" in text and "### Gates" in text and "### Fidelity" in text
     assert f'AutoPeftModelForCausalLM.from_pretrained("{REPO}")' in text
     assert f"llama-cli -hf {REPO}:Q8_0" in text
+    assert f"hf download {BASE_ID} --local-dir base" in text
+    assert "convert_hf_to_gguf.py base --outtype q8_0 --outfile tiny-llama-q8_0.gguf" in text
+    assert "llama-cli -m tiny-llama-q8_0.gguf --lora tiny-publish-lora-f16.gguf" in text
+    assert "`tiny-publish-lora-f16.gguf`, `Modelfile.lora-q8_0`: the adapter alone as a LoRA GGUF (f16)" in text
+    assert "- **gguf-lora-q8_0**: this adapter as a LoRA GGUF (f16) on the base as a q8_0 GGUF (llama.cpp)" in text
     assert yaml.safe_load((run_dir / "publish" / "recipe.resolved.yaml").read_text())["publish"]["repo"] == REPO
     assert not text.lstrip().startswith("> **Warning")
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from pipeline import data
+from pipeline import data, gguf_export, llamacpp_install
 from pipeline.errors import PipelineError, RemoteError
 from pipeline.models import PACKAGED
 from pipeline.recipe import LoadedRecipe
@@ -156,11 +156,19 @@ def build_bundle(loaded: LoadedRecipe, run_dir: Path, report: dict) -> Bundle:
     gguf_files = {}
     for label in gguf_labels(loaded):
         folder = run_dir / "quantize" / label
-        if not (folder / "model.gguf").is_file():
-            raise PipelineError(f"publish.gguf: {label} has no model.gguf in {folder}; rerun `make quantize`")
+        variant = _variant(loaded, label)
+        source = folder / ("model.gguf" if variant.kind == "gguf" else "adapter.gguf")
+        if not source.is_file():
+            raise PipelineError(f"publish.gguf: {label} has no {source.name} in {folder}; rerun `make quantize`")
         file_name = gguf_file_name(loaded, label)
-        _link_or_copy(folder / "model.gguf", tmp / file_name)
+        if not (tmp / file_name).exists():  # one adapter file serves every base type it was scored on
+            _link_or_copy(source, tmp / file_name)
         modelfile = (folder / "Modelfile").read_text().replace("FROM ./model.gguf", f"FROM ./{file_name}")
+        if variant.kind == "gguf-lora":  # FROM names this machine's cache: the base file the card says to make
+            base = base_gguf_name(loaded, variant.base_type)
+            origin = f"# the base as a {variant.base_type} GGUF: README.md says how to make it\nFROM ./{base}"
+            modelfile = "\n".join(origin if n.startswith("FROM ") else n for n in modelfile.split("\n"))
+            modelfile = modelfile.replace("ADAPTER ./adapter.gguf", f"ADAPTER ./{file_name}")
         (tmp / f"Modelfile.{label.removeprefix('gguf-')}").write_text(modelfile)
         gguf_files[label] = file_name
     card = model_card(loaded, run_dir, shown, base_id, gguf_files)
@@ -183,15 +191,26 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def gguf_labels(loaded: LoadedRecipe) -> list[str]:
     section = loaded.recipe.publish
-    every = [v.label for v in loaded.recipe.quantize if v.kind == "gguf"]
+    every = [v.label for v in loaded.recipe.quantize if v.kind in ("gguf", "gguf-lora")]
     if section.gguf is True:
         return every
     return list(section.gguf) if section.gguf else []
 
 
 def gguf_file_name(loaded: LoadedRecipe, label: str) -> str:
-    """<recipe>-<type>.gguf: llama.cpp's `-hf repo:TYPE` and Ollama's hf.co/repo:TYPE find files by type."""
+    """<recipe>-<type>.gguf: llama.cpp's `-hf repo:TYPE` and Ollama's hf.co/repo:TYPE find files by type. An
+    adapter GGUF is <recipe>-lora-<its own type>.gguf: the same file whatever base type it goes on, and never
+    the file a base type's tag finds."""
+    variant = _variant(loaded, label)
+    if variant.kind == "gguf-lora":
+        return f"{loaded.recipe.name}-lora-{variant.adapter_type}.gguf"
     return f"{loaded.recipe.name}-{label.removeprefix('gguf-')}.gguf"
+
+
+def base_gguf_name(loaded: LoadedRecipe, base_type: str) -> str:
+    """The file name the card and Modelfile give the base GGUF an adapter GGUF goes on (the user makes it)."""
+    base_id = base_model_id(loaded)
+    return f"{base_id.rsplit('/', 1)[-1] if base_id else 'base'}-{base_type}.gguf"
 
 
 def base_model_id(loaded: LoadedRecipe) -> str | None:
@@ -418,6 +437,14 @@ def _card_body(loaded: LoadedRecipe, run_dir: Path, report: dict, base_id: str |
     if section.merged:
         lines.append("- `merged/`: base and adapter merged into one model, for runtimes without peft.")
     for label, file_name in gguf_files.items():
+        variant = _variant(loaded, label)
+        if variant.kind == "gguf-lora":
+            lines.append(
+                f"- `{file_name}`, `Modelfile.{label.removeprefix('gguf-')}`: the adapter alone as a LoRA GGUF "
+                f"({variant.adapter_type}) for llama.cpp / Ollama, on the base model as a {variant.base_type} GGUF "
+                f"(not in this repository: How to use makes it), evaluated above as {label}."
+            )
+            continue
         lines.append(
             f"- `{file_name}`, `Modelfile.{label.removeprefix('gguf-')}`: the merged model as GGUF "
             f"{label.removeprefix('gguf-')} for llama.cpp / Ollama, evaluated above as {label}."
@@ -459,6 +486,10 @@ def _candidates_list(loaded: LoadedRecipe, report: dict) -> list[str]:
             what += ", given its own prompt"
         elif c["role"] == "reference":
             what = f"{_model_name(recipe.evaluate.reference.model)}, the large general model, given its own prompt"
+        elif any(v.label == name and v.kind == "gguf-lora" for v in recipe.quantize):
+            variant = _variant(loaded, name)
+            what = f"this adapter as a LoRA GGUF ({variant.adapter_type}) on the base as a {variant.base_type} GGUF"
+            what += " (llama.cpp)"
         else:
             what = f"the merged specialist quantized ({c.get('runtime', 'transformers')})"
         lines.append(f"- **{name}**: {what}")
@@ -508,8 +539,10 @@ def _usage(loaded: LoadedRecipe, run_dir: Path, report: dict, gguf_files: dict) 
             f'Without peft, the merged model: `AutoModelForCausalLM.from_pretrained("{repo}", subfolder="merged")`.',
             "",
         ]
-    if gguf_files:
-        label, file_name = next(iter(gguf_files.items()))
+    merged_files = {k: v for k, v in gguf_files.items() if _variant(loaded, k).kind == "gguf"}
+    adapter_files = {k: v for k, v in gguf_files.items() if _variant(loaded, k).kind == "gguf-lora"}
+    if merged_files:
+        label, file_name = next(iter(merged_files.items()))
         tag = label.removeprefix("gguf-").upper()
         lines += [
             "With llama.cpp or Ollama (the GGUF carries the trained prompt as its chat template, so a chat "
@@ -523,7 +556,40 @@ def _usage(loaded: LoadedRecipe, run_dir: Path, report: dict, gguf_files: dict) 
             "```",
             "",
         ]
+    if adapter_files:
+        lines += _adapter_gguf_usage(loaded, *next(iter(adapter_files.items())))
     return lines
+
+
+def _adapter_gguf_usage(loaded: LoadedRecipe, label: str, file_name: str) -> list[str]:
+    """How to run the adapter GGUF: make the base GGUF it was scored on once, then load the adapter on it."""
+    variant = _variant(loaded, label)
+    base_id = base_model_id(loaded) or "<the base checkpoint>"
+    base_file = base_gguf_name(loaded, variant.base_type)
+    if variant.base_type in gguf_export.CONVERTER_TYPES:
+        convert = [f"python convert_hf_to_gguf.py base --outtype {variant.base_type} --outfile {base_file}"]
+    else:
+        convert = [
+            "python convert_hf_to_gguf.py base --outtype f16 --outfile base-f16.gguf",
+            f"llama-quantize base-f16.gguf {base_file} {variant.base_type.upper()}",
+        ]
+    return [
+        "With llama.cpp or Ollama as an adapter on a shared base (one base file serves every specialist made on "
+        f"it; this adapter was evaluated as {label} on {base_id} as a {variant.base_type} GGUF, converted by "
+        f"llama.cpp's own tools from llama-cpp-python {llamacpp_install.VERSION}):",
+        "",
+        "```sh",
+        f"hf download {base_id} --local-dir base  # once: the base as a {variant.base_type} GGUF",
+        *convert,
+        f'llama-cli -m {base_file} --lora {file_name} -p "your input" --temp 0',
+        f"ollama create {loaded.recipe.name} -f Modelfile.{label.removeprefix('gguf-')}  # FROM ./{base_file}",
+        "```",
+        "",
+    ]
+
+
+def _variant(loaded: LoadedRecipe, label: str):
+    return next(v for v in loaded.recipe.quantize if v.label == label)
 
 
 def example_prompt(loaded: LoadedRecipe, run_dir: Path, placeholders: bool = False) -> tuple[str, bool]:
