@@ -277,14 +277,7 @@ def _from_pretrained(cls, source: ModelSource, **kwargs):
             raise PipelineError(problem or f"could not load {source.location}: {_first_line(e)}") from None
         if not isinstance(e, OSError | ValueError):
             raise
-        failure = hub_failure_in_chain(e, source.location)
-        if isinstance(failure, RemoteError):
-            raise failure from None
-        raise PipelineError(
-            f"could not load {source.location} from the Hugging Face Hub ({_first_line(e)}). "
-            "If this machine is offline, download the model where you have the Hub "
-            "(`hf download ORG/NAME --local-dir DIR`) and give DIR in the recipe."
-        ) from None
+        raise _hub_unavailable(e, source.location, "load") from None
 
 
 def local_folder(source: ModelSource) -> Path:
@@ -298,14 +291,20 @@ def local_folder(source: ModelSource) -> Path:
     try:
         return Path(snapshot_download(source.location, revision=source.revision, allow_patterns=patterns))
     except Exception as e:  # noqa: BLE001 - the Hub refusing or unreachable: the same message as a load
-        failure = hub_failure_in_chain(e, source.location)
-        if isinstance(failure, RemoteError):
-            raise failure from None
-        raise PipelineError(
-            f"could not download {source.location} from the Hugging Face Hub ({_first_line(e)}). If this machine "
-            "is offline, download the model where you have the Hub (`hf download ORG/NAME --local-dir DIR`) and "
-            "give DIR in the recipe."
-        ) from None
+        raise _hub_unavailable(e, source.location, "download") from None
+
+
+def _hub_unavailable(error: Exception, location: str, doing: str) -> PipelineError:
+    """A Hub model that could not be loaded or downloaded: a RemoteError (its own exit code) where the Hub was
+    unreachable or failing, else what to do on an offline machine."""
+    failure = hub_failure_in_chain(error, location)
+    if isinstance(failure, RemoteError):
+        return failure
+    return PipelineError(
+        f"could not {doing} {location} from the Hugging Face Hub ({_first_line(error)}). If this machine is "
+        "offline, download the model where you have the Hub (`hf download ORG/NAME --local-dir DIR`) and give "
+        "DIR in the recipe."
+    )
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer.tiktoken")

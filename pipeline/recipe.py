@@ -1071,7 +1071,7 @@ def _publish_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     if publish is None:
         return []
     problems = []
-    gguf_labels = [v.label for v in recipe.quantize if v.kind in ("gguf", "gguf-lora")]
+    gguf_labels = [v.label for v in recipe.quantize if v.is_gguf]
     if publish.gguf is True and not gguf_labels:
         message = "no gguf variants under quantize: to publish; add {kind: gguf, type: ...} or {kind: gguf-lora}"
         problems.append((("publish", "gguf"), message))

@@ -191,7 +191,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def gguf_labels(loaded: LoadedRecipe) -> list[str]:
     section = loaded.recipe.publish
-    every = [v.label for v in loaded.recipe.quantize if v.kind in ("gguf", "gguf-lora")]
+    every = [v.label for v in loaded.recipe.quantize if v.is_gguf]
     if section.gguf is True:
         return every
     return list(section.gguf) if section.gguf else []
