@@ -1,7 +1,7 @@
 """Benchmarks a user runs by hand, each comparing two ways side by side in one invocation.
 
 `make bench`: batched evaluation against naive one-row-at-a-time generation.
-`make bench-train`: the train stage against a plain peft + AdamW loop (below).
+`make bench-train`: the train stage against the stock transformers Trainer and a plain peft + AdamW loop (below).
 
 
 Both ways run the recipe's base model on the same eval rows with the same greedy settings, each in a
@@ -11,13 +11,13 @@ each, the ratios, and how many answers agree (left padding may flip a near-tie i
 
 from __future__ import annotations
 
-import json
 import time
 
 import torch
 
-from pipeline import data, models
+from pipeline import data, models, precision
 from pipeline.recipe import LoadedRecipe, load_recipe
+from pipeline.runs import read_jsonl_records
 from pipeline.runtimes import PeakMemory
 from pipeline.runtimes.transformers import eos_token_ids, generate_batches, until_eos
 from pipeline.stages import train as train_stage
@@ -121,35 +121,55 @@ def _generate_way(loaded: LoadedRecipe, rows: int, way: str) -> dict:
 
 # --- make bench-train ---------------------------------------------------------------------------
 
+TRAIN_WAYS = ("train stage", "stock Trainer", "plain loop")
+
 
 def run_train(recipe_path, overrides: list[str], rows: int = 320) -> dict:
-    """The train stage against a plain peft + AdamW loop with padded batches: same rows, LoRA config,
-    batch size, schedule and seed, each in its own process (clean peak memory), one after the other."""
+    """The train stage against what users of other tools get on the same rows, LoRA config, batch size, schedule
+    and seed: transformers' stock Trainer with the model's own loss over right-padded batches (what axolotl and
+    LLaMA-Factory run on a CPU) and a plain peft + AdamW loop; each in its own process (clean peak memory), one
+    after the other. Prints real (unpadded) tokens/s, losses, memory, and each way's share of the matmul limit:
+    the tokens/s the probe's rate for its frozen dtype would allow if a step were nothing but the 4 FLOP per
+    weight per token that LoRA's forward and backward products of the decoder's linear layers cost."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     overrides = [*overrides, f"data.max_train_rows={rows}", "train.save_steps=100000", "train.processes=1"]
     results = {}
-    for way in ("train stage", "plain loop"):
+    for way in TRAIN_WAYS:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             results[way] = pool.submit(_train_way, str(recipe_path), overrides, way).result()
-    stage, loop = results["train stage"], results["plain loop"]
-    ratio = stage["tokens_per_second"] / loop["tokens_per_second"]
+    stage, stock, loop = (results[way] for way in TRAIN_WAYS)
+    probe = stage["probe"]
     print(
         f"{stage['base']}: {stage['rows']} rows, {stage['tokens']:,} real tokens ({stage['target_tokens']:,} trained), "
         f"batch {stage['batch_size']}, {stage['steps']} steps, LoRA r={stage['r']}, {stage['device']}, "
-        f"{stage['threads']} threads; frozen base weights: train stage {stage['frozen_dtype']}, plain loop "
+        f"{stage['threads']} threads; frozen base weights: train stage {stage['frozen_dtype']}, the others "
         f"{loop['frozen_dtype']}"
     )
-    header = f"{'seconds':>8} {'tokens/s':>9} {'first loss':>10} {'final loss':>10} {'eval loss':>9} {'peak MB':>8}"
-    print(f"{'':12} {header}")
-    for name, way in results.items():
+    if probe:
+        rates = ", ".join(f"{d} {r:.0f}" for d, r in probe["gflops"].items() if r)
         print(
-            f"{name:12} {way['seconds']:8.1f} {way['tokens_per_second']:9.1f} {way['first_loss']:10.4f} "
-            f"{way['final_loss']:10.4f} {way['eval_loss']:9.4f} {way['peak_memory_bytes'] / 1e6:8.0f}"
+            f"matmul probe ({probe['cpu']}, torch {probe['torch']}, {probe['threads']} threads), GFLOP/s at this "
+            f"model's shapes: {rates}; chosen: {probe['chosen']} ({probe['why']})"
         )
-    print(f"train stage / plain loop, real tokens/s: {ratio:.2f}x")
-    return {"ratio": ratio, **results}
+    header = (
+        f"{'seconds':>8} {'tokens/s':>9} {'first loss':>10} {'final loss':>10} {'eval loss':>9} {'peak MB':>8} "
+        f"{'of limit':>8}"
+    )
+    print(f"{'':13} {header}")
+    for name, way in results.items():
+        share = f"{way['share_of_limit']:8.0%}" if way["share_of_limit"] is not None else f"{'—':>8}"
+        print(
+            f"{name:13} {way['seconds']:8.1f} {way['tokens_per_second']:9.1f} {way['first_loss']:10.4f} "
+            f"{way['final_loss']:10.4f} {way['eval_loss']:9.4f} {way['peak_memory_bytes'] / 1e6:8.0f} {share}"
+        )
+    ratio = stage["tokens_per_second"] / loop["tokens_per_second"]
+    over_stock = stage["tokens_per_second"] / stock["tokens_per_second"]
+    if stage.get("validation_seconds"):
+        print(f"(the train stage's {stage['validation_seconds']:.1f} s of validation passes are not counted above)")
+    print(f"train stage / plain loop, real tokens/s: {ratio:.2f}x; train stage / stock Trainer: {over_stock:.2f}x")
+    return {"ratio": ratio, "ratio_over_stock_trainer": over_stock, **results}
 
 
 def _train_way(recipe_path: str, overrides: list[str], way: str) -> dict:
@@ -165,6 +185,7 @@ def _train_way(recipe_path: str, overrides: list[str], way: str) -> dict:
     splits = data.load_splits(recipe.data)
     examples = data.training_examples(tokenizer, splits.train, chat, recipe.data).examples
     eval_examples = data.training_examples(tokenizer, splits.eval[:64], chat, recipe.data).examples
+    validation_seconds = 0.0
     with PeakMemory() as memory:
         if way == "train stage":
             from peft import PeftModel
@@ -172,15 +193,22 @@ def _train_way(recipe_path: str, overrides: list[str], way: str) -> dict:
             with tempfile.TemporaryDirectory() as folder:
                 run_dir = Path(folder)
                 result = train_stage.run(loaded, run_dir)
-                losses = [json.loads(line)["loss"] for line in (run_dir / "train" / "metrics.jsonl").open()]
+                losses = [
+                    row["loss"] for row in read_jsonl_records(run_dir / "train" / "metrics.jsonl") if "loss" in row
+                ]
                 base = models.load_model(source, models.compute_dtype(recipe.model.dtype))
                 model = PeftModel.from_pretrained(base, run_dir / "train" / "adapter")
-            seconds, steps, frozen = result["train_seconds"], result["steps"], result["frozen_dtype"]
+            validation_seconds = result["validation"].get("seconds") or 0.0  # scoring checkpoints is not training
+            seconds, steps = result["train_seconds"] - validation_seconds, result["steps"]
+            frozen, probe = result["frozen_dtype"], result["precision"]["probe"]
         else:
-            model, losses, seconds = _plain_loop(recipe, source, examples, tokenizer.pad_token_id)
+            train_loop = _stock_trainer if way == "stock Trainer" else _plain_loop
+            model, losses, seconds = train_loop(recipe, source, examples, tokenizer)
             steps, frozen = len(losses), str(models.compute_dtype(recipe.model.dtype)).removeprefix("torch.")
+            probe = None
     tokens = sum(len(ex["input_ids"]) for ex in examples)
     epochs = recipe.train.epochs
+    tokens_per_second = tokens * epochs / seconds
     return {
         "base": recipe.model.base,
         "rows": len(examples),
@@ -190,7 +218,9 @@ def _train_way(recipe_path: str, overrides: list[str], way: str) -> dict:
         "r": recipe.lora.r,
         "steps": steps,
         "seconds": seconds,
-        "tokens_per_second": tokens * epochs / seconds,
+        "validation_seconds": validation_seconds,
+        "tokens_per_second": tokens_per_second,
+        "share_of_limit": _share_of_limit(model, tokens_per_second, probe, frozen),
         "first_loss": losses[0],
         "final_loss": sum(losses[-5:]) / len(losses[-5:]),
         "eval_loss": _eval_loss(model, eval_examples, tokenizer.pad_token_id),
@@ -198,34 +228,62 @@ def _train_way(recipe_path: str, overrides: list[str], way: str) -> dict:
         "device": str(models.device()),
         "threads": torch.get_num_threads(),
         "frozen_dtype": frozen,
+        "probe": probe,
     }
 
 
-def _plain_loop(recipe, source, examples, pad_id):
-    """What a user writes in an afternoon: peft, AdamW, shuffled padded batches, the model's own loss."""
+def _share_of_limit(model, tokens_per_second: float, probe: dict | None, frozen: str) -> float | None:
+    """tokens/s x 4 FLOP x the decoder's linear weights, over the probe's rate for the frozen dtype (CPU only)."""
+    if probe is None:
+        probe = (
+            precision.probe(precision.layer_shapes(model.get_base_model().config))
+            if not torch.cuda.is_available()
+            else None
+        )
+    rate = probe and probe["gflops"].get(frozen)
+    if not rate:
+        return None
+    config = model.get_base_model().config
+    weights = sum(fan_in * fan_out * count for fan_in, fan_out, count in precision.layer_shapes(config))
+    return tokens_per_second * 4 * weights * config.num_hidden_layers / (rate * 1e9)
+
+
+def _optimizer_and_schedule(train, parameters, examples):
     import math
 
-    from peft import get_peft_model
-    from transformers import get_linear_schedule_with_warmup, set_seed
+    from transformers import get_linear_schedule_with_warmup
 
-    train = recipe.train
-    set_seed(train.seed)
-    model = models.load_model(source, models.compute_dtype(recipe.model.dtype))
-    model.config.use_cache = False
-    model = get_peft_model(model, train_stage.lora_config(recipe.lora))  # the train stage's own LoRA settings
-    model.train()
-    parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=train.lr, weight_decay=train.weight_decay)
     steps_per_epoch = math.ceil(len(examples) / train.batch_size)
     total = train.max_steps or math.ceil(steps_per_epoch * train.epochs)
-    schedule = get_linear_schedule_with_warmup(optimizer, math.ceil(total * train.warmup_ratio), total)
+    warmup = math.ceil(total * train.warmup_ratio) if train.warmup_ratio < 1 else int(train.warmup_ratio)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, total), total
+
+
+def _peft_model(recipe, source):
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    set_seed(recipe.train.seed)
+    model = models.load_model(source, models.compute_dtype(recipe.model.dtype))
+    model.config.use_cache = False
+    return get_peft_model(model, train_stage.lora_config(recipe.lora))  # the train stage's own LoRA settings
+
+
+def _plain_loop(recipe, source, examples, tokenizer):
+    """What a user writes in an afternoon: peft, AdamW, shuffled padded batches, the model's own loss."""
+    train = recipe.train
+    model = _peft_model(recipe, source)
+    model.train()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer, schedule, total = _optimizer_and_schedule(train, parameters, examples)
     generator = torch.Generator().manual_seed(train.seed)
     losses = []
     started = time.perf_counter()
     while len(losses) < total:
         order = torch.randperm(len(examples), generator=generator).tolist()
         for i in range(0, len(order), train.batch_size):
-            batch = data.pad_batch([examples[j] for j in order[i : i + train.batch_size]], pad_id)
+            batch = data.pad_batch([examples[j] for j in order[i : i + train.batch_size]], tokenizer.pad_token_id)
             loss = model(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)  # as the Trainer does by default
@@ -236,6 +294,42 @@ def _plain_loop(recipe, source, examples, pad_id):
             if len(losses) == total:
                 break
     return model, losses, time.perf_counter() - started
+
+
+def _stock_trainer(recipe, source, examples, tokenizer):
+    """transformers' Trainer as the fine-tuning tools call it on a CPU: its default optimizer and sampler, the
+    model's own loss over every position, batches right-padded by DataCollatorForSeq2Seq."""
+    import tempfile
+
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    train = recipe.train
+    model = _peft_model(recipe, source)
+    tokenizer.padding_side = "right"
+    with tempfile.TemporaryDirectory() as folder:
+        args = TrainingArguments(
+            output_dir=folder,
+            num_train_epochs=train.epochs,
+            max_steps=train.max_steps or -1,
+            per_device_train_batch_size=train.batch_size,
+            learning_rate=train.lr,
+            warmup_steps=train.warmup_ratio,
+            weight_decay=train.weight_decay,
+            lr_scheduler_type="linear",
+            seed=train.seed,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=True,
+        )
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=data.IGNORE_INDEX)
+        trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator)
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return model, losses, seconds
 
 
 def _eval_loss(model, examples, pad_id) -> float:

@@ -804,6 +804,30 @@ def pack(examples: list[dict[str, list[int]]], max_seq_len: int) -> list[dict[st
     return packed
 
 
+def pack_batch(examples: list[dict[str, list[int]]], pad_id: int, capacity: int) -> dict[str, Any]:
+    """One training batch with no padding to compute: its rows packed into as few sequences of at most
+    max(capacity, its longest row) tokens as first-fit-decreasing finds, each row attending only to itself
+    (position ids restart at 0: see pack), the sequences padded to the longest.
+
+    The same rows as the padded batch, each computed exactly as alone, and the same labelled tokens, so
+    a step learns what the padded batch's step learns (to float rounding); what it drops is the padding's
+    share of every product. The capacity bounds each sequence's attention (quadratic in its length).
+    """
+    size = max(capacity, max(len(ex["input_ids"]) for ex in examples))
+    bins: list[list[dict[str, list[int]]]] = []
+    free: list[int] = []
+    for ex in sorted(examples, key=lambda ex: -len(ex["input_ids"])):
+        n = len(ex["input_ids"])
+        target = next((i for i, room in enumerate(free) if room >= n), None)
+        if target is None:
+            bins.append([])
+            free.append(size)
+            target = len(bins) - 1
+        bins[target].append(ex)
+        free[target] -= n
+    return pad_batch([pack(rows, size)[0] for rows in bins], pad_id)
+
+
 def pad_batch(examples: list[dict[str, list[int]]], pad_id: int, left: bool = False) -> dict[str, Any]:
     """Pad a training batch; padded positions get no attention and no labels.
 

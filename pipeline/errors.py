@@ -29,6 +29,12 @@ class PipelineError(Exception):
 
     exit_code = 2
 
+    def __reduce__(self):
+        # Crosses a process boundary (a worker pool, a spawned child) with its message, exit code and fields
+        # intact, whatever its __init__ takes: Exception's own pickling calls cls(*args), which fails for an
+        # error built from more than its message (RecipeError) and loses an exit code set on the instance.
+        return (_rebuilt, (type(self), self.args, dict(self.__dict__)))
+
 
 class RemoteError(PipelineError):
     """A service the pipeline talks to (the Hub, an API) could not be reached or failed (5xx).
@@ -56,3 +62,10 @@ class RuntimeFailure(PipelineError):
     (out of memory, a llama.cpp build for another CPU). Not the user's input: the crash code."""
 
     exit_code = EXIT_CRASHED
+
+
+def _rebuilt(cls: type[PipelineError], args: tuple, state: dict) -> PipelineError:
+    error = cls.__new__(cls, *args)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error

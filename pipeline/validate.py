@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline import data, gguf_export, llamacpp_install, models, sweep
+from pipeline import data, gguf_export, llamacpp_install, models, precision, sweep
 from pipeline.errors import PipelineError, RemoteError
 from pipeline.metrics import score_rows, user_metric
-from pipeline.recipe import DataSection, LoadedRecipe, ModelSection, RecipeError
+from pipeline.recipe import DataSection, LoadedRecipe, ModelSection, RecipeError, reference_runtime
 from pipeline.stages import distill
 
 
@@ -97,6 +97,7 @@ def check(loaded: LoadedRecipe) -> dict:
                     f"{min(lengths)}); raise it",
                 )
             )
+    chosen = precision.frozen_precision(recipe, models.compute_dtype(recipe.model.dtype), config) if config else None
     if not torch.cuda.is_available() and recipe.model.dtype in ("bfloat16", "float16"):
         notes.append(f"model.dtype {recipe.model.dtype} on a CPU is many times slower than float32; use auto")
     if recipe.train.qlora and not torch.cuda.is_available():
@@ -117,6 +118,7 @@ def check(loaded: LoadedRecipe) -> dict:
     validation = _validation_line(loaded, splits, notes)
     summary = _summary(loaded, train_rows, eval_rows, lengths, notes, len(inputs) if recipe.distill else 0, validation)
     summary["choosing"] = choosing
+    summary["precision"] = chosen
     return summary
 
 
@@ -257,9 +259,20 @@ def _llamacpp_problems(loaded: LoadedRecipe, notes: list[str]) -> list[str]:
     """GGUF variants need llama.cpp: built once per machine, which needs cmake and a C++ compiler."""
     recipe = loaded.recipe
     first = next((i for i, v in enumerate(recipe.quantize) if v.is_gguf), None)
-    if first is None:
+    reference = recipe.evaluate.reference
+    through_llamacpp = (
+        reference is not None and reference.endpoint is None and reference_runtime(reference) == "llamacpp"
+    )
+    if through_llamacpp:
+        notes.append(f"evaluate.reference: {reference.model} answers through llama.cpp from its GGUF (runtime)")
+    if first is None and not through_llamacpp:
         return []
-    if recipe.data.format == "prompt_completion" and gguf_export.plain_prompt_parts(recipe.data.prompt) is None:
+    field = ("quantize", first, "kind") if first is not None else ("evaluate", "reference", "runtime")
+    if (
+        first is not None
+        and recipe.data.format == "prompt_completion"
+        and gguf_export.plain_prompt_parts(recipe.data.prompt) is None
+    ):
         if recipe.data.chat_template == "never":
             notes.append(
                 "data.prompt uses several fields, so the GGUF's chat template and Ollama TEMPLATE pass the user's "
@@ -271,13 +284,14 @@ def _llamacpp_problems(loaded: LoadedRecipe, notes: list[str]) -> list[str]:
     if missing:
         return [
             loaded.error_at(
-                ("quantize", first, "kind"),
-                f"gguf needs llama.cpp, built here from source once, and this machine has no {' or '.join(missing)}; "
-                "install them (Debian: apt-get install cmake g++) or drop the gguf variants",
+                field,
+                f"needs llama.cpp, built here from source once, and this machine has no {' or '.join(missing)}; "
+                "install them (Debian: apt-get install cmake g++)"
+                + (" or drop the gguf variants" if first is not None else ", or use runtime: transformers"),
             )
         ]
     notes.append(
-        f"quantize: a run builds llama-cpp-python {llamacpp_install.VERSION} once for this machine (about 3 min on "
+        f"{field[0]}: a run builds llama-cpp-python {llamacpp_install.VERSION} once for this machine (about 3 min on "
         f"2 cores) into {llamacpp_install.install_dir()}, or installs it from there"
     )
     return []
@@ -538,6 +552,15 @@ def print_summary(summary: dict, runs_dir: Path) -> None:
             f"  tokens per training row: min {t['min']}, median {t['median']}, p95 {t['p95']}, max {t['max']}; "
             f"{t['over_max_seq_len']} over data.max_seq_len ({t['too_long']})"
         )
+    chosen = summary.get("precision")
+    if chosen:
+        probe = chosen["probe"]
+        rates = (
+            "; matmul probe GFLOP/s: " + ", ".join(f"{d} {r:.0f}" for d, r in probe["gflops"].items() if r)
+            if probe
+            else ""
+        )
+        print(f"  frozen base weights while training: {chosen['dtype']} ({chosen['why']}{rates})")
     print(f"  validation: {summary['validation']}")
     for line in summary.get("choosing", []):
         print(f"  {line}")

@@ -351,3 +351,50 @@ def test_a_llamacpp_child_that_aborts_is_an_error_naming_the_file_not_a_wait():
 
     with pytest.raises(PipelineError, match=r"llama.cpp died reading /x/model.gguf"):
         call_in_child(_abort_reading, "/x/model.gguf")
+
+
+def _answers_both_ways(gguf_file: str, prompts: list[dict]) -> tuple[list[str], list[str]]:
+    """In a llama.cpp child: each prompt answered from a clean KV cache, then keeping the shared prefix's."""
+    from pipeline.runtimes import llamacpp
+
+    llm = llamacpp.open_model(gguf_file, 512, 2, False)
+    ids = [llamacpp.tokenize(llm, Prompt(**p)) for p in prompts]
+    fresh = [llamacpp.complete(llm, i, 6)["prediction"] for i in ids]
+    kept = [llamacpp.complete(llm, i, 6, reuse_prefix=True)["prediction"] for i in ids]
+    return fresh, kept
+
+
+def test_keeping_the_shared_prompt_prefix_in_llamacpp_changes_no_answer(gguf_run):
+    from pipeline.runtimes import llamacpp
+
+    _, run_dir = gguf_run
+    prompts = [
+        {"ids": [], "text": f"Message: {row['text']}\nIntent:", "add_special": True}
+        for _, row in read_jsonl(run_dir.parent.parent.parent / "test.jsonl")
+    ]
+    fresh, kept = llamacpp.call_in_child(
+        _answers_both_ways, str(run_dir / "quantize" / "gguf-f16" / "model.gguf"), prompts
+    )
+    assert len(fresh) == 24 and kept == fresh
+
+
+@pytest.mark.parametrize(("runtime", "expected"), [("auto", "llama.cpp"), ("transformers", "transformers")])
+def test_a_gguf_reference_answers_through_llamacpp_as_it_ships(gguf_run, tmp_path, runtime, expected):
+    """The reference given as a .gguf file: through llama.cpp from the file itself (auto), or expanded for PyTorch."""
+    loaded, run_dir = gguf_run
+    f16 = run_dir / "quantize" / "gguf-f16" / "model.gguf"
+    settings = [f"evaluate.reference={{model: {f16}, runtime: {runtime}}}"]
+    runs = tmp_path / "runs"
+    assert main(["run", str(loaded.path), "--runs-dir", str(runs), *[x for s in settings for x in ("--set", s)]]) == 0
+    reference_run = runs / "gguf-test" / load_recipe(loaded.path, settings).run_id
+    results = json.loads((reference_run / "evaluate" / "results.json").read_text())["candidates"]
+    assert results["reference"]["runtime"] == expected
+    reference = _predictions(reference_run, "reference")
+    if runtime == "auto":  # the earlier run's f16 candidate: the same file through the same runtime
+        assert results["reference"]["dtype"] == "f16"
+        assert results["reference"]["size_on_disk_bytes"] == f16.stat().st_size
+        f16_answers = _predictions(run_dir, "gguf-f16")
+        assert [reference[i]["prediction"] for i in reference] == [f16_answers[i]["prediction"] for i in reference]
+    else:
+        assert results["reference"]["dtype"] == "float32"
+    assert "| reference | reference | " + expected in (reference_run / "evaluate" / "report.md").read_text()

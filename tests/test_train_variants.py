@@ -6,11 +6,11 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from pipeline import data, models
+from pipeline import data, models, precision
 from pipeline.bench import run_train
 from pipeline.cli import main
 from pipeline.recipe import DataSection, LoraSection, load_recipe
-from pipeline.stages.train import AnswerLossTrainer, frozen_dtype, hold_frozen_base, lora_config
+from pipeline.stages.train import AnswerLossTrainer, hold_frozen_base, lora_config
 
 pytestmark = pytest.mark.integration
 
@@ -87,16 +87,28 @@ def test_modules_to_save_must_name_a_module(tiny_recipe, capsys):
     assert "'classifier' names no module of the base; modules near the top:" in capsys.readouterr().err
 
 
-def test_bench_train_runs_both_ways_on_the_same_rows(tiny_recipe, capsys):
-    result = run_train(tiny_recipe, ["train.epochs=1"], rows=64)
-    stage, loop = result["train stage"], result["plain loop"]
-    assert stage["rows"] == loop["rows"] == 64 and stage["tokens"] == loop["tokens"]
-    assert stage["steps"] == loop["steps"] == 4  # 64 rows, batch 16
-    assert all(way["final_loss"] < way["first_loss"] for way in (stage, loop))
+def test_bench_train_runs_each_way_on_the_same_rows(tiny_recipe, capsys):
+    # validation rows too: their lines in metrics.jsonl carry no loss (bench-train once read them as loss lines)
+    result = run_train(tiny_recipe, ["train.epochs=1", "data.validation=24"], rows=88)
+    stage, stock, loop = result["train stage"], result["stock Trainer"], result["plain loop"]
+    assert stage["rows"] == stock["rows"] == loop["rows"] == 64 and stage["tokens"] == loop["tokens"] == stock["tokens"]
+    assert stage["steps"] == stock["steps"] == loop["steps"] == 4  # 64 rows, batch 16
+    assert all(way["final_loss"] < way["first_loss"] for way in (stage, stock, loop))
+    assert stage["validation_seconds"] > 0 and stage["seconds"] > 0  # the passes are timed apart from training
     assert result["ratio"] == pytest.approx(stage["tokens_per_second"] / loop["tokens_per_second"])
+    assert result["ratio_over_stock_trainer"] == pytest.approx(stage["tokens_per_second"] / stock["tokens_per_second"])
     out = capsys.readouterr().out
-    assert "train stage / plain loop, real tokens/s:" in out
-    assert f"frozen base weights: train stage {stage['frozen_dtype']}, plain loop float32" in out
+    assert "train stage / plain loop, real tokens/s:" in out and "train stage / stock Trainer:" in out
+    assert f"frozen base weights: train stage {stage['frozen_dtype']}, the others float32" in out
+    assert "matmul probe (" in out and "of limit" in out
+    assert stage["share_of_limit"] > 0 and stock["share_of_limit"] > 0  # on this CPU; never a speed asserted
+
+
+def test_a_recipe_error_in_a_bench_worker_reaches_the_user(tiny_recipe, capsys):
+    """The recipe is read in the worker process; its error comes back whole, with its exit code."""
+    assert main(["bench-train", str(tiny_recipe), "--rows", "32", "--set", "train.lr=5"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr" in err and "Traceback" not in err and "BrokenProcessPool" not in err
 
 
 def test_a_frozen_base_held_in_bf16_keeps_the_adapter_and_activations_in_fp32(tiny_models):
@@ -118,21 +130,57 @@ def test_a_frozen_base_held_in_bf16_keeps_the_adapter_and_activations_in_fp32(ti
     assert frozen and all(p.dtype == torch.bfloat16 and p.grad is None for p in frozen)
 
 
+# what the probe measured: a CPU with bf16 units (AMX, AVX512-BF16), and one where bf16 is emulated
+FAST_BF16 = {"float32": 200.0, "bfloat16": 880.0, "float16": 90.0}
+SLOW_BF16 = {"float32": 150.0, "bfloat16": 16.0, "float16": 19.0}
+
+
 @pytest.mark.parametrize(
-    ("settings", "amx", "expected"),
+    ("settings", "rates", "expected"),
     [
-        ([], True, torch.bfloat16),  # auto on a CPU with bf16 matrix units
-        ([], False, torch.float32),  # auto without them: bf16 would be emulated, far slower
-        (["lora.dora=true"], True, torch.float32),  # DoRA's weight norms read the base
-        (["train.frozen_dtype=float32"], True, torch.float32),
-        (["train.frozen_dtype=bfloat16"], False, torch.bfloat16),
+        ([], FAST_BF16, torch.bfloat16),  # auto where the probe timed bf16 faster
+        ([], SLOW_BF16, torch.float32),  # auto where bf16 is emulated, far slower
+        ([], {"float32": 200.0, "bfloat16": 230.0, "float16": None}, torch.float32),  # too small a gain to round for
+        ([], {"float32": 100.0, "bfloat16": 150.0, "float16": 400.0}, torch.float16),
+        (["lora.dora=true"], FAST_BF16, torch.float32),  # DoRA's weight norms read the base
+        (["train.frozen_dtype=float32"], FAST_BF16, torch.float32),
+        (["train.frozen_dtype=bfloat16"], SLOW_BF16, torch.bfloat16),
     ],
 )
-def test_frozen_dtype_auto_holds_the_base_in_bf16_only_where_that_is_faster(
-    tiny_recipe, monkeypatch, settings, amx, expected
+def test_frozen_dtype_auto_holds_the_base_in_the_precision_the_probe_timed_fastest(
+    tiny_recipe, tiny_models, monkeypatch, settings, rates, expected
 ):
-    monkeypatch.setattr(models, "cpu_has_bf16_units", lambda: amx)
-    assert frozen_dtype(load_recipe(tiny_recipe, settings).recipe, torch.float32) == expected
+    from transformers import AutoConfig
+
+    monkeypatch.setattr(precision, "_time_products", lambda shapes, threads: rates)
+    monkeypatch.setenv("SPECIALIST_CACHE", str(tiny_recipe.parent / "cache"))  # the figures above, not this CPU's
+    config = AutoConfig.from_pretrained(tiny_models["base"])
+    chosen = precision.frozen_precision(load_recipe(tiny_recipe, settings).recipe, torch.float32, config)
+    assert getattr(torch, chosen["dtype"]) == expected
+    if not settings:  # auto: the choice carries the figures it was made on
+        assert chosen["probe"]["gflops"] == rates and chosen["probe"]["chosen"] == chosen["dtype"]
+    else:
+        assert chosen["probe"] is None
+
+
+def test_the_probe_times_each_precision_at_the_model_shapes_once_per_machine(tiny_models, tmp_path, monkeypatch):
+    from transformers import AutoConfig
+
+    monkeypatch.setenv("SPECIALIST_CACHE", str(tmp_path))
+    monkeypatch.setattr(precision, "SECONDS_PER_PRODUCT", 0.01)
+    shapes = precision.layer_shapes(AutoConfig.from_pretrained(tiny_models["base"]))
+    config = AutoConfig.from_pretrained(tiny_models["base"])
+    assert shapes == [
+        (config.hidden_size, config.hidden_size, 2),
+        (config.hidden_size, config.num_key_value_heads * config.hidden_size // config.num_attention_heads, 2),
+        (config.hidden_size, config.intermediate_size, 2),
+        (config.intermediate_size, config.hidden_size, 1),
+    ]
+    first = precision.probe(shapes, threads=1)
+    assert not first["cached"] and first["gflops"]["float32"] > 0
+    assert first["chosen"] in precision.DTYPES and first["why"] and first["threads"] == 1
+    assert precision.probe(shapes, threads=1) == {**first, "cached": True}  # measured once, read back after
+    assert not precision.probe(shapes, threads=2)["cached"]  # another thread count is another measurement
 
 
 def test_frozen_dtype_is_refused_where_the_base_is_not_plain(tiny_recipe, capsys):

@@ -3,8 +3,10 @@
 Each candidate runs in a fresh child process so its peak memory is its own (RSS above the child's
 baseline before loading). Prompts go in as text and llama.cpp tokenizes them, as llama.cpp, Ollama or
 LM Studio would for a user; the token counts it used come back with the answers. Requests run one at a
-time (llama.cpp's Python API serves one sequence), with the KV cache reset between rows so no row
-reuses another's prompt, greedy, stopping at the model's end-of-generation tokens.
+time (llama.cpp's Python API serves one sequence), greedy, stopping at the model's end-of-generation tokens.
+The evaluation's answers keep the KV cache of the prompt prefix a row shares with the row before it (the
+template's instructions, a reference's system message and label list), as llama-server's prompt cache
+does; the timed single requests start from a clean cache, as a first request does.
 """
 
 from __future__ import annotations
@@ -83,8 +85,12 @@ def tokenize(llm, prompt: Prompt) -> list[int]:
     return llm.tokenize(prompt.text.encode("utf-8"), add_bos=prompt.add_special, special=True)
 
 
-def complete(llm, ids: list[int], max_new_tokens: int, confidence: bool = False) -> dict:
+def complete(llm, ids: list[int], max_new_tokens: int, confidence: bool = False, reuse_prefix: bool = False) -> dict:
     """One greedy request from a clean KV cache: the answer text, tokens generated, and whether it stopped.
+
+    reuse_prefix: keep the KV cache of the prompt prefix this request shares with the one before it (the
+    template's instructions, a system message, a label list), as llama-server's prompt cache does: only the
+    rest of the prompt is computed. For one model and adapter only: a cache is not valid across adapters.
 
     The answer is decoded with invalid UTF-8 replaced, as the transformers runtime decodes it, so the same
     tokens give the same text in both. With confidence, also the model's probability of the answer: the
@@ -93,7 +99,8 @@ def complete(llm, ids: list[int], max_new_tokens: int, confidence: bool = False)
     """
     import llama_cpp
 
-    llm.reset()
+    if not reuse_prefix:
+        llm.reset()  # generate(reset=True) below then finds no prefix to keep
     answer: list[int] = []
     stopped = False
     log_p = 0.0
@@ -143,7 +150,7 @@ def _generate(gguf_file: str, job: GenerationJob, gpu: bool, lora_file: str | No
         for start in range(0, len(job.todo), job.batch_size):
             on_batch(
                 [
-                    {"row": row, **complete(llm, ids[row], job.max_new_tokens, job.confidence)}
+                    {"row": row, **complete(llm, ids[row], job.max_new_tokens, job.confidence, reuse_prefix=True)}
                     for row in job.todo[start : start + job.batch_size]
                 ]
             )
@@ -151,6 +158,8 @@ def _generate(gguf_file: str, job: GenerationJob, gpu: bool, lora_file: str | No
             single = [complete(llm, ids[row], job.max_new_tokens)["seconds"] for row in job.latency_rows]
     return {
         "runtime": "llama.cpp",
+        "parameters": llm._model.n_params(),
+        "dtype": gguf_type_name(llm.metadata),
         "weights_memory_bytes": sum(Path(f).stat().st_size for f in (gguf_file, lora_file) if f),
         "peak_memory_bytes": memory.peak_bytes,
         "process_peak_memory_bytes": memory.process_peak_bytes,
@@ -161,6 +170,21 @@ def _generate(gguf_file: str, job: GenerationJob, gpu: bool, lora_file: str | No
         "device": "cuda" if gpu else "cpu",
         "threads": job.threads,
     }
+
+
+def gguf_type_name(metadata: dict) -> str | None:
+    """The file's type as llama.cpp's tools name it (q4_k_m, q8_0, f16), from its general.file_type."""
+    import gguf
+
+    try:
+        return (
+            gguf.LlamaFileType(int(metadata["general.file_type"]))
+            .name.removeprefix("MOSTLY_")
+            .removeprefix("ALL_")
+            .lower()
+        )
+    except (KeyError, ValueError):
+        return None
 
 
 def call_in_child(function, *args):

@@ -82,6 +82,7 @@ def _generate(
             single = single_request_seconds(model, tokenizer, prompts, job.latency_rows, job.max_new_tokens)
     return {
         "runtime": "transformers",
+        "dtype": str(dtype).removeprefix("torch."),
         "parameters": sum(p.numel() for p in model.parameters()),
         "weights_memory_bytes": model.get_memory_footprint(),
         "peak_memory_bytes": memory.peak_bytes,
@@ -143,11 +144,13 @@ def generate_batches(
     from transformers import GenerationConfig
 
     eos_ids = eos_token_ids(model, tokenizer)
+    # a tokenizer without pad or end token (some GGUF imports): pad with the model's end token, never attended
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=False,
         eos_token_id=eos_ids,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=pad_id,
         output_scores=confidence,
         return_dict_in_generate=True,
     )
@@ -157,7 +160,7 @@ def generate_batches(
     for start in tqdm(starts, desc=desc, unit="batch", leave=False) if progress else starts:
         ids = order[start : start + batch_size]
         width = max(len(prompts[i]) for i in ids)
-        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(prompts[i])) + prompts[i] for i in ids])
+        input_ids = torch.tensor([[pad_id] * (width - len(prompts[i])) + prompts[i] for i in ids])
         attention = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in ids])
         _sync()
         started = time.perf_counter()

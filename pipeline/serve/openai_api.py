@@ -30,6 +30,9 @@ class RequestError(Exception):
         super().__init__(message)
         self.status = status
 
+    def __reduce__(self):  # intact across processes (Exception's own pickling would call cls(message))
+        return (type(self), (self.status, str(self)))
+
 
 def input_fields(section: DataSection, *templates: str | None) -> set[str]:
     """The fields a request's input fills: the prompt templates' (alpaca: instruction and input)."""

@@ -39,7 +39,7 @@ def cascade_candidates(loaded: LoadedRecipe, found: list[evaluate.Candidate]) ->
     """Of the evaluation's candidates, the local ones the recipe cascades (default: specialized and GGUF files)."""
     names = loaded.recipe.cascade.candidates
     if names is None:
-        return [c for c in found if c.role == "specialized" or c.gguf_file is not None]
+        return [c for c in found if c.role == "specialized" or (c.quantized and c.gguf_file is not None)]
     return [c for c in found if c.name in names]
 
 

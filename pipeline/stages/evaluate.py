@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline import data, gguf_export, models, runtimes
+from pipeline import data, gguf_export, llamacpp_install, models, runtimes
 from pipeline.errors import PipelineError
 from pipeline.metrics import scorer
-from pipeline.recipe import LoadedRecipe, answer_identity
+from pipeline.recipe import LoadedRecipe, answer_identity, reference_runtime
 from pipeline.runs import (
     append_jsonl,
     dir_size_bytes,
@@ -65,8 +65,14 @@ class Candidate:
             return stage_fingerprint(self.endpoint.identity, self.prompt_template, self.system, self.chat_template)
         adapter = _file_stats(self.adapter_dir) if self.adapter_dir else None
         gguf = _file_stats(self.variant_dir) if self.gguf_file else None
+        # a reference answering through llama.cpp from its GGUF, not in PyTorch from the converted folder
+        runtime = (
+            ["llama.cpp", self.gguf_file.name, self.gguf_file.stat().st_size]
+            if self.role == "reference" and self.gguf_file
+            else []
+        )
         return stage_fingerprint(
-            self.source.fingerprint, adapter, gguf, self.prompt_template, self.system, self.chat_template
+            self.source.fingerprint, adapter, gguf, self.prompt_template, self.system, self.chat_template, *runtime
         )
 
 
@@ -93,6 +99,7 @@ def candidates(loaded: LoadedRecipe, run_dir: Path) -> list[Candidate]:
                 "reference",
                 "reference",
                 source,
+                gguf_file=reference_gguf(reference) if endpoint is None else None,
                 prompt_template=reference.prompt,
                 system=reference.system,
                 chat_template=reference.chat_template,
@@ -100,6 +107,15 @@ def candidates(loaded: LoadedRecipe, run_dir: Path) -> list[Candidate]:
             )
         )
     return found
+
+
+def reference_gguf(reference) -> Path | None:
+    """The GGUF file a local reference runs from through llama.cpp (evaluate.reference.runtime), else None."""
+    if reference_runtime(reference) != "llamacpp":
+        return None
+    if reference.model.startswith("packaged:"):
+        return models.packaged_gguf(reference.model.removeprefix("packaged:"), "evaluate.reference.model")
+    return Path(reference.model).expanduser().resolve()
 
 
 def _specialized(loaded: LoadedRecipe, run_dir: Path, base: models.ModelSource) -> Candidate:
@@ -235,6 +251,7 @@ def candidate_answers(candidate: Candidate, rows: list[data.TaskRow], loaded: Lo
     if candidate.endpoint is not None:
         facts = endpoint_runtime.run(candidate.endpoint, job, keep)
     elif candidate.gguf_file is not None:
+        llamacpp_install.ensure()  # built once per machine; a reference may be the run's only GGUF
         facts = llamacpp.run(candidate.gguf_file, job, keep, torch.cuda.is_available(), candidate.lora_file)
     else:
         dtype = models.compute_dtype(loaded.recipe.model.dtype)
@@ -288,6 +305,7 @@ def _cost(candidate: Candidate, facts: dict, generations: list[dict]) -> dict:
         "model": str(candidate.gguf_file or candidate.source.location),
         **({"adapter_file": str(candidate.lora_file), "shared_base_bytes": shared_base} if candidate.lora_file else {}),
         "runtime": facts["runtime"],
+        "dtype": facts.get("dtype"),  # transformers: the compute dtype; llama.cpp: the GGUF's type; an API: None
         "adapter_size_bytes": adapter_size,
         "size_on_disk_bytes": size,
         "parameters": _parameters(candidate, facts),

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
 
-from pipeline import data, models, runtimes, tracking, validation
+from pipeline import data, models, precision, runtimes, tracking, validation
 from pipeline.answer_loss import accepts_logits_to_keep, answer_loss_sum
 from pipeline.errors import Interrupted, PipelineError, RuntimeFailure
 from pipeline.metrics import scorer
@@ -117,10 +117,13 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     trainable, total = model.get_nb_trainable_parameters()
     method = "QLoRA (nf4 base)" if recipe.train.qlora else "LoRA"
     log(STAGE, f"{method}: {trainable:,} trainable of {total:,} parameters ({dtype}, {models.device()})")
-    frozen = frozen_dtype(recipe, dtype)
+    chosen = precision.frozen_precision(recipe, dtype, model.get_base_model().config)
+    frozen = getattr(torch, chosen["dtype"])
     if frozen != dtype:
         held = hold_frozen_base(model, frozen, dtype)
-        log(STAGE, f"the frozen weights of {held} LoRA-wrapped layers held in {frozen} (train.frozen_dtype)")
+        log(STAGE, f"the frozen weights of {held} LoRA-wrapped layers held in {frozen} ({chosen['why']})")
+    elif chosen["probe"]:
+        log(STAGE, f"the frozen weights stay {chosen['dtype']} ({chosen['why']})")
 
     on_cuda = torch.cuda.is_available()
     train = recipe.train
@@ -223,6 +226,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         "final_loss": _last_loss(metrics_path),
         "trainable_parameters": trainable,
         "frozen_dtype": str(frozen).removeprefix("torch."),
+        "precision": chosen,  # how frozen_dtype was chosen, with the probe's figures where it measured
         "total_parameters": total,
         "train_seconds": round(seconds, 3),
         "tokens_per_epoch": sum(len(ex["input_ids"]) for ex in examples),
@@ -297,17 +301,6 @@ def lora_config(lora):
         modules_to_save=lora.modules_to_save or None,
         task_type="CAUSAL_LM",
     )
-
-
-def frozen_dtype(recipe, dtype: torch.dtype) -> torch.dtype:
-    """train.frozen_dtype resolved: auto holds the frozen base in bf16 on CPUs with bf16 matrix units."""
-    setting = recipe.train.frozen_dtype
-    if setting != "auto":
-        return getattr(torch, setting)
-    plain_lora = not (recipe.train.qlora or recipe.lora.dora)
-    if plain_lora and dtype == torch.float32 and not torch.cuda.is_available() and models.cpu_has_bf16_units():
-        return torch.bfloat16
-    return dtype
 
 
 def hold_frozen_base(model, frozen: torch.dtype, compute: torch.dtype) -> int:
