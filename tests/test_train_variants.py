@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from pipeline import data, models, precision
+from pipeline import answer_loss, data, models, precision
 from pipeline.bench import run_train
 from pipeline.cli import main
 from pipeline.recipe import DataSection, LoraSection, load_recipe
@@ -22,10 +22,15 @@ class _Args:
 class _FakeTrainer:
     args = _Args()
     keeps_logits = True
+    split_by_length = False
 
 
-@pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
-def test_logits_only_where_labels_are_give_the_models_own_loss_and_gradients(tiny_models, intents_rows, left):
+@pytest.mark.parametrize(
+    ("left", "split"), [(False, False), (True, False), (True, True)], ids=["right-padded", "left-padded", "in-groups"]
+)
+def test_logits_only_where_labels_are_give_the_models_own_loss_and_gradients(
+    tiny_models, intents_rows, monkeypatch, left, split
+):
     source = models.ModelSource(str(tiny_models["base"]), None, True)
     tokenizer = models.load_tokenizer(source)
     train, _ = intents_rows
@@ -43,13 +48,19 @@ def test_logits_only_where_labels_are_give_the_models_own_loss_and_gradients(tin
     reference.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
-    ours = AnswerLossTrainer.compute_loss(_FakeTrainer(), model, dict(batch))
+    trainer = _FakeTrainer()
+    if split:  # every distinct length a group of its own: each cut to its longest row, summed
+        trainer.split_by_length = True
+        monkeypatch.setattr(answer_loss, "OVERHEAD_TOKENS", 0)
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        assert len(answer_loss.length_groups(lengths, 0)) == len(set(lengths)) > 3
+    ours = AnswerLossTrainer.compute_loss(trainer, model, dict(batch))
     ours.backward()
     assert torch.allclose(ours, reference, atol=1e-6)
     for name, param in model.named_parameters():
         if param.requires_grad:
             assert torch.allclose(param.grad, expected[name], atol=1e-5), name
-    if left:  # the answers share the last columns: few logits
+    if left and not split:  # the answers share the last columns: few logits
         columns = (batch["labels"][:, 1:] != data.IGNORE_INDEX).any(dim=0).sum()
         assert columns < batch["labels"].shape[1] / 2
     every_position = _FakeTrainer()
@@ -58,6 +69,63 @@ def test_logits_only_where_labels_are_give_the_models_own_loss_and_gradients(tin
     items = (batch["labels"][:, 1:] != data.IGNORE_INDEX).sum()
     summed = AnswerLossTrainer.compute_loss(_FakeTrainer(), model, dict(batch), num_items_in_batch=items * 2)
     assert torch.allclose(summed, reference / 2, atol=1e-6)  # normalized over an accumulated batch twice as big
+
+
+def test_length_groups_partition_the_rows_at_the_least_computed_tokens():
+    lengths = [20, 22, 25, 30, 90, 95, 100, 200]
+    groups = answer_loss.length_groups(lengths, 64)
+    assert sorted(i for g in groups for i in g) == list(range(8))
+    assert groups == [[7], [6, 5, 4], [3, 2, 1, 0]]  # 200 + 3x100 + 4x30 + 3 groups x 64 = 812 < 8 x 200
+
+    def cost(gs):
+        return sum(len(g) * max(lengths[i] for i in g) + 64 for g in gs)
+
+    assert cost(groups) < cost([list(range(8))]) and cost(groups) < cost([[i] for i in range(8)])
+    assert answer_loss.length_groups([30, 31, 32, 33, 34, 35, 36, 37], 64) == [[7, 6, 5, 4, 3, 2, 1, 0]]  # alike
+    assert answer_loss.length_groups([12], 64) == [[0]]
+
+
+@pytest.mark.parametrize(
+    ("lora", "frozen"),
+    [
+        ({"r": 4, "alpha": 7}, None),
+        ({"r": 4, "alpha": 7, "dropout": 0.2}, None),
+        ({"r": 4, "alpha": 7, "rslora": True}, None),
+        ({"r": 4, "alpha": 7}, torch.bfloat16),
+        ({"r": 4, "alpha": 7, "dora": True}, None),  # a variant: peft's own forward
+    ],
+    ids=["plain", "dropout", "rslora", "bf16-frozen", "dora"],
+)
+def test_the_fused_lora_forward_is_peft_s_function(tiny_models, lora, frozen):
+    from pipeline.fused_lora import fuse_lora_layers
+
+    source = models.ModelSource(str(tiny_models["base"]), None, True)
+
+    def build(fused: bool):
+        torch.manual_seed(0)
+        model = get_peft_model(models.load_model(source, torch.float32), lora_config(LoraSection(**lora)))
+        for name, param in model.named_parameters():  # LoRA B starts at zero; give the adapter an effect
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.1)
+        if frozen is not None:
+            hold_frozen_base(model, frozen, torch.float32)
+        if fused:
+            assert fuse_lora_layers(model) == sum(1 for n, _ in model.named_modules() if n.endswith(".base_layer"))
+        model.train()
+        return model
+
+    ids = torch.randint(0, 100, (3, 14), generator=torch.Generator().manual_seed(1))
+    losses, grads = [], []
+    for fused in (False, True):
+        model = build(fused)
+        torch.manual_seed(2)  # the same dropout masks
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss)
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert torch.allclose(losses[0], losses[1], atol=1e-6)
+    for name, grad in grads[0].items():
+        assert torch.allclose(grads[1][name], grad, atol=1e-5, rtol=1e-4), name
 
 
 @pytest.mark.parametrize(

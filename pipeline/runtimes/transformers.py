@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from pipeline import models
 from pipeline.errors import PipelineError
+from pipeline.fused_lora import fuse_lora_layers
 from pipeline.runtimes import DeviceCost, GenerationJob, OnBatch, PeakMemory, run_in_child
 
 
@@ -104,6 +105,7 @@ def load(source: models.ModelSource, adapter_dir: Path | None, dtype: torch.dtyp
             raise PipelineError(f"{adapter_dir}: no adapter; run the train stage first")
         base = models.load_model(source, dtype, trust_remote_code=trust_remote_code)
         model = PeftModel.from_pretrained(base, adapter_dir)
+        fuse_lora_layers(model)  # the adapter's product added inside the base's, as in training
     else:
         # Quantized variants carry their bitsandbytes config in config.json; from_pretrained restores it.
         model = models.load_model(source, dtype, trust_remote_code=trust_remote_code)

@@ -20,8 +20,9 @@ import torch
 from transformers import Trainer, TrainerCallback, set_seed
 
 from pipeline import data, models, precision, runtimes, tracking, validation
-from pipeline.answer_loss import accepts_logits_to_keep, answer_loss_sum
+from pipeline.answer_loss import accepts_logits_to_keep, answer_loss_sum, grouped_answer_loss_sum
 from pipeline.errors import Interrupted, PipelineError, RuntimeFailure
+from pipeline.fused_lora import fuse_lora_layers
 from pipeline.metrics import scorer
 from pipeline.recipe import LoadedRecipe
 from pipeline.runs import (
@@ -124,6 +125,9 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         log(STAGE, f"the frozen weights of {held} LoRA-wrapped layers held in {frozen} ({chosen['why']})")
     elif chosen["probe"]:
         log(STAGE, f"the frozen weights stay {chosen['dtype']} ({chosen['why']})")
+    fused = fuse_lora_layers(model)
+    if fused:
+        log(STAGE, f"{fused} LoRA layers add the adapter's product inside the base product (pipeline/fused_lora.py)")
 
     on_cuda = torch.cuda.is_available()
     train = recipe.train
@@ -154,7 +158,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         use_cpu=not on_cuda,
         bf16=on_cuda and dtype == torch.bfloat16,
         fp16=on_cuda and dtype == torch.float16,
-        optim="adamw_torch_fused" if on_cuda else "adamw_torch",
+        optim="adamw_torch_fused",  # one kernel over every adapter tensor, on CPU too (torch >= 2.4)
         remove_unused_columns=False,
         # rows of like length batched together: little padding to compute (opt-in; see README)
         train_sampling_strategy="group_by_length" if train.group_by_length else "random",
@@ -167,6 +171,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         tracking.start(loaded, run_dir)
     validating = _validation_callback(loaded, splits, tokenizer, chat, len(sequences), stage_dir, main_process)
     trainer = AnswerLossTrainer(
+        split_by_length=train.processes == 1,  # DDP expects one forward per step
         model=model,
         args=args,
         train_dataset=sequences,
@@ -422,17 +427,22 @@ def _last_loss(metrics_path: Path) -> float | None:
 
 class AnswerLossTrainer(Trainer):
     """transformers' Trainer, with the vocabulary projection computed only where the loss needs it
-    (pipeline/answer_loss.py; through the model's own forward, so DDP sees the call), and the loss
-    normalized as the Trainer normalizes it."""
+    (pipeline/answer_loss.py; through the model's own forward, so DDP sees the call), a batch's rows computed
+    in groups of like length where that saves padding (split_by_length; one process), and the loss normalized
+    as the Trainer normalizes it."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, split_by_length: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.keeps_logits = accepts_logits_to_keep(self.model)
+        self.split_by_length = split_by_length
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         features = {k: v for k, v in inputs.items() if k != "labels"}
-        loss, outputs = answer_loss_sum(model, features, labels, self.keeps_logits)
+        if self.split_by_length and not return_outputs and "attention_mask" in features:  # packed rows have none
+            loss, outputs = grouped_answer_loss_sum(model, features, labels, self.keeps_logits), None
+        else:
+            loss, outputs = answer_loss_sum(model, features, labels, self.keeps_logits)
         if num_items_in_batch is not None:  # the Trainer's normalization over accumulated (and gathered) batches
             loss = loss / num_items_in_batch
             if self.args.average_tokens_across_devices:
