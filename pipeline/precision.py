@@ -104,6 +104,19 @@ def frozen_precision(recipe, dtype: torch.dtype, config) -> dict:
     return {"dtype": found["chosen"], "why": f"auto: {found['why']}", "probe": found}
 
 
+def evaluation_dtype(setting: str, model_dtype: str, config) -> torch.dtype:
+    """evaluate.dtype resolved for a PyTorch candidate whose transformers config is `config`."""
+    from pipeline.models import compute_dtype
+
+    if setting == "model":
+        return compute_dtype(model_dtype)
+    if setting != "auto":
+        return getattr(torch, setting)
+    if torch.cuda.is_available():
+        return compute_dtype("auto")
+    return getattr(torch, probe(layer_shapes(config))["chosen"])
+
+
 def choose(rates: dict[str, float | None]) -> dict:
     """The fastest dtype, where it beats fp32 by MIN_SPEEDUP; else fp32."""
     fp32 = rates["float32"]

@@ -413,6 +413,14 @@ class EvaluateSection(Section):
     threads: int | None = Field(
         None, gt=0, le=1024, description="CPU threads for generation, the same for every runtime. Default: torch's."
     )
+    dtype: Literal["model", "auto", "float32", "bfloat16", "float16"] = Field(
+        "model",
+        description="Precision of the PyTorch candidates (base, specialized, bitsandbytes variants' compute, a "
+        "transformers reference). model: model.dtype, the precision the specialist trained in. auto: on a CPU, the "
+        "one the precision probe times fastest at the model's own shapes (bf16 where the CPU multiplies it in "
+        "hardware, else fp32; the probe train.frozen_dtype uses); on CUDA, bf16 where supported. The report names "
+        "each candidate's dtype; GGUF candidates run in their file's types.",
+    )
 
 
 class DistillSection(Section):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from pipeline import answer_loss, data, models, precision
+from pipeline import answer_loss, data, models
 from pipeline.bench import run_train
 from pipeline.cli import main
 from pipeline.recipe import DataSection, LoraSection, load_recipe
@@ -196,59 +196,6 @@ def test_a_frozen_base_held_in_bf16_keeps_the_adapter_and_activations_in_fp32(ti
     assert adapter and all(p.dtype == torch.float32 and p.grad is not None for p in adapter)
     frozen = [p for n, p in model.named_parameters() if n.endswith("base_layer.weight")]
     assert frozen and all(p.dtype == torch.bfloat16 and p.grad is None for p in frozen)
-
-
-# what the probe measured: a CPU with bf16 units (AMX, AVX512-BF16), and one where bf16 is emulated
-FAST_BF16 = {"float32": 200.0, "bfloat16": 880.0, "float16": 90.0}
-SLOW_BF16 = {"float32": 150.0, "bfloat16": 16.0, "float16": 19.0}
-
-
-@pytest.mark.parametrize(
-    ("settings", "rates", "expected"),
-    [
-        ([], FAST_BF16, torch.bfloat16),  # auto where the probe timed bf16 faster
-        ([], SLOW_BF16, torch.float32),  # auto where bf16 is emulated, far slower
-        ([], {"float32": 200.0, "bfloat16": 230.0, "float16": None}, torch.float32),  # too small a gain to round for
-        ([], {"float32": 100.0, "bfloat16": 150.0, "float16": 400.0}, torch.float16),
-        (["lora.dora=true"], FAST_BF16, torch.float32),  # DoRA's weight norms read the base
-        (["train.frozen_dtype=float32"], FAST_BF16, torch.float32),
-        (["train.frozen_dtype=bfloat16"], SLOW_BF16, torch.bfloat16),
-    ],
-)
-def test_frozen_dtype_auto_holds_the_base_in_the_precision_the_probe_timed_fastest(
-    tiny_recipe, tiny_models, monkeypatch, settings, rates, expected
-):
-    from transformers import AutoConfig
-
-    monkeypatch.setattr(precision, "_time_products", lambda shapes, threads: rates)
-    monkeypatch.setenv("SPECIALIST_CACHE", str(tiny_recipe.parent / "cache"))  # the figures above, not this CPU's
-    config = AutoConfig.from_pretrained(tiny_models["base"])
-    chosen = precision.frozen_precision(load_recipe(tiny_recipe, settings).recipe, torch.float32, config)
-    assert getattr(torch, chosen["dtype"]) == expected
-    if not settings:  # auto: the choice carries the figures it was made on
-        assert chosen["probe"]["gflops"] == rates and chosen["probe"]["chosen"] == chosen["dtype"]
-    else:
-        assert chosen["probe"] is None
-
-
-def test_the_probe_times_each_precision_at_the_model_shapes_once_per_machine(tiny_models, tmp_path, monkeypatch):
-    from transformers import AutoConfig
-
-    monkeypatch.setenv("SPECIALIST_CACHE", str(tmp_path))
-    monkeypatch.setattr(precision, "SECONDS_PER_PRODUCT", 0.01)
-    shapes = precision.layer_shapes(AutoConfig.from_pretrained(tiny_models["base"]))
-    config = AutoConfig.from_pretrained(tiny_models["base"])
-    assert shapes == [
-        (config.hidden_size, config.hidden_size, 2),
-        (config.hidden_size, config.num_key_value_heads * config.hidden_size // config.num_attention_heads, 2),
-        (config.hidden_size, config.intermediate_size, 2),
-        (config.intermediate_size, config.hidden_size, 1),
-    ]
-    first = precision.probe(shapes, threads=1)
-    assert not first["cached"] and first["gflops"]["float32"] > 0
-    assert first["chosen"] in precision.DTYPES and first["why"] and first["threads"] == 1
-    assert precision.probe(shapes, threads=1) == {**first, "cached": True}  # measured once, read back after
-    assert not precision.probe(shapes, threads=2)["cached"]  # another thread count is another measurement
 
 
 def test_frozen_dtype_is_refused_where_the_base_is_not_plain(tiny_recipe, capsys):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import data, gguf_export, llamacpp_install, models, runtimes
+from pipeline import data, gguf_export, llamacpp_install, models, precision, runtimes
 from pipeline.errors import PipelineError
 from pipeline.metrics import scorer
 from pipeline.recipe import LoadedRecipe, answer_identity, reference_runtime
@@ -211,7 +211,7 @@ def candidate_answers(candidate: Candidate, rows: list[data.TaskRow], loaded: Lo
         latency_rows,
         loaded.recipe.data.chat_template,
         _text_of(loaded.recipe.data.chat_template_file) if candidate.role != "reference" else None,
-        loaded.recipe.model.dtype if local else None,
+        _dtype_key(loaded, candidate) if local else None,
         confidence,
     )
     cache = stage_dir / "generations" / f"{candidate.name}.jsonl"
@@ -254,7 +254,7 @@ def candidate_answers(candidate: Candidate, rows: list[data.TaskRow], loaded: Lo
         llamacpp_install.ensure()  # built once per machine; a reference may be the run's only GGUF
         facts = llamacpp.run(candidate.gguf_file, job, keep, torch.cuda.is_available(), candidate.lora_file)
     else:
-        dtype = models.compute_dtype(loaded.recipe.model.dtype)
+        dtype = candidate_dtype(loaded, candidate)
         facts = transformers_runtime.run(
             candidate.source,
             candidate.adapter_dir,
@@ -269,6 +269,26 @@ def candidate_answers(candidate: Candidate, rows: list[data.TaskRow], loaded: Lo
     cost = _cost(candidate, facts, generations)
     write_json_atomic(cost_path, {"cache_key": cache_key, **cost})
     return generations, cost
+
+
+def candidate_dtype(loaded: LoadedRecipe, candidate: Candidate) -> torch.dtype:
+    """The precision a PyTorch candidate computes in (evaluate.dtype; auto probes its own linear shapes)."""
+    settings = loaded.recipe
+    config = None
+    if settings.evaluate.dtype == "auto":
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(
+            candidate.source.location, revision=candidate.source.revision, trust_remote_code=candidate.trust_remote_code
+        )
+    return precision.evaluation_dtype(settings.evaluate.dtype, settings.model.dtype, config)
+
+
+def _dtype_key(loaded: LoadedRecipe, candidate: Candidate) -> str:
+    """What precision the answers depend on: model.dtype as before evaluate.dtype existed, else the one resolved."""
+    if loaded.recipe.evaluate.dtype == "model" or candidate.gguf_file is not None:
+        return loaded.recipe.model.dtype
+    return str(candidate_dtype(loaded, candidate))
 
 
 def latency_sample(rows: int, count: int) -> list[int]:
