@@ -65,8 +65,10 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         if reference.prompt_template
         else splits
     )
+    deferred_only = evaluate.reference_deferred_only(recipe)
+    # single requests timed on these rows only where the reference's cost figure comes from them (deferred_rows)
     reference_answers, reference_validation_cost = evaluate.candidate_answers(
-        reference, asked.validation, loaded, stage_dir
+        reference, asked.validation, loaded, stage_dir, time_single_requests=deferred_only
     )
     targets = [row.target for row in validation]
     reference_validation = score([a["prediction"] for a in reference_answers], targets, ignore_case)["per_row"]
@@ -76,7 +78,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     # each candidate's threshold, from the validation rows alone
     chosen = {}
     for candidate in cascade_candidates(loaded, everyone):
-        answers, _ = evaluate.candidate_answers(candidate, validation, loaded, stage_dir)
+        answers, _ = evaluate.candidate_answers(candidate, validation, loaded, stage_dir, time_single_requests=False)
         local_validation = score([a["prediction"] for a in answers], targets, ignore_case)["per_row"]
         confidences = [a["confidence"] for a in answers]
         threshold, why = choose_threshold(confidences, local_validation, reference_validation, recipe.cascade)
@@ -84,7 +86,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         answered = [e["confidence"] >= threshold for e in local_eval]
         chosen[candidate.name] = (confidences, local_validation, threshold, why, local_eval, answered)
 
-    every_row = not evaluate.reference_deferred_only(recipe)
+    every_row = not deferred_only
     if every_row:  # the evaluation asked the reference every eval row: for the comparison with it alone
         reference_eval = _cached(run_dir, "reference")
         reference_cost = eval_results["candidates"]["reference"]

@@ -194,10 +194,17 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     return out
 
 
-def candidate_answers(candidate: Candidate, rows: list[data.TaskRow], loaded: LoadedRecipe, stage_dir: Path):
-    """Generations and cost facts for one candidate, from the cache where it is complete."""
+def candidate_answers(
+    candidate: Candidate,
+    rows: list[data.TaskRow],
+    loaded: LoadedRecipe,
+    stage_dir: Path,
+    time_single_requests: bool = True,
+):
+    """Generations and cost facts for one candidate, from the cache where it is complete. time_single_requests:
+    also time evaluate.latency_rows of the rows one request at a time (off where no figure needs them)."""
     settings = loaded.recipe.evaluate
-    latency_rows = latency_sample(len(rows), settings.latency_rows)
+    latency_rows = latency_sample(len(rows), settings.latency_rows) if time_single_requests else []
     local = candidate.endpoint is None  # an API's answers do not depend on how this machine batches or computes
     # the specialist's and its variants' probability of each answer: what a cascade defers on
     confidence = local and candidate.role in ("specialized", "quantized")
