@@ -32,18 +32,32 @@ def accepts_logits_to_keep(model) -> bool:
 
 def answer_loss_sum(model, features: dict, labels: torch.Tensor, keeps_logits: bool):
     """(summed cross-entropy over the labelled tokens, the model's outputs); position t predicts token t + 1."""
+    logits, kept, outputs = _answer_logits(model, features, labels, keeps_logits)
+    return _summed_loss(logits, kept), outputs
+
+
+def answer_loss_and_matches(model, features: dict, labels: torch.Tensor, keeps_logits: bool):
+    """(summed answer loss, per row whether the most likely token is the label at every labelled position):
+    where it is, greedy decoding from the prompt would answer exactly the labelled tokens."""
+    logits, kept, _ = _answer_logits(model, features, labels, keeps_logits)
+    matches = ((logits.argmax(dim=-1) == kept) | (kept == IGNORE_INDEX)).all(dim=1)
+    return _summed_loss(logits, kept), matches
+
+
+def _answer_logits(model, features: dict, labels: torch.Tensor, keeps_logits: bool):
     targets = labels[:, 1:]
     if keeps_logits:
         columns = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
         outputs = model(**features, logits_to_keep=columns)
-        logits, kept = outputs.logits, targets[:, columns]
-    else:  # an architecture without logits_to_keep (remote code, older models): every position
-        outputs = model(**features)
-        logits, kept = outputs.logits[:, :-1], targets
-    loss = torch.nn.functional.cross_entropy(
+        return outputs.logits, targets[:, columns], outputs
+    outputs = model(**features)  # an architecture without logits_to_keep (remote code, older models): every position
+    return outputs.logits[:, :-1], targets, outputs
+
+
+def _summed_loss(logits: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), kept.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    return loss, outputs
 
 
 def length_groups(lengths: list[int], overhead_tokens: int) -> list[list[int]]:

@@ -3,7 +3,9 @@
 Every `train.eval_every` optimizer steps (twice per epoch by default) and at the last step, the model being
 trained answers the validation rows the way the evaluate stage asks every candidate: the same prompts,
 greedy decoding, end tokens and left-padded batches (runtimes.transformers.generate_batches, one code
-path), scored with the gating metric (the first of evaluate.metrics). Each score goes to metrics.jsonl,
+path), scored with the gating metric (the first of evaluate.metrics); a row whose expected answer the model
+already gives token by token in the teacher-forced pass that measures the validation loss is not generated
+again (greedy decoding would give exactly that answer). Each score goes to metrics.jsonl,
 the trackers and the terminal, with the validation loss (teacher-forced answer tokens), which breaks ties
 of the score. With `train.select: best` the best adapter so far is kept in train/best-adapter/, and
 `train.patience` stops training after that many passes in a row without a better one. Each pass also
@@ -23,10 +25,10 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from pipeline.answer_loss import accepts_logits_to_keep, answer_loss_sum
+from pipeline.answer_loss import accepts_logits_to_keep, answer_loss_and_matches
 from pipeline.data import IGNORE_INDEX, pad_batch
 from pipeline.runs import append_jsonl, log, replace_dir, temp_dir_for, write_json_atomic
-from pipeline.runtimes.transformers import generate_batches
+from pipeline.runtimes.transformers import eos_token_ids, generate_batches
 
 STATE_FILE = "validation.json"
 BEST_ADAPTER = "best-adapter"
@@ -137,19 +139,14 @@ class ValidationCallback(TrainerCallback):
         started = time.perf_counter()
         was_training = model.training
         model.eval()
-        answers: dict[int, str] = {}
+        self.eos_ids = eos_token_ids(model, self.tokenizer)
         with torch.inference_mode():
+            loss, answers = self._teacher_forced(model)
+            todo = [i for i in range(len(self.prompts)) if i not in answers]
             for batch in generate_batches(
-                model,
-                self.tokenizer,
-                self.prompts,
-                list(range(len(self.prompts))),
-                self.max_new_tokens,
-                self.batch_size,
-                desc="validation",
+                model, self.tokenizer, self.prompts, todo, self.max_new_tokens, self.batch_size, desc="validation"
             ):
                 answers.update((entry["row"], entry["prediction"]) for entry in batch)
-            loss = self._loss(model)
         if was_training:
             model.train()
         predictions = [answers[i] for i in range(len(self.prompts))]
@@ -160,6 +157,7 @@ class ValidationCallback(TrainerCallback):
             "value": value,
             "loss": round(loss, 6),
             "seconds": round(time.perf_counter() - started, 3),
+            "generated_rows": len(todo),
         }
         best = self.state.add(entry)
         if best and self.keep_best and self.main_process:
@@ -170,24 +168,53 @@ class ValidationCallback(TrainerCallback):
             log(
                 "train",
                 f"validation {self.metric} {value:.4f} (loss {entry['loss']:.4f}) on {len(self.prompts)} rows at "
-                f"step {entry['step']} ({entry['seconds']:.1f}s){'; best so far' if best else ''}",
+                f"step {entry['step']} ({entry['seconds']:.1f}s; {len(self.prompts) - len(todo)} answers read "
+                f"from the teacher-forced pass, {len(todo)} generated){'; best so far' if best else ''}",
             )
         if self.trainer is not None:
             self.trainer.log({f"validation/{self.metric}": value, "validation/loss": entry["loss"]})
 
-    def _loss(self, model) -> float:
+    def _teacher_forced(self, model) -> tuple[float, dict[int, str]]:
         """Mean cross-entropy of the validation rows' answer tokens (and end token), teacher-forced: how sure
-        the model is of the right answers, which breaks ties of the task metric."""
+        the model is of the right answers, which breaks ties of the task metric. From the same pass, the rows
+        whose greedy answer it already gives: where the most likely token is the expected one at every answer
+        position, the end token included, greedy decoding would generate exactly the expected answer, so only
+        the other rows need generating (the same answers as generating every row, to float rounding)."""
         device = next(model.parameters()).device
         keeps_logits = accepts_logits_to_keep(model)
         total, count = 0.0, 0
+        known: dict[int, str] = {}
         for start in range(0, len(self.examples), self.batch_size):
-            batch = pad_batch(self.examples[start : start + self.batch_size], self.tokenizer.pad_token_id, left=True)
+            rows = range(start, min(start + self.batch_size, len(self.examples)))
+            batch = pad_batch([self.examples[i] for i in rows], self.tokenizer.pad_token_id, left=True)
             labels = batch.pop("labels").to(device)
-            loss, _ = answer_loss_sum(model, {k: v.to(device) for k, v in batch.items()}, labels, keeps_logits)
+            features = {k: v.to(device) for k, v in batch.items()}
+            loss, matches = answer_loss_and_matches(model, features, labels, keeps_logits)
             total += float(loss)
             count += int((labels[:, 1:] != IGNORE_INDEX).sum())
-        return total / max(count, 1)
+            for i, matched in zip(rows, matches.tolist(), strict=True):
+                answer = self._greedy_answer(i) if matched else None
+                if answer is not None:
+                    known[i] = answer
+        return total / max(count, 1), known
+
+    def _greedy_answer(self, i: int) -> str | None:
+        """Row i's expected answer as greedy decoding would return it, where its example is its prompt followed by
+        every trained token, ending at an end token within max_new_tokens; else None (generate it)."""
+        example, prompt = self.examples[i], self.prompts[i]
+        ids, labels = example["input_ids"], example["labels"]
+        answer = ids[len(prompt) :]
+        if (
+            ids[: len(prompt)] != prompt
+            or labels[len(prompt) :] != answer
+            or any(label != IGNORE_INDEX for label in labels[: len(prompt)])
+            or not answer
+            or answer[-1] not in self.eos_ids
+            or len(answer) > self.max_new_tokens
+            or any(token in self.eos_ids for token in answer[:-1])
+        ):
+            return None
+        return self.tokenizer.decode(answer[:-1], skip_special_tokens=True).strip()
 
     def _keep(self, model, entry: dict) -> None:
         folder = self.stage_dir / BEST_ADAPTER

@@ -177,3 +177,51 @@ def test_a_tie_on_the_metric_goes_to_the_pass_with_the_lower_validation_loss(tin
     lowest = min(validation["curve"], key=lambda e: e["loss"])
     assert validation["chosen_step"] == lowest["step"] and "the lowest validation loss" in validation["why"]
     assert len({e["loss"] for e in validation["curve"]}) > 1  # the loss moved while the metric stood still
+
+
+def test_rows_the_teacher_forced_pass_already_answers_are_not_generated_and_get_the_generated_answer(
+    tiny_recipe, tiny_models, tmp_path
+):
+    from peft import PeftModel
+
+    from pipeline.validation import ValidationCallback
+
+    trained = [*VALIDATION, "train.epochs=40", "train.eval_every=100", "train.lr=1e-2", "evaluate.max_new_tokens=16"]
+    run = _run(tiny_recipe, tmp_path / "runs", trained)  # long enough to learn most answers, each label whole
+    curve = run["result"]["validation"]["curve"]
+    assert all(0 <= e["generated_rows"] <= 24 for e in curve)
+    assert curve[-1]["generated_rows"] < 24  # trained: most answers read from the loss pass, not generated
+    adapter_dir = run["dir"] / "train" / "adapter"
+    tokenizer = models.load_tokenizer(models.ModelSource(str(adapter_dir), None, True))
+    base = models.load_model(models.ModelSource(str(tiny_models["base"]), None, True), torch.float32)
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    rows = data.load_splits(run["loaded"].recipe.data).validation
+    callback = ValidationCallback(
+        tokenizer=tokenizer,
+        prompts=[p.ids for p in runtimes.prompts_for(tokenizer, rows, False)],
+        targets=[r.target for r in rows],
+        examples=[data.training_example(tokenizer, r, False) for r in rows],
+        metric="chrf",
+        score=scorer("chrf"),
+        every=1,
+        patience=None,
+        keep_best=False,
+        batch_size=8,
+        max_new_tokens=16,
+        ignore_case=False,
+        stage_dir=tmp_path,
+        main_process=False,
+    )
+    callback.eos_ids = [tokenizer.eos_token_id]
+    with torch.inference_mode():
+        _, known = callback._teacher_forced(model)
+        generated = {}
+        for batch in generate_batches(model, tokenizer, callback.prompts, list(range(24)), 16, 8, progress=False):
+            generated.update((e["row"], e["prediction"]) for e in batch)
+    assert 0 < len(known) < 24  # some read from the pass; the rest (answered otherwise) generated
+    assert {i: generated[i] for i in known} == known
+    assert all(known[i] == rows[i].target.strip() for i in known)
+    short = callback
+    short.max_new_tokens = 1  # an answer longer than generation may run is always generated
+    with torch.inference_mode():
+        assert short._teacher_forced(model)[1] == {}

@@ -139,7 +139,8 @@ def generate_batches(
 ):
     """Greedy, left-padded batched generation; yields one list of entries per batch.
 
-    Rows are grouped by prompt length so batches carry little padding. allowed_tokens(generated ids) ->
+    Rows are grouped by prompt length so batches carry little padding, and the prompt prefix a batch's rows
+    share is computed once for the batch (shared_prefix_length). allowed_tokens(generated ids) ->
     token ids constrains each step (a closed answer set); with confidence, each entry also has the model's
     probability of its answer: the product of its tokens' probabilities after that constraint.
     """
@@ -161,20 +162,26 @@ def generate_batches(
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", leave=False) if progress else starts:
         ids = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in ids)
-        input_ids = torch.tensor([[pad_id] * (width - len(prompts[i])) + prompts[i] for i in ids])
-        attention = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in ids])
+        rows = [prompts[i] for i in ids]
+        width = max(len(p) for p in rows)
+        shared = shared_prefix_length(model, rows)
+        # the shared prefix first, then each row's padding, then the rest of its prompt: the padding is never
+        # attended and position ids count real tokens, so every row is computed as it would be alone
+        input_ids = torch.tensor([p[:shared] + [pad_id] * (width - len(p)) + p[shared:] for p in rows])
+        attention = torch.tensor([[1] * shared + [0] * (width - len(p)) + [1] * (len(p) - shared) for p in rows])
         _sync()
         started = time.perf_counter()
-        constraint = {}
+        extra = {}
         if allowed_tokens is not None:
-            constraint["prefix_allowed_tokens_fn"] = lambda _, sequence, w=width: allowed_tokens(sequence[w:].tolist())
+            extra["prefix_allowed_tokens_fn"] = lambda _, sequence, w=width: allowed_tokens(sequence[w:].tolist())
         with torch.inference_mode():
+            if shared:
+                extra["past_key_values"] = _prefix_cache(model, rows[0][:shared], len(rows), device)
             output = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention.to(device),
                 generation_config=config,
-                **constraint,
+                **extra,
             )
         _sync()
         seconds_per_row = (time.perf_counter() - started) / len(ids)
@@ -195,6 +202,35 @@ def generate_batches(
                 entry["confidence"] = math.exp(log_p)
             entries.append(entry)
         yield entries
+
+
+MIN_SHARED_PREFIX = 4  # tokens: below this the extra forward of the prefix costs more than it saves
+
+
+def shared_prefix_length(model, rows: list[list[int]]) -> int:
+    """How many leading tokens every prompt of a batch shares (the template's instructions, a system message),
+    computed once for the batch instead of once per row; 0 where not worth it or where the model's cache is not
+    transformers' default one. At least one token of every prompt is left to the batch."""
+    if len(rows) < 2 or getattr(model.generation_config, "cache_implementation", None):
+        return 0
+    supports = getattr(model, "_supports_default_dynamic_cache", None)
+    if supports is None or not supports():
+        return 0
+    shortest = min(len(p) for p in rows) - 1
+    shared = 0
+    while shared < shortest and all(p[shared] == rows[0][shared] for p in rows):
+        shared += 1
+    return shared if shared >= MIN_SHARED_PREFIX else 0
+
+
+def _prefix_cache(model, prefix: list[int], rows: int, device):
+    """The KV cache of `prefix`, computed once and repeated for each row of the batch."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    model(input_ids=torch.tensor([prefix], device=device), past_key_values=cache, use_cache=True)
+    cache.batch_repeat_interleave(rows)
+    return cache
 
 
 def until_eos(sequence: list[int], eos_ids: list[int]) -> list[int]:
