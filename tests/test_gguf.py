@@ -168,7 +168,7 @@ def test_both_runtimes_give_each_answer_the_same_confidence(gguf_run):
     _, run_dir = gguf_run
     report = json.loads((run_dir / "evaluate" / "report.json").read_text())
     specialized = _predictions(run_dir, "specialized")
-    for label, tolerance in (("gguf-f16", 0.02), ("gguf-q8_0", 0.05)):
+    for label, tolerance in (("gguf-f16", 0.02), ("gguf-q8_0", 0.08)):  # q8_0: its batched kernels' rounding too
         variant = _predictions(run_dir, label)
         same = [i for i in variant if variant[i]["prediction"] == specialized[i]["prediction"]]
         assert len(same) >= 20
@@ -362,6 +362,43 @@ def _answers_both_ways(gguf_file: str, prompts: list[dict]) -> tuple[list[str], 
     fresh = [llamacpp.complete(llm, i, 6)["prediction"] for i in ids]
     kept = [llamacpp.complete(llm, i, 6, reuse_prefix=True)["prediction"] for i in ids]
     return fresh, kept
+
+
+def _answers_together(gguf_file: str, prompts: list[dict], lora_file: str | None) -> tuple[list[dict], list[dict]]:
+    """In a llama.cpp child: each prompt alone from a clean cache, then the prompts decoded together in batches."""
+    from pipeline.runtimes import llamacpp
+
+    llm = llamacpp.open_model(gguf_file, 512, 2, False, lora_file=lora_file)
+    ids = [llamacpp.tokenize(llm, Prompt(**p)) for p in prompts]
+    alone = [llamacpp.complete(llm, i, 6, confidence=True) for i in ids]
+    together = llamacpp.Sequences(llm, 8, max(map(len, ids)) + 14, 2)
+    batched = [a for start in range(0, len(ids), 8) for a in together.answer(ids[start : start + 8], 6, True)]
+    return alone, batched
+
+
+@pytest.mark.parametrize("variant", ["gguf-f16", "gguf-lora-q8_0"])
+def test_prompts_decoded_together_get_the_answers_each_gets_alone(gguf_run, variant):
+    from pipeline.runtimes import llamacpp
+
+    _, run_dir = gguf_run
+    folder = run_dir / "quantize" / variant
+    gguf, lora = gguf_export.variant_files("gguf-lora" if "lora" in variant else "gguf", folder)
+    prompts = [
+        {"ids": [], "text": f"Message: {row['text']}\nIntent:", "add_special": True}
+        for _, row in read_jsonl(run_dir.parent.parent.parent / "test.jsonl")
+    ]
+    alone, together = llamacpp.call_in_child(_answers_together, str(gguf), prompts, str(lora) if lora else None)
+    assert len(together) == 24
+    same = [
+        (a["prediction"], a["generated_tokens"], a["stopped"]) == (b["prediction"], b["generated_tokens"], b["stopped"])
+        for a, b in zip(alone, together, strict=True)
+    ]
+    # f16: the same answers; on a q8_0 base llama.cpp's batched kernels round a little differently, which flips a
+    # near-tie of this barely trained model now and then
+    assert all(same) if variant == "gguf-f16" else sum(same) >= 23
+    for a, b, equal in zip(alone, together, same, strict=True):
+        if equal:
+            assert b["confidence"] == pytest.approx(a["confidence"], abs=0.02)
 
 
 def test_keeping_the_shared_prompt_prefix_in_llamacpp_changes_no_answer(gguf_run):

@@ -11,12 +11,15 @@ does; the timed single requests start from a clean cache, as a first request doe
 
 from __future__ import annotations
 
+import ctypes
 import math
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+
+import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.runtimes import DeviceCost, GenerationJob, OnBatch, PeakMemory, Prompt, run_in_child
@@ -129,8 +132,6 @@ def complete(llm, ids: list[int], max_new_tokens: int, confidence: bool = False,
 def _log_probability(llm, token: int) -> float:
     """log p(token) under the logits of the last position decoded: the ones `token` was chosen from. Read from
     the context (llama-cpp-python keeps its own copy only with logits_all, which slows every request)."""
-    import numpy as np
-
     logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).astype(np.float64)
     top = logits.max()
     return float(logits[token] - top - np.log(np.exp(logits - top).sum()))
@@ -139,6 +140,8 @@ def _log_probability(llm, token: int) -> float:
 def _generate(gguf_file: str, job: GenerationJob, gpu: bool, lora_file: str | None, on_batch: OnBatch) -> dict:
     import llama_cpp  # noqa: F401 - the runtime's own code is not the candidate's memory (torch is not either)
 
+    # the peak is what serving one request at a time needs: the model, a context, a request (the batched
+    # answers below decode in a context of their own, after this is measured)
     with PeakMemory(cuda=False) as memory:
         started = time.perf_counter()
         # context: the longest prompt (its HF token count, plus slack for a tokenizer that differs) + answer
@@ -147,15 +150,15 @@ def _generate(gguf_file: str, job: GenerationJob, gpu: bool, lora_file: str | No
         load_seconds = time.perf_counter() - started
         ids = [tokenize(llm, p) for p in job.prompts]
         complete(llm, ids[0], job.max_new_tokens)  # warm-up, untimed
-        for start in range(0, len(job.todo), job.batch_size):
-            on_batch(
-                [
-                    {"row": row, **complete(llm, ids[row], job.max_new_tokens, job.confidence, reuse_prefix=True)}
-                    for row in job.todo[start : start + job.batch_size]
-                ]
-            )
         with DeviceCost(cuda=gpu) as device_cost:  # llama.cpp's threads are this process's
             single = [complete(llm, ids[row], job.max_new_tokens)["seconds"] for row in job.latency_rows]
+    if job.todo:
+        rows = min(job.batch_size, len(job.todo))
+        together = Sequences(llm, rows, max(len(ids[row]) for row in job.todo) + job.max_new_tokens + 8, job.threads)
+        for start in range(0, len(job.todo), rows):
+            batch = job.todo[start : start + rows]
+            answers = together.answer([ids[row] for row in batch], job.max_new_tokens, job.confidence)
+            on_batch([{"row": row, **answer} for row, answer in zip(batch, answers, strict=True)])
     return {
         "runtime": "llama.cpp",
         "parameters": llm._model.n_params(),
@@ -170,6 +173,126 @@ def _generate(gguf_file: str, job: GenerationJob, gpu: bool, lora_file: str | No
         "device": "cuda" if gpu else "cpu",
         "threads": job.threads,
     }
+
+
+class Sequences:
+    """Greedy answers to several prompts decoded together, in a llama.cpp context of their own with one sequence
+    per row (as llama-server's parallel slots decode): the prefix the prompts share is decoded once and its KV
+    cells shared by every sequence (kept for the next batch where it shares it too), then every row's own prompt
+    tokens in one batch, then one token per unfinished row per step. A row attends to its own sequence only, so
+    it is computed as alone; what decoding together saves is reading the weights once per step for all rows.
+    The model's LoRA adapter, where it has one, is applied to this context too."""
+
+    def __init__(self, llm, rows: int, n_ctx_per_row: int, threads: int):
+        import llama_cpp
+        from llama_cpp import _internals
+
+        params = type(llm.context_params).from_buffer_copy(llm.context_params)
+        params.n_seq_max = rows
+        params.kv_unified = True  # the shared prefix's cells serve every sequence
+        params.n_ctx = rows * n_ctx_per_row
+        params.n_batch = params.n_ctx  # a whole batch of prompts per decode call; llama.cpp splits it in ubatches
+        params.n_ubatch = min(512, params.n_ctx)
+        params.n_threads = params.n_threads_batch = threads
+        self.llm, self.rows = llm, rows
+        self.ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+        self.batch = _internals.LlamaBatch(n_tokens=params.n_ctx, embd=0, n_seq_max=1, verbose=False)
+        self.vocab = llm._model.vocab
+        self.n_vocab = llm.n_vocab()
+        self.prefix: list[int] = []  # what sequence 0 holds of the last batch's shared prefix
+        if llm._lora_adapter is not None:
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(llm._lora_adapter)
+            if llama_cpp.llama_set_adapters_lora(self.ctx.ctx, adapters, 1, (ctypes.c_float * 1)(1.0)) != 0:
+                raise PipelineError("llama.cpp refused to set the adapter on the batch context")
+
+    def answer(self, prompts: list[list[int]], max_new_tokens: int, confidence: bool) -> list[dict]:
+        import llama_cpp
+
+        started = time.perf_counter()
+        shared = _shared_length(prompts)
+        kept = _common_length(self.prefix, prompts[0][:shared])
+        for seq in range(1, self.rows):
+            self.ctx.kv_cache_seq_rm(seq, -1, -1)
+        self.ctx.kv_cache_seq_rm(0, kept, -1)
+        if shared > kept:
+            self._decode([(0, position, prompts[0][position], False) for position in range(kept, shared)])
+        self.prefix = prompts[0][:shared]
+        for seq in range(1, len(prompts)):
+            self.ctx.kv_cache_seq_cp(0, seq, -1, -1)
+        entries = [{"ids": [], "log_p": 0.0, "stopped": False, "done": False} for _ in prompts]
+        tokens = []  # (sequence, position, token, wants logits)
+        for seq, prompt in enumerate(prompts):
+            rest = prompt[shared:]
+            tokens += [(seq, shared + k, token, k == len(rest) - 1) for k, token in enumerate(rest)]
+        for _ in range(max_new_tokens + 1):
+            outputs = self._decode(tokens)
+            tokens = []
+            for seq, index in outputs:
+                entry = entries[seq]
+                logits = np.ctypeslib.as_array(self.ctx.get_logits_ith(index), shape=(self.n_vocab,))
+                token = int(logits.argmax())
+                if confidence:
+                    scaled = logits.astype(np.float64) - float(logits.max())
+                    entry["log_p"] += float(scaled[token] - np.log(np.exp(scaled).sum()))
+                if llama_cpp.llama_vocab_is_eog(self.vocab, token):
+                    entry["stopped"] = entry["done"] = True
+                    continue
+                entry["ids"].append(token)
+                if len(entry["ids"]) >= max_new_tokens:
+                    entry["done"] = True
+                    continue
+                tokens.append((seq, len(prompts[seq]) + len(entry["ids"]) - 1, token, True))
+            if not tokens:
+                break
+        seconds = (time.perf_counter() - started) / len(prompts)
+        found = []
+        for prompt, entry in zip(prompts, entries, strict=True):
+            answer = {
+                "prediction": self.llm.detokenize(entry["ids"], prev_tokens=prompt)
+                .decode("utf-8", errors="replace")
+                .strip(),
+                "generated_tokens": len(entry["ids"]) + entry["stopped"],
+                "seconds": seconds,
+                "stopped": entry["stopped"],
+            }
+            if confidence:
+                answer["confidence"] = math.exp(entry["log_p"])
+            found.append(answer)
+        return found
+
+    def _decode(self, tokens: list[tuple[int, int, int, bool]]) -> list[tuple[int, int]]:
+        """Decode (sequence, position, token, wants logits) entries in one call; returns (sequence, batch index)
+        of each entry whose logits were asked for."""
+        batch = self.batch.batch
+        batch.n_tokens = len(tokens)
+        outputs = []
+        for i, (seq, position, token, logits) in enumerate(tokens):
+            batch.token[i] = token
+            batch.pos[i] = position
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = logits
+            if logits:
+                outputs.append((seq, i))
+        if tokens:
+            self.ctx.decode(self.batch)
+        return outputs
+
+
+def _common_length(a: list[int], b: list[int]) -> int:
+    length = 0
+    while length < min(len(a), len(b)) and a[length] == b[length]:
+        length += 1
+    return length
+
+
+def _shared_length(prompts: list[list[int]]) -> int:
+    """Leading tokens every prompt shares, leaving at least one token of each to decode as its own."""
+    shortest = min(len(p) for p in prompts) - 1
+    shared = 0
+    while shared < shortest and all(p[shared] == prompts[0][shared] for p in prompts):
+        shared += 1
+    return shared
 
 
 def gguf_type_name(metadata: dict) -> str | None:
@@ -211,8 +334,6 @@ def inspect_gguf(
     """What the fidelity checks need from a GGUF file (with lora_file: that LoRA GGUF applied to it), computed in
     its own process: per sequence the top-1 token and the negative log-likelihood of the next token at every
     position; llama.cpp's token ids for each prompt; and the file's end token and chat template."""
-    import numpy as np
-
     n_ctx = max([len(s) for s in sequences] + [len(p["ids"]) + 64 for p in prompts]) + 8
     llm = open_model(gguf_file, n_ctx, threads, gpu, logits_all=True, lora_file=lora_file)
     top1, nll = [], []
