@@ -124,21 +124,34 @@ def _generate_way(loaded: LoadedRecipe, rows: int, way: str) -> dict:
 TRAIN_WAYS = ("train stage", "stock Trainer", "plain loop")
 
 
-def run_train(recipe_path, overrides: list[str], rows: int = 320) -> dict:
+def run_train(recipe_path, overrides: list[str], rows: int = 320, repeats: int = 1) -> dict:
     """The train stage against what users of other tools get on the same rows, LoRA config, batch size, schedule
     and seed: transformers' stock Trainer with the model's own loss over right-padded batches (what axolotl and
     LLaMA-Factory run on a CPU) and a plain peft + AdamW loop; each in its own process (clean peak memory), one
     after the other. Prints real (unpadded) tokens/s, losses, memory, and each way's share of the matmul limit:
     the tokens/s the probe's rate for its frozen dtype would allow if a step were nothing but the 4 FLOP per
-    weight per token that LoRA's forward and backward products of the decoder's linear layers cost."""
+    weight per token that LoRA's forward and backward products of the decoder's linear layers cost.
+
+    repeats: every way that many times, in turn (stage, stock, loop, stage, ...), each figure the way's median run:
+    a shared machine that speeds up or slows down for a minute then moves every way alike, not one of them."""
     import multiprocessing
+    import statistics
     from concurrent.futures import ProcessPoolExecutor
 
     overrides = [*overrides, f"data.max_train_rows={rows}", "train.save_steps=100000", "train.processes=1"]
+    runs: dict[str, list[dict]] = {way: [] for way in TRAIN_WAYS}
+    for _ in range(repeats):
+        for way in TRAIN_WAYS:
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                runs[way].append(pool.submit(_train_way, str(recipe_path), overrides, way).result())
     results = {}
-    for way in TRAIN_WAYS:
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results[way] = pool.submit(_train_way, str(recipe_path), overrides, way).result()
+    for way, done in runs.items():
+        rates = sorted(run["tokens_per_second"] for run in done)
+        median = statistics.median_low(rates)
+        results[way] = {
+            **next(run for run in done if run["tokens_per_second"] == median),
+            "runs_tokens_per_second": rates,
+        }
     stage, stock, loop = (results[way] for way in TRAIN_WAYS)
     probe = stage["probe"]
     print(
@@ -155,14 +168,15 @@ def run_train(recipe_path, overrides: list[str], rows: int = 320) -> dict:
         )
     header = (
         f"{'seconds':>8} {'tokens/s':>9} {'first loss':>10} {'final loss':>10} {'eval loss':>9} {'peak MB':>8} "
-        f"{'of limit':>8}"
+        f"{'of limit':>8}" + ("   tokens/s of each run" if repeats > 1 else "")
     )
-    print(f"{'':13} {header}")
+    print(f"{'':13} {header}" + (f" (median of {repeats} runs per way, in turn)" if repeats > 1 else ""))
     for name, way in results.items():
         share = f"{way['share_of_limit']:8.0%}" if way["share_of_limit"] is not None else f"{'—':>8}"
+        each = "   " + " ".join(f"{r:.1f}" for r in way["runs_tokens_per_second"]) if repeats > 1 else ""
         print(
             f"{name:13} {way['seconds']:8.1f} {way['tokens_per_second']:9.1f} {way['first_loss']:10.4f} "
-            f"{way['final_loss']:10.4f} {way['eval_loss']:9.4f} {way['peak_memory_bytes'] / 1e6:8.0f} {share}"
+            f"{way['final_loss']:10.4f} {way['eval_loss']:9.4f} {way['peak_memory_bytes'] / 1e6:8.0f} {share}{each}"
         )
     ratio = stage["tokens_per_second"] / loop["tokens_per_second"]
     over_stock = stage["tokens_per_second"] / stock["tokens_per_second"]

@@ -111,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
         "bench-train", _bench_train, "benchmark the train stage against a plain peft + AdamW loop (same rows)"
     )
     bench_train.add_argument("--rows", type=int, default=320, help="training rows (default 320)")
+    bench_train.add_argument(
+        "--repeats", type=int, default=1, help="run each way this many times in turn; report the medians (default 1)"
+    )
     inspect = recipe_verb("inspect", _inspect, "show training rows with the trained tokens marked, and length stats")
     inspect.add_argument("--rows", type=int, default=3, help="how many rows to show (default 3)")
 
@@ -305,7 +308,7 @@ def _bench(args) -> int:
 def _bench_train(args) -> int:
     from pipeline import bench
 
-    bench.run_train(args.recipe, args.overrides, args.rows)
+    bench.run_train(args.recipe, args.overrides, args.rows, args.repeats)
     return 0
 
 

@@ -157,18 +157,20 @@ def test_modules_to_save_must_name_a_module(tiny_recipe, capsys):
 
 def test_bench_train_runs_each_way_on_the_same_rows(tiny_recipe, capsys):
     # validation rows too: their lines in metrics.jsonl carry no loss (bench-train once read them as loss lines)
-    result = run_train(tiny_recipe, ["train.epochs=1", "data.validation=24"], rows=88)
+    result = run_train(tiny_recipe, ["train.epochs=1", "data.validation=24"], rows=88, repeats=2)
     stage, stock, loop = result["train stage"], result["stock Trainer"], result["plain loop"]
     assert stage["rows"] == stock["rows"] == loop["rows"] == 64 and stage["tokens"] == loop["tokens"] == stock["tokens"]
     assert stage["steps"] == stock["steps"] == loop["steps"] == 4  # 64 rows, batch 16
     assert all(way["final_loss"] < way["first_loss"] for way in (stage, stock, loop))
     assert stage["validation_seconds"] > 0 and stage["seconds"] > 0  # the passes are timed apart from training
+    for way in (stage, stock, loop):  # each way twice, in turn; the figures are its median run's
+        assert len(way["runs_tokens_per_second"]) == 2 and way["tokens_per_second"] in way["runs_tokens_per_second"]
     assert result["ratio"] == pytest.approx(stage["tokens_per_second"] / loop["tokens_per_second"])
     assert result["ratio_over_stock_trainer"] == pytest.approx(stage["tokens_per_second"] / stock["tokens_per_second"])
     out = capsys.readouterr().out
     assert "train stage / plain loop, real tokens/s:" in out and "train stage / stock Trainer:" in out
     assert f"frozen base weights: train stage {stage['frozen_dtype']}, the others float32" in out
-    assert "matmul probe (" in out and "of limit" in out
+    assert "matmul probe (" in out and "of limit" in out and "median of 2 runs per way, in turn" in out
     assert stage["share_of_limit"] > 0 and stock["share_of_limit"] > 0  # on this CPU; never a speed asserted
 
 

@@ -16,8 +16,11 @@ def render_markdown(report: dict, flips: list[dict], plot: str | None = None) ->
         "",
         f"Run `{report['run_id']}`, {report['eval_rows']} eval rows, same rows and greedy decoding for every "
         f"candidate; gates use `{metric}`. 95% bootstrap intervals in brackets. Latency: seconds per example "
-        "amortized over a batch (llama.cpp answers one request at a time), and per single request (batch 1, "
-        "after a warm-up) as a local user waits for one answer. CPU-s and J per 1,000 answers: over those single "
+        "amortized over a batch of evaluate.batch_size rows (PyTorch: left-padded; llama.cpp: one sequence per row "
+        "in one context), and per single request (batch 1, after a warm-up) as a local user waits for one answer; "
+        "peak memory: PyTorch's over the whole evaluation, llama.cpp's while serving one request at a time. "
+        "Runtime: the precision each computed in (a PyTorch dtype, a GGUF file's type). "
+        "CPU-s and J per 1,000 answers: over those single "
         "requests, the candidate's process's CPU time on all its threads (llama.cpp's included), and the energy "
         "counter's joules where the machine has one (rapl: the CPU packages, every process on them; nvml: the GPU)."
         + _endpoint_sentence(report)
