@@ -400,7 +400,13 @@ class EvaluateSection(Section):
     )
     ignore_case: bool = Field(False, description="Compare predictions and references case-insensitively.")
     max_new_tokens: int = Field(16, gt=0, le=32_768, description="Longest generated answer in tokens.")
-    batch_size: int = Field(16, gt=0, description="Rows generated together (left-padded, greedy).")
+    batch_size: int = Field(
+        16,
+        gt=0,
+        description="Rows generated together (greedy; PyTorch left-pads them, llama.cpp decodes them as parallel "
+        "sequences, whose answers can differ from one request's at float rounding). 1: each row alone, "
+        "exactly the answer a served request gets.",
+    )
     reference: ReferenceSection | None = Field(None, description="The large model to compare against.")
     gates: GatesSection = Field(default_factory=GatesSection, description="Pass/fail thresholds.")
     bootstrap_samples: int = Field(1000, ge=100, le=100_000, description="Resamples for the 95% confidence intervals.")

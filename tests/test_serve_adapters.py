@@ -34,7 +34,7 @@ def _recipe(write_recipe, tiny_models, intents_rows, name: str, target: str) -> 
           chat_template: never
         train: {{epochs: 3, batch_size: 16, lr: 5.0e-3, save_steps: 100}}
         quantize: [{{kind: gguf-lora, base_type: q8_0}}]
-        evaluate: {{max_new_tokens: 6, batch_size: 8, bootstrap_samples: 100, latency_rows: 2}}
+        evaluate: {{max_new_tokens: 6, batch_size: 1, bootstrap_samples: 100, latency_rows: 2}}  # as served
         """,
         f"{name}.yaml",
     )

@@ -191,6 +191,7 @@ def render(report: dict, verdict: list[str], rows: list[dict] | None) -> str:
             flagged_rows=flagged_rows(report),
             num=lambda x, d=3: "—" if x is None else f"{x:.{d}f}",
             mb=lambda n: "—" if n is None else f"{n / 1e6:,.0f}",
+            runtime=tables.runtime_cell,
         )
     )
 

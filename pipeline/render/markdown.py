@@ -81,7 +81,7 @@ def candidates_table(report: dict) -> list[str]:
         comparison = report["comparisons"].get(name)
         versus = f"{comparison['wins']}/{comparison['losses']}, p={comparison['p_value']:.3g}" if comparison else "—"
         lines.append(
-            f"| {name} | {c['role']} | {runtime_cell(c)} | {scores} | {versus} "
+            f"| {name} | {c['role']} | {tables.runtime_cell(c)} | {scores} | {versus} "
             f"| {_millions(c.get('parameters'))} | {_size(c)} | {_mb(c['peak_memory_bytes'])} "
             f"| {c['seconds_per_example_p50']:.4f} | {c['seconds_per_example_p95']:.4f} "
             f"| {_num(c.get('single_request_seconds_p50'), 4)} | {_num(c.get('single_request_seconds_p95'), 4)} "
@@ -91,12 +91,6 @@ def candidates_table(report: dict) -> list[str]:
             + (f" {_money(c)} |" if priced else "")
         )
     return lines
-
-
-def runtime_cell(candidate: dict) -> str:
-    """How a candidate ran: its runtime and precision (a PyTorch dtype, a GGUF file's type)."""
-    dtype = candidate.get("dtype")
-    return candidate.get("runtime", "transformers") + (f" {dtype}" if dtype else "")
 
 
 def _endpoint_sentence(report: dict) -> str:

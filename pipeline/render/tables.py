@@ -39,3 +39,9 @@ def json_fields(report: dict, limit: int = 50) -> dict | None:
         ],
         "more": max(0, len(support) - limit),
     }
+
+
+def runtime_cell(candidate: dict) -> str:
+    """How a candidate ran: its runtime and precision (a PyTorch dtype, a GGUF file's type)."""
+    dtype = candidate.get("dtype")
+    return candidate.get("runtime", "transformers") + (f" {dtype}" if dtype else "")

@@ -152,7 +152,10 @@ def _generate(gguf_file: str, job: GenerationJob, gpu: bool, lora_file: str | No
         complete(llm, ids[0], job.max_new_tokens)  # warm-up, untimed
         with DeviceCost(cuda=gpu) as device_cost:  # llama.cpp's threads are this process's
             single = [complete(llm, ids[row], job.max_new_tokens)["seconds"] for row in job.latency_rows]
-    if job.todo:
+    if job.todo and job.batch_size == 1:  # each row alone from a clean cache, exactly as a served request
+        for row in job.todo:
+            on_batch([{"row": row, **complete(llm, ids[row], job.max_new_tokens, job.confidence)}])
+    elif job.todo:
         rows = min(job.batch_size, len(job.todo))
         together = Sequences(llm, rows, max(len(ids[row]) for row in job.todo) + job.max_new_tokens + 8, job.threads)
         for start in range(0, len(job.todo), rows):

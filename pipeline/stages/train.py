@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
 
-from pipeline import data, models, precision, runtimes, tracking, validation
+from pipeline import allocator, data, models, precision, runtimes, tracking, validation
 from pipeline.answer_loss import accepts_logits_to_keep, answer_loss_sum, grouped_answer_loss_sum
 from pipeline.errors import Interrupted, PipelineError, RuntimeFailure
 from pipeline.fused_lora import fuse_lora_layers
@@ -101,6 +101,8 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         log(STAGE, f"packed {len(examples)} rows into {len(sequences)} sequences of up to {recipe.data.max_seq_len}")
 
     dtype = models.compute_dtype(recipe.model.dtype)
+    if models.device().type == "cpu" and allocator.keep_freed_memory():
+        log(STAGE, "freed memory kept for the next step (pipeline/allocator.py)")
     # Seed before the adapter exists: its initial weights are drawn in get_peft_model, before the
     # Trainer would seed anything.
     set_seed(recipe.train.seed)
@@ -196,6 +198,10 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         if train.report_to:
             tracking.finish_training()
     seconds = time.perf_counter() - started
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # No collective follows training. A rank that exits with its process group alive now and then aborts
+        # ("terminate called without an active exception": gloo's threads torn down under the interpreter).
+        torch.distributed.destroy_process_group()
     if StopSignal.requested:
         raise Interrupted(
             f"train: stopped by a signal at step {trainer.state.global_step} after saving a checkpoint in "
