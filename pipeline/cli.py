@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="rerun stages even if they are done")
     run.add_argument(
         "--trial",
-        type=int,
+        type=_count(0),
         metavar="N",
         help="a sweep recipe: train and score trial N only (what each task of a Slurm job array runs)",
     )
@@ -106,16 +106,16 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--dry-run", action="store_true", help="write the script / task file; submit nothing")
     recipe_verb("validate", _validate, "check a recipe, its data and its model references without training")
     bench = recipe_verb("bench", _bench, "benchmark batched evaluation against one-row-at-a-time generate")
-    bench.add_argument("--rows", type=int, default=64, help="eval rows to generate (default 64)")
+    bench.add_argument("--rows", type=_count(1), default=64, help="eval rows to generate (default 64)")
     bench_train = recipe_verb(
         "bench-train", _bench_train, "benchmark the train stage against a plain peft + AdamW loop (same rows)"
     )
-    bench_train.add_argument("--rows", type=int, default=320, help="training rows (default 320)")
+    bench_train.add_argument("--rows", type=_count(1), default=320, help="training rows (default 320)")
     bench_train.add_argument(
-        "--repeats", type=int, default=1, help="run each way this many times in turn; report the medians (default 1)"
+        "--repeats", type=_count(1), default=1, help="run each way this many times in turn; report medians (default 1)"
     )
     inspect = recipe_verb("inspect", _inspect, "show training rows with the trained tokens marked, and length stats")
-    inspect.add_argument("--rows", type=int, default=3, help="how many rows to show (default 3)")
+    inspect.add_argument("--rows", type=_count(1), default=3, help="how many rows to show (default 3)")
 
     schema = verbs.add_parser("schema", help="write the recipe JSON Schema (for editor completion)")
     schema.add_argument("--out", type=Path, default=Path("recipes/schema.json"))
@@ -156,11 +156,18 @@ def _parser() -> argparse.ArgumentParser:
                        help="--cascade: override a recipe field, as for a run")  # fmt: skip
     serve.add_argument("--runs-dir", type=Path, default=Path("runs"), help="--cascade, --adapters: where runs are")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--port", type=_port, default=8080)
     serve.add_argument("--alias", help="the model name clients ask for (default: the packaged name or file stem)")
-    serve.add_argument("--threads", type=int, help="CPU threads (default: all)")
-    serve.add_argument("--context", type=int, default=4096, help="context length in tokens")
+    serve.add_argument("--threads", type=_count(1), help="CPU threads (default: all)")
+    serve.add_argument("--context", type=_count(16), default=4096, help="context length in tokens")
     serve.add_argument("--api-key-env", help="require the key held in this environment variable")
+    serve.add_argument(
+        "--max-waiting",
+        type=_count(1),
+        default=64,
+        metavar="N",
+        help="--cascade, --adapters: requests answered or waiting at once; more get 503 (default 64)",
+    )
     serve.set_defaults(handler=_serve)
 
     comparing = verbs.add_parser(
@@ -355,6 +362,28 @@ def _llamacpp(args) -> int:
     return 0
 
 
+def _count(least: int):
+    """An argparse type: a whole number of at least `least` (argparse names the option and exits 2 otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is less than {least}")
+        return value
+
+    return parse
+
+
+def _port(text: str) -> int:
+    value = _count(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (0-65535)")
+    return value
+
+
 def _serve(args) -> int:
     from pipeline.serve import gguf as serve
 
@@ -405,7 +434,7 @@ def _serve_cascade(args) -> int:
     )
     print(server.describe(), file=sys.stderr)
     print(f"serving the cascade at http://{args.host}:{args.port}/v1 (Ctrl-C stops it)", file=sys.stderr)
-    cascade.run(server, args.host, args.port, args.api_key_env)
+    cascade.run(server, args.host, args.port, args.api_key_env, args.max_waiting)
     return 0
 
 
@@ -423,7 +452,7 @@ def _serve_adapters(args) -> int:
     print(server.describe(), file=sys.stderr)
     print(f"serving {len(server.specialists)} adapters at http://{args.host}:{args.port}/v1 (Ctrl-C stops it)",
           file=sys.stderr)  # fmt: skip
-    adapters.run(server, args.host, args.port, args.api_key_env)
+    adapters.run(server, args.host, args.port, args.api_key_env, args.max_waiting)
     return 0
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 from pipeline import data, sweep
 from pipeline.errors import PipelineError
 from pipeline.recipe import load_recipe
-from pipeline.render import html
-from pipeline.runs import write_json_atomic, write_text_atomic
-from pipeline.stages.evaluate import read_generations
+from pipeline.render import html, tables
+from pipeline.runs import read_jsonl_records, read_manifest, write_json_atomic, write_text_atomic
+from pipeline.stages.evaluate import EVAL_ROWS, evaluated_row, read_generations
 from pipeline.stats import paired
 
 COST_KEYS = ("size_on_disk_bytes", "peak_memory_bytes", "single_request_seconds_p50", "cpu_seconds_per_1000_answers")
@@ -69,8 +69,22 @@ def _read(folder: Path) -> dict:
         "results": results,
         # through the schema: a field an older run's file leaves out reads as its default, not as a difference
         "recipe": loaded.recipe.model_dump(mode="json"),
-        "rows": data.load_rows(loaded.recipe.data, "eval"),
+        "rows": _evaluated_rows(folder, loaded),
     }
+
+
+def _evaluated_rows(folder: Path, loaded) -> list[dict] | None:
+    """The eval rows the run evaluated, as it kept them; for a run from before it kept them, the eval file's rows
+    where the data is still what the run was made from; None where nothing says what it evaluated."""
+    kept = folder / "evaluate" / EVAL_ROWS
+    if kept.is_file():
+        return read_jsonl_records(kept)
+    manifest = read_manifest(folder)
+    try:
+        unchanged = manifest.get("data_fingerprint") == data.data_fingerprint(loaded.recipe.data)
+        return [evaluated_row(row) for row in data.load_rows(loaded.recipe.data, "eval")] if unchanged else None
+    except (PipelineError, OSError):  # the data moved or no longer reads: nothing to pair on
+        return None
 
 
 def recipe_differences(recipes: list[dict]) -> dict[str, list]:
@@ -101,27 +115,35 @@ def _scores(candidate: dict | None, metric: str) -> dict | None:
 
 
 def _versus(first: dict, other: dict, metric: str, limit: int = 10) -> dict:
-    """The other run's specialist against the first's: paired on the same eval rows, and the rows that changed."""
-    same_rows = [(r.prompt, r.messages, r.target) for r in first["rows"]] == [
-        (r.prompt, r.messages, r.target) for r in other["rows"]
-    ]
-    found = {"run": other["id"], "same_eval_rows": same_rows}
-    if not same_rows:
-        return found  # different rows: the intervals above compare them, nothing pairs
-    a = first["results"]["candidates"]["specialized"]["metrics"][metric]["per_row"]
-    b = other["results"]["candidates"]["specialized"]["metrics"][metric]["per_row"]
+    """The other run's specialist against the first's: paired on the eval rows both evaluated (matched by what
+    each row asked and expected, not by position in a file that may have changed), and the rows that changed."""
+    pairs = _paired_rows(first["rows"], other["rows"])
+    same = bool(pairs) and len(pairs) == len(first["rows"]) == len(other["rows"])
+    found = {"run": other["id"], "same_eval_rows": same, "paired_rows": len(pairs)}
+    if not pairs:
+        found["why_unpaired"] = (
+            "one of the runs keeps no record of the rows it evaluated, and its eval file has changed since"
+            if first["rows"] is None or other["rows"] is None
+            else "no eval row in common"
+        )
+        return found  # nothing pairs: the intervals above compare them
+    scores = [run["results"]["candidates"]["specialized"]["metrics"][metric]["per_row"] for run in (first, other)]
+    a = [scores[0][i] for i, _ in pairs]
+    b = [scores[1][j] for _, j in pairs]
     test = paired(b, a)
     answers = [
         [g["prediction"] for g in read_generations(run["folder"] / "evaluate" / "generations" / "specialized.jsonl")]
         for run in (first, other)
     ]
     changed = [
-        {"row": i, "input": row.input_text(), "expected": row.target.strip(), "before": answers[0][i],
-         "after": answers[1][i], "kind": "now right" if b[i] > a[i] else "now wrong"}
-        for i, row in enumerate(first["rows"])
-        if (a[i] >= 1) != (b[i] >= 1)
+        {"row": i, "input": first["rows"][i]["input"], "expected": first["rows"][i]["expected"].strip(),
+         "before": answers[0][i], "after": answers[1][j], "kind": "now right" if y > x else "now wrong"}
+        for (i, j), x, y in zip(pairs, a, b, strict=True)
+        if (x >= 1) != (y >= 1)
     ]  # fmt: skip
     found.update(
+        only_first=len(first["rows"]) - len(pairs),
+        only_other=len(other["rows"]) - len(pairs),
         wins=test["wins"],
         losses=test["losses"],
         test=test["test"],
@@ -131,6 +153,22 @@ def _versus(first: dict, other: dict, metric: str, limit: int = 10) -> dict:
         + [c for c in changed if c["kind"] == "now wrong"][:limit],
     )
     return found
+
+
+def _paired_rows(first: list[dict] | None, other: list[dict] | None) -> list[tuple[int, int]]:
+    """(row in first, row in other) for each row both evaluated: the same question with the same expected answer
+    (a repeated row pairs with its repeat, in order)."""
+    if first is None or other is None:
+        return []
+    waiting: dict[tuple, list[int]] = {}
+    for j, row in enumerate(other):
+        waiting.setdefault((row["key"], row["expected"]), []).append(j)
+    pairs = []
+    for i, row in enumerate(first):
+        queue = waiting.get((row["key"], row["expected"]))
+        if queue:
+            pairs.append((i, queue.pop(0)))
+    return pairs
 
 
 def markdown(found: dict) -> list[str]:
@@ -163,12 +201,12 @@ def markdown(found: dict) -> list[str]:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## The specialist against the first run's, on the same rows", ""]
     for v in found["versus_first"]:
-        if not v["same_eval_rows"]:
-            lines.append(f"- `{v['run']}`: different eval rows; compare the intervals above, nothing pairs.")
+        if not v["paired_rows"]:
+            lines.append(f"- `{v['run']}`: {tables.pairing(v)}.")
             continue
         lines.append(
-            f"- `{v['run']}`: right where `{runs[0]}` was wrong on {v['wins']} rows, wrong where it was right on "
-            f"{v['losses']} ({v['test']}, p = {v['p_value']:.3g})."
+            f"- `{v['run']}` ({tables.pairing(v)}): right where `{runs[0]}` was wrong on {v['wins']} rows, wrong "
+            f"where it was right on {v['losses']} ({v['test']}, p = {v['p_value']:.3g})."
         )
         if v["changed"]:
             lines += ["", "| row | input | expected | before | after |", "|---|---|---|---|---|"]

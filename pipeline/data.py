@@ -367,7 +367,6 @@ class Splits:
     sampled_from: dict[str, int] = field(default_factory=dict)  # split -> rows before max_*_rows sampling
     validation: list[TaskRow] = field(default_factory=list)  # scored while training, never trained on
     validation_source: str = ""  # how the validation rows were chosen, in words (validate prints it)
-    validation_eval_overlap: int = 0  # eval rows whose normalized prompt is also a validation row's
     train_fraction_of: dict[str, int] = field(default_factory=dict)  # gold / distilled -> rows before the fraction
     distilled_rows: int = 0  # of train, the rows the distill stage's teacher labelled (after the gold rows)
 
@@ -416,12 +415,21 @@ def load_splits(
     dropped: dict[str, list[str]] = {}
     train_all = _format_rows(section, train_raw, dropped.setdefault("train", []))
     eval_all = _format_rows(section, eval_raw, dropped.setdefault("eval", []), for_eval=True)
-    sampled_from = {"train": len(train_all), "eval": len(eval_all)}
-    train_pairs = sample_rows([r for _, r in train_all], section.max_train_rows, section.split_seed)
-    raw_of = [train_raw[train_all[j][0]] for j, _ in train_pairs]  # (where, raw row) of each training row
-    train, validation, validation_source = _hold_out_validation(
-        section, [row for _, row in train_pairs], raw_of, dropped, prompt_template, prompt_field
+    eval_pairs = sample_rows([r for _, r in eval_all], section.max_eval_rows, section.split_seed)
+    own_eval = [row for _, row in eval_pairs]
+    # Validation rows first, from the whole training file, never a row whose input is an eval row's; then
+    # max_train_rows draws from the rest: every sample size (a sweep over it) is chosen on the same rows.
+    rest, validation, validation_source = _hold_out_validation(
+        section,
+        [row for _, row in train_all],
+        [train_raw[i] for i, _ in train_all],
+        {r.dedup_key() for r in own_eval},
+        dropped,
+        prompt_template,
+        prompt_field,
     )
+    sampled_from = {"train": len(rest), "eval": len(eval_all)}
+    train = [row for _, row in sample_rows(rest, section.max_train_rows, section.split_seed)]
     labelled = [format_row(section, row, where) for where, row in _read_file(distilled)] if distilled else []
     fraction_of = {}
     if section.train_fraction is not None:  # gold and teacher-labelled rows each by the same share
@@ -429,8 +437,6 @@ def load_splits(
         train = nested_fraction(train, section.train_fraction, section.split_seed)
         labelled = nested_fraction(labelled, section.train_fraction, section.split_seed)
     train += labelled
-    eval_pairs = sample_rows([r for _, r in eval_all], section.max_eval_rows, section.split_seed)
-    own_eval = [row for _, row in eval_pairs]
     if prompt_template is None:
         eval_rows = own_eval
     else:  # the same sampled rows, asked with another prompt (a reference's)
@@ -448,8 +454,6 @@ def load_splits(
     exact_train = {r.exact_key() for r in train}
     exact = sum(r.exact_key() in exact_train for r in own_eval)
     normalized = sum(r.dedup_key() in seen for r in own_eval)
-    validation_keys = {r.dedup_key() for r in validation}
-    validation_overlap = sum(r.dedup_key() in validation_keys for r in own_eval)
     dropped = {split: wheres for split, wheres in dropped.items() if wheres}
     return Splits(
         train,
@@ -461,7 +465,6 @@ def load_splits(
         sampled_from,
         validation,
         validation_source,
-        validation_overlap,
         fraction_of,
         len(labelled),
     )
@@ -497,28 +500,41 @@ def _hold_out_validation(
     section: DataSection,
     train: list[TaskRow],
     raw_of: list[tuple[str, dict]],
+    eval_keys: set[str],
     dropped: dict,
     prompt_template: str | None = None,
     prompt_field: str = "data.prompt",
 ) -> tuple[list[TaskRow], list[TaskRow], str]:
-    """(the rows to train on, the validation rows, how the latter were chosen, in words).
+    """(the rows left to train on, the validation rows, how the latter were chosen, in words).
 
     Held-out rows are a seeded sample of the training rows, stratified by target for label sets, and are
     formatted as the evaluate stage formats its rows (format text: the first half asks for the rest), with
     `prompt_template` where given (a reference's prompt: the same rows, asked as the reference is asked).
+    A row whose input is an eval row's (eval_keys: normalized prompts) is never a validation row: what is
+    chosen on validation rows is judged on the eval rows. Rows are compared, not file names.
     """
     if isinstance(section.validation, str):
         raw = read_source(section.validation, section, "validation")
         formatted = _format_rows(section, raw, dropped.setdefault("validation", []), for_eval=True)
+        if not formatted:
+            raise PipelineError(f"data.validation: {section.validation} has no rows")
+        kept = [(i, row) for i, row in formatted if row.dedup_key() not in eval_keys]
+        shared = len(formatted) - len(kept)
+        if shared * 2 >= len(formatted):
+            raise PipelineError(
+                f"data.validation: {shared} of the {len(formatted)} rows of {section.validation} have the input of an "
+                "eval row: the checkpoint, a cascade's threshold and a sweep's winner would be chosen on the rows "
+                "the report then judges. Give validation rows that are not eval rows (or leave data.validation "
+                "out to hold rows out of the training data)"
+            )
         rows = [
             format_row(section, raw[i][1], raw[i][0], prompt_template, prompt_field, for_eval=True)
             if prompt_template
             else row
-            for i, row in formatted
+            for i, row in kept
         ]
-        if not rows:
-            raise PipelineError(f"data.validation: {section.validation} has no rows")
-        return train, rows, f"{len(rows)} rows of {section.validation}"
+        left_out = f"; {shared} rows with an eval row's input left out" if shared else ""
+        return train, rows, f"{len(rows)} rows of {section.validation}{left_out}"
     count = validation_count(section.validation, len(train))
     if count == 0:
         if section.validation == 0:
@@ -531,14 +547,25 @@ def _hold_out_validation(
                 f"under {VALIDATION_MIN_ROWS} rows); set data.validation to hold some out anyway"
             ),
         )
-    held = {k for k, _ in sample_rows(train, count, section.split_seed)}
+    candidates = [k for k, row in enumerate(train) if row.dedup_key() not in eval_keys]
+    if count >= len(candidates):
+        raise PipelineError(
+            f"data.validation: {section.validation} would hold out {count} of the {len(candidates)} training rows "
+            "whose input is not an eval row's, leaving none to train on; give a smaller share or count, or a "
+            "validation file"
+        )
+    held = {candidates[k] for k, _ in sample_rows([train[k] for k in candidates], count, section.split_seed)}
     validation = [
         format_row(section, raw_of[k][1], raw_of[k][0], prompt_template, prompt_field, for_eval=True)
         for k in sorted(held)
     ]
     kind = "stratified by target" if is_label_set([r.target for r in train]) else "at random"
     setting = "the default" if section.validation is None else f"data.validation: {section.validation}"
+    skipped = len(train) - len(candidates)
+    never = f"; none of the {skipped} with an eval row's input" if skipped else ""
+    sampled = "; data.max_train_rows samples the rest" if section.max_train_rows is not None else ""
     source = f"{count} of {len(train)} training rows ({setting}), seeded (split_seed {section.split_seed}), {kind}"
+    source += never + sampled
     return [row for k, row in enumerate(train) if k not in held], validation, source
 
 

@@ -11,6 +11,7 @@ import difflib
 import functools
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline import gguf_export, tracking
 from pipeline.data import inputs_fingerprint
 from pipeline.errors import PipelineError
-from pipeline.templates import template_fields
+from pipeline.templates import template_fields, template_problem
 
 
 class Section(BaseModel):
@@ -106,6 +107,13 @@ class DataSection(Section):
     )
     max_seq_len: int = Field(256, gt=8, description="Longest training sequence in tokens.")
 
+    @field_validator("prompt", "target", mode="before")
+    @classmethod
+    def _template(cls, value: Any) -> Any:
+        if (problem := template_problem(value)) is not None:
+            raise ValueError(problem)
+        return value
+
     @field_validator("validation", mode="before")
     @classmethod
     def _validation_rows(cls, value: Any) -> Any:
@@ -157,6 +165,14 @@ class LoraSection(Section):
     target_modules: Literal["all-linear"] | list[str] = Field(
         "all-linear", description="Which Linear layers get adapters: all-linear or a list of module names."
     )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, value: Any) -> Any:
+        if value == []:
+            raise ValueError("is empty: there would be nothing to train; name modules, or all-linear")
+        return value
+
     dora: bool = Field(
         False,
         description="DoRA (weight-decomposed LoRA): learns each weight's magnitude apart from its direction; "
@@ -369,6 +385,13 @@ class ReferenceSection(Section):
         "PyTorch, in model.dtype. auto: llamacpp for a GGUF reference, else transformers. A distillation teacher "
         "always runs in transformers (its answers are constrained token by token there).",
     )
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _template(cls, value: Any) -> Any:
+        if (problem := template_problem(value)) is not None:
+            raise ValueError(problem)
+        return value
 
 
 class GatesSection(Section):
@@ -637,6 +660,7 @@ class LearningCurveSection(Section):
 UNSWEEPABLE = ("name", "sweep", "learning_curve", "publish", "launch", "evaluate", "data.eval", "data.validation",
                "data.split_seed", "data.eval_split", "data.max_eval_rows", "data.eval_fraction", "data.train",
                "data.train_fraction", "distill")  # fmt: skip
+MAX_SWEEP_TRIALS = 1000  # a sweep's runs: beyond this a grid is a typo or a job for sweep.trials
 
 
 class Recipe(Section):
@@ -852,6 +876,10 @@ def _read_yaml_mapping(path: Path) -> tuple[dict, dict[tuple, Origin]]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise PipelineError(f"{path}: recipe file not found") from None
+    except IsADirectoryError:
+        raise PipelineError(f"{path}: is a folder; give a recipe file (recipes/demo.yaml)") from None
+    except OSError as e:
+        raise PipelineError(f"{path}: cannot read the recipe ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise PipelineError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
@@ -918,21 +946,34 @@ def _apply_override(data: dict, origins: dict[tuple, Origin], override: str) -> 
     key, sep, raw_value = override.partition("=")
     if not sep or not key.strip():
         raise PipelineError(f"--set {override!r}: expected key.path=value, for example train.epochs=3")
-    parts = tuple(key.strip().split("."))
+    names = key.strip().split(".")
     try:
         value = yaml.load(raw_value, Loader=RecipeLoader) if raw_value.strip() else ""
     except yaml.YAMLError:
         value = raw_value  # a plain string; the schema decides whether it fits
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise PipelineError(f"--set {override!r}: {'.'.join(parts[: i + 1])} is not a section")
-        node = child
-    node[parts[-1]] = value
-    origins[parts] = ("--set", 0)
+    node: dict | list = data
+    path: list[str | int] = []
+    for i, part in enumerate(names):
+        here = ".".join(names[: i + 1])
+        if isinstance(node, list):  # quantize.0.type: an item of a list, by its position
+            if not part.isdigit() or int(part) >= len(node):
+                raise PipelineError(
+                    f"--set {override!r}: {'.'.join(names[:i])} is a list of {len(node)} items; name one by its "
+                    f"position (0 to {len(node) - 1}), or set the whole list: {'.'.join(names[:i])}=[...]"
+                )
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise PipelineError(f"--set {override!r}: {'.'.join(names[:i])} is a value, not a section")
+        path.append(part)
+        if i == len(names) - 1:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict | list):
+                raise PipelineError(f"--set {override!r}: {here} is a value, not a section, so {key} cannot be set")
+    origins[tuple(path)] = ("--set", 0)
 
 
 def _assign(data: dict, origins: dict[tuple, Origin], key: str, value: Any) -> None:
@@ -1060,7 +1101,56 @@ def _sweep_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
             problems.append((("sweep", "params", key), "lists a value twice"))
     if sweep.method == "random" and sweep.trials is None:
         problems.append((("sweep", "trials"), "method random needs trials: how many combinations to try"))
+    combinations = math.prod(len(v) for v in sweep.params.values() if v)
+    if sweep.trials is None and combinations > MAX_SWEEP_TRIALS:
+        problems.append(
+            (
+                ("sweep", "params"),
+                f"make {combinations:,} combinations, each a training run; set sweep.trials to try a seeded sample "
+                f"of them (method: random), or list fewer values (at most {MAX_SWEEP_TRIALS:,} runs)",
+            )
+        )
+    elif sweep.trials is not None and sweep.trials > MAX_SWEEP_TRIALS:
+        too_many = f"{sweep.trials:,} runs are more than a sweep takes ({MAX_SWEEP_TRIALS:,})"
+        problems.append((("sweep", "trials"), too_many))
     return problems
+
+
+def _settings_that_do_nothing(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """Fields set to something other than their default where the rest of the recipe makes them do nothing: said at
+    load, rather than accepted and ignored (a resolved recipe lists every field at its default, which passes)."""
+    d, defaults = recipe.data, DataSection.model_fields
+    changed = {name for name in ("eval_fraction", "train_split", "eval_split", "messages_field", "text_field")
+               if getattr(d, name) != defaults[name].default}  # fmt: skip
+    hub = [s for s in (d.train, d.eval, d.validation, recipe.distill and recipe.distill.inputs) if _is_hub(s)]
+    problems = []
+    if "eval_fraction" in changed and d.eval is not None:
+        problems.append((("data", "eval_fraction"), "carves eval rows out of data.train when data.eval is not given; "
+                         "data.eval is given, so it would do nothing: remove one"))  # fmt: skip
+    for split, source in (("train_split", d.train), ("eval_split", d.eval)):
+        if split in changed and not _is_hub(source):
+            problems.append((("data", split), f"picks the split of a hub: source; data.{split[:-6]} is not one"))
+    if d.hub_config is not None and not hub:
+        problems.append((("data", "hub_config"), "names a configuration of a hub: dataset; no source here is one"))
+    for name, fmt in (("messages_field", "messages"), ("text_field", "text")):
+        if name in changed and d.format != fmt:
+            problems.append((("data", name), f"is for format {fmt}; format {d.format} does not read it"))
+    if recipe.train.group_by_length and d.packing:
+        problems.append((("train", "group_by_length"), "packed sequences are all about data.max_seq_len long, so "
+                         "there is nothing to group; turn off one of group_by_length, data.packing"))  # fmt: skip
+    curve = recipe.learning_curve
+    if curve is not None and d.train_fraction is not None:
+        problems.append((("data", "train_fraction"), "the learning curve sets the share of each of its points "
+                         "(learning_curve.fractions); remove data.train_fraction"))  # fmt: skip
+    metric = recipe.evaluate.metrics[0]
+    if curve is not None and curve.target is not None and ":" not in metric and not 0 < curve.target <= 1:
+        problems.append((("learning_curve", "target"), f"{curve.target} is out of {metric}'s range (0 to 1): no "
+                         "number of rows reaches it"))  # fmt: skip
+    return problems
+
+
+def _is_hub(source) -> bool:
+    return isinstance(source, str) and source.startswith("hub:")
 
 
 def _gguf_lora_problems(recipe: Recipe, i: int, variant: QuantizeVariant) -> list[tuple[tuple, str]]:
@@ -1162,6 +1252,7 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     problems += _publish_problems(recipe)
     problems += _sweep_problems(recipe)
     problems += _cascade_problems(recipe)
+    problems += _settings_that_do_nothing(recipe)
     if d.train is None and recipe.distill is None:
         problems.append((("data", "train"), "required field is missing (or add a distill: section to label inputs)"))
     if d.train is None and d.eval is None:

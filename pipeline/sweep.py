@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -73,10 +74,15 @@ def trials(loaded: LoadedRecipe) -> list[Trial]:
     array-launched sweep numbers its trials the same way."""
     sweep = loaded.recipe.sweep
     keys = list(sweep.params)
-    combos = list(itertools.product(*(sweep.params[key] for key in keys)))
-    if sweep.trials is not None and sweep.trials < len(combos):
-        picked = sorted(random.Random(sweep.seed).sample(range(len(combos)), sweep.trials))
-        combos = [combos[i] for i in picked]
+    values = [sweep.params[key] for key in keys]
+    total = math.prod(len(v) for v in values)
+    if sweep.trials is not None and sweep.trials < total:
+        # The sample is of combination numbers, each decoded alone: a grid of 10^12 combinations costs nothing
+        # to sample from (the same picks as sampling the listed grid: range(total) is that list's numbering).
+        picked = sorted(random.Random(sweep.seed).sample(range(total), sweep.trials))
+        combos = [_combination(values, number) for number in picked]
+    else:
+        combos = list(itertools.product(*values))  # bounded: validate refuses a grid over MAX_TRIALS
     found, seen = [], {}
     for combo in combos:
         settings = dict(zip(keys, combo, strict=True))
@@ -292,6 +298,15 @@ def chosen_trial(loaded: LoadedRecipe, runs_dir: Path) -> LoadedRecipe:
             f"{loaded.path}: this recipe's sweep has not finished (no {path}); run `make train RECIPE={loaded.path}`"
         )
     return variant(loaded, json.loads(path.read_text())["chosen_settings"])
+
+
+def _combination(values: list[list[Any]], number: int) -> tuple:
+    """The combination itertools.product would list at position `number`."""
+    picked = []
+    for options in reversed(values):
+        number, index = divmod(number, len(options))
+        picked.append(options[index])
+    return tuple(reversed(picked))
 
 
 def _settings_text(settings: dict[str, Any]) -> str:

@@ -86,6 +86,7 @@ def check(loaded: LoadedRecipe) -> dict:
             problems += _weights_problems(loaded, config, Path(base.location))
         try:
             lengths = _training_lengths(loaded, base, train_rows)
+            notes += _cut_answers(loaded, base, eval_rows or [])
         except PipelineError as e:  # the tokenizer, the chat template or a row: with the other problems
             problems.append(str(e))
         too_long = sum(n > recipe.data.max_seq_len for n in lengths or [])
@@ -115,7 +116,7 @@ def check(loaded: LoadedRecipe) -> dict:
         )
     if problems:
         raise PipelineError("\n".join(problems))
-    validation = _validation_line(loaded, splits, notes)
+    validation = _validation_line(loaded, splits)
     summary = _summary(loaded, train_rows, eval_rows, lengths, notes, len(inputs) if recipe.distill else 0, validation)
     summary["choosing"] = choosing
     summary["precision"] = chosen
@@ -184,6 +185,21 @@ def _training_lengths(loaded: LoadedRecipe, base: models.ModelSource, train_rows
             )
         )
     return data.training_examples(tokenizer, train_rows, chat, recipe.data).lengths or None
+
+
+def _cut_answers(loaded: LoadedRecipe, base: models.ModelSource, eval_rows: list) -> list[str]:
+    """A note where expected answers are longer than evaluate.max_new_tokens: generation stops before they end."""
+    limit = loaded.recipe.evaluate.max_new_tokens
+    tokenizer = models.load_tokenizer(base, loaded.recipe.model.trust_remote_code)
+    lengths = [len(tokenizer(row.target, add_special_tokens=False)["input_ids"]) for row in eval_rows]
+    cut = [n for n in lengths if n > limit]
+    if not cut:
+        return []
+    return [
+        f"{len(cut)} of {len(lengths)} expected eval answers are longer than evaluate.max_new_tokens ({limit} "
+        f"tokens; the longest is {max(cut)}): every candidate's answer to those rows is cut short and cannot match; "
+        "raise evaluate.max_new_tokens"
+    ]
 
 
 def _metric_problems(loaded: LoadedRecipe, eval_rows: list | None) -> list[str]:
@@ -454,9 +470,10 @@ def data_notes(recipe, splits) -> list[str]:
         rows = splits.train if split == "train" else splits.eval
         if limit is not None and total > limit:
             kind = "stratified by target" if data.is_label_set([r.target for r in rows]) else "at random"
+            after = " left after the validation rows" if split == "train" and splits.validation else ""
             notes.append(
-                f"{split}: a seeded sample of {limit} of {total} rows, {kind} (data.max_{split}_rows, split_seed "
-                f"{recipe.data.split_seed})"
+                f"{split}: a seeded sample of {limit} of {total} rows{after}, {kind} (data.max_{split}_rows, "
+                f"split_seed {recipe.data.split_seed})"
             )
     for split, wheres in splits.dropped_empty.items():
         notes.append(
@@ -480,14 +497,9 @@ def data_notes(recipe, splits) -> list[str]:
     return notes
 
 
-def _validation_line(loaded: LoadedRecipe, splits: data.Splits, notes: list[str]) -> str:
-    """How training will be scored and its adapter chosen, in one line; a note where the rows overlap eval."""
+def _validation_line(loaded: LoadedRecipe, splits: data.Splits) -> str:
+    """How training will be scored and its adapter chosen, in one line."""
     train = loaded.recipe.train
-    if splits.validation_eval_overlap:
-        notes.append(
-            f"{splits.validation_eval_overlap} eval rows have a prompt that is also a validation row's: the choice "
-            "of checkpoint saw them"
-        )
     if not splits.validation:
         return f"{splits.validation_source}; the last adapter is kept"
     choice = "the best pass's adapter is kept" if train.select == "best" else "the last adapter is kept (select: last)"

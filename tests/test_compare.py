@@ -45,12 +45,29 @@ def test_two_runs_of_one_task_side_by_side(tiny_recipe, write_recipe, intents_ro
     page = (folder / "compare.html").read_text()
     assert first.name in page and second.name in page and "<script" not in page
 
-    # a run on other eval rows: its interval is shown, nothing is paired
+    # a run on some of the same eval rows: paired on the rows both evaluated, matched by content
     train, test = intents_rows
+    lines = test.read_text().splitlines(keepends=True)
     shorter = tmp_path / "shorter.jsonl"
-    shorter.write_text("".join(test.read_text().splitlines(keepends=True)[:12]))
+    shorter.write_text("".join(lines[5:17]))
     other = write_recipe(f"extends: {tiny_recipe.name}\ndata: {{eval: {shorter}}}\n", "other.yaml")
     assert main(["run", str(other), "--runs-dir", str(runs)]) == 0
-    assert main(["compare", str(first), str(other), "--runs-dir", str(runs)]) == 0
-    assert "different eval rows" in capsys.readouterr().out
+    other_dir = run_dir_for(load_recipe(other), runs)
+    assert main(["compare", str(first), str(other_dir), "--runs-dir", str(runs)]) == 0
+    assert (
+        f"paired on the 12 eval rows both runs evaluated; {len(lines) - 12} were evaluated only"
+        in capsys.readouterr().out
+    )
+
+    # the eval file grows and one of its rows is edited after the runs (nightly retraining): each run is paired on
+    # what it evaluated, not on today's file (which crashed with IndexError, or paired silently wrong)
+    test.write_text("".join([lines[0].replace('"text": "', '"text": "edited '), *lines[1:], *lines[:7]]))
+    assert main(["compare", str(first), str(second), "--runs-dir", str(runs)]) == 0
+    again = json.loads((folder / "compare.json").read_text())["versus_first"][0]
+    assert (again["paired_rows"], again["wins"], again["losses"]) == (len(lines), versus["wins"], versus["losses"])
+    # a run from before runs kept their eval rows, on a file that has changed since: said, not guessed
+    (second / "evaluate" / "eval_rows.jsonl").unlink()
+    capsys.readouterr()
+    assert main(["compare", str(first), str(second), "--runs-dir", str(runs)]) == 0
+    assert "nothing pairs (one of the runs keeps no record of the rows it evaluated" in capsys.readouterr().out
     assert main(["compare", str(first)]) == 2  # one run is not a comparison

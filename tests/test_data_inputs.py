@@ -19,7 +19,7 @@ def section(tmp_path, train, eval_=None, **extra) -> DataSection:
         eval=str(eval_ or train),
         prompt="Q: {text}\nA:",
         target=" {label}",
-        **({"overlap": "warn"} | extra),
+        **({"overlap": "warn", "validation": 0} | extra),  # eval is train here: no rows would be left to hold out
     )
 
 
@@ -169,6 +169,10 @@ def test_validate_says_what_was_sampled_and_which_eval_labels_training_lacks(
     """)
     assert main(["validate", str(recipe)]) == 0
     out = capsys.readouterr().out
-    assert "train: a seeded sample of 50 of 300 rows, stratified by target (data.max_train_rows, split_seed 0)" in out
+    # the validation rows (30, the default tenth of the file) are held out first, then the sample is drawn
+    assert (
+        "train: a seeded sample of 50 of 270 rows left after the validation rows, stratified by target "
+        "(data.max_train_rows, split_seed 0)"
+    ) in out
     assert "targets: 10 distinct in train, 12 in eval" in out
     assert "2 eval targets never occur in training (6 eval rows): ' label_new', ' label_other'" in out

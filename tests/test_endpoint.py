@@ -9,7 +9,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.recipe import load_recipe
 from pipeline.runtimes import endpoint as endpoint_runtime
-from tests import llama_server
+from tests import llama_server, served_protocol
 
 pytestmark = pytest.mark.integration
 
@@ -407,3 +407,10 @@ def test_validate_notes_an_api_that_does_not_answer_now(server, key, write_recip
         out = capsys.readouterr().out
         assert ("does not answer now" in out) == silent
         assert f"evaluate.reference: smollm2 through the API at {base_url}, priced USD 0.5 / 2 per million" in out
+
+
+def test_the_gguf_server_refuses_malformed_requests_streams_and_takes_many_at_once(server):
+    """`specialist serve MODEL` is llama.cpp's own server: the shared suite holds for it too."""
+    valid = {"model": llama_server.ALIAS, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8,
+             "temperature": 0}  # fmt: skip
+    served_protocol.check(f"http://127.0.0.1:{server.port}", valid, key=KEY)

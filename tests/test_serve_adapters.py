@@ -14,7 +14,7 @@ from pipeline.cli import main
 from pipeline.data import read_jsonl
 from pipeline.recipe import load_recipe
 from pipeline.runs import run_dir_for
-from tests import llama_server
+from tests import llama_server, served_protocol
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +60,7 @@ def test_one_base_serves_each_runs_adapter_by_model_name(write_recipe, tiny_mode
     assert sum(evaluated["intents"][i] != evaluated["echo"][i] for i in range(len(texts))) >= 6  # they differ
 
     args = ["--adapters", str(labels), f"echo={dirs['echo']}", "--runs-dir", str(runs), "--threads", "1"]
-    server = llama_server.Specialist(tmp_path / "server.log", *args, "--context", "512")
+    server = llama_server.Specialist(tmp_path / "server.log", *args, "--context", "512", "--max-waiting", "2")
     try:
         assert {m["id"] for m in server.get("/v1/models")["data"]} == {"intents", "echo"}
         for row, text in enumerate(texts):  # alternate adapters request by request, through both APIs
@@ -79,6 +79,8 @@ def test_one_base_serves_each_runs_adapter_by_model_name(write_recipe, tiny_mode
         assert status == 404 and "intents, echo" in body["error"]["message"]
         assert server.post("/v1/completions", {"prompt": texts[0]})[0] == 400  # two adapters: name one
         assert server.get("/adapters/stats")["requests"] == {"intents": len(texts), "echo": len(texts)}
+        valid = {"model": "intents", "messages": [{"role": "user", "content": texts[0]}]}
+        served_protocol.check(f"http://127.0.0.1:{server.port}", valid, bounded=True)
     finally:
         server.stop()
 

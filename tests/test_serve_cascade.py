@@ -14,7 +14,7 @@ from pipeline.cli import main
 from pipeline.data import read_jsonl
 from pipeline.recipe import load_recipe
 from pipeline.runs import run_dir_for
-from tests import llama_server
+from tests import llama_server, served_protocol
 
 pytestmark = pytest.mark.integration
 
@@ -108,6 +108,8 @@ def test_the_served_cascade_routes_each_request_as_measured_and_the_recipe_decid
         assert stats["deferred"] == len(seen["reference"]) and stats["share_local"] == pytest.approx(
             measured["share_local"]
         )
+        valid = {"messages": [{"role": "user", "content": texts[seen["specialist"][0]]}]}
+        served_protocol.check(f"http://127.0.0.1:{cascade.port}", valid, key=KEY)
 
         reference.stop()  # the fallback is down: by default a deferred request is an error that says so
         deferred, sure = texts[seen["reference"][0]], texts[seen["specialist"][0]]

@@ -117,6 +117,40 @@ def test_a_sweep_is_checked_with_file_and_line(sweep_recipe, capsys):
     assert "lora.r" in capsys.readouterr().err
 
 
+def test_a_random_sweep_samples_a_huge_grid_without_listing_it_and_a_huge_grid_alone_is_refused(sweep_recipe):
+    import itertools
+    import random
+
+    ten = {
+        "lora.r": list(range(1, 11)),
+        "lora.alpha": list(range(1, 11)),
+        "train.seed": list(range(10)),
+        "train.epochs": list(range(1, 11)),
+        "train.batch_size": list(range(1, 11)),
+        "train.grad_accum": list(range(1, 11)),
+        "train.lr": [round(1e-4 * k, 6) for k in range(1, 11)],
+        "train.warmup_ratio": [round(0.01 * k, 2) for k in range(10)],
+        "train.weight_decay": [round(0.01 * k, 2) for k in range(10)],
+    }
+
+    def params(keys) -> str:
+        return "sweep:\n  params:\n" + "".join(f"    {k}: {json.dumps(ten[k])}\n" for k in keys)
+
+    # 10^9 combinations: listing them first ran out of memory; a sample of numbers decodes only the picked ones
+    huge = sweep_recipe(params(ten) + "  method: random\n  trials: 3\n  seed: 5\n", "huge.yaml")
+    picked = sweep.trials(load_recipe(huge))
+    assert len(picked) == 3 and all(set(t.settings) == set(ten) for t in picked)
+    # on a grid small enough to list, the same picks as sampling the listed grid (resumed sweeps keep their trials)
+    small = load_recipe(sweep_recipe(LR_SWEEP, "small.yaml"))
+    grid = list(itertools.product(*small.recipe.sweep.params.values()))
+    expected = [grid[i] for i in sorted(random.Random(1).sample(range(len(grid)), 3))]
+    assert [tuple(t.settings.values()) for t in sweep.trials(small)] == expected
+    # a grid without trials is every combination: a million runs is refused at load, naming the field and the fix
+    million = sweep_recipe(params(list(ten)[:6]), "million.yaml")
+    with pytest.raises(PipelineError, match=r"million.yaml:\d+: sweep.params: make 1,000,000 combinations.*trials"):
+        load_recipe(million)
+
+
 # --- integration on tiny models ------------------------------------------------------------------
 
 

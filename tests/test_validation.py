@@ -54,6 +54,38 @@ def test_the_default_split_holds_out_a_stratified_tenth_or_none(intents_rows, tm
         data.load_splits(small.model_copy(update={"validation": 96}))
 
 
+def test_validation_rows_are_the_same_for_every_sample_size_and_never_an_eval_row(intents_rows, tmp_path):
+    train, test = intents_rows
+    rows = [json.loads(line) for line in train.open()]
+    evals = [json.loads(line) for line in test.open()]
+    big = tmp_path / "big.jsonl"  # 288 distinct rows: 29 held out by default
+    copies = [rows, *([{**r, "text": f"{r['text']} ({k})"} for r in rows] for k in (2, 3))]
+    big.write_text("".join(json.dumps(r) + "\n" for part in copies for r in part))
+    shared = tmp_path / "eval.jsonl"  # the eval file repeats 5 training messages (as real data does)
+    shared.write_text("".join(json.dumps(r) + "\n" for r in [*evals, *rows[:5]]))
+    section = DataSection(train=str(big), eval=str(shared), prompt="M: {text}\nI:", target=" {label}")
+    eval_keys = {r.dedup_key() for r in data.load_splits(section).eval}
+    held = {}
+    for limit in (None, 40, 120):  # a sweep over max_train_rows: each trial chooses on the same rows
+        splits = data.load_splits(section.model_copy(update={"max_train_rows": limit}))
+        held[limit] = [r.prompt for r in splits.validation]
+        assert not {r.dedup_key() for r in splits.validation} & eval_keys  # never an eval row's input
+        assert not {r.prompt for r in splits.validation} & {r.prompt for r in splits.train}
+        assert len(splits.train) == (limit or 288 - 29)
+    assert held[None] == held[40] == held[120] and len(held[None]) == 29
+    assert "none of the 5 with an eval row's input" in data.load_splits(section).validation_source
+
+    # a validation file: rows that are eval rows are left out of it, and said; mostly eval rows is refused
+    some = tmp_path / "some.jsonl"
+    some.write_text("".join(json.dumps(r) + "\n" for r in [*rows[40:60], *evals[:3]]))
+    splits = data.load_splits(section.model_copy(update={"validation": str(some)}))
+    assert len(splits.validation) == 20 and splits.validation_source.endswith(
+        "3 rows with an eval row's input left out"
+    )
+    with pytest.raises(data.PipelineError, match=r"data.validation: 24 of the 24 rows of .*test.jsonl have the input"):
+        data.load_splits(section.model_copy(update={"validation": str(test)}))
+
+
 def test_validation_rows_are_never_trained_on(tiny_recipe, tmp_path):
     run = _run(tiny_recipe, tmp_path / "runs", VALIDATION)
     splits = data.load_splits(run["loaded"].recipe.data)

@@ -160,6 +160,7 @@ def write_compare(found: dict, path: Path) -> None:
             runs=[r["id"] for r in found["runs"]],
             num=lambda x, d=3: "—" if x is None else f"{x:.{d}f}",
             dumps=lambda v: json.dumps(v),
+            pairing=tables.pairing,
         )
     )
     write_text_atomic(path, page)

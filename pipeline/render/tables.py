@@ -45,3 +45,15 @@ def runtime_cell(candidate: dict) -> str:
     """How a candidate ran: its runtime and precision (a PyTorch dtype, a GGUF file's type)."""
     dtype = candidate.get("dtype")
     return candidate.get("runtime", "transformers") + (f" {dtype}" if dtype else "")
+
+
+def pairing(versus: dict) -> str:
+    """Which rows a comparison pairs on, in words (compare.md and compare.html; pipeline/compare.py)."""
+    if not versus["paired_rows"]:
+        return f"nothing pairs ({versus['why_unpaired']}); compare the intervals above"
+    if versus["same_eval_rows"]:
+        return f"paired on the same {versus['paired_rows']} eval rows"
+    return (
+        f"paired on the {versus['paired_rows']} eval rows both runs evaluated; {versus['only_first']} were evaluated "
+        f"only by the first run, {versus['only_other']} only by this one"
+    )

@@ -22,8 +22,8 @@ from pipeline import data, gguf_export, models, sweep
 from pipeline.errors import PipelineError
 from pipeline.recipe import LoadedRecipe, load_recipe
 from pipeline.runtimes import Prompt, llamacpp
-from pipeline.serve import openai_api
-from pipeline.serve.openai_api import RequestError
+from pipeline.serve import openai_api, requests
+from pipeline.serve.requests import RequestError
 
 
 @dataclass
@@ -69,7 +69,7 @@ class AdapterServer:
     def answer(self, body: dict, chat: bool) -> dict:
         specialist = self.pick(body)
         section = specialist.loaded.recipe.data
-        limit = openai_api.max_tokens(body, specialist.loaded.recipe.evaluate.max_new_tokens)
+        limit = requests.max_tokens(body, specialist.loaded.recipe.evaluate.max_new_tokens)
         if section.format == "messages":
             row = openai_api.conversation_row(body, chat)
         else:
@@ -139,7 +139,7 @@ def _adapter_variant(loaded: LoadedRecipe, run_dir: Path, wanted: str | None, re
     return label
 
 
-def app(server: AdapterServer, api_key: str | None = None):
+def app(server: AdapterServer, api_key: str | None = None, max_waiting: int = openai_api.MAX_WAITING):
     """/v1/chat/completions, /v1/completions, /v1/models, /adapters/stats, /health."""
     return openai_api.app(
         "specialist adapters",
@@ -148,10 +148,9 @@ def app(server: AdapterServer, api_key: str | None = None):
         "/adapters/stats",
         lambda: {"base": str(server.base_file), "requests": dict(server.counts)},
         api_key,
+        max_waiting=max_waiting,
     )
 
 
-def run(server: AdapterServer, host: str, port: int, api_key_env: str | None) -> None:
-    import uvicorn
-
-    uvicorn.run(app(server, openai_api.api_key_from(api_key_env)), host=host, port=port, log_level="warning")
+def run(server: AdapterServer, host: str, port: int, api_key_env: str | None, max_waiting: int) -> None:
+    openai_api.serve(app(server, openai_api.api_key_from(api_key_env), max_waiting), host, port)

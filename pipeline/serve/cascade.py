@@ -29,8 +29,8 @@ from pipeline.recipe import LoadedRecipe
 from pipeline.runs import done_fingerprint
 from pipeline.runtimes import Prompt, llamacpp
 from pipeline.runtimes import endpoint as endpoint_runtime
-from pipeline.serve import openai_api
-from pipeline.serve.openai_api import RequestError
+from pipeline.serve import openai_api, requests
+from pipeline.serve.requests import RequestError
 
 ANSWERED_BY_HEADER = "X-Cascade-Answered-By"
 
@@ -94,7 +94,7 @@ class CascadeServer:
     def answer(self, body: dict, chat: bool) -> tuple[dict, dict]:
         """The response body (OpenAI's chat.completion or text_completion) and its headers."""
         settings = self.recipe.recipe.evaluate
-        max_tokens = openai_api.max_tokens(body, settings.max_new_tokens)
+        max_tokens = requests.max_tokens(body, settings.max_new_tokens)
         local_row, reference_row = self.rows(body, chat)
         text, add_special = data.prompt_text(self.tokenizer, local_row, self.specialist_chat)
         started = time.perf_counter()
@@ -244,7 +244,7 @@ def fallback_endpoint(
     )
 
 
-def app(server: CascadeServer, api_key: str | None = None):
+def app(server: CascadeServer, api_key: str | None = None, max_waiting: int = openai_api.MAX_WAITING):
     """/v1/chat/completions, /v1/completions, /v1/models, /cascade/stats, /health."""
     return openai_api.app(
         "specialist cascade",
@@ -254,13 +254,12 @@ def app(server: CascadeServer, api_key: str | None = None):
         lambda: {**server.counts.as_dict(), "candidate": server.candidate, "threshold": server.threshold},
         api_key,
         "fallback_error",
+        max_waiting=max_waiting,
     )
 
 
-def run(server: CascadeServer, host: str, port: int, api_key_env: str | None) -> None:
-    import uvicorn
-
-    uvicorn.run(app(server, openai_api.api_key_from(api_key_env)), host=host, port=port, log_level="warning")
+def run(server: CascadeServer, host: str, port: int, api_key_env: str | None, max_waiting: int) -> None:
+    openai_api.serve(app(server, openai_api.api_key_from(api_key_env), max_waiting), host, port)
 
 
 def _gpu() -> bool:

@@ -2,9 +2,10 @@
 
 For a reference or teacher behind an endpoint on this machine: a packaged model's GGUF as it ships (no
 conversion to PyTorch), any .gguf file, or a run's quantized specialist. The server is llama-cpp-python's
-`python -m llama_cpp.server` (the `serve` extra brings its web dependencies); this module only finds the
-file, checks what it needs, and starts it. An API key, where wanted, is read from the environment variable
-named by --api-key-env and handed to the server in its environment, never on its command line.
+`python -m llama_cpp.server` (the `serve` extra brings its web dependencies), started through
+pipeline/serve/gguf_server.py, which answers a malformed request with a 400 where that server answers 500; this
+module only finds the file, checks what it needs, and starts it. An API key, where wanted, is read from the
+environment variable named by --api-key-env and handed to the server in its environment, never on its command line.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def gguf_file(ref: str) -> Path:
 
 def command(gguf: Path, alias: str, host: str, port: int, threads: int, context: int) -> list[str]:
     return [
-        sys.executable, "-m", "llama_cpp.server",
+        sys.executable, "-m", "pipeline.serve.gguf_server",  # llama_cpp.server, refusing bad bodies with a 400
         "--model", str(gguf), "--model_alias", alias,
         "--host", host, "--port", str(port),
         "--n_ctx", str(context), "--n_threads", str(threads), "--n_threads_batch", str(threads),

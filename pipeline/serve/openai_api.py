@@ -9,29 +9,22 @@ for data.format messages, the conversation itself.
 
 from __future__ import annotations
 
+import json
+import logging
 import secrets
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from pipeline import data
 from pipeline.errors import PipelineError
 from pipeline.recipe import DataSection
+from pipeline.serve.requests import RequestError, check_request, content_text
 from pipeline.templates import template_fields
-
-
-class RequestError(Exception):
-    """A request the server cannot take: its HTTP status and a message for the client."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-    def __reduce__(self):  # intact across processes (Exception's own pickling would call cls(message))
-        return (type(self), (self.status, str(self)))
 
 
 def input_fields(section: DataSection, *templates: str | None) -> set[str]:
@@ -57,28 +50,23 @@ def conversation_row(body: dict, chat: bool) -> data.TaskRow:
     turns = body.get("messages") if chat else None
     if not isinstance(turns, list) or not turns:
         raise RequestError(400, "trained on conversations: send messages to /v1/chat/completions")
-    for turn in turns:
-        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
-            raise RequestError(400, "messages: each turn needs a role and a text content")
     answer = {"role": "assistant", "content": ""}  # the turn to generate, as an eval row ends
-    return data.TaskRow(
-        target="", source="request", messages=(*({"role": t["role"], "content": t["content"]} for t in turns), answer)
-    )
+    said = tuple({"role": t["role"], "content": content_text(t.get("content"))} for t in turns)
+    return data.TaskRow(target="", source="request", messages=(*said, answer))
 
 
 def fields_of(body: dict, chat: bool, wanted: set[str]) -> dict:
     """The input fields of a request: `fields`, or the one field filled from the user's text."""
     given = body.get("fields")
     if given is not None:
-        if not isinstance(given, dict):
-            raise RequestError(400, 'fields: give an object of the prompt template\'s fields, e.g. {"text": "..."}')
-        return given
+        check_request({"fields": given}, chat=False)
+        return {name: str(value) for name, value in given.items()}
     if chat:
         turns = body.get("messages")
         users = [t for t in turns if isinstance(t, dict) and t.get("role") == "user"] if isinstance(turns, list) else []
         if not users:
             raise RequestError(400, "messages: send the input as a user message")
-        text = users[-1].get("content")
+        text = content_text(users[-1].get("content"), "the last user message's content")
     else:
         text = body.get("prompt")
     if not isinstance(text, str) or not text.strip():
@@ -89,15 +77,6 @@ def fields_of(body: dict, chat: bool, wanted: set[str]) -> dict:
             "\"fields\": {name: value} in the request body",
         )  # fmt: skip
     return {next(iter(wanted)): text}
-
-
-def max_tokens(body: dict, default: int) -> int:
-    value = body.get("max_tokens", body.get("max_completion_tokens"))
-    if value is None:
-        return default
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise RequestError(400, f"max_tokens: {value!r} is not a positive whole number")
-    return value
 
 
 def check_context(prompt_tokens: int, max_tokens: int, context: int) -> None:
@@ -162,6 +141,9 @@ def api_key_from(variable: str | None) -> str | None:
     return key
 
 
+MAX_WAITING = 64  # requests answered or waiting at once; more get 503 at once rather than a queue without end
+
+
 def app(
     title: str,
     answer: Callable[[dict, bool], tuple[dict, dict]],
@@ -170,18 +152,43 @@ def app(
     stats: Callable[[], dict],
     api_key: str | None = None,
     server_side: str = "server_error",
+    max_waiting: int = MAX_WAITING,
 ) -> FastAPI:
     """The FastAPI application every served specialist has: /v1/chat/completions and /v1/completions (answer(body,
-    chat) -> (response body, headers), RequestError for a refusal), /v1/models, its stats and /health."""
+    chat) -> (response body, headers), RequestError for a refusal), /v1/models, its stats and /health.
+
+    Every refusal is a JSON error body with a 4xx status (a body that is not a JSON object included); "stream":
+    true is answered as server-sent events, as OpenAI's API streams; at most `max_waiting` requests are answered
+    or waiting at once, and the next gets 503 with Retry-After at once."""
+    from fastapi.exceptions import RequestValidationError
+
     api = FastAPI(title=title)
+    slots = threading.BoundedSemaphore(max_waiting)
+
+    @api.exception_handler(RequestValidationError)
+    def not_an_object(request: Request, failure: RequestValidationError):
+        return error(400, "the request body must be a JSON object (OpenAI's completion or chat completion request)")
 
     def handle(request: Request, body: dict, chat: bool):
         if (denied := refused(request, api_key)) is not None:
             return denied
+        if not slots.acquire(blocking=False):
+            busy = error(503, f"busy: {max_waiting} requests are being answered or waiting; retry shortly", server_side)
+            busy.headers["Retry-After"] = "1"
+            return busy
         try:
+            check_request(body, chat)
             payload, headers = answer(body, chat)
         except RequestError as failure:
             return error(failure.status, str(failure), server_side)
+        except Exception as failure:  # a bug: the client gets JSON, the log the traceback
+            logging.getLogger("specialist.serve").exception("request failed")
+            return error(500, f"the server failed on this request ({type(failure).__name__}); see its log")
+        finally:
+            slots.release()
+        if body.get("stream"):
+            events = stream_events(payload, chat, bool((body.get("stream_options") or {}).get("include_usage")))
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         return JSONResponse(payload, headers=headers)
 
     @api.post("/v1/chat/completions")
@@ -205,3 +212,31 @@ def app(
         return {"status": "ok"}
 
     return api
+
+
+def stream_events(payload: dict, chat: bool, include_usage: bool) -> Iterator[str]:
+    """A finished answer as OpenAI's server-sent events: the text in one chunk (answers are short and computed
+    before the first byte), a chunk with the finish reason, the usage where asked, then [DONE]."""
+    choice = payload["choices"][0]
+    extra = {k: v for k, v in payload.items() if k not in ("object", "choices", "usage")}  # id, model, cascade, ...
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    if chat:
+        first = {"index": 0, "delta": {"role": "assistant", "content": choice["message"]["content"]}}
+        last = {"index": 0, "delta": {}}
+    else:
+        first, last = {"index": 0, "text": choice["text"]}, {"index": 0, "text": ""}
+    chunks = [
+        {**extra, "object": kind, "choices": [{**first, "finish_reason": None, "logprobs": None}]},
+        {**extra, "object": kind, "choices": [{**last, "finish_reason": choice["finish_reason"], "logprobs": None}]},
+    ]
+    if include_usage:
+        chunks.append({**extra, "object": kind, "choices": [], "usage": payload["usage"]})
+    for chunk in chunks:
+        yield f"data: {json.dumps(chunk)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def serve(application: FastAPI, host: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(application, host=host, port=port, log_level="warning")

@@ -188,6 +188,9 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         results[candidate.name] = {"role": candidate.role, "metrics": scores, **cost}
         log(STAGE, f"{candidate.name}: " + ", ".join(f"{k}={v['value']:.3f}" for k, v in scores.items()))
 
+    own_rows = rows_by_prompt.get(None) or data.load_rows(recipe.data, "eval")
+    # What was evaluated, row by row: compare pairs runs on these, whatever the eval file holds by then.
+    write_jsonl_atomic(stage_dir / EVAL_ROWS, [evaluated_row(row) for row in own_rows])
     out = {"eval_rows": len(references), "candidates": results}
     write_json_atomic(stage_dir / "results.json", out)
     mark_done(stage_dir, fingerprint(loaded, run_dir))
@@ -380,6 +383,14 @@ def _read_cache(cache: Path, cache_key: str) -> dict[int, dict]:
     if not records or records[0].get("cache_key") != cache_key:
         return {}
     return {entry["row"]: entry for entry in records[1:] if "row" in entry}
+
+
+EVAL_ROWS = "eval_rows.jsonl"
+
+
+def evaluated_row(row: data.TaskRow) -> dict:
+    """An eval row as the run keeps it: what it asked (key: the prompt or conversation) and the expected answer."""
+    return {"key": row.exact_key(), "input": row.input_text(), "expected": row.target}
 
 
 def read_generations(cache: Path) -> list[dict]:
