@@ -487,6 +487,9 @@ def _runs(args) -> int:
     print("| recipe | run id | last run (UTC) | stages done | gates | metric | specialized | reference |")
     print("|---|---|---|---|---|---|---|---|")
     for r in found:
+        if r["damaged"]:
+            print(f"| {r['recipe']} | {r['run_id']} | damaged: {r['damaged']} | | | | | |")
+            continue
         gates = {True: "passed", False: "FAILED", None: "—"}[r["gates_passed"]]
         print(
             f"| {r['recipe']} | {r['run_id']} | {(r['last_run'] or '—')[:19]} | {', '.join(r['stages_done']) or '—'} "

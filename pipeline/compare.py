@@ -59,8 +59,7 @@ def compare(folders: list[Path], out_root: Path) -> tuple[dict, Path]:
 
 
 def _read(folder: Path) -> dict:
-    report = json.loads((folder / "evaluate" / "report.json").read_text())
-    results = json.loads((folder / "evaluate" / "results.json").read_text())
+    report, results = (_json(folder / "evaluate" / name) for name in ("report.json", "results.json"))
     loaded = load_recipe(folder / "recipe.resolved.yaml")
     return {
         "folder": folder,
@@ -71,6 +70,17 @@ def _read(folder: Path) -> dict:
         "recipe": loaded.recipe.model_dump(mode="json"),
         "rows": _evaluated_rows(folder, loaded),
     }
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        missing = f"compare: {path} is missing; finish the run (`make train`) or rebuild it (`make report`)"
+        raise PipelineError(missing) from None
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"compare: {path} cannot be read ({e}); a crash or a full disk cut it short? "
+                            "`make eval` / `make report` on that run rebuilds it") from None  # fmt: skip
 
 
 def _evaluated_rows(folder: Path, loaded) -> list[dict] | None:

@@ -448,41 +448,47 @@ STAGE_ORDER = ("distill", "train", "quantize", "evaluate", "cascade", "report")
 
 def list_runs(runs_root: Path, name: str | None = None) -> list[dict]:
     """Every run folder under runs_root (or under runs_root/name): recipe, run id, when it last ran, the stages
-    done, and from its report the gates and the specialist's metric beside the reference's. Newest first."""
+    done, and from its report the gates and the specialist's metric beside the reference's. Newest first. A folder
+    whose files a crash or a full disk cut short is listed with what is wrong (`damaged`), never stops the list."""
     found = []
     for manifest_path in sorted(runs_root.glob(f"{name or '*'}/*/manifest.json")):
         run_dir = manifest_path.parent
+        entry = {"recipe": run_dir.parent.name, "run_id": run_dir.name, "recipe_file": None, "last_run": None,
+                 "stages_done": [], "gates_passed": None, "metric": None, "specialized": None, "reference": None,
+                 "damaged": None}  # fmt: skip
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue  # a folder being written, or not ours
-        invocations = manifest.get("invocations") or [{}]
-        entry = {
-            "recipe": run_dir.parent.name,
-            "run_id": run_dir.name,
-            "recipe_file": manifest.get("recipe"),
-            "last_run": invocations[-1].get("started_at"),
-            "stages_done": [s for s in STAGE_ORDER if (run_dir / s / DONE_MARKER).is_file()],
-            "gates_passed": None,
-            "metric": None,
-            "specialized": None,
-            "reference": None,
-        }
-        report_path = run_dir / "evaluate" / "report.json"
-        if report_path.is_file():
-            report = json.loads(report_path.read_text())
-            metric = report.get("metric")
-            candidates = report.get("candidates", {})
-
-            def value(candidate: str, metric=metric, candidates=candidates):
-                scores = candidates.get(candidate, {}).get("metrics", {}).get(metric)
-                return None if scores is None else {"value": scores["value"], "ci95": scores["ci95"]}
-
-            entry.update(
-                gates_passed=report.get("gates", {}).get("passed"),
-                metric=metric,
-                specialized=value("specialized"),
-                reference=value("reference"),
-            )
+            entry.update(_run_entry(run_dir))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            entry["damaged"] = f"{type(e).__name__}: {e}"[:200]
         found.append(entry)
     return sorted(found, key=lambda e: e["last_run"] or "", reverse=True)
+
+
+def _run_entry(run_dir: Path) -> dict:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    invocations = manifest.get("invocations") or [{}]
+    entry = {
+        "recipe_file": manifest.get("recipe"),
+        "last_run": invocations[-1].get("started_at"),
+        "stages_done": [s for s in STAGE_ORDER if (run_dir / s / DONE_MARKER).is_file()],
+    }
+    report_path = run_dir / "evaluate" / "report.json"
+    if report_path.is_file():
+        try:
+            report = json.loads(report_path.read_text())
+        except ValueError:
+            raise ValueError("evaluate/report.json is not JSON (cut short?); `make report` rebuilds it") from None
+        metric = report.get("metric")
+        candidates = report.get("candidates", {})
+
+        def value(candidate: str) -> dict | None:
+            scores = candidates.get(candidate, {}).get("metrics", {}).get(metric)
+            return None if scores is None else {"value": scores["value"], "ci95": scores["ci95"]}
+
+        entry.update(
+            gates_passed=report.get("gates", {}).get("passed"),
+            metric=metric,
+            specialized=value("specialized"),
+            reference=value("reference"),
+        )
+    return entry

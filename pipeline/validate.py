@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import data, gguf_export, llamacpp_install, models, precision, sweep
+from pipeline import data, gguf_export, llamacpp_install, models, precision, runtimes, sweep
 from pipeline.errors import PipelineError, RemoteError
 from pipeline.metrics import score_rows, user_metric
 from pipeline.recipe import DataSection, LoadedRecipe, ModelSection, RecipeError, reference_runtime
@@ -86,7 +86,9 @@ def check(loaded: LoadedRecipe) -> dict:
             problems += _weights_problems(loaded, config, Path(base.location))
         try:
             lengths = _training_lengths(loaded, base, train_rows)
-            notes += _cut_answers(loaded, base, eval_rows or [])
+            cut, too_long = _eval_lengths(loaded, base, eval_rows or [], context)
+            notes += cut
+            problems += too_long
         except PipelineError as e:  # the tokenizer, the chat template or a row: with the other problems
             problems.append(str(e))
         too_long = sum(n > recipe.data.max_seq_len for n in lengths or [])
@@ -187,19 +189,28 @@ def _training_lengths(loaded: LoadedRecipe, base: models.ModelSource, train_rows
     return data.training_examples(tokenizer, train_rows, chat, recipe.data).lengths or None
 
 
-def _cut_answers(loaded: LoadedRecipe, base: models.ModelSource, eval_rows: list) -> list[str]:
-    """A note where expected answers are longer than evaluate.max_new_tokens: generation stops before they end."""
-    limit = loaded.recipe.evaluate.max_new_tokens
-    tokenizer = models.load_tokenizer(base, loaded.recipe.model.trust_remote_code)
+def _eval_lengths(loaded: LoadedRecipe, base: models.ModelSource, eval_rows: list, context: int | None):
+    """(notes, problems) on the eval rows' lengths: expected answers longer than evaluate.max_new_tokens (cut short,
+    they cannot match), and prompts that do not fit the base's context with the answer (the evaluation refuses
+    them, as it will at run time)."""
+    recipe = loaded.recipe
+    limit = recipe.evaluate.max_new_tokens
+    tokenizer = models.load_tokenizer(base, recipe.model.trust_remote_code)
+    data.apply_chat_template_file(tokenizer, recipe.data)
+    chat = data.uses_chat_template(tokenizer, recipe.data.chat_template)
+    notes, problems = [], []
     lengths = [len(tokenizer(row.target, add_special_tokens=False)["input_ids"]) for row in eval_rows]
     cut = [n for n in lengths if n > limit]
-    if not cut:
-        return []
-    return [
-        f"{len(cut)} of {len(lengths)} expected eval answers are longer than evaluate.max_new_tokens ({limit} "
-        f"tokens; the longest is {max(cut)}): every candidate's answer to those rows is cut short and cannot match; "
-        "raise evaluate.max_new_tokens"
-    ]
+    if cut:
+        notes.append(
+            f"{len(cut)} of {len(lengths)} expected eval answers are longer than evaluate.max_new_tokens ({limit} "
+            f"tokens; the longest is {max(cut)}): every candidate's answer to those rows is cut short and cannot "
+            "match; raise evaluate.max_new_tokens"
+        )
+    prompts = [len(p.ids) for p in runtimes.prompts_for(tokenizer, eval_rows, chat)]
+    if (too_long := runtimes.over_context(prompts, eval_rows, limit, context, recipe.model.base)) is not None:
+        problems.append(f"data.eval: {too_long}")
+    return notes, problems
 
 
 def _metric_problems(loaded: LoadedRecipe, eval_rows: list | None) -> list[str]:

@@ -176,3 +176,28 @@ def test_validate_says_what_was_sampled_and_which_eval_labels_training_lacks(
     ) in out
     assert "targets: 10 distinct in train, 12 in eval" in out
     assert "2 eval targets never occur in training (6 eval rows): ' label_new', ' label_other'" in out
+
+
+def test_an_eval_row_past_the_models_context_is_refused_by_validate_and_run(
+    write_recipe, tiny_models, intents_rows, tmp_path, capsys
+):
+    train, test = intents_rows
+    long_eval = tmp_path / "long.jsonl"
+    long_eval.write_text(
+        test.read_text() + json.dumps({"text": "please cancel my order now " * 300, "label": "cancel_order"}) + "\n"
+    )
+    recipe = write_recipe(f"""
+        name: long-row
+        model: {{base: {tiny_models["base"]}}}
+        data: {{train: {train}, eval: {long_eval}, prompt: "Message: {{text}}\\nIntent:", target: " {{label}}",
+                chat_template: never}}
+        quantize: []
+        evaluate: {{gates: {{quantized_max_drop: null}}}}
+    """)
+    # the tiny base's context is 512 tokens: the row would be answered past it (garbage) or crash a model
+    expected = f"data.eval: 1 eval rows do not fit {tiny_models['base']}'s context of 512 tokens"
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and f"{long_eval}:25" in err and "Traceback" not in err
+    assert main(["run", str(recipe), "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert expected in capsys.readouterr().err

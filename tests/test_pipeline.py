@@ -303,3 +303,23 @@ def test_runs_lists_each_run_with_its_gates_and_metric(finished_run, capsys):
     assert run_cli("runs", "--runs-dir", runs, "--json", "nothing-by-this-name") == 0
     assert json.loads(capsys.readouterr().out) == []
     assert run_cli("runs", "--runs-dir", runs / "missing") == 2
+
+    # a run folder a crash or a full disk cut short is listed as damaged; the others are listed as before
+    import shutil
+
+    for name, cut in (("report-cut", "evaluate/report.json"), ("manifest-cut", "manifest.json")):
+        damaged = runs / "tiny-test" / name
+        shutil.copytree(run_dir, damaged)
+        (damaged / cut).write_text((damaged / cut).read_text()[:40])
+    (runs / "tiny-test" / "manifest-a-list").mkdir()
+    (runs / "tiny-test" / "manifest-a-list" / "manifest.json").write_text("[1, 2]")
+    capsys.readouterr()
+    assert run_cli("runs", "--runs-dir", runs) == 0
+    out = capsys.readouterr().out
+    assert f"{value:.3f}" in next(line for line in out.splitlines() if loaded.run_id in line)
+    for name in ("report-cut", "manifest-cut", "manifest-a-list"):
+        assert f"| {name} | damaged: " in out, name
+    assert "report.json is not JSON (cut short?)" in out
+    # compare names the cut file instead of crashing
+    assert run_cli("compare", run_dir, runs / "tiny-test" / "report-cut", "--runs-dir", runs) == 2
+    assert "report.json cannot be read" in capsys.readouterr().err

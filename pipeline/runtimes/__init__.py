@@ -62,6 +62,25 @@ def prompts_for(tokenizer, rows: list, chat: bool, system: str | None = None) ->
     return prompts
 
 
+def over_context(
+    prompt_tokens: list[int], rows: list, max_new_tokens: int, context: int | None, model: str
+) -> str | None:
+    """Why some eval rows cannot be answered within the model's context (prompt + max_new_tokens tokens past
+    max_position_embeddings), naming the longest row; None where every row fits. A model asked past its context
+    answers garbage (rotary positions it never saw) or fails: refuse, name the rows, let the user choose."""
+    if not context:
+        return None
+    over = [i for i, n in enumerate(prompt_tokens) if n + max_new_tokens > context]
+    if not over:
+        return None
+    longest = max(over, key=lambda i: prompt_tokens[i])
+    return (
+        f"{len(over)} eval rows do not fit {model}'s context of {context} tokens with evaluate.max_new_tokens "
+        f"{max_new_tokens} (the longest: {rows[longest].source}, {prompt_tokens[longest]} prompt tokens); shorten or "
+        "remove those rows, or lower evaluate.max_new_tokens"
+    )
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None

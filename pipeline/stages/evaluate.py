@@ -243,6 +243,11 @@ def candidate_answers(
             data.apply_chat_template_file(tokenizer, loaded.recipe.data)
         chat = data.uses_chat_template(tokenizer, candidate.chat_template or loaded.recipe.data.chat_template)
         prompts = runtimes.prompts_for(tokenizer, rows, chat, candidate.system)
+        too_long = runtimes.over_context(
+            [len(p.ids) for p in prompts], rows, settings.max_new_tokens, _context(candidate), candidate.name
+        )
+        if too_long:
+            raise PipelineError(f"evaluate: {too_long}")
     job = runtimes.GenerationJob(
         prompts=prompts,
         todo=[i for i in range(len(rows)) if i not in cached],
@@ -307,6 +312,18 @@ def latency_sample(rows: int, count: int) -> list[int]:
         return []
     step = max(1, rows // count)
     return list(range(0, rows, step))[:count]
+
+
+def _context(candidate: Candidate) -> int | None:
+    """The candidate's context in tokens, from its transformers config (None where there is none to read)."""
+    if not candidate.source.is_local:
+        return None
+    try:
+        config = json.loads((Path(candidate.source.location) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config)
+    return config.get("max_position_embeddings") if isinstance(config, dict) else None
 
 
 def _tokenizer(candidate: Candidate):
