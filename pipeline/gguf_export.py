@@ -159,6 +159,14 @@ def ollama_template(tokenizer, chat: bool, parts: tuple[str, str] | None) -> str
     return "{{ if .System }}" + with_system + "{{ else }}" + without_system + "{{ end }}"
 
 
+# Checked in Ollama's source as of 2026-08-21 (v0.33.0-rc2: parser/parser.go reads ADAPTER, server/create.go keeps a
+# GGUF whose general.type is "adapter" as an adapter layer); a later release that drops it is reported, not seen.
+ADAPTER_NOTE = (
+    "# ADAPTER: taken by `ollama create` up to v0.33 at least; where yours refuses it, serve the adapter with "
+    "`specialist serve --adapters` or `llama-server -m <base> --lora <adapter>`, or deploy a merged gguf variant"
+)
+
+
 def modelfile(
     gguf_name: str,
     template: str,
@@ -174,7 +182,7 @@ def modelfile(
         "# Written by specialist: the template and stop token this model was trained with; greedy decoding as",
         '# in its evaluation. ollama create NAME -f Modelfile && ollama run NAME "your input"',
         f"FROM {gguf_name}" if adapter_name else f"FROM ./{gguf_name}",
-        *([f"ADAPTER ./{adapter_name}"] if adapter_name else []),
+        *([ADAPTER_NOTE, f"ADAPTER ./{adapter_name}"] if adapter_name else []),
         f'TEMPLATE """{template}"""',
     ]
     if system:

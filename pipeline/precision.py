@@ -14,13 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
 
-from pipeline.runs import cache_lock, cache_root, write_json_atomic
+from pipeline.runs import cache_lock, cache_root, cpu_name, write_json_atomic
 
 DTYPES = ("float32", "bfloat16", "float16")
 MIN_SPEEDUP = 1.25  # below this the rounding is not worth it: casts and the rest of a step eat a small gain
@@ -36,16 +35,6 @@ def layer_shapes(config) -> list[tuple[int, int, int]]:
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
     return [(hidden, heads * head_dim, 2), (hidden, kv, 2), (hidden, intermediate, 2), (intermediate, hidden, 1)]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _cpu_flags() -> str:

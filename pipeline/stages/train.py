@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
 
-from pipeline import allocator, data, models, precision, runtimes, tracking, validation
+from pipeline import allocator, data, models, precision, runtimes, tracking, train_validation
 from pipeline.answer_loss import accepts_logits_to_keep, answer_loss_sum, grouped_answer_loss_sum
 from pipeline.errors import Interrupted, PipelineError, RuntimeFailure
 from pipeline.fused_lora import fuse_lora_layers
@@ -198,10 +198,6 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         if train.report_to:
             tracking.finish_training()
     seconds = time.perf_counter() - started
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # No collective follows training. A rank that exits with its process group alive now and then aborts
-        # ("terminate called without an active exception": gloo's threads torn down under the interpreter).
-        torch.distributed.destroy_process_group()
     if StopSignal.requested:
         raise Interrupted(
             f"train: stopped by a signal at step {trainer.state.global_step} after saving a checkpoint in "
@@ -214,7 +210,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         log(STAGE, f"rank 0/{train.processes}: {trainer.state.global_step} steps")
 
     summary = validating.summary() if validating else None
-    choice = validation.choose(summary, train.select, trainer.state.global_step)
+    choice = train_validation.choose(summary, train.select, trainer.state.global_step)
     _save_adapter(model, tokenizer, stage_dir, choice, trainer.state.global_step)
     log(STAGE, f"adapter: step {choice['chosen_step']}, {choice['why']}")
 
@@ -262,12 +258,12 @@ def _validation_callback(loaded, splits, tokenizer, chat, sequences, stage_dir, 
         return None
     train, settings = recipe.train, recipe.evaluate
     prompts = runtimes.prompts_for(tokenizer, splits.validation, chat)
-    every = train.eval_every or validation.default_every(
+    every = train.eval_every or train_validation.default_every(
         sequences, train.batch_size * train.processes * train.grad_accum, train.max_steps
     )
     if main_process:
         log(STAGE, f"validation: {splits.validation_source}; {settings.metrics[0]} every {every} steps")
-    return validation.ValidationCallback(
+    return train_validation.ValidationCallback(
         tokenizer=tokenizer,
         prompts=[p.ids for p in prompts],
         targets=[row.target for row in splits.validation],
@@ -288,10 +284,10 @@ def _validation_callback(loaded, splits, tokenizer, chat, sequences, stage_dir, 
 def _save_adapter(model, tokenizer, stage_dir: Path, choice: dict, last_step: int) -> None:
     """train/adapter/: the best validation pass's adapter where that is the choice, else the model as trained."""
     adapter_dir = stage_dir / "adapter"
-    best_dir = stage_dir / validation.BEST_ADAPTER
+    best_dir = stage_dir / train_validation.BEST_ADAPTER
     tmp = temp_dir_for(adapter_dir)
     if choice["chosen_step"] != last_step:
-        shutil.copytree(best_dir, tmp, ignore=shutil.ignore_patterns(validation.STATE_FILE))
+        shutil.copytree(best_dir, tmp, ignore=shutil.ignore_patterns(train_validation.STATE_FILE))
     else:
         model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -419,9 +415,9 @@ def _discard_stale_checkpoints(stage_dir: Path, stage_fp: str) -> None:
     owner = stage_dir / "checkpoints.owner"
     if owner.is_file() and owner.read_text() != stage_fp:
         shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
-        shutil.rmtree(stage_dir / validation.BEST_ADAPTER, ignore_errors=True)
+        shutil.rmtree(stage_dir / train_validation.BEST_ADAPTER, ignore_errors=True)
         (stage_dir / "metrics.jsonl").unlink(missing_ok=True)
-        (stage_dir / validation.STATE_FILE).unlink(missing_ok=True)
+        (stage_dir / train_validation.STATE_FILE).unlink(missing_ok=True)
     stage_dir.mkdir(parents=True, exist_ok=True)
     owner.write_text(stage_fp)
 

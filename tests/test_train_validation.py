@@ -141,7 +141,7 @@ def test_patience_stops_training_when_the_score_stops_improving(tiny_recipe, tmp
 
 
 def test_a_killed_training_resumes_with_its_curve_and_its_best(tiny_recipe, tmp_path, monkeypatch):
-    from pipeline.validation import ValidationCallback
+    from pipeline.train_validation import ValidationCallback
 
     uninterrupted = _run(tiny_recipe, tmp_path / "whole", VALIDATION)["result"]["validation"]
     real = ValidationCallback._validate
@@ -216,7 +216,7 @@ def test_rows_the_teacher_forced_pass_already_answers_are_not_generated_and_get_
 ):
     from peft import PeftModel
 
-    from pipeline.validation import ValidationCallback
+    from pipeline.train_validation import ValidationCallback
 
     trained = [*VALIDATION, "train.epochs=40", "train.eval_every=100", "train.lr=1e-2", "evaluate.max_new_tokens=16"]
     run = _run(tiny_recipe, tmp_path / "runs", trained)  # long enough to learn most answers, each label whole

@@ -1,4 +1,4 @@
-"""Validate: everything a run would trip over, found in seconds and before any compute.
+"""Pre-flight (`specialist validate`): everything a run would trip over, found in seconds and before any compute.
 
 The schema and cross-field rules are checked when the recipe loads (pipeline/recipe.py). This adds
 what needs the data and the models: every row renders through the templates, the model references

@@ -1,4 +1,4 @@
-"""The task metric on the validation rows while training, and the adapter it chooses.
+"""Training-time validation: the task metric on the validation rows while training, and the adapter it chooses.
 
 Every `train.eval_every` optimizer steps (twice per epoch by default) and at the last step, the model being
 trained answers the validation rows the way the evaluate stage asks every candidate: the same prompts,

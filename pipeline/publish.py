@@ -1,4 +1,4 @@
-"""Publish: the adapter with its evidence, to the Hugging Face Hub.
+"""Publish (`specialist publish`, by hand, not a stage): the adapter with its evidence, to the Hugging Face Hub.
 
 The bundle is built first in runs/<name>/<id>/publish/ -- exactly the files that are uploaded: the
 adapter, a model card (README.md) carrying the evaluation against the base and the reference, the
