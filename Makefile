@@ -12,7 +12,7 @@ RECIPE_ARGS = $(RECIPE) --runs-dir $(RUNS) $(foreach s,$(SET),--set $(s)) $(if $
 TINY_MODELS := build/tiny-models/base/model.safetensors
 
 .DEFAULT_GOAL := help
-.PHONY: help setup schema bench inspect bench-train serve models llamacpp skypilot train quantize eval report publish submit validate tiny-models compare runs test lint clean docs docs-build results
+.PHONY: help setup schema bench inspect bench-train serve models llamacpp skypilot train quantize eval report publish submit validate tiny-models compare runs test test-slow test-all lint clean docs docs-build results
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -90,7 +90,13 @@ compare: $(VENV)/.installed ## runs side by side: COMPARE="runs/demo/ID1 runs/de
 runs: $(VENV)/.installed ## list the runs under RUNS (default runs/)
 	$(VENV)/bin/specialist runs --runs-dir $(RUNS)
 
-test: $(VENV)/.installed ## run the test suite (unit + integration on tiny models)
+test: $(VENV)/.installed ## the quick suite (every test not marked slow): under 10 minutes on 2 cores
+	$(PY) -m pytest -q -rs -m "not slow"
+
+test-slow: $(VENV)/.installed ## the slow tests alone: every architecture family, real Slurm, two processes, SmolLM2
+	$(PY) -m pytest -q -rs -m slow
+
+test-all: $(VENV)/.installed ## both, as CI runs them
 	$(PY) -m pytest -q -rs
 
 docs: docs-build ## the manual: regenerate its reference pages, build it (warnings are errors), serve it on 127.0.0.1:8000

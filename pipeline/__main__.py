@@ -2,7 +2,7 @@ import os
 import sys
 
 from pipeline.cli import main
-from pipeline.runs import in_launched_process
+from pipeline.processes import in_launched_process
 
 code = main()
 if in_launched_process():

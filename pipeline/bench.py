@@ -16,8 +16,9 @@ import time
 import torch
 
 from pipeline import data, models, precision
+from pipeline.files import read_jsonl_records
 from pipeline.recipe import LoadedRecipe, load_recipe
-from pipeline.runs import read_jsonl_records
+from pipeline.run_layout import RunLayout
 from pipeline.runtimes import PeakMemory
 from pipeline.runtimes.transformers import eos_token_ids, generate_batches, until_eos
 from pipeline.stages import train as train_stage
@@ -207,11 +208,9 @@ def _train_way(recipe_path: str, overrides: list[str], way: str) -> dict:
             with tempfile.TemporaryDirectory() as folder:
                 run_dir = Path(folder)
                 result = train_stage.run(loaded, run_dir)
-                losses = [
-                    row["loss"] for row in read_jsonl_records(run_dir / "train" / "metrics.jsonl") if "loss" in row
-                ]
+                losses = [row["loss"] for row in read_jsonl_records(RunLayout(run_dir).train_metrics) if "loss" in row]
                 base = models.load_model(source, models.compute_dtype(recipe.model.dtype))
-                model = PeftModel.from_pretrained(base, run_dir / "train" / "adapter")
+                model = PeftModel.from_pretrained(base, RunLayout(run_dir).adapter)
             validation_seconds = result["validation"].get("seconds") or 0.0  # scoring checkpoints is not training
             seconds, steps = result["train_seconds"] - validation_seconds, result["steps"]
             frozen, probe = result["frozen_dtype"], result["precision"]["probe"]

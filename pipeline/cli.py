@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import EXIT_CRASHED, EXIT_GATES_FAILED, PipelineError
-from pipeline.runs import STAGE_ORDER  # not pipeline.runner's import of the stages: no torch to print --help
+from pipeline.run_layout import (
+    STAGES,  # not pipeline.runner's import of the stages: no torch to print --help
+    RunLayout,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: finished stages and checkpoints are kept; rerun to continue", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - a bug or an unforeseen library failure: never exit 1 (gates failed)
-        from pipeline.runs import scrub_secrets, write_crash_log
+        from pipeline.logs import scrub_secrets, write_crash_log
 
         try:
             where = write_crash_log(e, getattr(args, "runs_dir", Path("runs")))
@@ -78,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="a sweep recipe: train and score trial N only (what each task of a Slurm job array runs)",
     )
-    for stage in STAGE_ORDER:
+    for stage in STAGES:
         recipe_verb(
             stage if stage != "evaluate" else "eval",
             _run_one(stage),
@@ -123,7 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     schema.set_defaults(handler=_schema)
 
     reference = verbs.add_parser(
-        "docs-reference", help="write the manual's generated reference pages (recipe fields, this CLI, exit codes)"
+        "docs-reference",
+        help="write the manual's generated reference pages (recipe fields, this CLI, make targets, exit codes)",
     )
     reference.add_argument("--out", type=Path, default=Path("docs/reference"), help="(default: docs/reference)")
     reference.add_argument("--check", action="store_true", help="fail if a page differs from what the code says")
@@ -231,7 +235,7 @@ def _load_recipe(args, check: bool = False):
 
 def _run_all(args) -> int:
     from pipeline import runner, sweep
-    from pipeline.runs import StopSignal
+    from pipeline.processes import StopSignal
 
     loaded = _load_recipe(args, check=True)
     StopSignal.install()
@@ -250,7 +254,7 @@ def _run_all(args) -> int:
 def _run_one(stage: str):
     def handler(args) -> int:
         from pipeline import runner, sweep
-        from pipeline.runs import StopSignal
+        from pipeline.processes import StopSignal
 
         loaded = sweep.main_run(_load_recipe(args), args.runs_dir)  # a sweep's: the trial it chose
         StopSignal.install()
@@ -264,7 +268,7 @@ def _report_exit(report: dict | None, run_dir: Path) -> int:
     """Exit 1 when the recipe's gates failed, so scheduled jobs notice."""
     if report is None:
         return 0
-    print(run_dir / "evaluate" / "report.md")
+    print(RunLayout(run_dir).report_md)
     if not report["gates"]["passed"]:
         from pipeline.stages.report import failed_gates
 
@@ -275,7 +279,8 @@ def _report_exit(report: dict | None, run_dir: Path) -> int:
 
 def _publish(args) -> int:
     from pipeline import publish, sweep
-    from pipeline.runs import run_dir_for, run_lock
+    from pipeline.processes import run_lock
+    from pipeline.runs import run_dir_for
 
     loaded = sweep.main_run(_load_recipe(args), args.runs_dir)
     run_dir = run_dir_for(loaded, args.runs_dir)

@@ -16,10 +16,12 @@ from pathlib import Path
 
 from pipeline import data, sweep
 from pipeline.errors import PipelineError
-from pipeline.recipe import load_recipe
+from pipeline.files import read_jsonl_records, write_json_atomic, write_text_atomic
+from pipeline.recipe import data_fingerprint, load_recipe
 from pipeline.render import html, tables
-from pipeline.runs import read_jsonl_records, read_manifest, write_json_atomic, write_text_atomic
-from pipeline.stages.evaluate import EVAL_ROWS, evaluated_row, read_generations
+from pipeline.run_layout import RunLayout
+from pipeline.runs import read_manifest
+from pipeline.stages.evaluate import evaluated_row, read_generations
 from pipeline.stats import paired
 
 COST_KEYS = ("size_on_disk_bytes", "peak_memory_bytes", "single_request_seconds_p50", "cpu_seconds_per_1000_answers")
@@ -28,7 +30,7 @@ COST_KEYS = ("size_on_disk_bytes", "peak_memory_bytes", "single_request_seconds_
 def run_folder(ref: str, runs_dir: Path) -> Path:
     """A finished run, given as its folder or as a recipe (sweep.run_folder)."""
     folder = sweep.run_folder(ref, runs_dir, "compare")
-    if not (folder / "evaluate" / "report.json").is_file():
+    if not RunLayout(folder).report_json.is_file():
         raise PipelineError(f"compare: {folder} has no report; finish it with `make train` (or `make report`)")
     return folder
 
@@ -59,8 +61,8 @@ def compare(folders: list[Path], out_root: Path) -> tuple[dict, Path]:
 
 
 def _read(folder: Path) -> dict:
-    report, results = (_json(folder / "evaluate" / name) for name in ("report.json", "results.json"))
-    loaded = load_recipe(folder / "recipe.resolved.yaml")
+    report, results = _json(RunLayout(folder).report_json), _json(RunLayout(folder).eval_results)
+    loaded = load_recipe(RunLayout(folder).resolved_recipe)
     return {
         "folder": folder,
         "id": folder.name,
@@ -86,12 +88,12 @@ def _json(path: Path):
 def _evaluated_rows(folder: Path, loaded) -> list[dict] | None:
     """The eval rows the run evaluated, as it kept them; for a run from before it kept them, the eval file's rows
     where the data is still what the run was made from; None where nothing says what it evaluated."""
-    kept = folder / "evaluate" / EVAL_ROWS
+    kept = RunLayout(folder).eval_rows
     if kept.is_file():
         return read_jsonl_records(kept)
     manifest = read_manifest(folder)
     try:
-        unchanged = manifest.get("data_fingerprint") == data.data_fingerprint(loaded.recipe.data)
+        unchanged = manifest.get("data_fingerprint") == data_fingerprint(loaded.recipe.data)
         return [evaluated_row(row) for row in data.load_rows(loaded.recipe.data, "eval")] if unchanged else None
     except (PipelineError, OSError):  # the data moved or no longer reads: nothing to pair on
         return None
@@ -142,7 +144,7 @@ def _versus(first: dict, other: dict, metric: str, limit: int = 10) -> dict:
     b = [scores[1][j] for _, j in pairs]
     test = paired(b, a)
     answers = [
-        [g["prediction"] for g in read_generations(run["folder"] / "evaluate" / "generations" / "specialized.jsonl")]
+        [g["prediction"] for g in read_generations(RunLayout(run["folder"]).generations("specialized"))]
         for run in (first, other)
     ]
     changed = [

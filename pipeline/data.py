@@ -9,7 +9,6 @@ so what the model saw in training is exactly what it is asked at evaluation.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import random
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import PipelineError, RemoteError
+from pipeline.remote import hub_failure_in_chain
 
 if TYPE_CHECKING:  # annotations only: the recipe module imports this one (the run id hashes the data)
     from pipeline.recipe import DataSection
@@ -195,8 +195,6 @@ def _read_hub(ref: str, section: DataSection, split: str) -> list[tuple[str, dic
     try:
         table = datasets.load_dataset(name, section.hub_config, split=split_name, revision=revision or None)
     except Exception as e:  # noqa: BLE001 - network, missing split, missing config: each a clear message
-        from pipeline.models import hub_failure_in_chain  # here: models loads torch, which data need not
-
         failure = hub_failure_in_chain(e, f"hub:{ref}")
         if isinstance(failure, RemoteError):  # retry later (exit 3), not a recipe to fix
             raise RemoteError(
@@ -641,26 +639,6 @@ def load_rows(
 ) -> list[TaskRow]:
     splits = load_splits(section, prompt_template, prompt_field)
     return splits.train if split == "train" else splits.eval
-
-
-def data_fingerprint(section: DataSection) -> str:
-    """Hash of the source bytes plus the data section: same fingerprint, same training data."""
-    digest = hashlib.sha256(json.dumps(section.model_dump(mode="json"), sort_keys=True).encode())
-    validation_file = section.validation if isinstance(section.validation, str) else None
-    for source in (section.train, section.eval, section.chat_template_file, validation_file):
-        if source is None or str(source).startswith("hub:"):
-            continue  # a hub source is identified by its name and revision, already in the section
-        digest.update(Path(source).read_bytes() if Path(source).is_file() else b"<missing>")
-    return digest.hexdigest()
-
-
-def inputs_fingerprint(recipe) -> str:
-    """The data section's fingerprint and the distillation inputs' bytes: what a run was made from."""
-    digest = hashlib.sha256(data_fingerprint(recipe.data).encode())
-    inputs = recipe.distill.inputs if recipe.distill else None
-    if inputs and not inputs.startswith("hub:"):
-        digest.update(Path(inputs).read_bytes() if Path(inputs).is_file() else b"<missing>")
-    return digest.hexdigest()
 
 
 # --- tokenization -------------------------------------------------------------------------------

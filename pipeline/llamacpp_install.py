@@ -32,7 +32,8 @@ from importlib import metadata
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.runs import cache_root, environment_lock, shared_lock
+from pipeline.files import cache_root
+from pipeline.processes import environment_lock, shared_lock
 
 VERSION = "0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"

@@ -32,7 +32,10 @@ from typing import Literal, NamedTuple
 import torch
 
 from pipeline.errors import PipelineError, RemoteError
-from pipeline.runs import cache_lock, cache_root, environment_lock, log
+from pipeline.files import cache_root
+from pipeline.logs import log
+from pipeline.processes import cache_lock, environment_lock
+from pipeline.remote import first_line, hub_failure, hub_failure_in_chain
 
 Quantization = Literal["bnb-nf4", "bnb-int8"]
 
@@ -156,47 +159,6 @@ def _cached_commit(repo: str, revision: str) -> str | None:
     return commit if COMMIT.fullmatch(commit) else None
 
 
-def hub_failure(error: Exception, what: str) -> PipelineError:
-    """A Hub failure as the error a user acts on: the Hub unreachable or failing (retry later, exit 3) apart
-    from a repo, revision or file that does not exist or is gated (fix the recipe or the token, exit 2)."""
-    from huggingface_hub import errors
-
-    if isinstance(error, errors.GatedRepoError):
-        return PipelineError(
-            f"{what} is gated: accept its terms on the Hub and log in (`hf auth login`) or set HF_TOKEN"
-        )
-    if isinstance(error, errors.RepositoryNotFoundError):
-        return PipelineError(f"{what}: no such model repository on the Hub (or it is private and no token can read it)")
-    if isinstance(error, errors.RevisionNotFoundError):
-        return PipelineError(f"{what}: the repository has no such branch, tag or commit")
-    if isinstance(error, errors.HfHubHTTPError):
-        status = error.response.status_code if error.response is not None else None
-        if status is not None and (status >= 500 or status == 429):
-            return RemoteError(f"{what}: the Hub answered {status}; retry later")
-        return PipelineError(f"{what}: the Hub refused the request ({status}: {_first_line(error)})")
-    if _is_unreachable(error):
-        return RemoteError(f"{what}: the Hub could not be reached ({_first_line(error)}); retry when it can")
-    return PipelineError(f"{what}: {type(error).__name__}: {_first_line(error)}")
-
-
-def hub_failure_in_chain(error: BaseException, what: str) -> PipelineError | None:
-    """The Hub failure behind a library's error (transformers and datasets wrap the Hub client's), if any."""
-    from huggingface_hub import errors
-
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, errors.HfHubHTTPError) or _is_unreachable(error):
-            return hub_failure(error, what)
-        error = error.__cause__ or error.__context__
-    return None
-
-
-def _is_unreachable(error: BaseException) -> bool:
-    """A connection that failed or timed out (the Hub client's httpx errors, or the OS's)."""
-    return isinstance(error, ConnectionError | TimeoutError) or type(error).__module__.split(".")[0].startswith("httpx")
-
-
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -264,10 +226,10 @@ def _from_pretrained(cls, source: ModelSource, **kwargs):
         if source.is_local:
             problem = model_folder_problem(Path(source.location), kwargs.get("trust_remote_code", False))
             if problem is None and "mismatch" in str(e).lower():
-                problem = f"{source.location}: its weights do not fit its config.json ({_first_line(e)})"
+                problem = f"{source.location}: its weights do not fit its config.json ({first_line(e)})"
             if problem is None and not isinstance(e, OSError):
                 raise  # not something this folder explains: a bug, with its traceback
-            raise PipelineError(problem or f"could not load {source.location}: {_first_line(e)}") from None
+            raise PipelineError(problem or f"could not load {source.location}: {first_line(e)}") from None
         if not isinstance(e, OSError | ValueError):
             raise
         raise _hub_unavailable(e, source.location, "load") from None
@@ -294,7 +256,7 @@ def _hub_unavailable(error: Exception, location: str, doing: str) -> PipelineErr
     if isinstance(failure, RemoteError):
         return failure
     return PipelineError(
-        f"could not {doing} {location} from the Hugging Face Hub ({_first_line(error)}). If this machine is "
+        f"could not {doing} {location} from the Hugging Face Hub ({first_line(error)}). If this machine is "
         "offline, download the model where you have the Hub (`hf download ORG/NAME --local-dir DIR`) and give "
         "DIR in the recipe."
     )
@@ -360,7 +322,7 @@ def model_folder_problem(folder: Path, trust_remote_code: bool = False) -> str |
             with safe_open(str(weights), framework="pt") as f:
                 f.keys()
         except Exception as e:  # noqa: BLE001 - safetensors' own error types: a cut or foreign file
-            return f"{weights} is damaged or not a safetensors file ({_first_line(e)}); download or save it again"
+            return f"{weights} is damaged or not a safetensors file ({first_line(e)}); download or save it again"
     return None
 
 
@@ -602,7 +564,7 @@ def _convert_gguf(gguf: Path, digest: str, converted: Path, field: str, converte
         )
     except (ValueError, KeyError, OSError, NotImplementedError) as e:  # what transformers' GGUF loader raises
         raise PipelineError(
-            f"{field}: transformers could not import {gguf} ({type(e).__name__}: {_first_line(e)}); give the "
+            f"{field}: transformers could not import {gguf} ({type(e).__name__}: {first_line(e)}); give the "
             "original checkpoint (a folder or Hub id) instead, or a GGUF of an architecture transformers imports"
         ) from None
     tmp = converted.with_name(f".{converted.name}.tmp-{os.getpid()}")
@@ -639,7 +601,7 @@ def gguf_problem(gguf: Path) -> str | None:
         field = reader.fields.get("general.architecture")
         architecture = bytes(field.parts[field.data[0]]).decode() if field else None
     except (ValueError, IndexError, KeyError, OSError) as e:  # a cut download: the header points past the end
-        return f"{gguf} is a damaged GGUF file ({type(e).__name__}: {_first_line(e)}); download it again"
+        return f"{gguf} is a damaged GGUF file ({type(e).__name__}: {first_line(e)}); download it again"
     if architecture is None:
         return f"{gguf} names no general.architecture in its header; it is not a model GGUF"
     if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
@@ -649,11 +611,6 @@ def gguf_problem(gguf: Path) -> str | None:
             f"{', '.join(supported)}); give the original checkpoint (a folder or Hub id) instead"
         )
     return None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def _sha256(path: Path) -> str:

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.runs import cache_lock, cache_root, cpu_name, write_json_atomic
+from pipeline.files import cache_root, write_json_atomic
+from pipeline.machine import cpu_name
+from pipeline.processes import cache_lock
 
 DTYPES = ("float32", "bfloat16", "float16")
 MIN_SPEEDUP = 1.25  # below this the rounding is not worth it: casts and the rest of a step eat a small gain

@@ -21,6 +21,8 @@ import yaml
 
 from pipeline import data, gguf_export, llamacpp_install
 from pipeline.errors import PipelineError, RemoteError
+from pipeline.files import replace_dir, temp_dir_for, write_json_atomic
+from pipeline.logs import log
 from pipeline.models import PACKAGED
 from pipeline.recipe import LoadedRecipe
 from pipeline.render import html
@@ -34,20 +36,13 @@ from pipeline.render.markdown import (
     verdict,
 )
 from pipeline.render.sweep import curve_markdown, sweep_markdown
-from pipeline.runs import (
-    log,
-    read_manifest,
-    replace_dir,
-    temp_dir_for,
-    training_invocation,
-    write_json_atomic,
-)
+from pipeline.run_layout import RunLayout
+from pipeline.runs import read_manifest, training_invocation
 from pipeline.stages.report import failed_gates, page_rows
 
 STAGE = "publish"
-PUBLISHED_RECORD = "published.json"  # beside the bundle, not in it: what was pushed where, and when
 EVIDENCE = ("report.md", "report.png", "report.json")
-PLOTS = ("sweep.png", "curve.png", "cascade.png")
+PLOTS = ("sweep", "curve", "cascade")
 CARD_TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}\n"
 
 
@@ -85,7 +80,7 @@ def run(loaded: LoadedRecipe, run_dir: Path, *, dry_run: bool = False, allow_fai
         log(STAGE, f"dry run: nothing uploaded; without DRY_RUN these files would go to {where}")
         return {"bundle": str(bundle.folder), "files": bundle.files, "repo": section.repo, "uploaded": False}
     record = upload(bundle, loaded, report)
-    write_json_atomic(run_dir / PUBLISHED_RECORD, record)
+    write_json_atomic(RunLayout(run_dir).published, record)
     if record["changed"]:
         log(STAGE, f"published to {where}: {record['commit_url']}")
     else:
@@ -104,9 +99,9 @@ def publish_section(loaded: LoadedRecipe):
 
 def finished_report(loaded: LoadedRecipe, run_dir: Path) -> dict:
     """The run's report, refusing a run whose evaluation or adapter is missing."""
-    report_path = run_dir / "evaluate" / "report.json"
-    adapter = run_dir / "train" / "adapter" / "adapter_model.safetensors"
-    if not report_path.is_file() or not (run_dir / "evaluate" / ".done.json").is_file() or not adapter.is_file():
+    report_path = RunLayout(run_dir).report_json
+    adapter = RunLayout(run_dir).adapter / "adapter_model.safetensors"
+    if not report_path.is_file() or not RunLayout(run_dir).done_marker("evaluate").is_file() or not adapter.is_file():
         raise PipelineError(
             f"{run_dir}: no finished run of {loaded.path} to publish (adapter and report are missing); "
             f"run `make train RECIPE={loaded.path}` first"
@@ -120,11 +115,11 @@ def finished_report(loaded: LoadedRecipe, run_dir: Path) -> dict:
 def build_bundle(loaded: LoadedRecipe, run_dir: Path, report: dict) -> Bundle:
     """Write runs/.../publish/ atomically: the same run always gives the same bytes."""
     section = loaded.recipe.publish
-    final = run_dir / "publish"
+    final = RunLayout(run_dir).publish
     tmp = temp_dir_for(final)
     tmp.mkdir(parents=True)
     base_id = base_model_id(loaded)
-    adapter = run_dir / "train" / "adapter"
+    adapter = RunLayout(run_dir).adapter
     for path in sorted(adapter.iterdir()):
         if path.is_file() and path.name != "README.md":  # peft's placeholder card; ours replaces it
             _link_or_copy(path, tmp / path.name)
@@ -140,13 +135,13 @@ def build_bundle(loaded: LoadedRecipe, run_dir: Path, report: dict) -> Bundle:
     (tmp / "report.md").write_text(public_text(render_markdown(shown, flips, "report.png")))
     rows = page_rows(loaded, run_dir, shown) if examples else None  # a public page: no row of the data
     (tmp / "report.html").write_text(public_text(html.render(shown, verdict(shown), rows)))
-    _link_or_copy(run_dir / "evaluate" / "report.png", tmp / "report.png")
+    _link_or_copy(RunLayout(run_dir).plot("report"), tmp / "report.png")
     for plot in PLOTS:  # a sweep's trials, a learning curve, a cascade: where the report has them
-        if (run_dir / "evaluate" / plot).is_file():
-            _link_or_copy(run_dir / "evaluate" / plot, tmp / plot)
+        if RunLayout(run_dir).plot(plot).is_file():
+            _link_or_copy(RunLayout(run_dir).plot(plot), tmp / f"{plot}.png")
     (tmp / "recipe.resolved.yaml").write_text(public_text(yaml.safe_dump(loaded.resolved, sort_keys=False)))
     if section.merged:
-        merged = run_dir / "quantize" / "merged"
+        merged = RunLayout(run_dir).merged
         if not (merged / "config.json").is_file():
             raise PipelineError(f"publish.merged: {merged} has no merged model; rerun `make quantize`")
         (tmp / "merged").mkdir()
@@ -155,7 +150,7 @@ def build_bundle(loaded: LoadedRecipe, run_dir: Path, report: dict) -> Bundle:
                 _link_or_copy(path, tmp / "merged" / path.name)
     gguf_files = {}
     for label in gguf_labels(loaded):
-        folder = run_dir / "quantize" / label
+        folder = RunLayout(run_dir).variant(label)
         variant = _variant(loaded, label)
         source = folder / ("model.gguf" if variant.kind == "gguf" else "adapter.gguf")
         if not source.is_file():
@@ -597,7 +592,7 @@ def example_prompt(loaded: LoadedRecipe, run_dir: Path, placeholders: bool = Fal
     placeholders, the same row with each field the prompt uses shown as <field> instead of its text."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "train" / "adapter"))
+    tokenizer = AutoTokenizer.from_pretrained(str(RunLayout(run_dir).adapter))
     row = data.load_splits(loaded.recipe.data).eval[0]
     if placeholders:
         row = data.placeholder_row(loaded.recipe.data, row)
@@ -607,7 +602,7 @@ def example_prompt(loaded: LoadedRecipe, run_dir: Path, placeholders: bool = Fal
 
 def _training(loaded: LoadedRecipe, run_dir: Path, report: dict) -> list[str]:
     recipe = loaded.recipe
-    train = _read_json(run_dir / "train" / "result.json")
+    train = _read_json(RunLayout(run_dir).train_result)
     manifest = read_manifest(run_dir)
     trained_by = training_invocation(manifest)
     lora = recipe.lora

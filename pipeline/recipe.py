@@ -10,6 +10,7 @@ import copy
 import difflib
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 import re
@@ -20,8 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pipeline import gguf_export, tracking
-from pipeline.data import inputs_fingerprint
+from pipeline import gguf_export
 from pipeline.errors import PipelineError
 from pipeline.templates import template_fields, template_problem
 
@@ -1305,7 +1305,7 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
             )
         )
     if recipe.train.report_to:
-        absent = tracking.missing(recipe.train.report_to)
+        absent = missing_trackers(recipe.train.report_to)
         if absent:
             problems.append(
                 (
@@ -1438,3 +1438,43 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
         if found:
             return found
     return None
+
+
+# --- what a run is made from: its data and the trackers it reports to -------------------------------
+
+
+def data_fingerprint(section: DataSection) -> str:
+    """Hash of the source bytes plus the data section: same fingerprint, same training data."""
+    digest = hashlib.sha256(json.dumps(section.model_dump(mode="json"), sort_keys=True).encode())
+    validation_file = section.validation if isinstance(section.validation, str) else None
+    for source in (section.train, section.eval, section.chat_template_file, validation_file):
+        if source is None or str(source).startswith("hub:"):
+            continue  # a hub source is identified by its name and revision, already in the section
+        digest.update(Path(source).read_bytes() if Path(source).is_file() else b"<missing>")
+    return digest.hexdigest()
+
+
+def inputs_fingerprint(recipe) -> str:
+    """The data section's fingerprint and the distillation inputs' bytes: what a run was made from."""
+    digest = hashlib.sha256(data_fingerprint(recipe.data).encode())
+    inputs = recipe.distill.inputs if recipe.distill else None
+    if inputs and not inputs.startswith("hub:"):
+        digest.update(Path(inputs).read_bytes() if Path(inputs).is_file() else b"<missing>")
+    return digest.hexdigest()
+
+
+TRACKER_MODULES = {
+    "tensorboard": "tensorboard",
+    "mlflow": "mlflow",
+    "wandb": "wandb",
+    "trackio": "trackio",
+    "comet_ml": "comet_ml",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "swanlab": "swanlab",
+}
+
+
+def missing_trackers(report_to: list[str]) -> list[str]:
+    """The trackers a recipe reports to whose package is not installed."""
+    return [name for name in report_to if importlib.util.find_spec(TRACKER_MODULES[name]) is None]

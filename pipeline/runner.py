@@ -5,22 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.data import data_fingerprint
+from pipeline.logs import log
 from pipeline.models import recorded_references
-from pipeline.recipe import LoadedRecipe
-from pipeline.runs import (
-    STAGE_ORDER,
-    in_launched_process,
-    is_done,
-    log,
-    prepare_run_dir,
-    record_stage_run,
-    run_dir_for,
-    run_lock,
-)
-from pipeline.stages import cascade, distill, evaluate, quantize, report, train
+from pipeline.processes import in_launched_process, run_lock
+from pipeline.recipe import LoadedRecipe, data_fingerprint
+from pipeline.run_layout import STAGES, RunLayout
+from pipeline.runs import is_done, prepare_run_dir, record_stage_run, run_dir_for
+from pipeline.stages import Stage, cascade, distill, evaluate, quantize, report, train
 
-STAGES = {
+STAGE_MODULES: dict[str, Stage] = {
     "distill": distill,
     "train": train,
     "quantize": quantize,
@@ -38,7 +31,7 @@ def prepare(loaded: LoadedRecipe, runs_dir: Path, command: str) -> Path:
 
 
 def run_stages(
-    loaded: LoadedRecipe, runs_dir: Path, stages: tuple[str, ...] = STAGE_ORDER, force: bool = False,
+    loaded: LoadedRecipe, runs_dir: Path, stages: tuple[str, ...] = STAGES, force: bool = False,
     command: str = "run",
 ) -> tuple[Path, dict | None]:  # fmt: skip
     """Run `stages` of the recipe under its run lock; (the run folder, the report where it was built or read)."""
@@ -49,13 +42,13 @@ def run_stages(
         for stage in stages:
             if stage in OPTIONAL and getattr(loaded.recipe, OPTIONAL[stage]) is None and len(stages) > 1:
                 continue
-            fingerprint = STAGES[stage].fingerprint(loaded, run_dir)
-            if not force and is_done(run_dir / stage, fingerprint):
+            fingerprint = STAGE_MODULES[stage].fingerprint(loaded, run_dir)
+            if not force and is_done(RunLayout(run_dir).stage(stage), fingerprint):
                 log(stage, "already done for this recipe and data; skipped")
                 if stage == "report":  # the exit code still says whether the gates passed
                     built = report.read(run_dir)
                 continue
-            result = STAGES[stage].run(loaded, run_dir)
+            result = STAGE_MODULES[stage].run(loaded, run_dir)
             record_stage_run(run_dir, stage)
             if stage == "report":
                 built = result

@@ -33,28 +33,26 @@ import yaml
 
 from pipeline import data, runner, stats
 from pipeline.errors import PipelineError
+from pipeline.files import write_json_atomic, write_text_atomic
+from pipeline.logs import log
 from pipeline.metrics import metric_interval
+from pipeline.processes import run_lock
 from pipeline.recipe import LoadedRecipe, load_recipe
 from pipeline.render.sweep import curve_markdown, sweep_markdown, write_curve_plot, write_sweep_plot
+from pipeline.run_layout import RunLayout
 from pipeline.runs import (
     CURVE_FILE,
     SWEEP_FILE,
     done_fingerprint,
     is_done,
-    log,
     mark_done,
     run_dir_for,
-    run_lock,
     stage_fingerprint,
     start_stage,
-    write_json_atomic,
-    write_text_atomic,
 )
 from pipeline.stages import evaluate
 
-# SWEEP_FILE, CURVE_FILE: in the summary folders, and a copy in the chosen run's folder for its report
-TRIAL_SCORE_DIR = "validation"  # in each trial's run folder: the chosen adapter on the validation rows
-CURVE_SCORE_DIR = "curve-eval"  # in each share's run folder: its adapter on the eval rows
+# SWEEP_FILE, CURVE_FILE: in the summary folders, and a copy in the chosen run's folder for its report (RunLayout)
 
 
 @dataclass(frozen=True)
@@ -123,17 +121,17 @@ def run_trial(trial: Trial, runs_dir: Path, force: bool = False) -> dict:
 
 def score_on_validation(loaded: LoadedRecipe, run_dir: Path) -> dict:
     settings = loaded.recipe.evaluate
-    folder = run_dir / TRIAL_SCORE_DIR
+    folder = RunLayout(run_dir).sweep_validation
     fingerprint = stage_fingerprint(
-        TRIAL_SCORE_DIR,
-        done_fingerprint(run_dir / "train"),
+        folder.name,
+        done_fingerprint(RunLayout(run_dir).stage("train")),
         settings.model_dump(exclude={"reference", "gates", "bootstrap_samples"}),
         settings.bootstrap_samples,
     )
     if is_done(folder, fingerprint):
         return json.loads((folder / "result.json").read_text())
     start_stage(folder)
-    train_result = json.loads((run_dir / "train" / "result.json").read_text())
+    train_result = json.loads(RunLayout(run_dir).train_result.read_text())
     rows = data.load_splits(loaded.recipe.data).validation  # held out before distilled rows are added
     if not rows:
         raise PipelineError(f"{loaded.path}: no validation rows to choose a trial on; set data.validation")
@@ -283,7 +281,7 @@ def main_run(loaded: LoadedRecipe, runs_dir: Path) -> LoadedRecipe:
 def run_folder(ref: str, runs_dir: Path, verb: str) -> Path:
     """A run folder given as itself, or a recipe file standing for its run (a sweep's: the trial it chose)."""
     path = Path(ref)
-    if path.is_dir() and (path / "manifest.json").is_file():
+    if path.is_dir() and RunLayout(path).manifest.is_file():
         return path
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return run_dir_for(main_run(load_recipe(path), runs_dir), runs_dir)
@@ -328,13 +326,13 @@ def run(loaded: LoadedRecipe, runs_dir: Path, force: bool = False) -> tuple[Path
     if sweep_summary is not None:  # the chosen run's report carries the trials table
         chosen_dir = run_dir_for(chosen, runs_dir)
         with run_lock(chosen_dir):
-            write_json_atomic(chosen_dir / SWEEP_FILE, sweep_summary)
+            write_json_atomic(RunLayout(chosen_dir).sweep, sweep_summary)
     run_dir, report = runner.run_stages(chosen, runs_dir, force=force)
     if loaded.recipe.learning_curve is not None:
         with run_lock(summary_dir(loaded, runs_dir, "curve")):
             curve = learning_curve(loaded, settings, runs_dir, run_dir, force)
         with run_lock(run_dir):
-            write_json_atomic(run_dir / CURVE_FILE, curve)
+            write_json_atomic(RunLayout(run_dir).curve, curve)
         run_dir, report = runner.run_stages(chosen, runs_dir, ("report",))  # rebuilt with the curve in it
     if sweep_summary is not None:
         sweep_summary["chosen_eval"] = _eval_facts(report)
@@ -377,7 +375,7 @@ def learning_curve(
                 scored = _score_on_eval(share, run_dir)
         else:
             run_dir, scored = full_run_dir, _full_run_scores(full_run_dir, metric)
-        train_result = json.loads((run_dir / "train" / "result.json").read_text())
+        train_result = json.loads(RunLayout(run_dir).train_result.read_text())
         rows = train_result.get("rows_before_tokenizing", train_result["rows"])
         teacher = train_result.get("rows_teacher_labelled", 0)
         points.append(
@@ -411,9 +409,11 @@ def learning_curve(
 
 def _score_on_eval(loaded: LoadedRecipe, run_dir: Path) -> dict:
     settings = loaded.recipe.evaluate
-    folder = run_dir / CURVE_SCORE_DIR
+    folder = RunLayout(run_dir).curve_eval
     fingerprint = stage_fingerprint(
-        CURVE_SCORE_DIR, done_fingerprint(run_dir / "train"), settings.model_dump(exclude={"reference", "gates"})
+        folder.name,
+        done_fingerprint(RunLayout(run_dir).stage("train")),
+        settings.model_dump(exclude={"reference", "gates"}),
     )
     if is_done(folder, fingerprint):
         return json.loads((folder / "result.json").read_text())
@@ -436,8 +436,8 @@ def _gating_score(loaded: LoadedRecipe, scored: dict) -> tuple[str, dict, tuple[
 
 
 def _full_run_scores(run_dir: Path, metric: str) -> dict:
-    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
-    results = json.loads((run_dir / "evaluate" / "results.json").read_text())
+    report = json.loads(RunLayout(run_dir).report_json.read_text())
+    results = json.loads(RunLayout(run_dir).eval_results.read_text())
     m = report["candidates"]["specialized"]["metrics"][metric]
     per_row = results["candidates"]["specialized"]["metrics"][metric]["per_row"]
     return {"value": m["value"], "ci95": m["ci95"], "per_row": per_row}
@@ -492,7 +492,7 @@ def _labelling_cost(loaded: LoadedRecipe, run_dir: Path, points: list[dict]) -> 
     """For a distillation recipe: what each point's teacher labels cost (time, and money at the teacher's price)."""
     if loaded.recipe.distill is None:
         return None
-    path = run_dir / "distill" / "result.json"
+    path = RunLayout(run_dir).distill_result
     if not path.is_file():
         return None
     labelling = json.loads(path.read_text())

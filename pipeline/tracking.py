@@ -18,24 +18,12 @@ import yaml
 
 if TYPE_CHECKING:  # annotations only: the recipe checks which trackers are installed
     from pipeline.recipe import LoadedRecipe
-from pipeline.runs import log, write_json_atomic
+from pipeline.files import write_json_atomic
+from pipeline.logs import log
+from pipeline.run_layout import RunLayout
 
 # tracker name (as transformers' report_to spells it) -> the module it needs
-MODULES = {
-    "tensorboard": "tensorboard",
-    "mlflow": "mlflow",
-    "wandb": "wandb",
-    "trackio": "trackio",
-    "comet_ml": "comet_ml",
-    "clearml": "clearml",
-    "dvclive": "dvclive",
-    "swanlab": "swanlab",
-}
 RECORD = "tracking.json"  # train/tracking.json: where each tracker's run is
-
-
-def missing(report_to: list[str]) -> list[str]:
-    return [name for name in report_to if importlib.util.find_spec(MODULES[name]) is None]
 
 
 def start(loaded: LoadedRecipe, run_dir: Path) -> dict:
@@ -43,7 +31,7 @@ def start(loaded: LoadedRecipe, run_dir: Path) -> dict:
     report_to = loaded.recipe.train.report_to
     record: dict = {}
     if "tensorboard" in report_to:
-        folder = run_dir / "train" / "tensorboard"
+        folder = RunLayout(run_dir).tensorboard
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(folder)
         record["tensorboard"] = str(folder)
     if "mlflow" in report_to:
@@ -58,7 +46,7 @@ def start(loaded: LoadedRecipe, run_dir: Path) -> dict:
         mlflow.log_text(yaml.safe_dump(loaded.resolved, sort_keys=False), "recipe.resolved.yaml")
         record["mlflow"] = {"tracking_uri": mlflow.get_tracking_uri(), "run_id": run.info.run_id}
     if record:
-        write_json_atomic(run_dir / "train" / RECORD, record)
+        write_json_atomic(RunLayout(run_dir).tracking, record)
     return record
 
 
@@ -72,7 +60,7 @@ def finish_training() -> None:
 
 def log_report(loaded: LoadedRecipe, run_dir: Path, report: dict) -> None:
     """After the report: every candidate's metrics, the gates and the run id, into the same tracker runs."""
-    path = run_dir / "train" / RECORD
+    path = RunLayout(run_dir).tracking
     if not loaded.recipe.train.report_to or not path.is_file():
         return
     record = json.loads(path.read_text())
@@ -103,7 +91,7 @@ def log_report(loaded: LoadedRecipe, run_dir: Path, report: dict) -> None:
         mlflow.set_tracking_uri(record["mlflow"]["tracking_uri"])
         with mlflow.start_run(run_id=record["mlflow"]["run_id"]):
             mlflow.log_metrics(metrics)
-            mlflow.log_artifact(str(run_dir / "evaluate" / "report.md"))
+            mlflow.log_artifact(str(RunLayout(run_dir).report_md))
     log("report", f"logged the evaluation to {', '.join(record)}")
 
 

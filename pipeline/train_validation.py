@@ -27,7 +27,8 @@ from transformers import TrainerCallback
 
 from pipeline.answer_loss import accepts_logits_to_keep, answer_loss_and_matches
 from pipeline.data import IGNORE_INDEX, pad_batch
-from pipeline.runs import append_jsonl, log, replace_dir, temp_dir_for, write_json_atomic
+from pipeline.files import append_jsonl, replace_dir, temp_dir_for, write_json_atomic
+from pipeline.logs import log
 from pipeline.runtimes.transformers import eos_token_ids, generate_batches
 
 STATE_FILE = "validation.json"

@@ -100,7 +100,7 @@ def test_llamacpp_applies_the_adapter_to_the_shared_base_as_the_merge_did(family
     assert abs(lora["export"]["answer_nll"] - merged["export"]["answer_nll"]) < 0.1 * moved, (family, lora, merged)
     twin = lora["versus_merged_gguf"]
     assert twin["variant"] == "gguf-q8_0" and twin["top1_agreement"] >= 0.8, (family, twin)
-    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    report = json.loads((run_dir / "report" / "report.json").read_text())
     for label in ("gguf-q8_0", "gguf-lora-q8_0"):
         assert report["candidates"][label]["runtime"] == "llama.cpp"
         lines = (run_dir / "evaluate" / "generations" / f"{label}.jsonl").read_text().splitlines()[1:]

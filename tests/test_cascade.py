@@ -80,10 +80,10 @@ def test_a_cascade_chooses_on_validation_and_reports_on_the_eval_rows(tiny_recip
     threshold = cascade["threshold"] if cascade["threshold"] is not None else math.inf
     local = sum(e["confidence"] >= threshold for e in eval_answers["specialized"]) / len(eval_answers["specialized"])
     assert cascade["share_local"] == pytest.approx(local)
-    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    report = json.loads((run_dir / "report" / "report.json").read_text())
     assert report["cascade"]["candidates"]["specialized"]["value"] == cascade["value"]
-    assert "## Cascade" in (run_dir / "evaluate" / "report.md").read_text()
-    assert (run_dir / "evaluate" / "cascade.png").stat().st_size > 0
+    assert "## Cascade" in (run_dir / "report" / "report.md").read_text()
+    assert (run_dir / "report" / "cascade.png").stat().st_size > 0
     # the card carries the operating point; a public bundle carries no text of the data's rows
     assert main(["publish", str(recipe), "--runs-dir", str(runs), "--dry-run", "--allow-failed-gates"]) == 0
     bundle = run_dir / "publish"
@@ -123,6 +123,6 @@ def test_a_reference_that_answers_only_the_deferred_rows_is_asked_for_those_alon
     assert 0 < len(below) < len(local) and len(asked) == len(below) == only["reference_eval_rows"]
     assert only["candidates"]["specialized"]["versus_reference"] is None
     assert only["candidates"]["specialized"]["curve_rows"] == "validation"
-    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    report = json.loads((run_dir / "report" / "report.json").read_text())
     assert "reference" not in report["candidates"] and report["cascade"]["reference_value"] is None
-    assert f"answered only the {len(below)} of 24 eval rows" in (run_dir / "evaluate" / "report.md").read_text()
+    assert f"answered only the {len(below)} of 24 eval rows" in (run_dir / "report" / "report.md").read_text()

@@ -10,7 +10,7 @@ from pipeline import data
 from pipeline.data import IGNORE_INDEX, TaskRow
 from pipeline.errors import PipelineError, RemoteError
 from pipeline.models import ModelSource, load_model, load_tokenizer
-from pipeline.recipe import DataSection
+from pipeline.recipe import DataSection, data_fingerprint
 
 CHATML = (
     "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<eos>\n{% endfor %}"
@@ -271,11 +271,11 @@ def test_hub_source_failure_says_what_to_do(monkeypatch):
 
 def test_fingerprint_changes_with_the_bytes_and_the_section(tmp_path):
     s = section(tmp_path, [{"text": "a", "label": "b"}], [{"text": "c", "label": "d"}])
-    first = data.data_fingerprint(s)
-    assert data.data_fingerprint(s) == first
-    assert data.data_fingerprint(s.model_copy(update={"prompt": "Q2: {text}"})) != first
+    first = data_fingerprint(s)
+    assert data_fingerprint(s) == first
+    assert data_fingerprint(s.model_copy(update={"prompt": "Q2: {text}"})) != first
     write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": "c"}])
-    assert data.data_fingerprint(s) != first
+    assert data_fingerprint(s) != first
 
 
 def test_text_format_trains_every_token_and_evaluates_the_second_half(tmp_path, chat_tokenizer):

@@ -56,12 +56,12 @@ def test_teacher_labels_the_inputs_and_the_student_trains_on_them(distill_recipe
     assert len(answers) == 60 and all(0 < a["confidence"] <= 1 for a in answers)
     train = json.loads((run_dir / "train" / "result.json").read_text())
     assert train["rows"] == 60  # no gold rows: the student learned from the teacher alone
-    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    report = json.loads((run_dir / "report" / "report.json").read_text())
     distilled = report["distillation"]
     assert (distilled["labelled_rows"], distilled["dropped_rows"], distilled["gold_rows"]) == (60, 0, 0)
     assert distilled["teacher_seconds"] > 0 and 0 <= distilled["agreement_with_teacher"] <= 1
     assert distilled["teacher_gold_agreement"] is None  # the inputs carry no labels
-    assert "## Distillation" in (run_dir / "evaluate" / "report.md").read_text()
+    assert "## Distillation" in (run_dir / "report" / "report.md").read_text()
 
 
 def test_a_killed_labelling_continues_and_a_changed_prompt_relabels(distill_recipe, tmp_path, capsys):
@@ -154,5 +154,5 @@ def test_gold_rows_and_the_teachers_rows_train_together_and_are_counted(distill_
     assert main([*args, "--set", overrides[0], "--set", overrides[1]]) == 0
     run_dir = _run_dir(distill_recipe, runs, overrides)
     assert json.loads((run_dir / "train" / "result.json").read_text())["rows"] == 24 + 60
-    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    report = json.loads((run_dir / "report" / "report.json").read_text())
     assert (report["distillation"]["gold_rows"], report["distillation"]["labelled_rows"]) == (24, 60)

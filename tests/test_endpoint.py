@@ -90,7 +90,7 @@ def test_an_endpoint_reference_is_evaluated_through_the_server_and_priced(
     before = server.requests()
     assert main(["run", str(recipe), "--runs-dir", str(runs)]) == 0
     run_dir = runs / "endpoint-test" / load_recipe(recipe).run_id
-    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    report = json.loads((run_dir / "report" / "report.json").read_text())
     reference = report["candidates"]["reference"]
     assert reference["runtime"] == "endpoint"
     assert server.requests() - before == 24 + 3  # every eval row once, the latency rows, nothing else
@@ -107,7 +107,7 @@ def test_an_endpoint_reference_is_evaluated_through_the_server_and_priced(
     assert reference["peak_memory_bytes"] is None and reference["parameters"] is None  # the server's, not ours
     assert report["candidates"]["specialized"]["cost_per_1000_answers"] is None  # local: no per-token price
     assert report["savings"]["saved_per_1000_answers"] == pytest.approx(reference["cost_per_1000_answers"])
-    markdown = (run_dir / "evaluate" / "report.md").read_text()
+    markdown = (run_dir / "report" / "report.md").read_text()
     assert "cost per 1,000 answers" in markdown and "no per-token price" in markdown
     assert f"saving USD {reference['cost_per_1000_answers']:.4g} per 1,000 answers" in markdown
     assert "answered through an OpenAI-compatible API" in markdown
@@ -122,7 +122,7 @@ def test_an_endpoint_reference_is_evaluated_through_the_server_and_priced(
     ]
     assert main(["run", str(recipe), "--runs-dir", str(runs), *override]) == 0
     assert server.requests() - before == 27
-    repriced = json.loads((run_dir / "evaluate" / "report.json").read_text())["candidates"]["reference"]
+    repriced = json.loads((run_dir / "report" / "report.json").read_text())["candidates"]["reference"]
     assert repriced["cost_per_1000_answers"] == pytest.approx(1000 * (tokens_in * 5 + tokens_out * 2.0) / 1e6)
 
     output = capsys.readouterr()

@@ -19,9 +19,9 @@ from pipeline.cli import main
 from pipeline.data import read_jsonl
 from pipeline.errors import PipelineError
 from pipeline.fidelity import token_parity
+from pipeline.files import cache_root
 from pipeline.models import ModelSource, load_tokenizer
 from pipeline.recipe import load_recipe
-from pipeline.runs import cache_root
 from pipeline.runtimes import Prompt
 
 pytestmark = pytest.mark.integration
@@ -86,7 +86,7 @@ def test_each_gguf_type_is_written_by_llamacpp_with_its_tensor_types(gguf_run):
 
 def test_f16_file_answers_exactly_like_the_specialist_and_lower_types_drift(gguf_run):
     _, run_dir = gguf_run
-    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    report = json.loads((run_dir / "report" / "report.json").read_text())
     fidelity = report["fidelity"]
     assert fidelity["merge"]["top1_agreement"] == 1.0 and fidelity["merge"]["max_abs_logit_diff"] < 1e-3
     # f16 weights and llama.cpp's f16 flash attention flip a few near-ties of this barely trained model's prompt
@@ -132,7 +132,7 @@ def test_an_adapter_gguf_on_the_shared_base_answers_like_the_merged_file_of_its_
     assert lora["fidelity"]["token_parity"]["identical"] == 24 and lora["fidelity"]["end_token"]["same"]
     mine, theirs = _predictions(run_dir, "gguf-lora-q8_0"), _predictions(run_dir, "gguf-q8_0")
     assert sum(mine[i]["prediction"] == theirs[i]["prediction"] for i in mine) >= 22  # of 24
-    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    report = json.loads((run_dir / "report" / "report.json").read_text())
     candidate = report["candidates"]["gguf-lora-q8_0"]
     assert candidate["runtime"] == "llama.cpp" and candidate["size_on_disk_bytes"] == lora["size_on_disk_bytes"]
     assert candidate["weights_memory_bytes"] == lora["size_on_disk_bytes"] + lora["shared_base_bytes"]
@@ -145,7 +145,7 @@ def test_an_adapter_gguf_on_the_shared_base_answers_like_the_merged_file_of_its_
     peak = report["candidates"]["gguf-q8_0"]["peak_memory_bytes"]
     assert ten["memory_merged_bytes"] == 10 * peak
     assert ten["memory_shared_bytes"] == candidate["peak_memory_bytes"] + 9 * lora["size_on_disk_bytes"]
-    markdown = (run_dir / "evaluate" / "report.md").read_text()
+    markdown = (run_dir / "report" / "report.md").read_text()
     assert "## One base, many specialists" in markdown and "f16 adapter on a q8_0 base" in markdown
     assert "against gguf-q8_0 (the merge written as one file of the same type)" in markdown
 
@@ -166,7 +166,7 @@ def test_both_runtimes_give_each_answer_the_same_confidence(gguf_run):
     """The probability of the answer, computed by llama.cpp from its logits and by transformers from its scores,
     agrees on the f16 file (near-exact) and drifts only a little at q8_0; the report states the agreement."""
     _, run_dir = gguf_run
-    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    report = json.loads((run_dir / "report" / "report.json").read_text())
     specialized = _predictions(run_dir, "specialized")
     for label, tolerance in (("gguf-f16", 0.02), ("gguf-q8_0", 0.08)):  # q8_0: its batched kernels' rounding too
         variant = _predictions(run_dir, label)
@@ -177,13 +177,13 @@ def test_both_runtimes_give_each_answer_the_same_confidence(gguf_run):
         assert all(0 < variant[i]["confidence"] <= 1 for i in variant)
         facts = report["confidence"][label]["versus_specialized"]
         assert facts["same_answer"] == len(same) / len(variant) and facts["p95_abs_difference"] <= max(differences)
-    assert "## Confidence" in (run_dir / "evaluate" / "report.md").read_text()
+    assert "## Confidence" in (run_dir / "report" / "report.md").read_text()
     assert "confidence" not in _predictions(run_dir, "base")[0]  # only the specialist and its variants defer
 
 
 def test_llamacpp_tokenizes_the_prompts_as_training_did_and_stops_at_the_trained_end_token(gguf_run):
     _, run_dir = gguf_run
-    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    report = json.loads((run_dir / "report" / "report.json").read_text())
     for label in ("gguf-f16", "gguf-q8_0", "gguf-q4_0"):
         check = report["fidelity"][label]
         assert check["token_parity"]["identical"] == check["token_parity"]["prompts"] == 24
@@ -203,11 +203,11 @@ def test_llamacpp_tokenizes_the_prompts_as_training_did_and_stops_at_the_trained
 
 def test_every_candidate_has_single_request_latency(gguf_run):
     _, run_dir = gguf_run
-    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    report = json.loads((run_dir / "report" / "report.json").read_text())
     for name, candidate in report["candidates"].items():
         assert candidate["single_request_rows"] == 4, name
         assert 0 < candidate["single_request_seconds_p50"] <= candidate["single_request_seconds_p95"], name
-    markdown = (run_dir / "evaluate" / "report.md").read_text()
+    markdown = (run_dir / "report" / "report.md").read_text()
     assert "single request p50" in markdown and "## Fidelity" in markdown
     assert "| gguf-q4_0 | q4_0 |" in markdown
 
@@ -434,4 +434,4 @@ def test_a_gguf_reference_answers_through_llamacpp_as_it_ships(gguf_run, tmp_pat
         assert [reference[i]["prediction"] for i in reference] == [f16_answers[i]["prediction"] for i in reference]
     else:
         assert results["reference"]["dtype"] == "float32"
-    assert "| reference | reference | " + expected in (reference_run / "evaluate" / "report.md").read_text()
+    assert "| reference | reference | " + expected in (reference_run / "report" / "report.md").read_text()

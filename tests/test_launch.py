@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from pipeline.cli import main
+from pipeline.processes import run_lock
 from pipeline.recipe import load_recipe
-from pipeline.runs import read_manifest, run_dir_for, run_lock
+from pipeline.runs import read_manifest, run_dir_for
 from tests import slurm_cluster
 
 pytestmark = pytest.mark.integration
@@ -82,7 +83,7 @@ def test_a_slurm_job_runs_the_recipe_and_returns_its_exit_code(slurm, tiny_recip
     job = capfd.readouterr().out.strip().splitlines()[0]
     log = (run_dir / "slurm" / f"{job}.out").read_text()
     assert "[slurm] pipeline exited with 0" in log
-    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    report = json.loads((run_dir / "report" / "report.json").read_text())
     assert set(report["candidates"]) >= {"base", "specialized", "reference"}
     # failed gates come back as the job's exit code 1
     assert main([*args, "--set", "evaluate.gates.specialized_min=0.999"]) == 1

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline import models
+from pipeline import models, remote
 from pipeline.errors import PipelineError
 from pipeline.models import PACKAGED, ModelSource, resolve_model
 
@@ -158,9 +158,9 @@ def test_a_library_error_over_a_failed_connection_is_a_remote_error_and_a_missin
         except Exception as outer:
             return outer
 
-    unreachable = models.hub_failure_in_chain(wrapped(TimeoutError("timed out")), "hub:org/data")
+    unreachable = remote.hub_failure_in_chain(wrapped(TimeoutError("timed out")), "hub:org/data")
     assert isinstance(unreachable, models.RemoteError) and "could not be reached" in str(unreachable)
-    failure = models.hub_failure_in_chain(FileNotFoundError("no such dataset"), "hub:org/data")
+    failure = remote.hub_failure_in_chain(FileNotFoundError("no such dataset"), "hub:org/data")
     assert failure is None  # not the Hub's doing: the message the library gave stands (exit 2)
     missing = errors.RepositoryNotFoundError.__new__(errors.RepositoryNotFoundError)
-    assert type(models.hub_failure(missing, "org/x")) is PipelineError
+    assert type(remote.hub_failure(missing, "org/x")) is PipelineError

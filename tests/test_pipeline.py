@@ -1,5 +1,6 @@
 """The whole pipeline through the CLI on tiny random-init models."""
 
+import inspect
 import json
 
 import pytest
@@ -10,6 +11,8 @@ from pipeline import data
 from pipeline.cli import main
 from pipeline.models import ModelSource, load_model, load_tokenizer
 from pipeline.recipe import load_recipe
+from pipeline.run_layout import STAGES, RunLayout
+from pipeline.runner import STAGE_MODULES
 from pipeline.stages import train as train_stage
 
 pytestmark = pytest.mark.integration
@@ -26,6 +29,14 @@ def finished_run(tiny_recipe, tmp_path, capsys):
     capsys.readouterr()
     loaded = load_recipe(tiny_recipe)
     return loaded, runs / "tiny-test" / loaded.run_id
+
+
+def test_every_stage_keeps_the_stage_contract():
+    assert tuple(STAGE_MODULES) == STAGES
+    for name, module in STAGE_MODULES.items():
+        assert module.STAGE == name  # its name is the one folder it writes
+        for function in (module.fingerprint, module.run):
+            assert list(inspect.signature(function).parameters) == ["loaded", "run_dir"], (name, function)
 
 
 def test_run_writes_the_run_folder(finished_run, tiny_models):
@@ -45,14 +56,21 @@ def test_run_writes_the_run_folder(finished_run, tiny_models):
         "quantize/result.json",
         "quantize/.done.json",
         "evaluate/results.json",
-        "evaluate/report.png",
-        "evaluate/report.json",
-        "evaluate/report.md",
-        "evaluate/report.html",
+        "report/report.png",
+        "report/report.json",
+        "report/report.md",
+        "report/report.html",
         "evaluate/.done.json",
+        "report/.done.json",
         *(f"evaluate/generations/{c}.jsonl" for c in ("base", "specialized", "bnb-nf4", "bnb-int8", "reference")),
     }
     assert expected <= files
+    # each stage wrote only its own folder; beside them only the run's own files
+    assert {f.split("/")[0] for f in files} <= {*STAGES, "recipe.resolved.yaml", "manifest.json", ".lock", "data"}
+    layout = RunLayout(run_dir)
+    wanted = [layout.adapter, layout.train_result, layout.merged, layout.quantize_result, layout.eval_results]
+    wanted += [layout.generations("specialized"), layout.report_json, layout.report_html, layout.plot("report")]
+    assert all(path.exists() for path in wanted)
     assert any(f.startswith("data/train-tokenized-") for f in files)
     assert not any("checkpoint" in f or ".tmp-" in f for f in files)  # no leftovers of an unfinished write
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -78,7 +96,7 @@ def test_training_logs_loss_per_step_and_changes_only_the_adapter(finished_run, 
 
 def test_report_has_every_candidate_with_its_numbers(finished_run):
     loaded, run_dir = finished_run
-    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    report = json.loads((run_dir / "report" / "report.json").read_text())
     assert list(report["candidates"]) == ["base", "specialized", "bnb-nf4", "bnb-int8", "reference"]
     targets = [row.target.strip() for row in data.load_rows(loaded.recipe.data, "eval")]
     for name, candidate in report["candidates"].items():
@@ -100,7 +118,7 @@ def test_report_has_every_candidate_with_its_numbers(finished_run):
     sizes = {n: c["size_on_disk_bytes"] for n, c in report["candidates"].items()}
     assert sizes["bnb-nf4"] < sizes["bnb-int8"] < sizes["base"] < sizes["reference"]
     assert report["gates"]["passed"] is True
-    markdown = (run_dir / "evaluate" / "report.md").read_text()
+    markdown = (run_dir / "report" / "report.md").read_text()
     assert "## Verdict" in markdown and "![exact_match against peak memory and latency](report.png)" in markdown
     # errors by label: the specialist's per-label scores recomputed from its answers, with the training rows
     labels = report["labels"]
@@ -110,7 +128,7 @@ def test_report_has_every_candidate_with_its_numbers(finished_run):
     right = sum(round(s["recall"] * s["support"]) for s in per_label.values())
     assert right == round(report["candidates"]["specialized"]["metrics"]["exact_match"]["value"] * len(targets))
     assert "## Errors by label" in markdown
-    assert (run_dir / "evaluate" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run_dir / "report" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["candidates"]["bnb-nf4"]["parameters"] == report["candidates"]["base"]["parameters"]
 
 
@@ -136,12 +154,12 @@ def test_adapter_and_quantized_variants_load_back_and_generate(finished_run):
 def test_rerun_skips_finished_stages_and_report_does_not_generate(finished_run, tiny_recipe, capsys, monkeypatch):
     loaded, run_dir = finished_run
     runs = run_dir.parent.parent
-    report = (run_dir / "evaluate" / "report.json").stat().st_mtime_ns
+    report = (run_dir / "report" / "report.json").stat().st_mtime_ns
     assert run_cli("run", tiny_recipe, "--runs-dir", runs) == 0
     err = capsys.readouterr().err
     for stage in ("train", "quantize", "evaluate", "report"):  # unchanged data (a nightly job): nothing to do
         assert f"[{stage}] already done for this recipe and data; skipped" in err
-    assert (run_dir / "evaluate" / "report.json").stat().st_mtime_ns == report
+    assert (run_dir / "report" / "report.json").stat().st_mtime_ns == report
 
     def no_generation(*args, **kwargs):
         raise AssertionError("report must not generate")
@@ -246,7 +264,7 @@ def test_messages_format_with_a_chat_template_file_and_packing(write_recipe, tin
     run_dir = runs / "messages-test" / load_recipe(recipe).run_id
     result = json.loads((run_dir / "train" / "result.json").read_text())
     assert result["rows"] == 96 and result["sequences"] < 60  # rows of ~50 tokens: two or more per 128
-    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    report = json.loads((run_dir / "report" / "report.json").read_text())
     specialized = report["candidates"]["specialized"]["metrics"]["exact_match"]["value"]
     assert specialized > report["candidates"]["base"]["metrics"]["exact_match"]["value"]
     # the eval prompt went through the recipe's chat template: system + user turn + assistant header
@@ -296,7 +314,7 @@ def test_runs_lists_each_run_with_its_gates_and_metric(finished_run, capsys):
     (runs / "other" / "half-written").mkdir(parents=True)  # no manifest: not a run
     assert run_cli("runs", "--runs-dir", runs) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if loaded.run_id in line]
-    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    report = json.loads((run_dir / "report" / "report.json").read_text())
     value = report["candidates"]["specialized"]["metrics"]["exact_match"]["value"]
     assert len(lines) == 1 and "| tiny-test |" in lines[0] and "| passed |" in lines[0]
     assert f"{value:.3f}" in lines[0] and "train, quantize, evaluate, report" in lines[0]
@@ -307,7 +325,7 @@ def test_runs_lists_each_run_with_its_gates_and_metric(finished_run, capsys):
     # a run folder a crash or a full disk cut short is listed as damaged; the others are listed as before
     import shutil
 
-    for name, cut in (("report-cut", "evaluate/report.json"), ("manifest-cut", "manifest.json")):
+    for name, cut in (("report-cut", "report/report.json"), ("manifest-cut", "manifest.json")):
         damaged = runs / "tiny-test" / name
         shutil.copytree(run_dir, damaged)
         (damaged / cut).write_text((damaged / cut).read_text()[:40])

@@ -76,4 +76,4 @@ def test_evaluate_dtype_auto_runs_the_pytorch_candidates_in_the_precision_the_pr
     assert {"base", "specialized", "reference", "bnb-nf4"} <= pytorch  # the reference is a model folder
     assert all(candidates[name]["dtype"] == "bfloat16" for name in pytorch)
     assert json.loads((run_dir / "train" / "result.json").read_text())["frozen_dtype"] == "float32"
-    assert "| specialized | specialized | transformers bfloat16 |" in (run_dir / "evaluate" / "report.md").read_text()
+    assert "| specialized | specialized | transformers bfloat16 |" in (run_dir / "report" / "report.md").read_text()

@@ -130,7 +130,7 @@ def test_dry_run_builds_the_bundle_and_uploads_nothing(finished, hub, capfd):
 def test_the_card_parses_back_to_the_reports_numbers(finished, hub):
     _, _, run_dir = finished
     assert publish(finished, "--dry-run") == 0
-    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    report = json.loads((run_dir / "report" / "report.json").read_text())
     card = ModelCard.load(run_dir / "publish" / "README.md")
     data = card.data
     assert data.base_model == BASE_ID and data.library_name == "peft" and data.license == "mit"
@@ -179,7 +179,7 @@ def test_publish_pushes_the_bundle_and_only_the_authorization_header_carries_the
     assert repo.private  # publish.private defaults to true
     head = repo.head("main")
     assert head.files == bundle_files(run_dir)  # every file, byte for byte
-    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    report = json.loads((run_dir / "report" / "report.json").read_text())
     assert report["run_id"] in head.message and "gates passed" in head.description
     record = json.loads((run_dir / "published.json").read_text())
     assert record["changed"] and record["commit"] == head.sha and record["repo"] == REPO
@@ -216,7 +216,7 @@ def test_a_run_that_failed_its_gates_is_refused_unless_asked(finished, hub, tmp_
     recipe, runs, run_dir = finished
     failed_runs = tmp_path / "runs"
     shutil.copytree(run_dir, failed_runs / run_dir.parent.name / run_dir.name)
-    report_path = failed_runs / run_dir.parent.name / run_dir.name / "evaluate" / "report.json"
+    report_path = failed_runs / run_dir.parent.name / run_dir.name / "report" / "report.json"
     report = json.loads(report_path.read_text())
     failed = {"specialized_min": {"threshold": 0.99, "value": 0.5, "passed": False}}
     report["gates"] = {"passed": False, "checks": failed}
@@ -292,7 +292,7 @@ def test_rows_of_the_data_go_to_a_private_repo_and_not_to_a_public_one(finished,
         ]
         return {text for text in inputs if any(text in content for content in texts)}
 
-    report_path = run_dir / "evaluate" / "report.json"
+    report_path = run_dir / "report" / "report.json"
     original = report_path.read_text()
     report = json.loads(original)
     first = read_jsonl(recipe.parent / "test.jsonl")[0][1]

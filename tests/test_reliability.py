@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline import models, runs
+from pipeline import files, models, runs
 from pipeline.cli import main
 from pipeline.errors import EXIT_CRASHED
 from pipeline.recipe import load_recipe
@@ -118,7 +118,7 @@ def test_schema_problems_and_data_problems_are_reported_in_one_validate_pass(wri
 
 DIE_WHILE_REPLACING = """
     import os, sys
-    import pipeline.runs as runs
+    import pipeline.files as files
 
     real_replace = os.replace
 
@@ -132,7 +132,7 @@ DIE_WHILE_REPLACING = """
                 os._exit(137)
             return real_replace(src, dst)
 
-    runs.os = DyingOs()
+    files.os = DyingOs()
     from pipeline.cli import main
     sys.exit(main(sys.argv[1:]))
 """
@@ -190,12 +190,12 @@ def test_a_manifest_from_before_invocations_becomes_the_first_one(tmp_path):
 def test_every_append_only_cache_drops_a_cut_last_line_the_same_way(tmp_path):
     path = tmp_path / "cache.jsonl"
     path.write_text('{"row": 0}\n{"row": 1}\n{"row": 2, "predic')  # killed mid-write
-    assert runs.read_jsonl_records(path) == [{"row": 0}, {"row": 1}]
+    assert files.read_jsonl_records(path) == [{"row": 0}, {"row": 1}]
     assert path.read_text() == '{"row": 0}\n{"row": 1}\n'  # rewritten clean: the next append starts a line
-    runs.append_jsonl(path, [{"row": 2}])
-    assert runs.read_jsonl_records(path) == [{"row": 0}, {"row": 1}, {"row": 2}]
+    files.append_jsonl(path, [{"row": 2}])
+    assert files.read_jsonl_records(path) == [{"row": 0}, {"row": 1}, {"row": 2}]
     path.write_text('{"row": 0}\n[1, 2]\n{"row": 1}\n')  # a damaged line (not an object) in the middle
-    assert runs.read_jsonl_records(path) == [{"row": 0}, {"row": 1}]
+    assert files.read_jsonl_records(path) == [{"row": 0}, {"row": 1}]
 
 
 def test_training_resumes_with_a_metrics_file_cut_by_a_kill(tmp_path):
@@ -206,7 +206,7 @@ def test_training_resumes_with_a_metrics_file_cut_by_a_kill(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.')
     LossLog(path).on_train_begin(None, SimpleNamespace(is_world_process_zero=True, global_step=2), None)
-    assert runs.read_jsonl_records(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    assert files.read_jsonl_records(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
 
 
 # --- caches shared by runs and processes ------------------------------------------------------------
@@ -316,7 +316,7 @@ def test_two_runs_labelling_at_once_ask_the_teacher_each_input_once(write_recipe
     ]
     errors = [p.communicate(timeout=600)[1] for p in processes]
     assert [p.returncode for p in processes] == [0, 0], errors
-    answers = runs.read_jsonl_records(answers_file(_run_dir(recipe, runs_root, ["train.lr=1.0e-3"])))
+    answers = files.read_jsonl_records(answers_file(_run_dir(recipe, runs_root, ["train.lr=1.0e-3"])))
     assert len(answers) == len({a["key"] for a in answers}) == 300  # every input asked once, none lost
     asked = sorted(next(line for line in err.splitlines() if "inputs to label" in line) for err in errors)
     assert "300 of 300 inputs to label (0 cached)" in asked[1] and "0 of 300 inputs to label (300 cached)" in asked[0]
@@ -332,7 +332,7 @@ def test_every_local_candidate_answers_with_evaluate_threads(tiny_recipe, tmp_pa
         main(["run", str(tiny_recipe), "--runs-dir", str(runs_root), *[a for o in overrides for a in ("--set", o)]])
         == 0
     )
-    report = json.loads((_run_dir(tiny_recipe, runs_root, overrides) / "evaluate" / "report.json").read_text())
+    report = json.loads((_run_dir(tiny_recipe, runs_root, overrides) / "report" / "report.json").read_text())
     assert {name: c["threads"] for name, c in report["candidates"].items()} == {
         "base": 1,
         "specialized": 1,

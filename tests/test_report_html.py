@@ -44,7 +44,7 @@ def test_the_report_page_opens_offline_filters_its_rows_and_sorts(tiny_recipe, t
 
     assert main(["run", str(tiny_recipe), "--runs-dir", str(tmp_path / "runs")]) == 0
     run_dir = run_dir_for(load_recipe(tiny_recipe), tmp_path / "runs")
-    page = run_dir / "evaluate" / "report.html"
+    page = run_dir / "report" / "report.html"
     text = page.read_text()
     # self-contained: nothing loaded from anywhere (the inlined chart library names URLs only in its code)
     assert not re.search(r"<(script|link|img)[^>]+(src|href)=", text)

@@ -66,7 +66,7 @@ def test_real_pipeline_on_a_handful_of_rows(smollm2, write_recipe, intents_rows,
     run_dir = runs / "smollm2-ci" / load_recipe(recipe).run_id
     losses = [json.loads(line)["loss"] for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 6 and min(losses[-2:]) < losses[0]
-    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    report = json.loads((run_dir / "report" / "report.json").read_text())
     assert list(report["candidates"]) == ["base", "specialized", "bnb-nf4", "gguf-q8_0", "reference"]
     reference = report["candidates"]["reference"]
     base = report["candidates"]["base"]

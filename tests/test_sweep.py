@@ -16,6 +16,7 @@ from pipeline import data, stats, sweep
 from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.recipe import DataSection, ShipSection, load_recipe
+from pipeline.run_layout import RunLayout
 from pipeline.runs import read_manifest, run_dir_for
 
 # chrF rather than exact match: random-init tiny models never get a label exactly right, so exact match
@@ -172,15 +173,15 @@ def test_the_sweep_chooses_on_validation_and_evaluates_only_the_chosen_trial(swe
         assert t["ci95"][0] <= t["value"] <= t["ci95"][1] and t["peak_memory_bytes"] > 0 and t["latency_p50"] > 0
         assert (run_dir / "evaluate").exists() == (t["index"] == summary["chosen"])  # test rows: the chosen only
     chosen_dir = runs / "tiny-test" / summary["chosen_run_id"]
-    report = json.loads((chosen_dir / "evaluate" / "report.json").read_text())
+    report = json.loads((chosen_dir / "report" / "report.json").read_text())
     assert report["sweep"]["chosen"] == summary["chosen"]
     assert summary["chosen_eval"]["value"] == report["candidates"]["specialized"]["metrics"]["chrf"]["value"]
-    markdown = (chosen_dir / "evaluate" / "report.md").read_text()
+    markdown = (chosen_dir / "report" / "report.md").read_text()
     assert "## Sweep: 3 trials, chosen on 24 validation rows" in markdown and "**chosen**" in markdown
     assert (sweep.summary_dir(load_recipe(recipe), runs, "sweep") / "sweep.png").stat().st_size > 0
     # the verbs that act on a run act on the chosen trial
     assert main(["report", str(recipe), "--runs-dir", str(runs)]) == 0
-    assert (chosen_dir / "evaluate" / "report.md").is_file()
+    assert (chosen_dir / "report" / "report.md").is_file()
 
 
 def test_the_test_rows_never_choose_a_trial(sweep_recipe, tmp_path):
@@ -211,7 +212,7 @@ def test_a_killed_sweep_resumes_without_retraining_finished_trials(sweep_recipe,
         env=env,
     )
     deadline = time.monotonic() + 300
-    while not (first_dir / sweep.TRIAL_SCORE_DIR / ".done.json").is_file():
+    while not (RunLayout(first_dir).sweep_validation / ".done.json").is_file():
         assert process.poll() is None and time.monotonic() < deadline, "the sweep ended before its first trial did"
         time.sleep(0.2)
     process.send_signal(signal.SIGKILL)  # no chance to clean up: as an OOM kill or a lost node
@@ -243,14 +244,14 @@ def test_the_learning_curve_trains_nested_shares_and_reports_them(sweep_recipe, 
     assert [(p["fraction"], p["rows"]) for p in points] == [(0.25, 18), (0.5, 36), (1.0, 72)]  # 72 after validation
     main_run = sweep.main_run(loaded, runs)
     assert points[-1]["run_id"] == main_run.run_id  # the whole run is the last point, not trained twice
-    report = json.loads((run_dir_for(main_run, runs) / "evaluate" / "report.json").read_text())
+    report = json.loads((run_dir_for(main_run, runs) / "report" / "report.json").read_text())
     assert (
         report["learning_curve"]["points"][-1]["value"]
         == report["candidates"]["specialized"]["metrics"]["chrf"]["value"]
     )
     assert (
         "## Learning curve: chrf on the 24 eval rows"
-        in (run_dir_for(main_run, runs) / "evaluate" / "report.md").read_text()
+        in (run_dir_for(main_run, runs) / "report" / "report.md").read_text()
     )
     shares = [sweep.variant(loaded, {"data.train_fraction": p["fraction"]}) for p in points[:-1]]
     full = data.load_splits(main_run.recipe.data)
@@ -273,7 +274,7 @@ def test_a_sweep_goes_to_slurm_as_a_job_array_then_a_choosing_job(sweep_recipe, 
     resolved = sweep.summary_dir(load_recipe(recipe), runs, "sweep") / "recipe.resolved.yaml"
     assert main(["run", str(resolved), "--runs-dir", str(runs), "--trial", "1"]) == 0
     trial = sweep.trials(load_recipe(recipe))[1]
-    assert (run_dir_for(trial.loaded, runs) / sweep.TRIAL_SCORE_DIR / "result.json").is_file()
+    assert (RunLayout(run_dir_for(trial.loaded, runs)).sweep_validation / "result.json").is_file()
     assert not (run_dir_for(trial.loaded, runs) / "evaluate").exists()
     assert not (sweep.summary_dir(load_recipe(recipe), runs, "sweep") / "sweep.json").exists()
     assert main(["run", str(resolved), "--runs-dir", str(runs), "--trial", "7"]) == 2
@@ -312,7 +313,7 @@ def test_a_distillation_curve_counts_teacher_labels_asked_once(write_recipe, tin
     assert per_label > 0 and curve["points"][1]["teacher_seconds"] == pytest.approx(32 * per_label)
     asked = answers_file(run_dir_for(sweep.main_run(load_recipe(recipe), runs), runs)).read_text().splitlines()
     assert len(asked) == 64  # one answer per input: the shares reused the whole run's labels
-    report = (run_dir_for(sweep.main_run(load_recipe(recipe), runs), runs) / "evaluate" / "report.md").read_text()
+    report = (run_dir_for(sweep.main_run(load_recipe(recipe), runs), runs) / "report" / "report.md").read_text()
     assert "| share | rows (teacher labels) |" in report
 
 
@@ -341,5 +342,5 @@ def test_a_base_model_sweep_ships_the_smallest_base_that_holds_the_accuracy(swee
         "which is also the smallest by memory within 1 of it"
     )
     chosen_dir = runs / "tiny-test" / summary["chosen_run_id"]
-    report = json.loads((chosen_dir / "evaluate" / "report.json").read_text())
+    report = json.loads((chosen_dir / "report" / "report.json").read_text())
     assert report["candidates"]["base"]["model"] == str(tiny_models["base"])

@@ -22,7 +22,7 @@ def test_tensorboard_and_mlflow_get_the_loss_and_the_evaluation(tiny_recipe, tmp
     assert main(["run", str(tiny_recipe), "--runs-dir", str(runs), *(a for o in overrides for a in ("--set", o))]) == 0
     loaded = load_recipe(tiny_recipe, overrides)
     run_dir = runs / "tiny-test" / loaded.run_id
-    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    report = json.loads((run_dir / "report" / "report.json").read_text())
     expected = report["candidates"]["specialized"]["metrics"]["exact_match"]["value"]
     steps = json.loads((run_dir / "train" / "result.json").read_text())["steps"]
 

@@ -10,9 +10,9 @@ import torch
 
 from pipeline import data, models, runtimes
 from pipeline.cli import main
+from pipeline.files import read_jsonl_records
 from pipeline.metrics import scorer
 from pipeline.recipe import DataSection, load_recipe
-from pipeline.runs import read_jsonl_records
 from pipeline.runtimes.transformers import generate_batches
 
 pytestmark = pytest.mark.integration
@@ -195,9 +195,9 @@ def test_validate_prints_the_split_and_how_the_adapter_is_chosen(tiny_recipe, ca
 
 def test_the_report_says_which_adapter_was_kept(tiny_recipe, tmp_path):
     run = _run(tiny_recipe, tmp_path / "runs", VALIDATION)
-    report = json.loads((run["dir"] / "evaluate" / "report.json").read_text())
+    report = json.loads((run["dir"] / "report" / "report.json").read_text())
     assert report["validation"]["chosen_step"] == run["result"]["validation"]["chosen_step"]
-    markdown = (run["dir"] / "evaluate" / "report.md").read_text()
+    markdown = (run["dir"] / "report" / "report.md").read_text()
     assert "## Validation while training" in markdown and "| kept |" in markdown
 
 

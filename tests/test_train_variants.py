@@ -146,7 +146,7 @@ def test_adapter_variants_train_merge_and_export(tiny_recipe, tmp_path, capsys, 
     assert config[config_key] == value
     quantized = json.loads((run_dir / "quantize" / "result.json").read_text())["variants"]
     assert quantized["merged"]["fidelity"]["merge"]["top1_agreement"] >= 0.99  # merged as trained
-    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    report = json.loads((run_dir / "report" / "report.json").read_text())
     assert {"specialized", "gguf-q8_0"} <= set(report["candidates"])
 
 

@@ -18,9 +18,12 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import PipelineError
+from pipeline.files import cache_root, write_text_atomic
 from pipeline.launch import job_gpus
+from pipeline.logs import log
+from pipeline.processes import cache_lock
 from pipeline.recipe import LoadedRecipe
-from pipeline.runs import cache_lock, cache_root, log, write_text_atomic
+from pipeline.run_layout import RunLayout
 
 RUNS_MOUNT = "/specialist-runs"  # where launch.runs_bucket is mounted on the cloud machine
 
@@ -31,7 +34,7 @@ def task(loaded: LoadedRecipe, run_dir: Path, trial: int | None = None, inputs_o
     recipe = loaded.recipe
     launch = recipe.launch
     project = Path.cwd()
-    resolved = run_dir / "recipe.resolved.yaml"
+    resolved = RunLayout(run_dir).resolved_recipe
     mounts: dict = {str(resolved): str(resolved)}
     for source in inputs_of or [recipe]:
         for path in local_inputs(source):
@@ -182,7 +185,7 @@ def _secrets(loaded: LoadedRecipe) -> list[str]:
 
 
 def submit(loaded: LoadedRecipe, run_dir: Path, dry_run: bool = False) -> int:
-    path = run_dir / "sky" / "task.yaml"
+    path = RunLayout(run_dir).sky / "task.yaml"
     _write_task(path, task(loaded, run_dir))
     log("submit", f"SkyPilot task: {path}")
     if dry_run:

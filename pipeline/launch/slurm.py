@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 
 from pipeline.errors import EXIT_CRASHED, PipelineError
+from pipeline.files import write_text_atomic
 from pipeline.launch import job_gpus
+from pipeline.logs import log
 from pipeline.recipe import LoadedRecipe
-from pipeline.runs import log, write_text_atomic
+from pipeline.run_layout import RunLayout
 
 STOPPED_BY_SLURM = {"CANCELLED", "TIMEOUT", "DEADLINE", "PREEMPTED"}
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
@@ -28,7 +30,7 @@ def script(loaded: LoadedRecipe, run_dir: Path, trials: int | None = None, runs_
     launch = loaded.recipe.launch
     options = [
         f"--job-name=specialist-{loaded.recipe.name}{'-trials' if trials else ''}",
-        f"--output={run_dir / 'slurm' / ('%A_%a.out' if trials else '%j.out')}",
+        f"--output={RunLayout(run_dir).slurm / ('%A_%a.out' if trials else '%j.out')}",
         "--open-mode=append",  # a requeued job's log continues the same file
         "--nodes=1",
         "--ntasks=1",
@@ -51,7 +53,7 @@ def script(loaded: LoadedRecipe, run_dir: Path, trials: int | None = None, runs_
         options.append(f"--gres=gpu:{launch.gpu_type + ':' if launch.gpu_type else ''}{gpus}")
     if trials:
         options.append(f"--array=0-{trials - 1}")
-    command = [sys.executable, "-m", "pipeline", "run", str(run_dir / "recipe.resolved.yaml")]
+    command = [sys.executable, "-m", "pipeline", "run", str(RunLayout(run_dir).resolved_recipe)]
     command += ["--runs-dir", str(runs_dir or run_dir.parent.parent)]
     run_line = shlex.join(command) + (' --trial "$SLURM_ARRAY_TASK_ID"' if trials else "")
     lines = ["#!/bin/bash", *(f"#SBATCH {option}" for option in options)]
@@ -79,14 +81,14 @@ def script(loaded: LoadedRecipe, run_dir: Path, trials: int | None = None, runs_
 
 def submit(loaded: LoadedRecipe, run_dir: Path, wait: bool = False, dry_run: bool = False) -> int:
     """Write runs/.../slurm/job.sbatch and sbatch it (unless dry_run); with wait, return the job's exit code."""
-    path = run_dir / "slurm" / "job.sbatch"
+    path = RunLayout(run_dir).slurm / "job.sbatch"
     write_text_atomic(path, script(loaded, run_dir))
     path.chmod(0o755)
     if dry_run:
         print(path)
         return 0
     job = _sbatch([str(path)], path)
-    log("submit", f"Slurm job {job}: {path}; log {run_dir / 'slurm' / (job + '.out')}")
+    log("submit", f"Slurm job {job}: {path}; log {RunLayout(run_dir).slurm / (job + '.out')}")
     print(job)
     return wait_for(job) if wait else 0
 

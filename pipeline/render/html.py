@@ -13,9 +13,9 @@ from pathlib import Path
 
 import jinja2
 
+from pipeline.files import write_text_atomic
 from pipeline.render import tables
 from pipeline.render.plots import clear_of, tick_label
-from pipeline.runs import write_text_atomic
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 

@@ -24,7 +24,7 @@ import psutil
 
 from pipeline import data
 from pipeline.errors import PipelineError, RuntimeFailure
-from pipeline.runs import write_crash_log
+from pipeline.logs import write_crash_log
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 from pipeline import data, gguf_export, models, sweep
 from pipeline.errors import PipelineError
 from pipeline.recipe import LoadedRecipe, load_recipe
+from pipeline.run_layout import RunLayout
 from pipeline.runtimes import Prompt, llamacpp
 from pipeline.serve import openai_api, requests
 from pipeline.serve.requests import RequestError
@@ -103,13 +104,13 @@ def load(refs: list[str], runs_dir: Path, variant: str | None = None, threads: i
     for ref in refs:
         name, _, where = ref.rpartition("=") if "=" in ref else ("", "", ref)
         run_dir = sweep.run_folder(where, runs_dir, "serve --adapters")
-        loaded = load_recipe(run_dir / "recipe.resolved.yaml")
+        loaded = load_recipe(RunLayout(run_dir).resolved_recipe)
         label = _adapter_variant(loaded, run_dir, variant, ref)
-        base_file, adapter_file = gguf_export.variant_files("gguf-lora", run_dir / "quantize" / label)
+        base_file, adapter_file = gguf_export.variant_files("gguf-lora", RunLayout(run_dir).variant(label))
         name = name or loaded.recipe.name
         if name in specialists:
             raise PipelineError(f"serve --adapters: two runs would both be served as {name!r}; name them: NAME={where}")
-        tokenizer = models.load_tokenizer(models.ModelSource(str(run_dir / "quantize" / label), None, True))
+        tokenizer = models.load_tokenizer(models.ModelSource(str(RunLayout(run_dir).variant(label)), None, True))
         data.apply_chat_template_file(tokenizer, loaded.recipe.data)
         chat = data.uses_chat_template(tokenizer, loaded.recipe.data.chat_template)
         specialists[name] = Specialist(name, loaded, run_dir, label, adapter_file, tokenizer, chat)
@@ -134,7 +135,7 @@ def _adapter_variant(loaded: LoadedRecipe, run_dir: Path, wanted: str | None, re
     if wanted is not None and wanted not in labels:
         raise PipelineError(f"serve --adapters: --variant {wanted}: {ref} has {', '.join(labels)}")
     label = wanted or labels[0]
-    if not (run_dir / "quantize" / label / "adapter.gguf").is_file():
+    if not (RunLayout(run_dir).variant(label) / "adapter.gguf").is_file():
         raise PipelineError(f"serve --adapters: {run_dir} has no finished {label}; run `make quantize` for it")
     return label
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from pipeline import data, gguf_export, models
 from pipeline.errors import PipelineError
 from pipeline.recipe import LoadedRecipe
+from pipeline.run_layout import RunLayout
 from pipeline.runs import done_fingerprint
 from pipeline.runtimes import Prompt, llamacpp
 from pipeline.runtimes import endpoint as endpoint_runtime
@@ -174,8 +175,8 @@ def load(
     recipe = loaded.recipe
     if recipe.cascade is None:
         raise PipelineError(f"{loaded.path}: serve --cascade needs a cascade: section in the recipe")
-    result_path = run_dir / "cascade" / "result.json"
-    if done_fingerprint(run_dir / "cascade") is None or not result_path.is_file():
+    result_path = RunLayout(run_dir).cascade_result
+    if done_fingerprint(RunLayout(run_dir).stage("cascade")) is None or not result_path.is_file():
         raise PipelineError(
             f"{run_dir}: no finished cascade stage to serve; run `make train RECIPE={loaded.path}` (or `specialist "
             f"cascade {loaded.path}` on a finished evaluation) first"
@@ -195,7 +196,7 @@ def load(
             f"--candidate {candidate}: not a GGUF candidate of this run's cascade; one of: "
             f"{', '.join(served) or 'none'}"
         )
-    folder = run_dir / "quantize" / candidate
+    folder = RunLayout(run_dir).variant(candidate)
     gguf_file, lora_file = gguf_export.variant_files(ggufs[candidate], folder)
     tokenizer = models.load_tokenizer(models.ModelSource(str(folder), None, True))
     data.apply_chat_template_file(tokenizer, recipe.data)

@@ -19,9 +19,12 @@ from pathlib import Path
 
 from pipeline import data
 from pipeline.errors import PipelineError
+from pipeline.files import write_json_atomic
+from pipeline.logs import log
 from pipeline.metrics import metric_interval, scorer
 from pipeline.recipe import LoadedRecipe
-from pipeline.runs import done_fingerprint, log, mark_done, stage_fingerprint, start_stage, write_json_atomic
+from pipeline.run_layout import RunLayout
+from pipeline.runs import done_fingerprint, mark_done, stage_fingerprint, start_stage
 from pipeline.stages import evaluate
 from pipeline.stats import calibration, cascade_latency, paired
 
@@ -32,7 +35,7 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str | None:
     if loaded.recipe.cascade is None:
         return None
     rule = loaded.recipe.cascade.model_dump(exclude={"when_fallback_fails"})  # serving only
-    return stage_fingerprint(STAGE, done_fingerprint(run_dir / "evaluate"), rule)
+    return stage_fingerprint(STAGE, done_fingerprint(RunLayout(run_dir).stage("evaluate")), rule)
 
 
 def cascade_candidates(loaded: LoadedRecipe, found: list[evaluate.Candidate]) -> list[evaluate.Candidate]:
@@ -47,9 +50,9 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     recipe = loaded.recipe
     if recipe.cascade is None:
         raise PipelineError(f"{loaded.path}: the recipe has no cascade: section")
-    if done_fingerprint(run_dir / "evaluate") is None:
+    if done_fingerprint(RunLayout(run_dir).stage("evaluate")) is None:
         raise PipelineError(f"{run_dir}: no finished evaluation to cascade; run `make eval RECIPE={loaded.path}`")
-    stage_dir = start_stage(run_dir / STAGE)
+    stage_dir = start_stage(RunLayout(run_dir).stage(STAGE))
     (stage_dir / "generations").mkdir(parents=True, exist_ok=True)
     metric = recipe.evaluate.metrics[0]
     score = scorer(metric)
@@ -72,7 +75,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     )
     targets = [row.target for row in validation]
     reference_validation = score([a["prediction"] for a in reference_answers], targets, ignore_case)["per_row"]
-    eval_results = json.loads((run_dir / "evaluate" / "results.json").read_text())
+    eval_results = json.loads(RunLayout(run_dir).eval_results.read_text())
     eval_targets = [row.target for row in eval_rows]
 
     # each candidate's threshold, from the validation rows alone
@@ -215,7 +218,7 @@ def coverage_curve(confidences: list[float], local: list[float], reference: list
 
 def _cached(run_dir: Path, name: str) -> list[dict]:
     """The evaluate stage's answers of one candidate on the eval rows, in row order."""
-    entries = evaluate.read_generations(run_dir / "evaluate" / "generations" / f"{name}.jsonl")
+    entries = evaluate.read_generations(RunLayout(run_dir).generations(name))
     by_row = {e["row"]: e for e in entries}
     return [by_row[i] for i in range(len(by_row))]
 

@@ -26,18 +26,12 @@ import torch
 
 from pipeline import data, models, runtimes
 from pipeline.errors import PipelineError
-from pipeline.recipe import LoadedRecipe, Recipe, answer_identity
-from pipeline.runs import (
-    append_jsonl,
-    log,
-    mark_done,
-    read_jsonl_records,
-    shared_lock,
-    stage_fingerprint,
-    start_stage,
-    write_json_atomic,
-    write_text_atomic,
-)
+from pipeline.files import append_jsonl, read_jsonl_records, write_json_atomic, write_text_atomic
+from pipeline.logs import log
+from pipeline.processes import shared_lock
+from pipeline.recipe import LoadedRecipe, Recipe, answer_identity, data_fingerprint
+from pipeline.run_layout import RunLayout
+from pipeline.runs import mark_done, stage_fingerprint, start_stage
 from pipeline.runtimes import endpoint as endpoint_runtime
 from pipeline.runtimes import transformers as transformers_runtime
 from pipeline.templates import template_fields
@@ -46,7 +40,7 @@ STAGE = "distill"
 
 
 def labelled_file(run_dir: Path) -> Path:
-    return run_dir / STAGE / "labelled.jsonl"
+    return RunLayout(run_dir).labelled_rows
 
 
 def answers_file(run_dir: Path) -> Path:
@@ -68,7 +62,7 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str | None:
         recipe.distill.model_dump(),
         answer_identity(teacher.model_dump()),
         weights,
-        data.data_fingerprint(recipe.data),
+        data_fingerprint(recipe.data),
         _source_bytes_digest(recipe.distill.inputs),
         recipe.evaluate.max_new_tokens,
         recipe.evaluate.batch_size,
@@ -133,7 +127,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     if recipe.distill is None:
         raise PipelineError(f"{loaded.path}: the recipe has no distill: section, so there is nothing to label")
     distill, teacher = recipe.distill, recipe.teacher()
-    stage_dir = start_stage(run_dir / STAGE)
+    stage_dir = start_stage(RunLayout(run_dir).stage(STAGE))
     inputs = teacher_rows(recipe)
     asked = [row for _, _, row in inputs]
     answer_set = choices(recipe)

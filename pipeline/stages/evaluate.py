@@ -20,20 +20,12 @@ import torch
 
 from pipeline import data, gguf_export, llamacpp_install, models, precision, runtimes
 from pipeline.errors import PipelineError
+from pipeline.files import append_jsonl, dir_size_bytes, read_jsonl_records, write_json_atomic, write_jsonl_atomic
+from pipeline.logs import log
 from pipeline.metrics import scorer
 from pipeline.recipe import LoadedRecipe, answer_identity, reference_runtime
-from pipeline.runs import (
-    append_jsonl,
-    dir_size_bytes,
-    done_fingerprint,
-    log,
-    mark_done,
-    read_jsonl_records,
-    stage_fingerprint,
-    start_stage,
-    write_json_atomic,
-    write_jsonl_atomic,
-)
+from pipeline.run_layout import RunLayout
+from pipeline.runs import done_fingerprint, mark_done, stage_fingerprint, start_stage
 from pipeline.runtimes import endpoint as endpoint_runtime
 from pipeline.runtimes import llamacpp
 from pipeline.runtimes import transformers as transformers_runtime
@@ -82,7 +74,7 @@ def candidates(loaded: LoadedRecipe, run_dir: Path) -> list[Candidate]:
     trust = recipe.model.trust_remote_code
     found = [Candidate("base", "base", base, trust_remote_code=trust), _specialized(loaded, run_dir, base)]
     for variant in recipe.quantize:
-        folder = run_dir / "quantize" / variant.label
+        folder = RunLayout(run_dir).variant(variant.label)
         gguf, lora = gguf_export.variant_files(variant.kind, folder) if variant.is_gguf else (None, None)
         source = models.ModelSource(str(folder), None, True)
         found.append(Candidate(variant.label, "quantized", source, quantized=True, gguf_file=gguf, lora_file=lora))
@@ -119,7 +111,7 @@ def reference_gguf(reference) -> Path | None:
 
 
 def _specialized(loaded: LoadedRecipe, run_dir: Path, base: models.ModelSource) -> Candidate:
-    adapter = run_dir / "train" / "adapter"
+    adapter = RunLayout(run_dir).adapter
     return Candidate(
         "specialized", "specialized", base, adapter_dir=adapter, trust_remote_code=loaded.recipe.model.trust_remote_code
     )
@@ -149,7 +141,7 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
     deferred_only = ["reference: deferred rows only"] if reference_deferred_only(loaded.recipe) else []
     return stage_fingerprint(
         STAGE,
-        done_fingerprint(run_dir / "quantize"),
+        done_fingerprint(RunLayout(run_dir).stage("quantize")),
         {**settings, "reference": answer_identity(settings["reference"])},
         [c.fingerprint() for c in candidates(loaded, run_dir)],
         *deferred_only,
@@ -158,13 +150,13 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
 
 def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     recipe = loaded.recipe
-    if done_fingerprint(run_dir / "train") is None:
+    if done_fingerprint(RunLayout(run_dir).stage("train")) is None:
         raise PipelineError(
             f"{run_dir}: no finished train stage to evaluate; run `make train RECIPE={loaded.path}` first"
         )
-    if recipe.quantize and done_fingerprint(run_dir / "quantize") is None:
+    if recipe.quantize and done_fingerprint(RunLayout(run_dir).stage("quantize")) is None:
         raise PipelineError(f"{run_dir}: no finished quantize stage; run `make quantize RECIPE={loaded.path}` first")
-    stage_dir = start_stage(run_dir / STAGE)
+    stage_dir = start_stage(RunLayout(run_dir).stage(STAGE))
     (stage_dir / "generations").mkdir(parents=True, exist_ok=True)
     scorers = {name: scorer(name) for name in recipe.evaluate.metrics}
 

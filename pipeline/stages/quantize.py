@@ -24,21 +24,12 @@ import torch
 
 from pipeline import data, fidelity, gguf_export, llamacpp_install, models
 from pipeline.errors import PipelineError
-from pipeline.recipe import LoadedRecipe, QuantizeVariant
-from pipeline.runs import (
-    cache_lock,
-    cache_root,
-    dir_size_bytes,
-    done_fingerprint,
-    log,
-    mark_done,
-    replace_dir,
-    stage_fingerprint,
-    start_stage,
-    temp_dir_for,
-    write_json_atomic,
-    write_text_atomic,
-)
+from pipeline.files import cache_root, dir_size_bytes, replace_dir, temp_dir_for, write_json_atomic, write_text_atomic
+from pipeline.logs import log
+from pipeline.processes import cache_lock
+from pipeline.recipe import LoadedRecipe, QuantizeVariant, data_fingerprint
+from pipeline.run_layout import RunLayout
+from pipeline.runs import done_fingerprint, mark_done, stage_fingerprint, start_stage
 from pipeline.runtimes import llamacpp, prompts_for
 
 STAGE = "quantize"
@@ -49,9 +40,9 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
     uses_llamacpp = any(v.is_gguf for v in recipe.quantize)
     return stage_fingerprint(
         STAGE,
-        done_fingerprint(run_dir / "train"),
+        done_fingerprint(RunLayout(run_dir).stage("train")),
         [v.model_dump() for v in recipe.quantize],
-        data.data_fingerprint(recipe.data),  # the fidelity checks run on eval rows
+        data_fingerprint(recipe.data),  # the fidelity checks run on eval rows
         recipe.evaluate.max_new_tokens,  # in the Modelfile
         llamacpp_install.VERSION if uses_llamacpp else None,
     )
@@ -61,12 +52,12 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     from peft import PeftModel
 
     recipe = loaded.recipe
-    adapter_dir = run_dir / "train" / "adapter"
-    if done_fingerprint(run_dir / "train") is None or not adapter_dir.is_dir():
+    adapter_dir = RunLayout(run_dir).adapter
+    if done_fingerprint(RunLayout(run_dir).stage("train")) is None or not adapter_dir.is_dir():
         raise PipelineError(
             f"{run_dir}: no finished train stage to quantize; run `make train RECIPE={loaded.path}` first"
         )
-    stage_dir = start_stage(run_dir / STAGE)
+    stage_dir = start_stage(RunLayout(run_dir).stage(STAGE))
     tokenizer = models.load_tokenizer(models.ModelSource(str(adapter_dir), None, is_local=True))
     data.apply_chat_template_file(tokenizer, recipe.data)
     chat = data.uses_chat_template(tokenizer, recipe.data.chat_template)
@@ -242,7 +233,7 @@ def _export_gguf_lora(variant: QuantizeVariant, context: GgufContext, parameters
     tmp.mkdir()
     adapter_file = tmp / "adapter.gguf"
     base_dir = models.local_folder(models.resolve_model(recipe.model.base))
-    adapter_dir = _adapter_as_llamacpp_reads_it(context.stage_dir.parent / "train" / "adapter", recipe.lora, tmp)
+    adapter_dir = _adapter_as_llamacpp_reads_it(RunLayout(context.stage_dir.parent).adapter, recipe.lora, tmp)
     converter = llamacpp_install.lora_converter_script()
     gguf_export.convert_lora(converter, adapter_dir, base_dir, adapter_file, variant.adapter_type, tmp / "convert.log")
     if adapter_dir.parent == tmp:

@@ -1,6 +1,6 @@
 """Report stage: turn the evaluation into evidence a reader can decide on.
 
-Reads evaluate/results.json and the generation caches (never a model), and writes evaluate/report.json (the
+Reads evaluate/results.json and the generation caches (never a model), and writes report/report.json (the
 evidence as data), report.md, report.html and the plots (rendered by pipeline/render/): per candidate the task
 metric with a bootstrap 95% confidence interval and what it costs to run; the specialized model against each
 other candidate on the same rows (wins, losses, McNemar's exact p-value); the gap to the reference it closed;
@@ -17,23 +17,16 @@ from pathlib import Path
 from pipeline import data, tracking
 from pipeline.error_analysis import answer_analysis, is_json_task, label_analysis
 from pipeline.errors import PipelineError
+from pipeline.files import write_json_atomic, write_text_atomic
+from pipeline.logs import log
 from pipeline.metrics import metric_interval
 from pipeline.recipe import LoadedRecipe
 from pipeline.render import html
 from pipeline.render.markdown import render_markdown, verdict
 from pipeline.render.plots import write_cascade_plot, write_report_plot
 from pipeline.render.sweep import write_curve_plot, write_sweep_plot
-from pipeline.runs import (
-    CURVE_FILE,
-    SWEEP_FILE,
-    done_fingerprint,
-    log,
-    mark_done,
-    stage_fingerprint,
-    start_stage,
-    write_json_atomic,
-    write_text_atomic,
-)
+from pipeline.run_layout import RunLayout
+from pipeline.runs import done_fingerprint, mark_done, stage_fingerprint, start_stage
 from pipeline.stages.evaluate import read_generations
 from pipeline.stats import gap_closed, paired
 
@@ -41,8 +34,9 @@ STAGE = "report"
 
 
 # 2: `validation`, the adapter training kept and the curve that chose it; 3: `sweep`, `learning_curve`, `confidence`;
-# 4: `labels`, json_match inside the object; 5: `answers` (lengths, cut off at max_new_tokens, not JSON)
-REPORT_SCHEMA_VERSION = 5
+# 4: `labels`, json_match inside the object; 5: `answers` (lengths, cut off at max_new_tokens, not JSON); 6: the
+# report and its plots live in the report stage's own folder (report/, was evaluate/): an older run rebuilds it there
+REPORT_SCHEMA_VERSION = 6
 
 
 def build_report(
@@ -325,10 +319,8 @@ def flipped_rows(
 
 def page_rows(loaded: LoadedRecipe, run_dir: Path, report: dict) -> list[dict]:
     """side_by_side for a finished run, read from its folder (what publish puts in a bundle's report.html)."""
-    results = json.loads((run_dir / "evaluate" / "results.json").read_text())
-    generations = {
-        name: read_generations(run_dir / "evaluate" / "generations" / f"{name}.jsonl") for name in results["candidates"]
-    }
+    results = json.loads(RunLayout(run_dir).eval_results.read_text())
+    generations = {name: read_generations(RunLayout(run_dir).generations(name)) for name in results["candidates"]}
     return side_by_side(report, results, generations, data.load_rows(loaded.recipe.data, "eval"))
 
 
@@ -355,12 +347,12 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
     return stage_fingerprint(
         STAGE,
         REPORT_SCHEMA_VERSION,
-        done_fingerprint(run_dir / "evaluate"),
-        done_fingerprint(run_dir / "train"),
-        done_fingerprint(run_dir / "distill"),
-        done_fingerprint(run_dir / "cascade"),
+        done_fingerprint(RunLayout(run_dir).stage("evaluate")),
+        done_fingerprint(RunLayout(run_dir).stage("train")),
+        done_fingerprint(RunLayout(run_dir).stage("distill")),
+        done_fingerprint(RunLayout(run_dir).stage("cascade")),
         # a sweep that chose this run, a learning curve drawn from it: sections of its report
-        [_text(run_dir / name) for name in (SWEEP_FILE, CURVE_FILE)],
+        [_text(path) for path in (RunLayout(run_dir).sweep, RunLayout(run_dir).curve)],
         # prices are not part of the run id: a new one only rebuilds the report
         [
             r.price.model_dump() if r and r.price else None
@@ -374,28 +366,26 @@ def _text(path: Path) -> str | None:
 
 
 def read(run_dir: Path) -> dict:
-    return json.loads((run_dir / "evaluate" / "report.json").read_text())
+    return json.loads(RunLayout(run_dir).report_json.read_text())
 
 
 def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
-    results_path = run_dir / "evaluate" / "results.json"
+    results_path = RunLayout(run_dir).eval_results
     if not results_path.is_file():
         raise PipelineError(f"{run_dir}: no evaluation results; run `make eval RECIPE={loaded.path}` first")
-    start_stage(run_dir / STAGE)
+    start_stage(RunLayout(run_dir).stage(STAGE))
     results = json.loads(results_path.read_text())
-    generations = {
-        name: read_generations(run_dir / "evaluate" / "generations" / f"{name}.jsonl") for name in results["candidates"]
-    }
+    generations = {name: read_generations(RunLayout(run_dir).generations(name)) for name in results["candidates"]}
     splits = data.load_splits(loaded.recipe.data)  # read once: eval rows here, gold training rows below
     rows = splits.eval
     references = [row.target for row in rows]
     texts = {name: ([g["prediction"] for g in gens], references) for name, gens in generations.items()}
-    quantize_result = run_dir / "quantize" / "result.json"
+    quantize_result = RunLayout(run_dir).quantize_result
     quantized = json.loads(quantize_result.read_text()) if quantize_result.is_file() else None
     report = build_report(results, loaded, texts, quantized)
-    distill_result = run_dir / "distill" / "result.json"
+    distill_result = RunLayout(run_dir).distill_result
     if loaded.recipe.distill and distill_result.is_file():
-        train_result = json.loads((run_dir / "train" / "result.json").read_text())
+        train_result = json.loads(RunLayout(run_dir).train_result.read_text())
         gold_rows = len(splits.train)
         report["distillation"] = distillation(
             report,
@@ -406,13 +396,17 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
             teacher_is_reference=loaded.recipe.distill.teacher is None,
             price=loaded.recipe.teacher().price,
         )
-    train_result = run_dir / "train" / "result.json"
+    train_result = RunLayout(run_dir).train_result
     if train_result.is_file():  # which adapter training kept, chosen on validation rows (never these eval rows)
         report["validation"] = json.loads(train_result.read_text()).get("validation")
-    for key, name, plot in (("sweep", SWEEP_FILE, write_sweep_plot), ("learning_curve", CURVE_FILE, write_curve_plot)):
-        if (run_dir / name).is_file():
-            report[key] = json.loads((run_dir / name).read_text())
-            plot(report[key], run_dir / "evaluate" / ("sweep.png" if key == "sweep" else "curve.png"))
+    layout = RunLayout(run_dir)
+    for key, path, plot, name in (
+        ("sweep", layout.sweep, write_sweep_plot, "sweep"),
+        ("learning_curve", layout.curve, write_curve_plot, "curve"),
+    ):
+        if path.is_file():
+            report[key] = json.loads(path.read_text())
+            plot(report[key], layout.plot(name))
     train_targets = [row.target for row in splits.train]
     if data.is_label_set(train_targets + references):  # which labels it gets wrong, as what; rows that taught it
         report["labels"] = label_analysis(texts, train_targets, loaded.recipe.evaluate.ignore_case)
@@ -427,7 +421,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         report["rows_left_out_empty"] = left_out
     report["confidence"] = confidence_facts(results, report["metric"], generations)
     report["shared_base"] = shared_base(report, quantized, generations)
-    cascade_result = run_dir / "cascade" / "result.json"
+    cascade_result = RunLayout(run_dir).cascade_result
     if loaded.recipe.cascade is not None and cascade_result.is_file():
         reference = loaded.recipe.evaluate.reference
         report["cascade"] = cascade_facts(json.loads(cascade_result.read_text()), report, reference)
@@ -437,19 +431,19 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
             passed = value is not None and value >= gate
             report["gates"]["checks"]["cascade_min"] = {"threshold": gate, "value": value, "passed": passed}
             report["gates"]["passed"] = report["gates"]["passed"] and passed
-        write_cascade_plot(report, run_dir / "evaluate" / "cascade.png")
+        write_cascade_plot(report, RunLayout(run_dir).plot("cascade"))
     flips = [flip for other in ("base", "reference") for flip in flipped_rows(report, generations, rows, other)]
     report["flipped_rows"] = flips
-    write_json_atomic(run_dir / "evaluate" / "report.json", report)
-    plot_path = run_dir / "evaluate" / "report.png"
+    write_json_atomic(RunLayout(run_dir).report_json, report)
+    plot_path = RunLayout(run_dir).plot("report")
     write_report_plot(report, plot_path)
-    write_text_atomic(run_dir / "evaluate" / "report.md", render_markdown(report, flips, plot_path.name))
+    write_text_atomic(RunLayout(run_dir).report_md, render_markdown(report, flips, plot_path.name))
     html.write(
-        report, verdict(report), side_by_side(report, results, generations, rows), run_dir / "evaluate" / "report.html"
+        report, verdict(report), side_by_side(report, results, generations, rows), RunLayout(run_dir).report_html
     )
     tracking.log_report(loaded, run_dir, report)
-    mark_done(run_dir / STAGE, fingerprint(loaded, run_dir))
-    log(STAGE, f"wrote {run_dir / 'evaluate' / 'report.md'}")
+    mark_done(RunLayout(run_dir).stage(STAGE), fingerprint(loaded, run_dir))
+    log(STAGE, f"wrote {RunLayout(run_dir).report_md}")
     return report
 
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
@@ -22,25 +23,21 @@ from transformers import Trainer, TrainerCallback, set_seed
 from pipeline import allocator, data, models, precision, runtimes, tracking, train_validation
 from pipeline.answer_loss import accepts_logits_to_keep, answer_loss_sum, grouped_answer_loss_sum
 from pipeline.errors import Interrupted, PipelineError, RuntimeFailure
-from pipeline.fused_lora import fuse_lora_layers
-from pipeline.metrics import scorer
-from pipeline.recipe import LoadedRecipe
-from pipeline.runs import (
-    StopSignal,
+from pipeline.files import (
     append_jsonl,
-    done_fingerprint,
-    in_launched_process,
-    is_main_process,
-    log,
-    mark_done,
     read_jsonl_records,
     replace_dir,
-    stage_fingerprint,
-    start_stage,
     temp_dir_for,
     write_json_atomic,
     write_jsonl_atomic,
 )
+from pipeline.fused_lora import fuse_lora_layers
+from pipeline.logs import log
+from pipeline.metrics import scorer
+from pipeline.processes import StopSignal, in_launched_process, is_main_process
+from pipeline.recipe import LoadedRecipe, data_fingerprint
+from pipeline.run_layout import RunLayout
+from pipeline.runs import done_fingerprint, mark_done, stage_fingerprint, start_stage
 from pipeline.stages import distill as distill_stage
 
 STAGE = "train"
@@ -54,31 +51,150 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
         r.model.model_dump(),
         r.lora.model_dump(),
         r.train.model_dump(exclude={"report_to"}),
-        data.data_fingerprint(r.data),
+        data_fingerprint(r.data),
         base.fingerprint,
-        done_fingerprint(run_dir / "distill") if r.distill else None,  # relabelled rows: train again
+        done_fingerprint(RunLayout(run_dir).stage("distill")) if r.distill else None,  # relabelled rows: train again
         # how validation passes generate and score: they choose the adapter
         [r.evaluate.metrics[0], r.evaluate.max_new_tokens, r.evaluate.batch_size, r.evaluate.ignore_case],
     )
 
 
 def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
-    from peft import get_peft_model
-    from transformers import TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
-    recipe = loaded.recipe
+    recipe, train = loaded.recipe, loaded.recipe.train
     main_process = is_main_process()
-    stage_dir = run_dir / STAGE
+    stage_dir = RunLayout(run_dir).stage(STAGE)
     if main_process:  # the launching process, or rank 0 after it: no other rank writes
         start_stage(stage_dir)
-    if recipe.train.processes > 1 and not in_launched_process():
+    if train.processes > 1 and not in_launched_process():
         return _launch(loaded, run_dir)
     stage_fp = fingerprint(loaded, run_dir)
-    checkpoints_dir = stage_dir / "checkpoints"
+    checkpoints_dir = RunLayout(run_dir).checkpoints
     if main_process:
         _discard_stale_checkpoints(stage_dir, stage_fp)
 
+    rows = _training_rows(loaded, run_dir)
+    model, dtype, chosen = _adapter_model(recipe, rows.source)
+    effective_batch = train.batch_size * train.processes * train.grad_accum
+    if main_process:
+        log(
+            STAGE,
+            f"effective batch {effective_batch} = {train.batch_size} per process x {train.processes} "
+            f"process{'es' if train.processes > 1 else ''} x {train.grad_accum} accumulated",
+        )
+    args = _training_arguments(train, checkpoints_dir, dtype, main_process)
+    metrics_path = RunLayout(run_dir).train_metrics
+    if main_process and train.report_to:
+        tracking.start(loaded, run_dir)
+    validating = _validation_callback(
+        loaded, rows.splits, rows.tokenizer, rows.chat, len(rows.sequences), stage_dir, main_process
+    )
+    trainer = AnswerLossTrainer(
+        split_by_length=train.processes == 1,  # DDP expects one forward per step
+        model=model,
+        args=args,
+        train_dataset=rows.sequences,
+        # padding first: every answer ends at the last column, so AnswerLossTrainer computes few logits
+        data_collator=lambda batch: data.pad_batch(batch, rows.tokenizer.pad_token_id, left=True),
+        callbacks=[LossLog(metrics_path), CheckpointOnSignal(), *([validating] if validating else [])],
+    )
+    if validating:
+        validating.trainer = trainer
+    if main_process and train.processes > 1:
+        kind = trainer.accelerator.distributed_type.value
+        log(STAGE, f"distributed: {kind} over {trainer.args.world_size} processes")
+    last = get_last_checkpoint(str(checkpoints_dir)) if checkpoints_dir.is_dir() else None
+    output, seconds = _train(trainer, last, train.report_to, checkpoints_dir)
+    if not main_process:  # rank 0 writes the adapter and the results; the others only trained
+        log(STAGE, f"rank {args.process_index}/{train.processes}: {trainer.state.global_step} steps")
+        return {"steps": trainer.state.global_step}
+    if train.processes > 1:
+        log(STAGE, f"rank 0/{train.processes}: {trainer.state.global_step} steps")
+
+    summary = validating.summary() if validating else None
+    choice = train_validation.choose(summary, train.select, trainer.state.global_step)
+    _save_adapter(model, rows.tokenizer, stage_dir, choice, trainer.state.global_step)
+    log(STAGE, f"adapter: step {choice['chosen_step']}, {choice['why']}")
+    trainable, total = model.get_nb_trainable_parameters()
+    result = {
+        **rows.facts(),
+        "steps": trainer.state.global_step,
+        "processes": train.processes,
+        "effective_batch_size": effective_batch,
+        "train_loss": output.training_loss,
+        "final_loss": _last_loss(metrics_path),
+        "trainable_parameters": trainable,
+        "frozen_dtype": chosen["dtype"],
+        "precision": chosen,  # how frozen_dtype was chosen, with the probe's figures where it measured
+        "total_parameters": total,
+        "train_seconds": round(seconds, 3),
+        "resumed_from": last,
+        "validation": {"source": rows.splits.validation_source, **(summary or {"rows": 0}), **choice},
+    }
+    write_json_atomic(RunLayout(run_dir).train_result, result)
+    # The adapter is final; checkpoints only served resuming.
+    shutil.rmtree(checkpoints_dir, ignore_errors=True)
+    (stage_dir / "checkpoints.owner").unlink(missing_ok=True)
+    mark_done(stage_dir, stage_fp)
+    final = "—" if result["final_loss"] is None else f"{result['final_loss']:.4f}"  # none logged in very short runs
+    log(STAGE, f"done: {result['steps']} steps, final loss {final}, {seconds:.1f}s")
+    return result
+
+
+def _train(trainer, last: str | None, report_to: list[str], checkpoints_dir: Path):
+    """trainer.train, resumed from the last checkpoint; a stop signal ends it at a step boundary, saved."""
+    if last:
+        log(STAGE, f"resuming from {last}")
+    started = time.perf_counter()
+    StopSignal.training = True
+    try:
+        output = trainer.train(resume_from_checkpoint=last)
+    finally:
+        StopSignal.training = False
+        if report_to:
+            tracking.finish_training()
+    if StopSignal.requested:
+        raise Interrupted(
+            f"train: stopped by a signal at step {trainer.state.global_step} after saving a checkpoint in "
+            f"{checkpoints_dir}; rerun (or let the scheduler requeue) to resume from it"
+        )
+    return output, time.perf_counter() - started
+
+
+@dataclasses.dataclass
+class TrainingRows:
+    """What the model trains on: the tokenized rows (packed where the recipe says) and where they came from."""
+
+    source: models.ModelSource
+    tokenizer: Any
+    chat: bool
+    splits: data.Splits
+    tokenized: data.Tokenized
+    sequences: list
+
+    def facts(self) -> dict:
+        examples = self.tokenized.examples
+        return {
+            "rows": len(examples),
+            "rows_teacher_labelled": self.splits.distilled_rows,  # of the rows before tokenizing; the rest: gold
+            "rows_before_tokenizing": len(self.splits.train),
+            "rows_dropped_too_long": self.tokenized.dropped,
+            "rows_truncated": self.tokenized.truncated,
+            "rows_dropped_empty": len(self.splits.dropped_empty.get("train", [])),
+            "duplicates_in_train": self.splits.duplicates_in_train,
+            "eval_overlap_exact": self.splits.overlap_exact,
+            "eval_overlap_normalized": self.splits.overlap_normalized,
+            "sequences": len(self.sequences),
+            "tokens_per_epoch": sum(len(ex["input_ids"]) for ex in examples),
+            "target_tokens_per_epoch": sum(
+                sum(1 for label in ex["labels"] if label != data.IGNORE_INDEX) for ex in examples
+            ),
+        }
+
+
+def _training_rows(loaded: LoadedRecipe, run_dir: Path) -> TrainingRows:
+    recipe = loaded.recipe
     source = models.resolve_model(recipe.model.base)
     tokenizer = models.load_tokenizer(source, recipe.model.trust_remote_code)
     data.apply_chat_template_file(tokenizer, recipe.data)
@@ -99,6 +215,13 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     sequences = data.pack(examples, recipe.data.max_seq_len) if recipe.data.packing else examples
     if recipe.data.packing:
         log(STAGE, f"packed {len(examples)} rows into {len(sequences)} sequences of up to {recipe.data.max_seq_len}")
+    return TrainingRows(source, tokenizer, chat, splits, tokenized, sequences)
+
+
+def _adapter_model(recipe, source: models.ModelSource):
+    """The base with a fresh LoRA adapter, its frozen weights in the precision chosen for this machine:
+    (model, compute dtype, how that precision was chosen)."""
+    from peft import get_peft_model
 
     dtype = models.compute_dtype(recipe.model.dtype)
     if models.device().type == "cpu" and allocator.keep_freed_memory():
@@ -130,17 +253,15 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     fused = fuse_lora_layers(model)
     if fused:
         log(STAGE, f"{fused} LoRA layers add the adapter's product inside the base product (pipeline/fused_lora.py)")
+    return model, dtype, chosen
+
+
+def _training_arguments(train, checkpoints_dir: Path, dtype, main_process: bool):
+    """transformers' TrainingArguments from the recipe's train section."""
+    from transformers import TrainingArguments
 
     on_cuda = torch.cuda.is_available()
-    train = recipe.train
-    effective_batch = train.batch_size * train.processes * train.grad_accum
-    if main_process:
-        log(
-            STAGE,
-            f"effective batch {effective_batch} = {train.batch_size} per process x {train.processes} "
-            f"process{'es' if train.processes > 1 else ''} x {train.grad_accum} accumulated",
-        )
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(checkpoints_dir),
         num_train_epochs=train.epochs,
         max_steps=train.max_steps or -1,
@@ -168,87 +289,6 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         # LoRA leaves the frozen base without gradients by design; DDP need not search for unused ones.
         ddp_find_unused_parameters=False if train.processes > 1 else None,
     )
-    metrics_path = stage_dir / "metrics.jsonl"
-    if main_process and train.report_to:
-        tracking.start(loaded, run_dir)
-    validating = _validation_callback(loaded, splits, tokenizer, chat, len(sequences), stage_dir, main_process)
-    trainer = AnswerLossTrainer(
-        split_by_length=train.processes == 1,  # DDP expects one forward per step
-        model=model,
-        args=args,
-        train_dataset=sequences,
-        # padding first: every answer ends at the last column, so AnswerLossTrainer computes few logits
-        data_collator=lambda batch: data.pad_batch(batch, tokenizer.pad_token_id, left=True),
-        callbacks=[LossLog(metrics_path), CheckpointOnSignal(), *([validating] if validating else [])],
-    )
-    if validating:
-        validating.trainer = trainer
-    if main_process and train.processes > 1:
-        kind = trainer.accelerator.distributed_type.value
-        log(STAGE, f"distributed: {kind} over {trainer.args.world_size} processes")
-    last = get_last_checkpoint(str(checkpoints_dir)) if checkpoints_dir.is_dir() else None
-    if last:
-        log(STAGE, f"resuming from {last}")
-    started = time.perf_counter()
-    StopSignal.training = True
-    try:
-        output = trainer.train(resume_from_checkpoint=last)
-    finally:
-        StopSignal.training = False
-        if train.report_to:
-            tracking.finish_training()
-    seconds = time.perf_counter() - started
-    if StopSignal.requested:
-        raise Interrupted(
-            f"train: stopped by a signal at step {trainer.state.global_step} after saving a checkpoint in "
-            f"{checkpoints_dir}; rerun (or let the scheduler requeue) to resume from it"
-        )
-    if not main_process:  # rank 0 writes the adapter and the results; the others only trained
-        log(STAGE, f"rank {args.process_index}/{train.processes}: {trainer.state.global_step} steps")
-        return {"steps": trainer.state.global_step}
-    if train.processes > 1:
-        log(STAGE, f"rank 0/{train.processes}: {trainer.state.global_step} steps")
-
-    summary = validating.summary() if validating else None
-    choice = train_validation.choose(summary, train.select, trainer.state.global_step)
-    _save_adapter(model, tokenizer, stage_dir, choice, trainer.state.global_step)
-    log(STAGE, f"adapter: step {choice['chosen_step']}, {choice['why']}")
-
-    trained_tokens = sum(sum(1 for label in ex["labels"] if label != data.IGNORE_INDEX) for ex in examples)
-    result = {
-        "rows": len(examples),
-        "rows_teacher_labelled": splits.distilled_rows,  # of the rows before tokenizing; the rest are gold rows
-        "rows_before_tokenizing": len(splits.train),
-        "rows_dropped_too_long": tokenized.dropped,
-        "rows_truncated": tokenized.truncated,
-        "rows_dropped_empty": len(splits.dropped_empty.get("train", [])),
-        "duplicates_in_train": splits.duplicates_in_train,
-        "eval_overlap_exact": splits.overlap_exact,
-        "eval_overlap_normalized": splits.overlap_normalized,
-        "sequences": len(sequences),
-        "steps": trainer.state.global_step,
-        "processes": train.processes,
-        "effective_batch_size": effective_batch,
-        "train_loss": output.training_loss,
-        "final_loss": _last_loss(metrics_path),
-        "trainable_parameters": trainable,
-        "frozen_dtype": str(frozen).removeprefix("torch."),
-        "precision": chosen,  # how frozen_dtype was chosen, with the probe's figures where it measured
-        "total_parameters": total,
-        "train_seconds": round(seconds, 3),
-        "tokens_per_epoch": sum(len(ex["input_ids"]) for ex in examples),
-        "target_tokens_per_epoch": trained_tokens,
-        "resumed_from": last,
-        "validation": {"source": splits.validation_source, **(summary or {"rows": 0}), **choice},
-    }
-    write_json_atomic(stage_dir / "result.json", result)
-    # The adapter is final; checkpoints only served resuming.
-    shutil.rmtree(checkpoints_dir, ignore_errors=True)
-    (stage_dir / "checkpoints.owner").unlink(missing_ok=True)
-    mark_done(stage_dir, stage_fp)
-    final = "—" if result["final_loss"] is None else f"{result['final_loss']:.4f}"  # none logged in very short runs
-    log(STAGE, f"done: {result['steps']} steps, final loss {final}, {seconds:.1f}s")
-    return result
 
 
 def _validation_callback(loaded, splits, tokenizer, chat, sequences, stage_dir, main_process):
@@ -360,7 +400,7 @@ def _launch(loaded: LoadedRecipe, run_dir: Path) -> dict:
         "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
         "--mixed_precision", "no",  # the Trainer's bf16/fp16 arguments decide precision
         "--dynamo_backend", "no", "--main_process_port", str(port),
-        "-m", "pipeline", "train", str(run_dir / "recipe.resolved.yaml"),
+        "-m", "pipeline", "train", str(RunLayout(run_dir).resolved_recipe),
         "--runs-dir", str(run_dir.parent.parent),
     ]  # fmt: skip
     log(STAGE, f"launching {processes} training processes with accelerate (port {port})")
@@ -373,7 +413,7 @@ def _launch(loaded: LoadedRecipe, run_dir: Path) -> dict:
                 child.wait()
                 raise Interrupted(
                     f"train: stopped by a signal; rerun (or let the scheduler requeue) to resume from the last "
-                    f"checkpoint in {run_dir / STAGE / 'checkpoints'} (every train.save_steps steps)"
+                    f"checkpoint in {RunLayout(run_dir).checkpoints} (every train.save_steps steps)"
                 )
             time.sleep(0.2)
     finally:
@@ -383,25 +423,25 @@ def _launch(loaded: LoadedRecipe, run_dir: Path) -> dict:
     if child.returncode != 0:
         raise RuntimeFailure(
             f"train: the {processes} training processes failed (exit {child.returncode}); their output is above "
-            f"(a rank that crashed wrote its traceback to {run_dir / 'logs'}). Rerun to resume from the last "
-            f"checkpoint in {run_dir / STAGE / 'checkpoints'}"
+            f"(a rank that crashed wrote its traceback to {RunLayout(run_dir).logs}). Rerun to resume from the last "
+            f"checkpoint in {RunLayout(run_dir).checkpoints}"
         )
-    return json.loads((run_dir / STAGE / "result.json").read_text())
+    return json.loads(RunLayout(run_dir).train_result.read_text())
 
 
 def _distilled_rows(loaded: LoadedRecipe, run_dir: Path) -> Path | None:
     if loaded.recipe.distill is None:
         return None
-    if done_fingerprint(run_dir / "distill") is None:
+    if done_fingerprint(RunLayout(run_dir).stage("distill")) is None:
         raise PipelineError(f"{run_dir}: no finished distill stage; run `make train RECIPE={loaded.path}`")
     return distill_stage.labelled_file(run_dir)
 
 
 def _tokenized(run_dir: Path, tokenizer, splits, chat: bool, recipe, source) -> data.Tokenized:
     """Tokenized training rows, cached in the run folder under the data fingerprint and the tokenizer."""
-    distilled = done_fingerprint(run_dir / "distill") if recipe.distill else None
-    key = stage_fingerprint(data.data_fingerprint(recipe.data), source.fingerprint, chat, distilled)
-    cache = run_dir / "data" / f"train-tokenized-{key[:16]}.json"
+    distilled = done_fingerprint(RunLayout(run_dir).stage("distill")) if recipe.distill else None
+    key = stage_fingerprint(data_fingerprint(recipe.data), source.fingerprint, chat, distilled)
+    cache = RunLayout(run_dir).data_cache / f"train-tokenized-{key[:16]}.json"
     if cache.is_file():
         return data.Tokenized(**json.loads(cache.read_text()))
     tokenized = data.training_examples(tokenizer, splits.train, chat, recipe.data)
