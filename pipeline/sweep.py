@@ -39,17 +39,8 @@ from pipeline.metrics import metric_interval
 from pipeline.processes import run_lock
 from pipeline.recipe import LoadedRecipe, load_recipe
 from pipeline.render.sweep import curve_markdown, sweep_markdown, write_curve_plot, write_sweep_plot
-from pipeline.run_layout import RunLayout
-from pipeline.runs import (
-    CURVE_FILE,
-    SWEEP_FILE,
-    done_fingerprint,
-    is_done,
-    mark_done,
-    run_dir_for,
-    stage_fingerprint,
-    start_stage,
-)
+from pipeline.run_layout import CURVE_FILE, SWEEP_FILE, RunLayout
+from pipeline.runs import done_fingerprint, is_done, mark_done, run_dir_for, stage_fingerprint, start_stage
 from pipeline.stages import evaluate
 
 # SWEEP_FILE, CURVE_FILE: in the summary folders, and a copy in the chosen run's folder for its report (RunLayout)
