@@ -68,7 +68,7 @@ report: $(VENV)/.installed ## rebuild report.json / report.md from RECIPE's eval
 validate: $(VENV)/.installed $(TINY_MODELS) ## check RECIPE, its data and models without training
 	$(VENV)/bin/specialist validate $(RECIPE_ARGS)
 
-schema: $(VENV)/.installed ## regenerate recipes/schema.json from the recipe models
+schema: $(VENV)/.installed ## regenerate recipes/schema.json (the recipe) and recipes/report.schema.json (report.json)
 	$(VENV)/bin/specialist schema --out recipes/schema.json
 
 inspect: $(VENV)/.installed $(TINY_MODELS) ## show RECIPE's training rows with trained tokens marked, and length stats

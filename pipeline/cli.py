@@ -140,7 +140,9 @@ def _recipe_verbs(verbs) -> None:
 
 def _docs_verbs(verbs) -> None:
     """The manual's generated parts: the recipe schema, the reference pages, the kept results."""
-    schema = verbs.add_parser("schema", help="write the recipe JSON Schema (for editor completion)")
+    schema = verbs.add_parser(
+        "schema", help="write the recipe's JSON Schema (for editor completion) and report.json's beside it"
+    )
     schema.add_argument("--out", type=Path, default=Path("recipes/schema.json"))
     schema.add_argument("--check", action="store_true", help="fail if the file differs from the schema")
     schema.set_defaults(handler=_schema)
@@ -404,16 +406,17 @@ def _docs_reference(args) -> int:
 
 
 def _schema(args) -> int:
-    from pipeline.recipe import json_schema
+    from pipeline import recipe, report_types
 
-    text = json_schema()
-    if args.check:
-        current = args.out.read_text() if args.out.is_file() else ""
-        if current != text:
-            raise PipelineError(f"{args.out} is stale; regenerate it with `make schema`")
-        return 0
-    args.out.write_text(text)
-    print(f"wrote {args.out}")
+    # the recipe's schema where --out says, report.json's beside it
+    schemas = {args.out: recipe.json_schema(), args.out.with_name("report.schema.json"): report_types.json_schema()}
+    for path, text in schemas.items():
+        if args.check:
+            if (path.read_text() if path.is_file() else "") != text:
+                raise PipelineError(f"{path} is stale; regenerate it with `make schema`")
+            continue
+        path.write_text(text)
+        print(f"wrote {path}")
     return 0
 
 

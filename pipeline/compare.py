@@ -19,6 +19,7 @@ from pipeline.errors import PipelineError
 from pipeline.files import read_jsonl_records, write_json_atomic, write_text_atomic
 from pipeline.recipe import data_fingerprint, load_recipe
 from pipeline.render import html, tables
+from pipeline.report_types import read_report
 from pipeline.run_layout import RunLayout
 from pipeline.runs import read_manifest
 from pipeline.stages.evaluate import evaluated_row, read_generations
@@ -61,7 +62,7 @@ def compare(folders: list[Path], out_root: Path) -> tuple[dict, Path]:
 
 
 def _read(folder: Path) -> dict:
-    report, results = _json(RunLayout(folder).report_json), _json(RunLayout(folder).eval_results)
+    report, results = _report(RunLayout(folder).report_json), _json(RunLayout(folder).eval_results)
     loaded = load_recipe(RunLayout(folder).resolved_recipe)
     return {
         "folder": folder,
@@ -72,6 +73,13 @@ def _read(folder: Path) -> dict:
         "recipe": loaded.recipe.model_dump(mode="json"),
         "rows": _evaluated_rows(folder, loaded),
     }
+
+
+def _report(path: Path) -> dict:
+    try:
+        return read_report(path)
+    except PipelineError as e:
+        raise PipelineError(f"compare: {e}") from None
 
 
 def _json(path: Path):

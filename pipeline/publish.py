@@ -36,6 +36,7 @@ from pipeline.render.markdown import (
     verdict,
 )
 from pipeline.render.sweep import curve_markdown, sweep_markdown
+from pipeline.report_types import read_report
 from pipeline.run_layout import RunLayout
 from pipeline.runs import read_manifest, training_invocation
 from pipeline.stages.report import failed_gates, page_rows
@@ -106,7 +107,7 @@ def finished_report(loaded: LoadedRecipe, run_dir: Path) -> dict:
             f"{run_dir}: no finished run of {loaded.path} to publish (adapter and report are missing); "
             f"run `make train RECIPE={loaded.path}` first"
         )
-    return json.loads(report_path.read_text())
+    return read_report(report_path)
 
 
 # --- the bundle ---------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from pipeline import run_layout
+from pipeline import report_types, run_layout
 from pipeline.errors import EXIT_CODES, PipelineError
 from pipeline.recipe import Recipe
 from pipeline.run_layout import RunLayout
@@ -36,6 +36,7 @@ def pages(parser: argparse.ArgumentParser, makefile: Path = MAKEFILE) -> dict[st
         "make.md": make_page(makefile),
         "run-folder.md": run_folder_page(),
         "exit-codes.md": exit_codes_page(),
+        "report-json.md": report_page(),
     }
 
 
@@ -99,22 +100,24 @@ def _models_in(annotation) -> list[type[BaseModel]]:
     return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
 
 
-def _type_name(annotation) -> str:
+def _type_name(annotation, models_by_name: bool = False) -> str:
     origin = typing.get_origin(annotation)
     if origin is typing.Literal:
         return " \\| ".join(json.dumps(a) for a in typing.get_args(annotation))
     if origin in (typing.Union, types.UnionType):
-        return " \\| ".join(_type_name(a) for a in typing.get_args(annotation))
+        return " \\| ".join(_type_name(a, models_by_name) for a in typing.get_args(annotation))
     if origin in (list, tuple, set):
-        inner = ", ".join(_type_name(a) for a in typing.get_args(annotation) if a is not Ellipsis)
+        inner = ", ".join(_type_name(a, models_by_name) for a in typing.get_args(annotation) if a is not Ellipsis)
         return f"list of {inner}"
     if origin is dict:
         key, value = typing.get_args(annotation)
-        return f"mapping of {_type_name(key)} to {_type_name(value)}"
+        return f"mapping of {_type_name(key, models_by_name)} to {_type_name(value, models_by_name)}"
     if annotation is type(None):
         return "null"
+    if annotation is typing.Any:
+        return "any"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return "section"
+        return f"[{annotation.__name__}](#{annotation.__name__.lower()})" if models_by_name else "section"
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -171,6 +174,34 @@ def _usage(verb: argparse.ArgumentParser) -> str:
     formatter = argparse.HelpFormatter(verb.prog, width=100)
     formatter.add_usage(verb.usage, verb._actions, verb._mutually_exclusive_groups, prefix="")
     return formatter.format_help().strip()
+
+
+# --- report.json ---------------------------------------------------------------------------------
+
+
+def report_page() -> str:
+    """report.json's contract, from the typed models in pipeline/report_types.py."""
+    lines = [
+        f"# The report, as data (`report.json`, `schema_version` {report_types.REPORT_SCHEMA_VERSION})",
+        "",
+        GENERATED,
+        "",
+        " ".join((report_types.__doc__ or "").split("\n\n")[0].split()),
+        " Its JSON Schema: `recipes/report.schema.json` (`specialist schema`). Where it lies: "
+        "`report/report.json` in the [run folder](run-folder.md).",
+        "",
+    ]
+    for model in (report_types.Report, report_types.Candidate, report_types.MetricValue, report_types.Comparison,
+                  report_types.Gates, report_types.Gate):  # fmt: skip
+        extra = " Further keys, as listed, are kept." if model.model_config.get("extra") == "allow" else ""
+        lines += [f"## {model.__name__}", "", " ".join((model.__doc__ or "").split()) + extra, ""]
+        lines += ["| key | type | what |", "|---|---|---|"]
+        for name, field in model.model_fields.items():
+            required = "" if field.is_required() else " (optional)"
+            what = _cell(field.description or "")
+            lines.append(f"| `{name}` | {_type_name(field.annotation, models_by_name=True)}{required} | {what} |")
+        lines.append("")
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 # --- the run folder --------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 from pipeline.files import write_json_atomic
 from pipeline.render.tables import runtime_cell
+from pipeline.report_types import read_report
 from pipeline.run_layout import RunLayout
 from pipeline.runs import read_manifest, training_invocation
 
@@ -37,7 +38,7 @@ def extract(run_dir: Path) -> dict:
     report_path = RunLayout(run_dir).report_json
     if not report_path.is_file():
         raise PipelineError(f"results: {run_dir} has no report/report.json; finish the run first (`make train`)")
-    report = json.loads(report_path.read_text())
+    report = read_report(report_path)
     trained = training_invocation(read_manifest(run_dir))
     metric = report["metric"]
     candidates = {}

@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from pipeline.errors import PipelineError
 from pipeline.files import remove_path, write_json_atomic, write_text_atomic
 from pipeline.machine import git_commit, machine_facts, package_versions
 from pipeline.processes import in_launched_process
+from pipeline.report_types import read_report
 from pipeline.run_layout import DONE_MARKER, STAGES, RunLayout
 
 if TYPE_CHECKING:  # annotations only: runs.py stays importable without the recipe schema (runtime processes)
@@ -157,6 +159,8 @@ def list_runs(runs_root: Path, name: str | None = None) -> list[dict]:
                  "damaged": None}  # fmt: skip
         try:
             entry.update(_run_entry(run_dir))
+        except PipelineError as e:  # the report: cut short, or of another schema (its message says the fix)
+            entry["damaged"] = str(e)[:300]
         except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
             entry["damaged"] = f"{type(e).__name__}: {e}"[:200]
         found.append(entry)
@@ -173,10 +177,7 @@ def _run_entry(run_dir: Path) -> dict:
     }
     report_path = RunLayout(run_dir).report_json
     if report_path.is_file():
-        try:
-            report = json.loads(report_path.read_text())
-        except ValueError:
-            raise ValueError("report/report.json is not JSON (cut short?); `make report` rebuilds it") from None
+        report = read_report(report_path)
         metric = report.get("metric")
         candidates = report.get("candidates", {})
 

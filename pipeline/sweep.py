@@ -39,6 +39,7 @@ from pipeline.metrics import metric_interval
 from pipeline.processes import run_lock
 from pipeline.recipe import LoadedRecipe, load_recipe
 from pipeline.render.sweep import curve_markdown, sweep_markdown, write_curve_plot, write_sweep_plot
+from pipeline.report_types import read_report
 from pipeline.run_layout import CURVE_FILE, SWEEP_FILE, RunLayout
 from pipeline.runs import done_fingerprint, is_done, mark_done, run_dir_for, stage_fingerprint, start_stage
 from pipeline.stages import evaluate
@@ -427,7 +428,7 @@ def _gating_score(loaded: LoadedRecipe, scored: dict) -> tuple[str, dict, tuple[
 
 
 def _full_run_scores(run_dir: Path, metric: str) -> dict:
-    report = json.loads(RunLayout(run_dir).report_json.read_text())
+    report = read_report(RunLayout(run_dir).report_json)
     results = json.loads(RunLayout(run_dir).eval_results.read_text())
     m = report["candidates"]["specialized"]["metrics"][metric]
     per_row = results["candidates"]["specialized"]["metrics"][metric]["per_row"]

@@ -106,6 +106,10 @@ def test_schema_json_is_current():
 
     shipped = Path(__file__).parent.parent / "recipes" / "schema.json"
     assert shipped.read_text() == json_schema(), "recipes/schema.json is stale: run `make schema`"
+    from pipeline import report_types
+
+    report = Path(__file__).parent.parent / "recipes" / "report.schema.json"
+    assert report.read_text() == report_types.json_schema(), "recipes/report.schema.json is stale: `make schema`"
 
 
 def test_every_field_has_a_description():

@@ -1,7 +1,11 @@
 """Report numbers on generations fixed by hand, against values computed by hand."""
 
+import json
+import re
+
 import evaluate
 import pytest
+from pydantic import ValidationError
 
 from pipeline.metrics import available_metrics, metric_path, score_function
 from pipeline.recipe import load_recipe
@@ -401,3 +405,33 @@ def test_answer_analysis_counts_lengths_cut_off_rows_and_answers_that_are_not_js
     assert "| specialized | 8 / 9 / 9 | 0.94 | 4 / 8 | 1 (25.0%) | 1 | 3 (75.0%; 1) |" in table
     assert '| 1 | yes | {"a": 2 |' in table and "cut off on 1 row: an answer longer than" in table
     assert answers_markdown({"answers": found, "labels": {"candidates": {}}}) == []  # label tasks: errors by label
+
+
+def test_the_report_keeps_its_typed_contract_and_readers_refuse_what_breaks_it(tmp_path):
+    from pipeline.errors import PipelineError
+    from pipeline.report_types import REPORT_SCHEMA_VERSION, check, read_report
+
+    metrics = {"exact_match": {"value": 0.9, "ci95": [0.8, 0.95]}}
+    report = {
+        "schema_version": REPORT_SCHEMA_VERSION, "recipe": "r", "run_id": "abc", "metric": "exact_match",
+        "eval_rows": 20, "candidates": {"specialized": {"role": "specialized", "metrics": metrics}},
+        "comparisons": {}, "gap_closed": None, "gates": {"passed": True, "checks": {}}, "fidelity": {},
+        "savings": None,
+    }  # fmt: skip
+    assert check(report) is report
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    assert read_report(path) == report
+    with pytest.raises(ValidationError):  # a key the contract does not name is a bug in the report stage
+        check({**report, "surprise": 1})
+    with pytest.raises(ValidationError):
+        check({**report, "candidates": {"x": {"role": "teacher", "metrics": metrics}}})
+    for text, says in (
+        (json.dumps({**report, "schema_version": 5}), "report schema 5, this version reads"),
+        (json.dumps(report)[:40], "is not JSON (cut short?)"),
+        (json.dumps({**report, "gates": {"passed": "maybe", "checks": {}}}), "gates.passed:"),
+    ):
+        path.write_text(text)
+        with pytest.raises(PipelineError, match=re.escape(says)) as caught:
+            read_report(path)
+        assert str(path) in str(caught.value) and "make report" in str(caught.value)

@@ -25,18 +25,13 @@ from pipeline.render import html
 from pipeline.render.markdown import render_markdown, verdict
 from pipeline.render.plots import write_cascade_plot, write_report_plot
 from pipeline.render.sweep import write_curve_plot, write_sweep_plot
+from pipeline.report_types import REPORT_SCHEMA_VERSION, check, read_report
 from pipeline.run_layout import RunLayout
 from pipeline.runs import done_fingerprint, mark_done, stage_fingerprint, start_stage
 from pipeline.stages.evaluate import read_generations
 from pipeline.stats import gap_closed, paired
 
 STAGE = "report"
-
-
-# 2: `validation`, the adapter training kept and the curve that chose it; 3: `sweep`, `learning_curve`, `confidence`;
-# 4: `labels`, json_match inside the object; 5: `answers` (lengths, cut off at max_new_tokens, not JSON); 6: the
-# report and its plots live in the report stage's own folder (report/, was evaluate/): an older run rebuilds it there
-REPORT_SCHEMA_VERSION = 6
 
 
 def build_report(
@@ -366,7 +361,7 @@ def _text(path: Path) -> str | None:
 
 
 def read(run_dir: Path) -> dict:
-    return json.loads(RunLayout(run_dir).report_json.read_text())
+    return read_report(RunLayout(run_dir).report_json)
 
 
 def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
@@ -434,7 +429,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         write_cascade_plot(report, RunLayout(run_dir).plot("cascade"))
     flips = [flip for other in ("base", "reference") for flip in flipped_rows(report, generations, rows, other)]
     report["flipped_rows"] = flips
-    write_json_atomic(RunLayout(run_dir).report_json, report)
+    write_json_atomic(RunLayout(run_dir).report_json, check(report))
     plot_path = RunLayout(run_dir).plot("report")
     write_report_plot(report, plot_path)
     write_text_atomic(RunLayout(run_dir).report_md, render_markdown(report, flips, plot_path.name))
