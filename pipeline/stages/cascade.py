@@ -76,7 +76,6 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     targets = [row.target for row in validation]
     reference_validation = score([a["prediction"] for a in reference_answers], targets, ignore_case)["per_row"]
     eval_results = json.loads(RunLayout(run_dir).eval_results.read_text())
-    eval_targets = [row.target for row in eval_rows]
 
     # each candidate's threshold, from the validation rows alone
     chosen = {}
@@ -116,53 +115,9 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         "reference_validation_value": sum(reference_validation) / len(reference_validation),
         "candidates": {},
     }
-    for name, (confidences, local_validation, threshold, why, local_eval, answered) in chosen.items():
-        predictions = [
-            local["prediction"] if here else ref["prediction"]
-            for local, ref, here in zip(local_eval, reference_eval, answered, strict=True)
-        ]
-        scores = {m: scorer(m)(predictions, eval_targets, ignore_case) for m in recipe.evaluate.metrics}
-        ci = metric_interval(metric, scores[metric], (predictions, eval_targets), recipe.evaluate, recipe.train.seed)
-        local_cost = eval_results["candidates"][name]
-        share_local = sum(answered) / len(answered)
-        local_rows = local_cost["metrics"][metric]["per_row"]
-        wrong = [  # answered locally and wrong: the errors no threshold at this level catches
-            {"row": i, "input": eval_rows[i].input_text(), "expected": eval_targets[i], "answer": e["prediction"],
-             "confidence": e["confidence"]}
-            for i, e in enumerate(local_eval)
-            if answered[i] and local_rows[i] < 1
-        ]  # fmt: skip
-        found["candidates"][name] = {
-            "threshold": threshold if math.isfinite(threshold) else None,  # None: everything deferred
-            "why": why,
-            # how far its confidence can be trusted, on the rows that chose the threshold
-            "calibration": calibration(confidences, [1.0 if s >= 1 else 0.0 for s in local_validation]),
-            "validation": operating_point(confidences, local_validation, reference_validation, threshold),
-            "value": scores[metric]["value"],
-            "ci95": list(ci),
-            "metrics": {m: s["value"] for m, s in scores.items()},
-            "share_local": share_local,
-            "latency_seconds": _latency(local_cost, reference_cost, share_local),
-            # without the reference's answer on every eval row there is nothing to pair with, nor a curve there
-            "versus_reference": {
-                k: v
-                for k, v in paired(scores[metric]["per_row"], reference_rows, recipe.evaluate.bootstrap_samples).items()
-                if k not in ("won_rows", "lost_rows")
-            }
-            if every_row
-            else None,
-            "curve": coverage_curve([e["confidence"] for e in local_eval], local_rows, reference_rows)
-            if every_row
-            else coverage_curve(confidences, local_validation, reference_validation),
-            "curve_rows": "eval" if every_row else "validation",
-            "confident_wrong": sorted(wrong, key=lambda w: -w["confidence"])[:10],  # the surest first
-            "confident_wrong_count": len(wrong),
-        }  # fmt: skip
-        log(
-            STAGE,
-            f"{name}: threshold {threshold:.4f} ({why}); eval rows: {metric} {scores[metric]['value']:.3f} "
-            f"with {share_local:.0%} answered locally",
-        )
+    reference_side = (reference_eval, reference_rows if every_row else None, reference_validation, reference_cost)
+    for name, choice in chosen.items():
+        found["candidates"][name] = _on_the_eval_rows(loaded, name, choice, eval_rows, eval_results, reference_side)
     if not every_row:
         found["reference_cost"] = {  # priced from the rows it answered (report.cascade_facts)
             k: reference_cost.get(k) for k in ("prompt_tokens_per_example", "generated_tokens_per_example")
@@ -170,6 +125,64 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     write_json_atomic(stage_dir / "result.json", found)
     mark_done(stage_dir, fingerprint(loaded, run_dir))
     return found
+
+
+def _on_the_eval_rows(loaded: LoadedRecipe, name: str, choice: tuple, eval_rows, eval_results: dict, reference_side):
+    """One cascade on the eval rows at the threshold the validation rows chose: its score and interval, the share
+    answered locally, its latency, against the reference alone (where it answered every row), its surest errors."""
+    recipe, metric = loaded.recipe, loaded.recipe.evaluate.metrics[0]
+    confidences, local_validation, threshold, why, local_eval, answered = choice
+    reference_eval, reference_rows, reference_validation, reference_cost = reference_side
+    every_row = reference_rows is not None
+    ignore_case = recipe.evaluate.ignore_case
+    eval_targets = [row.target for row in eval_rows]
+    predictions = [
+        local["prediction"] if here else ref["prediction"]
+        for local, ref, here in zip(local_eval, reference_eval, answered, strict=True)
+    ]
+    scores = {m: scorer(m)(predictions, eval_targets, ignore_case) for m in recipe.evaluate.metrics}
+    ci = metric_interval(metric, scores[metric], (predictions, eval_targets), recipe.evaluate, recipe.train.seed)
+    local_cost = eval_results["candidates"][name]
+    share_local = sum(answered) / len(answered)
+    local_rows = local_cost["metrics"][metric]["per_row"]
+    wrong = [  # answered locally and wrong: the errors no threshold at this level catches
+        {"row": i, "input": eval_rows[i].input_text(), "expected": eval_targets[i], "answer": e["prediction"],
+         "confidence": e["confidence"]}
+        for i, e in enumerate(local_eval)
+        if answered[i] and local_rows[i] < 1
+    ]  # fmt: skip
+    facts = {
+        "threshold": threshold if math.isfinite(threshold) else None,  # None: everything deferred
+        "why": why,
+        # how far its confidence can be trusted, on the rows that chose the threshold
+        "calibration": calibration(confidences, [1.0 if s >= 1 else 0.0 for s in local_validation]),
+        "validation": operating_point(confidences, local_validation, reference_validation, threshold),
+        "value": scores[metric]["value"],
+        "ci95": list(ci),
+        "metrics": {m: s["value"] for m, s in scores.items()},
+        "share_local": share_local,
+        "latency_seconds": _latency(local_cost, reference_cost, share_local),
+        # without the reference's answer on every eval row there is nothing to pair with, nor a curve there
+        "versus_reference": {
+            k: v
+            for k, v in paired(scores[metric]["per_row"], reference_rows, recipe.evaluate.bootstrap_samples).items()
+            if k not in ("won_rows", "lost_rows")
+        }
+        if every_row
+        else None,
+        "curve": coverage_curve([e["confidence"] for e in local_eval], local_rows, reference_rows)
+        if every_row
+        else coverage_curve(confidences, local_validation, reference_validation),
+        "curve_rows": "eval" if every_row else "validation",
+        "confident_wrong": sorted(wrong, key=lambda w: -w["confidence"])[:10],  # the surest first
+        "confident_wrong_count": len(wrong),
+    }  # fmt: skip
+    log(
+        STAGE,
+        f"{name}: threshold {threshold:.4f} ({why}); eval rows: {metric} {scores[metric]['value']:.3f} "
+        f"with {share_local:.0%} answered locally",
+    )
+    return facts
 
 
 def choose_threshold(confidences: list[float], local: list[float], reference: list[float], rule) -> tuple[float, str]:
