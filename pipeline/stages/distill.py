@@ -129,73 +129,15 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     distill, teacher = recipe.distill, recipe.teacher()
     stage_dir = start_stage(RunLayout(run_dir).stage(STAGE))
     inputs = teacher_rows(recipe)
-    asked = [row for _, _, row in inputs]
     answer_set = choices(recipe)
-    settings = recipe.evaluate
-    endpoint = None
-    if teacher.endpoint is not None:
-        endpoint = endpoint_runtime.Endpoint.from_recipe(teacher, teacher_field(recipe))
-        prompts = endpoint_runtime.prompts_for(asked, endpoint.chat, teacher.system)
-        identity = endpoint.identity
-    else:
-        source = models.resolve_model(teacher.model, "distill.teacher.model")
-        tokenizer = models.load_tokenizer(source)
-        chat = data.uses_chat_template(tokenizer, teacher.chat_template)
-        prompts = runtimes.prompts_for(tokenizer, asked, chat, teacher.system)
-        identity = source.fingerprint
-    teacher_key = stage_fingerprint(identity, answer_set, settings.max_new_tokens)
-    keys = [hashlib.sha256(f"{teacher_key}\n{p.text}".encode()).hexdigest()[:32] for p in prompts]
-    cache_path = answers_file(run_dir)
-    # Every run of the recipe shares the answers: while one labels, another waits and then reads its answers,
-    # so no teacher is asked the same thing twice and no append is lost.
-    with shared_lock(cache_path.with_name(cache_path.name + ".lock"), "labelling with this recipe's teacher"):
-        cached = _read_answers(cache_path)
-        todo = [i for i, key in enumerate(keys) if key not in cached]
-        log(
-            STAGE,
-            f"teacher {teacher.model}: {len(todo)} of {len(inputs)} inputs to label ({len(inputs) - len(todo)} cached)",
-        )
-
-        def keep(entry: dict) -> None:
-            record = {"key": keys[entry["row"]], **{k: v for k, v in entry.items() if k != "row"}}
-            append_jsonl(cache_path, [record])
-            cached[record["key"]] = record
-
-        peak = None
-        if todo and endpoint is not None:
-            client = endpoint_runtime.Client(endpoint)
-            client.check()
-            endpoint_runtime.ask_all(client, prompts, todo, settings.max_new_tokens, keep, logprobs=True)
-        elif todo:
-            peak = _label_locally(recipe, source, tokenizer, prompts, todo, answer_set, keep)
-
-    answers = [cached[key] for key in keys]
+    answers, from_cache, peak, runtime = _teacher_answers(recipe, run_dir, [row for _, _, row in inputs], answer_set)
     field = answer_field(recipe)
     if distill.min_confidence is not None and any(a.get("confidence") is None for a in answers):
         raise PipelineError(
             "distill.min_confidence: the teacher's endpoint returned no token log-probabilities, so there is no "
             "confidence to filter on; remove min_confidence, or use a server that returns logprobs"
         )
-    kept, dropped, outside, respelled, kept_gold = [], 0, 0, 0, []
-    for (_, row, _), answer in zip(inputs, answers, strict=True):
-        if distill.min_confidence is not None and answer["confidence"] < distill.min_confidence:
-            dropped += 1
-            continue
-        if not answer["prediction"]:
-            dropped += 1  # an empty answer teaches nothing
-            continue
-        label = answer["prediction"]
-        if answer_set and label not in answer_set:
-            # An API cannot be constrained token by token: an answer that is a choice but for case, quotes or a
-            # final period is that choice; any other answer outside the set is left out.
-            label = as_choice(label, answer_set)
-            if label is None:
-                dropped += 1
-                outside += 1
-                continue
-            respelled += 1
-        kept_gold.append((_gold_answer(row.get(field)), label))
-        kept.append({**row, field: _filled_answer(recipe.data.format, row.get(field), label)})
+    kept, kept_gold, dropped, outside, respelled = _kept_rows(recipe, inputs, answers, answer_set)
     if not kept:
         raise PipelineError(
             f"distill: none of the teacher's {len(answers)} answers was kept (min_confidence "
@@ -225,13 +167,85 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         "teacher_generated_tokens": _total(a.get("generated_tokens") for a in answers),
         "teacher_peak_memory_bytes": peak,
         "teacher_prompt_tokens": _total(a.get("prompt_tokens") for a in answers),
-        "teacher_runtime": "endpoint" if endpoint else "transformers",
-        "answers_from_cache": len(inputs) - len(todo),
+        "teacher_runtime": runtime,
+        "answers_from_cache": from_cache,
     }
     write_json_atomic(stage_dir / "result.json", result)
     mark_done(stage_dir, fingerprint(loaded, run_dir))
     log(STAGE, f"{len(kept)} rows labelled, {dropped} dropped; teacher time {result['teacher_seconds']:.1f}s")
     return result
+
+
+def _teacher_answers(recipe: Recipe, run_dir: Path, asked: list, answer_set: list[str] | None):
+    """The teacher's answer to every input, from the shared cache where it was asked before, else asked now
+    (a local model constrained to the choices, or an endpoint): (answers, how many came from the cache, the local
+    teacher's peak memory, its runtime)."""
+    teacher, settings = recipe.teacher(), recipe.evaluate
+    endpoint = None
+    if teacher.endpoint is not None:
+        endpoint = endpoint_runtime.Endpoint.from_recipe(teacher, teacher_field(recipe))
+        prompts = endpoint_runtime.prompts_for(asked, endpoint.chat, teacher.system)
+        identity = endpoint.identity
+    else:
+        source = models.resolve_model(teacher.model, "distill.teacher.model")
+        tokenizer = models.load_tokenizer(source)
+        chat = data.uses_chat_template(tokenizer, teacher.chat_template)
+        prompts = runtimes.prompts_for(tokenizer, asked, chat, teacher.system)
+        identity = source.fingerprint
+    teacher_key = stage_fingerprint(identity, answer_set, settings.max_new_tokens)
+    keys = [hashlib.sha256(f"{teacher_key}\n{p.text}".encode()).hexdigest()[:32] for p in prompts]
+    cache_path = answers_file(run_dir)
+    # Every run of the recipe shares the answers: while one labels, another waits and then reads its answers,
+    # so no teacher is asked the same thing twice and no append is lost.
+    with shared_lock(cache_path.with_name(cache_path.name + ".lock"), "labelling with this recipe's teacher"):
+        cached = _read_answers(cache_path)
+        todo = [i for i, key in enumerate(keys) if key not in cached]
+        log(
+            STAGE,
+            f"teacher {teacher.model}: {len(todo)} of {len(asked)} inputs to label ({len(asked) - len(todo)} cached)",
+        )
+
+        def keep(entry: dict) -> None:
+            record = {"key": keys[entry["row"]], **{k: v for k, v in entry.items() if k != "row"}}
+            append_jsonl(cache_path, [record])
+            cached[record["key"]] = record
+
+        peak = None
+        if todo and endpoint is not None:
+            client = endpoint_runtime.Client(endpoint)
+            client.check()
+            endpoint_runtime.ask_all(client, prompts, todo, settings.max_new_tokens, keep, logprobs=True)
+        elif todo:
+            peak = _label_locally(recipe, source, tokenizer, prompts, todo, answer_set, keep)
+    runtime = "endpoint" if endpoint else "transformers"
+    return [cached[key] for key in keys], len(asked) - len(todo), peak, runtime
+
+
+def _kept_rows(recipe: Recipe, inputs: list, answers: list[dict], answer_set: list[str] | None):
+    """The inputs with the teacher's answer as their target, less those the recipe's filters drop:
+    (kept rows, (gold, label) of each kept row, dropped, dropped outside the choices, respelled to a choice)."""
+    distill, field = recipe.distill, answer_field(recipe)
+    kept, kept_gold, dropped, outside, respelled = [], [], 0, 0, 0
+    for (_, row, _), answer in zip(inputs, answers, strict=True):
+        if distill.min_confidence is not None and answer["confidence"] < distill.min_confidence:
+            dropped += 1
+            continue
+        if not answer["prediction"]:
+            dropped += 1  # an empty answer teaches nothing
+            continue
+        label = answer["prediction"]
+        if answer_set and label not in answer_set:
+            # An API cannot be constrained token by token: an answer that is a choice but for case, quotes or a
+            # final period is that choice; any other answer outside the set is left out.
+            label = as_choice(label, answer_set)
+            if label is None:
+                dropped += 1
+                outside += 1
+                continue
+            respelled += 1
+        kept_gold.append((_gold_answer(row.get(field)), label))
+        kept.append({**row, field: _filled_answer(recipe.data.format, row.get(field), label)})
+    return kept, kept_gold, dropped, outside, respelled
 
 
 def as_choice(answer: str, answer_set: list[str]) -> str | None:
