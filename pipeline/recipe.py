@@ -1200,6 +1200,20 @@ def _publish_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
 
 def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     """Rules that span fields, which users would otherwise learn from a crash or a wasted run."""
+    return [
+        *_evaluate_problems(recipe),
+        *_distill_problems(recipe),
+        *_publish_problems(recipe),
+        *_sweep_problems(recipe),
+        *_cascade_problems(recipe),
+        *_settings_that_do_nothing(recipe),
+        *_data_problems(recipe),
+        *_train_problems(recipe),
+    ]
+
+
+def _evaluate_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """Metrics that exist, gates that have what they compare, quantized variants with distinct labels."""
     from pipeline.metrics import available_metrics  # here: metrics loads evaluate + datasets (seconds)
 
     problems = []
@@ -1249,12 +1263,13 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
         if label in labels[:i]:
             field = "name" if recipe.quantize[i].name else "kind"
             problems.append((("quantize", i, field), f"{label} is listed twice; give one of them a name"))
+    return problems
+
+
+def _data_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """Where the rows come from and how they become prompts, for training and for the reference."""
+    problems = []
     d = recipe.data
-    problems += _distill_problems(recipe)
-    problems += _publish_problems(recipe)
-    problems += _sweep_problems(recipe)
-    problems += _cascade_problems(recipe)
-    problems += _settings_that_do_nothing(recipe)
     if d.train is None and recipe.distill is None:
         problems.append((("data", "train"), "required field is missing (or add a distill: section to label inputs)"))
     if d.train is None and d.eval is None:
@@ -1291,6 +1306,12 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
                 "a teacher runs in transformers (its answers are constrained token by token there); use auto",
             )
         )
+    return problems
+
+
+def _train_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """Training settings that cannot go together, or need a package this environment lacks."""
+    problems = []
     if recipe.lora.dora and recipe.train.qlora:
         problems.append(
             (("lora", "dora"), "DoRA on a 4-bit QLoRA base is not supported here; turn off one of dora, train.qlora")
