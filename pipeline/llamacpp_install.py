@@ -86,7 +86,7 @@ def lora_converter_script() -> Path:
 
 
 # llama.cpp's reference vocabularies (vocab-only GGUFs it tests its tokenizers on): each model family's real
-# tokenizer, offline, for the tiny models the architecture tests build (pipeline.models.build_tiny_architecture)
+# tokenizer, offline, for the tiny models the architecture tests build (pipeline/testing/tiny_models.py)
 VOCABS = ("llama-spm", "llama-bpe", "phi-3", "qwen2")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.data import read_jsonl
-from pipeline.models import build_tiny_models
+from pipeline.testing.tiny_models import build_tiny_models
 
 REPO = Path(__file__).resolve().parent.parent
 INTENTS = REPO / "data" / "intents"

@@ -2,10 +2,10 @@
 real tokenizer: train -> merge check -> GGUF export (merged, and adapter on a shared base) -> token parity -> end
 token -> both files scored through llama.cpp.
 
-Covered (pipeline.models.TINY_ARCHITECTURES; tokenizers rebuilt offline from the reference vocabularies llama.cpp
-ships): llama (Llama 2's SentencePiece), llama3 (Llama 3's byte-level BPE), mistral, qwen2, qwen3, phi3 (its added
-chat tokens and padded embedding rows) and gemma3 (Gemma 3's architecture with Llama 2's pieces standing in for
-Gemma's 262k, tokenized as Gemma does: SentencePiece without a dummy prefix).
+Covered (TINY_ARCHITECTURES in pipeline/testing/tiny_models.py; tokenizers rebuilt offline from the reference
+vocabularies llama.cpp ships): llama (Llama 2's SentencePiece), llama3 (Llama 3's byte-level BPE), mistral, qwen2,
+qwen3, phi3 (its added chat tokens and padded embedding rows) and gemma3 (Gemma 3's architecture with Llama 2's
+pieces standing in for Gemma's 262k, tokenized as Gemma does: SentencePiece without a dummy prefix).
 """
 
 import json
@@ -16,8 +16,9 @@ import torch
 from pipeline import data, fidelity, llamacpp_install
 from pipeline.cli import main
 from pipeline.data import read_jsonl
-from pipeline.models import TINY_ARCHITECTURES, ModelSource, build_tiny_architecture, load_model, load_tokenizer
+from pipeline.models import ModelSource, load_model, load_tokenizer
 from pipeline.recipe import load_recipe
+from pipeline.testing.tiny_models import TINY_ARCHITECTURES, build_tiny_architecture
 from tests.conftest import INTENTS
 
 pytestmark = pytest.mark.integration
