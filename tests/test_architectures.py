@@ -21,7 +21,8 @@ from pipeline.recipe import load_recipe
 from pipeline.testing.tiny_models import TINY_ARCHITECTURES, build_tiny_architecture
 from tests.conftest import INTENTS
 
-pytestmark = pytest.mark.integration
+# make test-slow: seven families, each exported and scored through llama.cpp (about 5 minutes)
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 VARIANTS = "quantize=[{kind: gguf, type: q8_0}, {kind: gguf-lora, base_type: q8_0}]"
 EVAL_ROWS = 8

@@ -211,6 +211,7 @@ def test_the_run_id_follows_what_the_api_answers_not_how_it_is_asked(write_recip
     assert load_recipe(recipe, ["evaluate.reference.endpoint.base_url=http://127.0.0.1:10/v1"]).run_id != run_id
 
 
+@pytest.mark.slow  # make test-slow: a labelling killed mid-way, then resumed
 def test_a_teacher_stopped_mid_labelling_resumes_without_asking_a_row_twice(
     key, write_recipe, tiny_models, intents_rows, tmp_path, capsys
 ):

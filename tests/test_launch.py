@@ -71,6 +71,7 @@ def slurm(tmp_path_factory):
     cluster.stop()
 
 
+@pytest.mark.slow  # make test-slow: real Slurm jobs (started by the fixture)
 def test_a_slurm_job_runs_the_recipe_and_returns_its_exit_code(slurm, tiny_recipe, tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
     runs = tmp_path / "runs"
@@ -89,6 +90,7 @@ def test_a_slurm_job_runs_the_recipe_and_returns_its_exit_code(slurm, tiny_recip
     assert main([*args, "--set", "evaluate.gates.specialized_min=0.999"]) == 1
 
 
+@pytest.mark.slow  # make test-slow: a real Slurm job array, then its choosing job
 def test_a_sweep_runs_on_slurm_as_a_job_array_then_a_choosing_job(slurm, tiny_recipe, tmp_path, monkeypatch):
     from pipeline import sweep
 
@@ -112,6 +114,7 @@ def test_a_sweep_runs_on_slurm_as_a_job_array_then_a_choosing_job(slurm, tiny_re
         assert len([e for e in manifest["invocations"] if "train" in e["stages_run"]]) == 1
 
 
+@pytest.mark.slow  # make test-slow: a real Slurm job signalled, requeued, resumed
 def test_a_slurm_job_signalled_before_its_time_limit_checkpoints_requeues_and_resumes(
     slurm, tiny_recipe, tmp_path, monkeypatch, capfd
 ):

@@ -16,7 +16,8 @@ from pipeline.recipe import load_recipe
 from pipeline.runs import run_dir_for
 from tests import llama_server, served_protocol
 
-pytestmark = pytest.mark.integration
+# make test-slow: two runs' adapter GGUFs served on one base
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _recipe(write_recipe, tiny_models, intents_rows, name: str, target: str) -> Path:

@@ -16,7 +16,8 @@ from pipeline.recipe import load_recipe
 from pipeline.runs import run_dir_for
 from tests import llama_server, served_protocol
 
-pytestmark = pytest.mark.integration
+# make test-slow: two real llama.cpp servers and a served cascade
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 KEY_ENV = "SPECIALIST_TEST_CASCADE_KEY"
 KEY = "sk-cascade-5e4d3c2b1a-never-in-a-file"

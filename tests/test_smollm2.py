@@ -12,7 +12,8 @@ from pipeline.cli import main
 from pipeline.models import PACKAGED, _package_dir, install_packaged, resolve_model
 from pipeline.recipe import load_recipe
 
-pytestmark = pytest.mark.integration
+# make test-slow: the real SmolLM2-135M end to end
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -199,6 +199,7 @@ def test_the_test_rows_never_choose_a_trial(sweep_recipe, tmp_path):
     assert second["chosen_eval"]["value"] != first["chosen_eval"]["value"]  # the test rows did change
 
 
+@pytest.mark.slow  # make test-slow: a sweep SIGKILLed after its first trial, then resumed
 def test_a_killed_sweep_resumes_without_retraining_finished_trials(sweep_recipe, tmp_path):
     recipe = sweep_recipe(LR_SWEEP)
     runs = tmp_path / "runs"

@@ -155,6 +155,7 @@ def test_modules_to_save_must_name_a_module(tiny_recipe, capsys):
     assert "'classifier' names no module of the base; modules near the top:" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # make test-slow: the three training ways, each twice
 def test_bench_train_runs_each_way_on_the_same_rows(tiny_recipe, capsys):
     # validation rows too: their lines in metrics.jsonl carry no loss (bench-train once read them as loss lines);
     # they are held out first, then max_train_rows caps what is left, so 64 rows train whatever the file's size
