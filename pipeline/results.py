@@ -3,8 +3,9 @@
 `specialist results --add RUN_DIR --as NAME` keeps a small extract of a finished run's report.json (its candidates'
 scores with intervals, sizes, memory and latencies, and where it was measured: run id, commit, CPU, threads, date)
 as docs/results/NAME.json. `specialist results` renders every kept result as a table into docs/results.md, and
-into the README and any page of docs/ between `<!-- results:NAME -->` and `<!-- /results:NAME -->`; `--check`
-fails where a committed page differs from what the kept results render (tests/test_docs.py runs it).
+into the README and any page of docs/ between `<!-- results:NAME -->` and `<!-- /results:NAME -->` (or
+`NAME:cascade`, the run's cascades); `--check` fails where a committed page differs from what the kept results
+render (tests/test_docs.py runs it).
 """
 
 from __future__ import annotations
@@ -61,6 +62,21 @@ def extract(run_dir: Path) -> dict:
         "cpu_count": trained.get("machine", {}).get("cpu_count"),
         "date": (trained.get("started_at") or "")[:10] or None,
         "candidates": candidates,
+        "cascade": _cascade(report.get("cascade")),
+    }
+
+
+def _cascade(section: dict | None) -> dict | None:
+    """The cascade's operating points on the eval rows, each chosen on the validation rows."""
+    if not section:
+        return None
+    kept = ("threshold", "value", "ci95", "share_local", "latency_seconds", "versus_reference")
+    return {
+        "validation_rows": section.get("validation_rows"),
+        "fallback": section.get("fallback"),
+        "reference_value": section.get("reference_value"),
+        "reference_ci95": section.get("reference_ci95"),
+        "candidates": {name: {k: c.get(k) for k in kept} for name, c in section["candidates"].items()},
     }
 
 
@@ -72,8 +88,13 @@ def add(run_dir: Path, name: str, folder: Path) -> Path:
     return path
 
 
-def table(result: dict) -> str:
-    """The result as a Markdown table with a line that says where and when it was measured."""
+def table(result: dict, part: str = "") -> str:
+    """The result as a Markdown table (`part`: "" the candidates, "cascade" its cascades) with a line that says
+    where and when it was measured."""
+    if part == "cascade":
+        return cascade_table(result)
+    if part:
+        raise PipelineError(f"results: no table {part!r}; a block names NAME or NAME:cascade")
     metric = result["metric"]
     lines = [
         f"| candidate | runtime | {metric} [95% CI] | size on disk | peak memory | single request p50 "
@@ -91,15 +112,55 @@ def table(result: dict) -> str:
             f"| {name} ({c['role']}) | {runtime_cell(c)} | {shown} | {size} | {_mb(c['peak_memory_bytes'])} "
             f"| {_seconds(c['single_request_seconds_p50'])} | {_seconds(c['seconds_per_example_p50'])} |"
         )
+    return "\n".join([*lines, "", _where(result)])
+
+
+def cascade_table(result: dict) -> str:
+    cascade = result.get("cascade")
+    if not cascade:
+        raise PipelineError(f"results: {result['recipe']} run {result['run_id']} has no cascade to show")
+    metric = result["metric"]
+    lines = [
+        f"| | {metric} [95% CI] on the eval rows | answered locally | won / lost against the reference alone "
+        "| single request: mean / p50 / p95 | threshold |",
+        "|---|---|---|---|---|---|",
+    ]
+    if cascade["reference_value"] is not None:
+        low, high = cascade["reference_ci95"]
+        lines.append(f"| reference alone | {cascade['reference_value']:.3f} [{low:.3f}, {high:.3f}] | 0% | — | — | — |")
+    for name, c in cascade["candidates"].items():
+        alone = result["candidates"].get(name)
+        if alone:
+            lines.append(
+                f"| {name} alone | {alone['value']:.3f} [{alone['ci95'][0]:.3f}, {alone['ci95'][1]:.3f}] | 100% | — "
+                f"| {_seconds(alone['single_request_seconds_p50'])} (p50) | — |"
+            )
+        versus = c.get("versus_reference") or {}
+        paired = f"{versus['wins']} / {versus['losses']} (p = {versus['p_value']:.2g})" if versus else "—"
+        latency = c.get("latency_seconds") or {}
+        seconds = " / ".join(_seconds(latency.get(k)) for k in ("mean", "p50", "p95"))
+        threshold = "—" if c["threshold"] is None else f"{c['threshold']:.3f}"
+        lines.append(
+            f"| **{name} + reference** | **{c['value']:.3f}** [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}] "
+            f"| {c['share_local']:.1%} | {paired} | {seconds} | {threshold} |"
+        )
+    note = (
+        f"Thresholds chosen on {cascade['validation_rows']} validation rows, applied unchanged to the eval rows; "
+        f"the fallback is {cascade['fallback']}. A cascade's latency is the mixture it implies: every request waits "
+        "for the local model, the deferred ones for the reference too."
+    )
+    return "\n".join([*lines, "", note, _where(result)])
+
+
+def _where(result: dict) -> str:
     threads = {c["threads"] for c in result["candidates"].values() if c.get("threads")}
     gates = {True: "passed", False: "failed", None: "—"}[result["gates_passed"]]
-    where = (
+    return (
         f"Run `{result['run_id']}` of `{result['recipe']}` on {result['eval_rows']} eval rows, at commit "
         f"{result['commit'] or '(unknown)'}, {result['date'] or '(date unknown)'}, on "
         f"{result['cpu'] or 'a CPU not recorded'} ({result['cpu_count']} cores; "
         f"{', '.join(map(str, sorted(threads))) or '?'} threads per candidate); gates {gates}."
     )
-    return "\n".join([*lines, "", where])
 
 
 def render_page(results: dict[str, dict]) -> str:
@@ -116,6 +177,8 @@ def render_page(results: dict[str, dict]) -> str:
     ]
     for name, result in sorted(results.items()):
         parts += [f"## {name}", "", table(result), ""]
+        if result.get("cascade"):
+            parts += [f"### {name}: the cascade", "", table(result, "cascade"), ""]
     return "\n".join(parts).rstrip("\n") + "\n"
 
 
@@ -127,12 +190,13 @@ def with_blocks(text: str, results: dict[str, dict]) -> str:
     """`text` with every <!-- results:NAME --> ... <!-- /results:NAME --> block holding NAME's table."""
 
     def block(match: re.Match) -> str:
-        name = match.group(1)
+        shown, name, part = match.group(1), match.group(2), match.group(3) or ""
         if name not in results:
-            raise PipelineError(f"results: the README shows {name!r}, which docs/results/ does not hold")
-        return f"<!-- results:{name} -->\n{table(results[name])}\n<!-- /results:{name} -->"
+            raise PipelineError(f"results: a page shows {name!r}, which docs/results/ does not hold")
+        return f"<!-- results:{shown} -->\n{table(results[name], part)}\n<!-- /results:{shown} -->"
 
-    return re.sub(r"<!-- results:([a-z0-9-]+) -->.*?<!-- /results:\1 -->", block, text, flags=re.S)
+    pattern = r"<!-- results:(([a-z0-9-]+)(?::([a-z]+))?) -->.*?<!-- /results:\1 -->"
+    return re.sub(pattern, block, text, flags=re.S)
 
 
 def write(folder: Path, page: Path, shown_in: list[Path], check: bool = False) -> list[Path]:

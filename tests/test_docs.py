@@ -16,6 +16,7 @@ import pytest
 
 from pipeline import reference_docs, results
 from pipeline.cli import _parser, main
+from pipeline.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,6 +92,24 @@ def test_a_kept_result_renders_with_where_it_was_measured(tmp_path):
     results.write(tmp_path / "results", page, [readme])
     assert readme.read_text() == f"before\n<!-- results:demo -->\n{table}\n<!-- /results:demo -->\nafter\n"
     assert results.write(tmp_path / "results", page, [readme], check=True) == []  # rendering again changes nothing
+    with pytest.raises(PipelineError, match="has no cascade"):
+        results.table(result, "cascade")
+    result["cascade"] = {
+        "validation_rows": 80, "fallback": "packaged:qwen", "reference_value": 0.8, "reference_ci95": [0.745, 0.85],
+        "candidates": {"gguf-q4_k_m": {"threshold": 0.83, "value": 0.95, "ci95": [0.92, 0.98], "share_local": 0.86,
+                                       "latency_seconds": {"mean": 0.2, "p50": 0.09, "p95": 1.1},
+                                       "versus_reference": {"wins": 33, "losses": 3, "p_value": 1e-7}}},
+    }  # fmt: skip
+    cascade = results.table(result, "cascade")
+    assert "| reference alone | 0.800 [0.745, 0.850] | 0% |" in cascade
+    assert "| gguf-q4_k_m alone | 0.930 [0.895, 0.965] | 100% |" in cascade
+    assert "| **gguf-q4_k_m + reference** | **0.950** [0.920, 0.980] | 86.0% | 33 / 3 (p = 1e-07) " in cascade
+    assert "0.200 s / 0.090 s / 1.100 s | 0.830 |" in cascade and "chosen on 80 validation rows" in cascade
+    readme.write_text("<!-- results:demo:cascade -->\n<!-- /results:demo:cascade -->\n")
+    (tmp_path / "results" / "demo.json").write_text(__import__("json").dumps(result))
+    results.write(tmp_path / "results", page, [readme])
+    assert readme.read_text() == f"<!-- results:demo:cascade -->\n{cascade}\n<!-- /results:demo:cascade -->\n"
+    assert "### demo: the cascade" in page.read_text()
 
 
 def test_the_readme_is_a_front_page():
