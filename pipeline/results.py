@@ -1,11 +1,11 @@
 """Named runs' figures for the manual and the front page: a result is refreshed by a rerun, never by an edit.
 
 `specialist results --add RUN_DIR --as NAME` keeps a small extract of a finished run's report.json (its candidates'
-scores with intervals, sizes, memory and latencies, and where it was measured: run id, commit, CPU, threads, date)
-as docs/results/NAME.json. `specialist results` renders every kept result as a table into docs/results.md, and
-into the README and any page of docs/ between `<!-- results:NAME -->` and `<!-- /results:NAME -->` (or
-`NAME:cascade`, the run's cascades); `--check` fails where a committed page differs from what the kept results
-render (tests/test_docs.py runs it).
+scores with intervals, sizes, memory, latencies and CPU time, its cascades, and where it was measured: run id,
+commit, CPU, threads, date) as docs/results/NAME.json. `specialist results` renders every kept result into
+docs/results.md, and into the README and any page of docs/ between `<!-- results:NAME -->` and
+`<!-- /results:NAME -->` (or NAME:cascade, the run's cascades; NAME:cost, CPU-seconds per 1,000 answers);
+`--check` fails where a committed page differs from what the kept results render (tests/test_docs.py runs it).
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ CANDIDATE_FIELDS = (
     "single_request_seconds_p50",
     "seconds_per_example_p50",
     "threads",
+    "cpu_seconds_per_1000_answers",
+    "joules_per_1000_answers",
+    "energy_counter",
 )
 
 
@@ -93,8 +96,10 @@ def table(result: dict, part: str = "") -> str:
     where and when it was measured."""
     if part == "cascade":
         return cascade_table(result)
+    if part == "cost":
+        return cost_table(result)
     if part:
-        raise PipelineError(f"results: no table {part!r}; a block names NAME or NAME:cascade")
+        raise PipelineError(f"results: no table {part!r}; a block names NAME, NAME:cascade or NAME:cost")
     metric = result["metric"]
     lines = [
         f"| candidate | runtime | {metric} [95% CI] | size on disk | peak memory | single request p50 "
@@ -111,6 +116,24 @@ def table(result: dict, part: str = "") -> str:
         lines.append(
             f"| {name} ({c['role']}) | {runtime_cell(c)} | {shown} | {size} | {_mb(c['peak_memory_bytes'])} "
             f"| {_seconds(c['single_request_seconds_p50'])} | {_seconds(c['seconds_per_example_p50'])} |"
+        )
+    return "\n".join([*lines, "", _where(result)])
+
+
+def cost_table(result: dict) -> str:
+    """What an answer costs the device: CPU-seconds (and joules, where the machine counts them) per 1,000 answers
+    over the timed single requests."""
+    lines = ["| candidate | runtime | single request p50 | CPU-s / 1,000 answers | J / 1,000 answers |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for name, c in sorted(
+        result["candidates"].items(), key=lambda item: -(item[1].get("cpu_seconds_per_1000_answers") or 0)
+    ):
+        cpu = c.get("cpu_seconds_per_1000_answers")
+        joules = c.get("joules_per_1000_answers")
+        energy = f"{joules:,.0f} ({c.get('energy_counter')})" if joules is not None else "— (no energy counter)"
+        lines.append(
+            f"| {name} | {runtime_cell(c)} | {_seconds(c['single_request_seconds_p50'])} "
+            f"| {'—' if cpu is None else f'{cpu:,.0f}'} | {energy} |"
         )
     return "\n".join([*lines, "", _where(result)])
 

@@ -110,6 +110,10 @@ def test_a_kept_result_renders_with_where_it_was_measured(tmp_path):
     results.write(tmp_path / "results", page, [readme])
     assert readme.read_text() == f"<!-- results:demo:cascade -->\n{cascade}\n<!-- /results:demo:cascade -->\n"
     assert "### demo: the cascade" in page.read_text()
+    result["candidates"]["base"].update(cpu_seconds_per_1000_answers=837.4, joules_per_1000_answers=None)
+    cost = results.table(result, "cost")
+    assert "| base | transformers float32 | 0.880 s | 837 | — (no energy counter) |" in cost
+    assert "| gguf-q4_k_m | llama.cpp q4_k_m | 0.156 s | — | — (no energy counter) |" in cost
 
 
 def test_the_readme_is_a_front_page():
