@@ -150,7 +150,11 @@ def cascade_table(result: dict) -> str:
     ]
     if cascade["reference_value"] is not None:
         low, high = cascade["reference_ci95"]
-        lines.append(f"| reference alone | {cascade['reference_value']:.3f} [{low:.3f}, {high:.3f}] | 0% | — | — | — |")
+        alone = result["candidates"].get("reference") or {}
+        latency = f"{_seconds(alone.get('single_request_seconds_p50'))} (p50)" if alone else "—"
+        lines.append(
+            f"| reference alone | {cascade['reference_value']:.3f} [{low:.3f}, {high:.3f}] | 0% | — | {latency} | — |"
+        )
     for name, c in cascade["candidates"].items():
         alone = result["candidates"].get(name)
         if alone:
