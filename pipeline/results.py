@@ -4,8 +4,9 @@
 scores with intervals, sizes, memory, latencies and CPU time, its cascades, and where it was measured: run id,
 commit, CPU, threads, date) as docs/results/NAME.json. `specialist results` renders every kept result into
 docs/results.md, and into the README and any page of docs/ between `<!-- results:NAME -->` and
-`<!-- /results:NAME -->` (or NAME:cascade, the run's cascades; NAME:cost, CPU-seconds per 1,000 answers);
-`--check` fails where a committed page differs from what the kept results render (tests/test_docs.py runs it).
+`<!-- /results:NAME -->` (or NAME:cascade, the run's cascades; NAME:cost, CPU-seconds per 1,000 answers;
+NAME:shared, N specialists on one base); `--check` fails where a committed page differs from what the kept
+results render (tests/test_docs.py runs it).
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ def extract(run_dir: Path) -> dict:
         "date": (trained.get("started_at") or "")[:10] or None,
         "candidates": candidates,
         "cascade": _cascade(report.get("cascade")),
+        "shared_base": {
+            name: {k: v for k, v in facts.items() if k != "peak_memory_bytes"}
+            for name, facts in (report.get("shared_base") or {}).items()
+        }
+        or None,
     }
 
 
@@ -98,8 +104,10 @@ def table(result: dict, part: str = "") -> str:
         return cascade_table(result)
     if part == "cost":
         return cost_table(result)
+    if part == "shared":
+        return shared_base_table(result)
     if part:
-        raise PipelineError(f"results: no table {part!r}; a block names NAME, NAME:cascade or NAME:cost")
+        raise PipelineError(f"results: no table {part!r}; a block names NAME, NAME:cascade, NAME:cost or NAME:shared")
     metric = result["metric"]
     lines = [
         f"| candidate | runtime | {metric} [95% CI] | size on disk | peak memory | single request p50 "
@@ -136,6 +144,37 @@ def cost_table(result: dict) -> str:
             f"| {'—' if cpu is None else f'{cpu:,.0f}'} | {energy} |"
         )
     return "\n".join([*lines, "", _where(result)])
+
+
+def shared_base_table(result: dict) -> str:
+    """N specialists on one device, as N merged GGUF files or as one shared base with N adapter GGUFs, per adapter
+    variant: disk from the run's files, memory from its measured peaks."""
+    shared = result.get("shared_base")
+    if not shared:
+        raise PipelineError(f"results: {result['recipe']} run {result['run_id']} has no adapter GGUF (gguf-lora)")
+    lines = []
+    for name, facts in shared.items():
+        agreement = facts.get("answer_agreement_with_merged")
+        same = (
+            f"; the same answer as {facts['merged_variant']} on {agreement:.1%} of rows"
+            if agreement is not None
+            else ""
+        )
+        lines += [
+            f"{name}: a {_mb(facts['adapter_bytes'])} adapter on the {facts['base_type']} base "
+            f"({_mb(facts['base_bytes'])}){same}.",
+            "",
+            f"| specialists on the device | disk: merged {facts['base_type']} files | disk: base + adapters "
+            "| memory: merged files | memory: base + adapters |",
+            "|---|---|---|---|---|",
+        ]
+        for row in facts["specialists"]:
+            lines.append(
+                f"| {row['n']} | {_mb(row['disk_merged_bytes'])} | {_mb(row['disk_shared_bytes'])} "
+                f"| {_mb(row['memory_merged_bytes'])} | {_mb(row['memory_shared_bytes'])} |"
+            )
+        lines.append("")
+    return "\n".join([*lines, _where(result)])
 
 
 def cascade_table(result: dict) -> str:
@@ -206,6 +245,8 @@ def render_page(results: dict[str, dict]) -> str:
         parts += [f"## {name}", "", table(result), ""]
         if result.get("cascade"):
             parts += [f"### {name}: the cascade", "", table(result, "cascade"), ""]
+        if result.get("shared_base"):
+            parts += [f"### {name}: specialists on one base", "", table(result, "shared"), ""]
     return "\n".join(parts).rstrip("\n") + "\n"
 
 

@@ -110,6 +110,18 @@ def test_a_kept_result_renders_with_where_it_was_measured(tmp_path):
     results.write(tmp_path / "results", page, [readme])
     assert readme.read_text() == f"<!-- results:demo:cascade -->\n{cascade}\n<!-- /results:demo:cascade -->\n"
     assert "### demo: the cascade" in page.read_text()
+    with pytest.raises(PipelineError, match="no adapter GGUF"):
+        results.table(result, "shared")
+    result["shared_base"] = {"gguf-lora-q8_0": {
+        "base_type": "q8_0", "base_bytes": 144.8e6, "adapter_bytes": 9.8e6, "merged_variant": "gguf-q8_0",
+        "answer_agreement_with_merged": 1.0,
+        "specialists": [{"n": 1, "disk_merged_bytes": 145e6, "disk_shared_bytes": 155e6, "memory_merged_bytes": 203e6,
+                         "memory_shared_bytes": 213e6},
+                        {"n": 10, "disk_merged_bytes": 1448e6, "disk_shared_bytes": 243e6,
+                         "memory_merged_bytes": None, "memory_shared_bytes": 301e6}]}}  # fmt: skip
+    shared = results.table(result, "shared")
+    assert "a 10 MB adapter on the q8_0 base (145 MB); the same answer as gguf-q8_0 on 100.0% of rows" in shared
+    assert "| 10 | 1,448 MB | 243 MB | — | 301 MB |" in shared
     result["candidates"]["base"].update(cpu_seconds_per_1000_answers=837.4, joules_per_1000_answers=None)
     cost = results.table(result, "cost")
     assert "| base | transformers float32 | 0.880 s | 837 | — (no energy counter) |" in cost
