@@ -5,8 +5,8 @@ scores with intervals, sizes, memory, latencies and CPU time, its cascades, and 
 commit, CPU, threads, date) as docs/results/NAME.json. `specialist results` renders every kept result into
 docs/results.md, and into the README and any page of docs/ between `<!-- results:NAME -->` and
 `<!-- /results:NAME -->` (or NAME:cascade, the run's cascades; NAME:cost, CPU-seconds per 1,000 answers;
-NAME:shared, N specialists on one base); `--check` fails where a committed page differs from what the kept
-results render (tests/test_docs.py runs it).
+NAME:shared, N specialists on one base; NAME:distill, what the teacher's labels cost and bought); `--check`
+fails where a committed page differs from what the kept results render (tests/test_docs.py runs it).
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def extract(run_dir: Path) -> dict:
         "date": (trained.get("started_at") or "")[:10] or None,
         "candidates": candidates,
         "cascade": _cascade(report.get("cascade")),
+        "distillation": report.get("distillation"),
         "shared_base": {
             name: {k: v for k, v in facts.items() if k != "peak_memory_bytes"}
             for name, facts in (report.get("shared_base") or {}).items()
@@ -106,8 +107,12 @@ def table(result: dict, part: str = "") -> str:
         return cost_table(result)
     if part == "shared":
         return shared_base_table(result)
+    if part == "distill":
+        return distillation_table(result)
     if part:
-        raise PipelineError(f"results: no table {part!r}; a block names NAME, NAME:cascade, NAME:cost or NAME:shared")
+        raise PipelineError(
+            f"results: no table {part!r}; a block names NAME, or NAME: with cascade, cost, shared or distill"
+        )
     metric = result["metric"]
     lines = [
         f"| candidate | runtime | {metric} [95% CI] | size on disk | peak memory | single request p50 "
@@ -175,6 +180,34 @@ def shared_base_table(result: dict) -> str:
             )
         lines.append("")
     return "\n".join([*lines, _where(result)])
+
+
+def distillation_table(result: dict) -> str:
+    """What labelling by the teacher cost and bought: its time, how often it gave the gold answer where the inputs
+    carried one, how often the student agrees with it, and after how many answers the student paid it back."""
+    facts = result.get("distillation")
+    if not facts:
+        raise PipelineError(f"results: {result['recipe']} run {result['run_id']} has no distillation")
+
+    def share(value):
+        return "—" if value is None else f"{value:.1%}"
+
+    def count(value):
+        return "—" if value is None else f"{value:,.0f}"
+
+    rows = [
+        ("teacher", f"`{facts['teacher']}`"),
+        ("inputs labelled, kept, dropped", f"{facts['inputs']}, {facts['labelled_rows']}, {facts['dropped_rows']}"),
+        ("teacher's time", f"{facts['teacher_seconds']:.0f} s ({facts['teacher_seconds_per_input']:.2f} s an input)"),
+        ("student's training", "—" if facts.get("train_seconds") is None else f"{facts['train_seconds']:.0f} s"),
+        ("teacher's answer = the gold answer (inputs that carry one)", share(facts.get("teacher_gold_agreement"))),
+        ("... on the rows kept for training", share(facts.get("kept_gold_agreement"))),
+        ("student's answer = the teacher's, on the eval rows", share(facts.get("agreement_with_teacher"))),
+        ("answers after which the student paid back the labelling", count(facts.get("break_even_answers"))),
+        ("... and its training", count(facts.get("break_even_answers_with_training"))),
+    ]
+    lines = ["| | |", "|---|---|", *(f"| {what} | {value} |" for what, value in rows)]
+    return "\n".join([*lines, "", _where(result)])
 
 
 def cascade_table(result: dict) -> str:
@@ -247,6 +280,8 @@ def render_page(results: dict[str, dict]) -> str:
             parts += [f"### {name}: the cascade", "", table(result, "cascade"), ""]
         if result.get("shared_base"):
             parts += [f"### {name}: specialists on one base", "", table(result, "shared"), ""]
+        if result.get("distillation"):
+            parts += [f"### {name}: the teacher's labels", "", table(result, "distill"), ""]
     return "\n".join(parts).rstrip("\n") + "\n"
 
 

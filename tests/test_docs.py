@@ -122,6 +122,17 @@ def test_a_kept_result_renders_with_where_it_was_measured(tmp_path):
     shared = results.table(result, "shared")
     assert "a 10 MB adapter on the q8_0 base (145 MB); the same answer as gguf-q8_0 on 100.0% of rows" in shared
     assert "| 10 | 1,448 MB | 243 MB | — | 301 MB |" in shared
+    result["distillation"] = {
+        "teacher": "packaged:qwen", "inputs": 400, "labelled_rows": 400, "dropped_rows": 0, "teacher_seconds": 281.2,
+        "teacher_seconds_per_input": 0.703, "teacher_gold_agreement": 0.828, "kept_gold_agreement": None,
+        "train_seconds": 97.0, "agreement_with_teacher": 0.785, "break_even_answers": 455.2,
+        "break_even_answers_with_training": None,
+    }  # fmt: skip
+    distill = results.table(result, "distill")
+    assert "| inputs labelled, kept, dropped | 400, 400, 0 |" in distill and "| 281 s (0.70 s an input) |" in distill
+    assert "| teacher's answer = the gold answer (inputs that carry one) | 82.8% |" in distill
+    assert "| answers after which the student paid back the labelling | 455 |" in distill
+    assert "| ... and its training | — |" in distill
     result["candidates"]["base"].update(cpu_seconds_per_1000_answers=837.4, joules_per_1000_answers=None)
     cost = results.table(result, "cost")
     assert "| base | transformers float32 | 0.880 s | 837 | — (no energy counter) |" in cost
