@@ -48,58 +48,19 @@ def check(loaded: LoadedRecipe) -> dict:
             _available_reference(loaded, ("distill", "teacher"), recipe.distill.teacher, problems, notes)
     if recipe.evaluate.reference and recipe.evaluate.reference.prompt:
         data.load_rows(recipe.data, "eval", recipe.evaluate.reference.prompt, "evaluate.reference.prompt")
-    if splits.overlap_normalized:
-        message = (
-            f"{splits.overlap_normalized} eval rows have a prompt that is also in train ({splits.overlap_exact} "
-            "verbatim, the rest after normalizing case and whitespace): their scores measure recall, not skill"
-        )
-        if recipe.data.overlap == "error":
-            problems.append(loaded.error_at(("data", "overlap"), message))
-        else:
-            notes.append(message)
-    if splits.duplicates_in_train:
-        notes.append(f"{splits.duplicates_in_train} training rows repeat an earlier row's prompt")
-    notes += data_notes(recipe, splits)
+    _overlap_findings(loaded, splits, problems, notes)
 
     base = _available_model(loaded, ("model", "base"), recipe.model.base, problems, notes)
     if recipe.evaluate.reference:
         _available_reference(loaded, ("evaluate", "reference"), recipe.evaluate.reference, problems, notes)
 
-    lengths = None
     config = None
     if base is not None:
         try:
             config = _config(base, recipe.model.trust_remote_code)
         except PipelineError as e:
             problems.append(loaded.error_at(("model", "base"), str(e)))
-    if config is not None:
-        context = getattr(config, "max_position_embeddings", None)
-        if context and recipe.data.max_seq_len > context:
-            problems.append(
-                loaded.error_at(
-                    ("data", "max_seq_len"),
-                    f"{recipe.data.max_seq_len} is longer than the base model's context of {context} tokens",
-                )
-            )
-        problems += _target_module_problems(loaded, config)
-        if base.is_local:
-            problems += _weights_problems(loaded, config, Path(base.location))
-        try:
-            lengths = _training_lengths(loaded, base, train_rows)
-            cut, too_long = _eval_lengths(loaded, base, eval_rows or [], context)
-            notes += cut
-            problems += too_long
-        except PipelineError as e:  # the tokenizer, the chat template or a row: with the other problems
-            problems.append(str(e))
-        too_long = sum(n > recipe.data.max_seq_len for n in lengths or [])
-        if lengths and too_long == len(lengths) and recipe.data.too_long == "drop":
-            problems.append(
-                loaded.error_at(
-                    ("data", "max_seq_len"),
-                    f"all {too_long} training rows are longer than {recipe.data.max_seq_len} tokens (shortest: "
-                    f"{min(lengths)}); raise it",
-                )
-            )
+    lengths = _base_model_findings(loaded, base, config, splits, problems, notes) if config is not None else None
     chosen = precision.frozen_precision(recipe, models.compute_dtype(recipe.model.dtype), config) if config else None
     if not torch.cuda.is_available() and recipe.model.dtype in ("bfloat16", "float16"):
         notes.append(f"model.dtype {recipe.model.dtype} on a CPU is many times slower than float32; use auto")
@@ -123,6 +84,58 @@ def check(loaded: LoadedRecipe) -> dict:
     summary["choosing"] = choosing
     summary["precision"] = chosen
     return summary
+
+
+def _overlap_findings(loaded: LoadedRecipe, splits: data.Splits, problems: list, notes: list) -> None:
+    """Eval prompts also in train (a problem where data.overlap says so), repeated training rows, the splits."""
+    recipe = loaded.recipe
+    if splits.overlap_normalized:
+        message = (
+            f"{splits.overlap_normalized} eval rows have a prompt that is also in train ({splits.overlap_exact} "
+            "verbatim, the rest after normalizing case and whitespace): their scores measure recall, not skill"
+        )
+        if recipe.data.overlap == "error":
+            problems.append(loaded.error_at(("data", "overlap"), message))
+        else:
+            notes.append(message)
+    if splits.duplicates_in_train:
+        notes.append(f"{splits.duplicates_in_train} training rows repeat an earlier row's prompt")
+    notes += data_notes(recipe, splits)
+
+
+def _base_model_findings(loaded: LoadedRecipe, base, config, splits: data.Splits, problems: list, notes: list):
+    """What the base model's config and tokenizer say of this recipe: its context against max_seq_len and the eval
+    rows, the LoRA target modules, its weights, and the training rows' lengths (returned)."""
+    recipe = loaded.recipe
+    lengths = None
+    context = getattr(config, "max_position_embeddings", None)
+    if context and recipe.data.max_seq_len > context:
+        problems.append(
+            loaded.error_at(
+                ("data", "max_seq_len"),
+                f"{recipe.data.max_seq_len} is longer than the base model's context of {context} tokens",
+            )
+        )
+    problems += _target_module_problems(loaded, config)
+    if base.is_local:
+        problems += _weights_problems(loaded, config, Path(base.location))
+    try:
+        lengths = _training_lengths(loaded, base, splits.train)
+        cut, too_long = _eval_lengths(loaded, base, splits.eval or [], context)
+        notes += cut
+        problems += too_long
+    except PipelineError as e:  # the tokenizer, the chat template or a row: with the other problems
+        problems.append(str(e))
+    too_long = sum(n > recipe.data.max_seq_len for n in lengths or [])
+    if lengths and too_long == len(lengths) and recipe.data.too_long == "drop":
+        problems.append(
+            loaded.error_at(
+                ("data", "max_seq_len"),
+                f"all {too_long} training rows are longer than {recipe.data.max_seq_len} tokens (shortest: "
+                f"{min(lengths)}); raise it",
+            )
+        )
+    return lengths
 
 
 def _sweep_lines(loaded: LoadedRecipe, problems: list, notes: list) -> list[str]:
