@@ -31,7 +31,8 @@ COST_KEYS = ("size_on_disk_bytes", "peak_memory_bytes", "single_request_seconds_
 def run_folder(ref: str, runs_dir: Path) -> Path:
     """A finished run, given as its folder or as a recipe (sweep.run_folder)."""
     folder = sweep.run_folder(ref, runs_dir, "compare")
-    if not RunLayout(folder).report_json.is_file():
+    layout = RunLayout(folder)
+    if not layout.report_json.is_file() and not layout.legacy_report_json.is_file():  # an older one: _report says
         raise PipelineError(f"compare: {folder} has no report; finish it with `make train` (or `make report`)")
     return folder
 

@@ -102,7 +102,8 @@ def finished_report(loaded: LoadedRecipe, run_dir: Path) -> dict:
     """The run's report, refusing a run whose evaluation or adapter is missing."""
     report_path = RunLayout(run_dir).report_json
     adapter = RunLayout(run_dir).adapter / "adapter_model.safetensors"
-    if not report_path.is_file() or not RunLayout(run_dir).done_marker("evaluate").is_file() or not adapter.is_file():
+    report_there = report_path.is_file() or RunLayout(run_dir).legacy_report_json.is_file()  # older: read_report says
+    if not report_there or not RunLayout(run_dir).done_marker("evaluate").is_file() or not adapter.is_file():
         raise PipelineError(
             f"{run_dir}: no finished run of {loaded.path} to publish (adapter and report are missing); "
             f"run `make train RECIPE={loaded.path}` first"

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import PipelineError
+from pipeline.run_layout import RunLayout
 
 REPORT_SCHEMA_VERSION = 6
 # 2: `validation`, the adapter training kept and the curve that chose it; 3: `sweep`, `learning_curve`, `confidence`;
@@ -261,6 +262,11 @@ def read_report(path: Path) -> dict:
     try:
         report = json.loads(path.read_text())
     except OSError as e:
+        if RunLayout(path.parent.parent).legacy_report_json.is_file():
+            raise PipelineError(
+                f"{path.parent.parent}: its report is from an older version (evaluate/report.json); `make report "
+                "RECIPE=...` (or `specialist report`) rebuilds it in report/ without generating again"
+            ) from None
         raise PipelineError(f"{path}: cannot read the report ({e.strerror}); finish the run (`make train`)") from None
     except ValueError:
         raise PipelineError(f"{path} is not JSON (cut short?); `make report RECIPE=...` rebuilds it") from None

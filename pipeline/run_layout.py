@@ -183,6 +183,11 @@ class RunLayout:
         """The report as one self-contained page."""
         return self.root / "report" / "report.html"
 
+    @property
+    def legacy_report_json(self) -> Path:
+        """Where the report lay before report.json schema 6 (evaluate/): read only to say `make report` moves it."""
+        return self.root / "evaluate" / "report.json"
+
     def plot(self, name: str) -> Path:
         """report/<name>.png: report, cascade, sweep, curve."""
         return self.root / "report" / f"{name}.png"

@@ -176,8 +176,8 @@ def _run_entry(run_dir: Path) -> dict:
         "stages_done": [s for s in STAGES if RunLayout(run_dir).done_marker(s).is_file()],
     }
     report_path = RunLayout(run_dir).report_json
-    if report_path.is_file():
-        report = read_report(report_path)
+    if report_path.is_file() or RunLayout(run_dir).legacy_report_json.is_file():
+        report = read_report(report_path)  # an older version's report: its message says how to rebuild it
         metric = report.get("metric")
         candidates = report.get("candidates", {})
 

@@ -341,3 +341,13 @@ def test_runs_lists_each_run_with_its_gates_and_metric(finished_run, capsys):
     # compare names the cut file instead of crashing
     assert run_cli("compare", run_dir, runs / "tiny-test" / "report-cut", "--runs-dir", runs) == 2
     assert "report.json is not JSON (cut short?)" in capsys.readouterr().err
+    # a run from before report/ (schema 6) says how to rebuild its report, in the list and in compare
+    older = runs / "tiny-test" / "older"
+    shutil.copytree(run_dir, older)
+    (older / "evaluate" / "report.json").write_text((older / "report" / "report.json").read_text())
+    shutil.rmtree(older / "report")
+    assert run_cli("runs", "--runs-dir", runs) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if "| older |" in line)
+    assert "older version (evaluate/report.json); `make report" in line
+    assert run_cli("compare", run_dir, older, "--runs-dir", runs) == 2
+    assert "its report is from an older version" in capsys.readouterr().err
