@@ -19,7 +19,7 @@ from pipeline.errors import PipelineError
 from pipeline.files import read_jsonl_records, write_json_atomic, write_text_atomic
 from pipeline.recipe import data_fingerprint, load_recipe
 from pipeline.render import html, tables
-from pipeline.report_types import read_report
+from pipeline.report_types import has_report, read_report
 from pipeline.run_layout import RunLayout
 from pipeline.runs import read_manifest
 from pipeline.stages.evaluate import evaluated_row, read_generations
@@ -31,8 +31,7 @@ COST_KEYS = ("size_on_disk_bytes", "peak_memory_bytes", "single_request_seconds_
 def run_folder(ref: str, runs_dir: Path) -> Path:
     """A finished run, given as its folder or as a recipe (sweep.run_folder)."""
     folder = sweep.run_folder(ref, runs_dir, "compare")
-    layout = RunLayout(folder)
-    if not layout.report_json.is_file() and not layout.legacy_report_json.is_file():  # an older one: _report says
+    if not has_report(folder):
         raise PipelineError(f"compare: {folder} has no report; finish it with `make train` (or `make report`)")
     return folder
 

@@ -36,7 +36,7 @@ from pipeline.render.markdown import (
     verdict,
 )
 from pipeline.render.sweep import curve_markdown, sweep_markdown
-from pipeline.report_types import read_report
+from pipeline.report_types import has_report, read_report
 from pipeline.run_layout import RunLayout
 from pipeline.runs import read_manifest, training_invocation
 from pipeline.stages.report import failed_gates, page_rows
@@ -102,8 +102,7 @@ def finished_report(loaded: LoadedRecipe, run_dir: Path) -> dict:
     """The run's report, refusing a run whose evaluation or adapter is missing."""
     report_path = RunLayout(run_dir).report_json
     adapter = RunLayout(run_dir).adapter / "adapter_model.safetensors"
-    report_there = report_path.is_file() or RunLayout(run_dir).legacy_report_json.is_file()  # older: read_report says
-    if not report_there or not RunLayout(run_dir).done_marker("evaluate").is_file() or not adapter.is_file():
+    if not has_report(run_dir) or not RunLayout(run_dir).done_marker("evaluate").is_file() or not adapter.is_file():
         raise PipelineError(
             f"{run_dir}: no finished run of {loaded.path} to publish (adapter and report are missing); "
             f"run `make train RECIPE={loaded.path}` first"

@@ -40,9 +40,7 @@ class Candidate(Open):
     """One model that answered the eval rows, with what it cost."""
 
     role: Literal["base", "specialized", "quantized", "reference"]
-    metrics: dict[str, MetricValue] = Field(
-        Nonedescription=("per metric of the recipe: value and interval"),
-    )
+    metrics: dict[str, MetricValue] = Field(description="per metric of the recipe: value and interval")
     runtime: str | None = Field(None, description="transformers / llama.cpp / endpoint, with its precision")
     parameters: int | None = None
     size_on_disk_bytes: int | None = Field(
@@ -255,6 +253,13 @@ def check(report: dict) -> dict:
     """The report as the report stage is about to write it, checked against the contract (a bug if not)."""
     Report.model_validate(report)
     return report
+
+
+def has_report(run_dir: Path) -> bool:
+    """Whether the run has a report to read: its report.json, or an older version's, of which read_report says
+    how to rebuild it."""
+    layout = RunLayout(run_dir)
+    return layout.report_json.is_file() or layout.legacy_report_json.is_file()
 
 
 def read_report(path: Path) -> dict:

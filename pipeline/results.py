@@ -18,7 +18,7 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 from pipeline.files import write_json_atomic
 from pipeline.render.tables import runtime_cell
-from pipeline.report_types import read_report
+from pipeline.report_types import has_report, read_report
 from pipeline.run_layout import RunLayout
 from pipeline.runs import read_manifest, training_invocation
 
@@ -40,10 +40,9 @@ CANDIDATE_FIELDS = (
 
 def extract(run_dir: Path) -> dict:
     """What the manual shows of a finished run, and where it was measured."""
-    report_path = RunLayout(run_dir).report_json
-    if not report_path.is_file():
+    if not has_report(run_dir):
         raise PipelineError(f"results: {run_dir} has no report/report.json; finish the run first (`make train`)")
-    report = read_report(report_path)
+    report = read_report(RunLayout(run_dir).report_json)
     trained = training_invocation(read_manifest(run_dir))
     metric = report["metric"]
     candidates = {}
@@ -99,20 +98,12 @@ def add(run_dir: Path, name: str, folder: Path) -> Path:
 
 
 def table(result: dict, part: str = "") -> str:
-    """The result as a Markdown table (`part`: "" the candidates, "cascade" its cascades) with a line that says
-    where and when it was measured."""
-    if part == "cascade":
-        return cascade_table(result)
-    if part == "cost":
-        return cost_table(result)
-    if part == "shared":
-        return shared_base_table(result)
-    if part == "distill":
-        return distillation_table(result)
+    """The result as a Markdown table (`part`: "" the candidates, else one of PARTS) with a line that says where
+    and when it was measured."""
     if part:
-        raise PipelineError(
-            f"results: no table {part!r}; a block names NAME, or NAME: with cascade, cost, shared or distill"
-        )
+        if part not in PARTS:
+            raise PipelineError(f"results: no table {part!r}; a block names NAME, or NAME: with {', '.join(PARTS)}")
+        return PARTS[part][2](result)
     metric = result["metric"]
     lines = [
         f"| candidate | runtime | {metric} [95% CI] | size on disk | peak memory | single request p50 "
@@ -251,6 +242,16 @@ def cascade_table(result: dict) -> str:
     return "\n".join([*lines, "", note, _where(result)])
 
 
+# NAME:part blocks: the kept key the table is drawn from, its heading on the results page (None: shown only where a
+# page asks for it), and what draws it
+PARTS = {
+    "cascade": ("cascade", "the cascade", cascade_table),
+    "cost": ("candidates", None, cost_table),
+    "shared": ("shared_base", "specialists on one base", shared_base_table),
+    "distill": ("distillation", "the teacher's labels", distillation_table),
+}
+
+
 def _where(result: dict) -> str:
     threads = {c["threads"] for c in result["candidates"].values() if c.get("threads")}
     gates = {True: "passed", False: "failed", None: "—"}[result["gates_passed"]]
@@ -276,12 +277,9 @@ def render_page(results: dict[str, dict]) -> str:
     ]
     for name, result in sorted(results.items()):
         parts += [f"## {name}", "", table(result), ""]
-        if result.get("cascade"):
-            parts += [f"### {name}: the cascade", "", table(result, "cascade"), ""]
-        if result.get("shared_base"):
-            parts += [f"### {name}: specialists on one base", "", table(result, "shared"), ""]
-        if result.get("distillation"):
-            parts += [f"### {name}: the teacher's labels", "", table(result, "distill"), ""]
+        for part, (key, heading, _) in PARTS.items():
+            if heading and result.get(key):
+                parts += [f"### {name}: {heading}", "", table(result, part), ""]
     return "\n".join(parts).rstrip("\n") + "\n"
 
 

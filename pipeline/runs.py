@@ -19,7 +19,7 @@ from pipeline.errors import PipelineError
 from pipeline.files import remove_path, write_json_atomic, write_text_atomic
 from pipeline.machine import git_commit, machine_facts, package_versions
 from pipeline.processes import in_launched_process
-from pipeline.report_types import read_report
+from pipeline.report_types import has_report, read_report
 from pipeline.run_layout import DONE_MARKER, STAGES, RunLayout
 
 if TYPE_CHECKING:  # annotations only: runs.py stays importable without the recipe schema (runtime processes)
@@ -175,9 +175,8 @@ def _run_entry(run_dir: Path) -> dict:
         "last_run": invocations[-1].get("started_at"),
         "stages_done": [s for s in STAGES if RunLayout(run_dir).done_marker(s).is_file()],
     }
-    report_path = RunLayout(run_dir).report_json
-    if report_path.is_file() or RunLayout(run_dir).legacy_report_json.is_file():
-        report = read_report(report_path)  # an older version's report: its message says how to rebuild it
+    if has_report(run_dir):
+        report = read_report(RunLayout(run_dir).report_json)  # an older version's: its message says the fix
         metric = report.get("metric")
         candidates = report.get("candidates", {})
 

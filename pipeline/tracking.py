@@ -23,7 +23,6 @@ from pipeline.logs import log
 from pipeline.run_layout import RunLayout
 
 # tracker name (as transformers' report_to spells it) -> the module it needs
-RECORD = "tracking.json"  # train/tracking.json: where each tracker's run is
 
 
 def start(loaded: LoadedRecipe, run_dir: Path) -> dict:

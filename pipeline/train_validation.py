@@ -29,6 +29,7 @@ from pipeline.answer_loss import accepts_logits_to_keep, answer_loss_and_matches
 from pipeline.data import IGNORE_INDEX, pad_batch
 from pipeline.files import append_jsonl, replace_dir, temp_dir_for, write_json_atomic
 from pipeline.logs import log
+from pipeline.run_layout import RunLayout
 from pipeline.runtimes.transformers import eos_token_ids, generate_batches
 
 STATE_FILE = "validation.json"
@@ -165,7 +166,7 @@ class ValidationCallback(TrainerCallback):
             self._keep(model, entry)
         if self.main_process:
             row = {"step": entry["step"], "validation": {self.metric: value, "loss": entry["loss"]}}
-            append_jsonl(self.stage_dir / "metrics.jsonl", [row])
+            append_jsonl(RunLayout(self.stage_dir.parent).train_metrics, [row])
             log(
                 "train",
                 f"validation {self.metric} {value:.4f} (loss {entry['loss']:.4f}) on {len(self.prompts)} rows at "

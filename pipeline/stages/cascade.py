@@ -122,7 +122,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         found["reference_cost"] = {  # priced from the rows it answered (report.cascade_facts)
             k: reference_cost.get(k) for k in ("prompt_tokens_per_example", "generated_tokens_per_example")
         }
-    write_json_atomic(stage_dir / "result.json", found)
+    write_json_atomic(RunLayout(run_dir).cascade_result, found)
     mark_done(stage_dir, fingerprint(loaded, run_dir))
     return found
 

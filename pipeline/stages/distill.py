@@ -170,7 +170,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         "teacher_runtime": runtime,
         "answers_from_cache": from_cache,
     }
-    write_json_atomic(stage_dir / "result.json", result)
+    write_json_atomic(RunLayout(run_dir).distill_result, result)
     mark_done(stage_dir, fingerprint(loaded, run_dir))
     log(STAGE, f"{len(kept)} rows labelled, {dropped} dropped; teacher time {result['teacher_seconds']:.1f}s")
     return result

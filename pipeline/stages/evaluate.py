@@ -182,9 +182,9 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
 
     own_rows = rows_by_prompt.get(None) or data.load_rows(recipe.data, "eval")
     # What was evaluated, row by row: compare pairs runs on these, whatever the eval file holds by then.
-    write_jsonl_atomic(stage_dir / EVAL_ROWS, [evaluated_row(row) for row in own_rows])
+    write_jsonl_atomic(RunLayout(run_dir).eval_rows, [evaluated_row(row) for row in own_rows])
     out = {"eval_rows": len(references), "candidates": results}
-    write_json_atomic(stage_dir / "results.json", out)
+    write_json_atomic(RunLayout(run_dir).eval_results, out)
     mark_done(stage_dir, fingerprint(loaded, run_dir))
     return out
 
@@ -381,7 +381,7 @@ def _parameters(candidate: Candidate, facts: dict) -> int:
     """Parameter count; for a quantized variant, that of the merged model it was made from (bitsandbytes
     packs several 4-bit weights into one stored element, so counting its tensors would undercount)."""
     if candidate.quantized:
-        merged = json.loads((candidate.variant_dir.parent / "result.json").read_text())
+        merged = json.loads(RunLayout(candidate.variant_dir.parent.parent).quantize_result.read_text())
         return merged["variants"]["merged"]["parameters"]
     return facts["parameters"]
 
@@ -392,9 +392,6 @@ def _read_cache(cache: Path, cache_key: str) -> dict[int, dict]:
     if not records or records[0].get("cache_key") != cache_key:
         return {}
     return {entry["row"]: entry for entry in records[1:] if "row" in entry}
-
-
-EVAL_ROWS = "eval_rows.jsonl"
 
 
 def evaluated_row(row: data.TaskRow) -> dict:

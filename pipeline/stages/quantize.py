@@ -124,7 +124,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         _compare_adapters_with_merged_files(variants, context)
 
     result = {"variants": variants}
-    write_json_atomic(stage_dir / "result.json", result)
+    write_json_atomic(RunLayout(run_dir).quantize_result, result)
     mark_done(stage_dir, fingerprint(loaded, run_dir))
     return result
 

@@ -454,9 +454,10 @@ def _discard_stale_checkpoints(stage_dir: Path, stage_fp: str) -> None:
     """Checkpoints from another recipe or other data must not be resumed."""
     owner = stage_dir / "checkpoints.owner"
     if owner.is_file() and owner.read_text() != stage_fp:
-        shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
+        layout = RunLayout(stage_dir.parent)
+        shutil.rmtree(layout.checkpoints, ignore_errors=True)
         shutil.rmtree(stage_dir / train_validation.BEST_ADAPTER, ignore_errors=True)
-        (stage_dir / "metrics.jsonl").unlink(missing_ok=True)
+        layout.train_metrics.unlink(missing_ok=True)
         (stage_dir / train_validation.STATE_FILE).unlink(missing_ok=True)
     stage_dir.mkdir(parents=True, exist_ok=True)
     owner.write_text(stage_fp)
