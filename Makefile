@@ -68,17 +68,17 @@ report: $(VENV)/.installed ## rebuild report.json / report.md from RECIPE's eval
 validate: $(VENV)/.installed $(TINY_MODELS) ## check RECIPE, its data and models without training
 	$(VENV)/bin/specialist validate $(RECIPE_ARGS)
 
-schema: $(VENV)/.installed ## regenerate recipes/schema.json (the recipe) and recipes/report.schema.json (report.json)
+schema: $(VENV)/.installed ## regenerate recipes/schema.json (the recipe) and the schemas of report.json, train/result.json, evaluate/results.json
 	$(VENV)/bin/specialist schema --out recipes/schema.json
 
 inspect: $(VENV)/.installed $(TINY_MODELS) ## show RECIPE's training rows with trained tokens marked, and length stats
 	$(VENV)/bin/specialist inspect $(RECIPE_ARGS)
 
-bench: $(VENV)/.installed $(TINY_MODELS) ## batched evaluation vs one-row-at-a-time generate on RECIPE's base (ratios)
-	$(VENV)/bin/specialist bench $(RECIPE_ARGS)
+bench: $(VENV)/.installed $(TINY_MODELS) ## batched evaluation vs one-row-at-a-time generate on RECIPE's base (ratios; OUT=f.json keeps the figures)
+	$(VENV)/bin/specialist bench $(RECIPE_ARGS) $(if $(OUT),--out $(OUT))
 
-bench-train: $(VENV)/.installed $(TINY_MODELS) ## the train stage vs the stock Trainer and a plain peft loop on RECIPE's rows (ROWS=320, REPEATS=1): tokens/s, losses, memory
-	$(VENV)/bin/specialist bench-train $(RECIPE_ARGS) --rows $(or $(ROWS),320) --repeats $(or $(REPEATS),1)
+bench-train: $(VENV)/.installed $(TINY_MODELS) ## the train stage vs the stock Trainer and a plain peft loop on RECIPE's rows (ROWS=320, REPEATS=1, OUT=f.json): tokens/s, losses, memory
+	$(VENV)/bin/specialist bench-train $(RECIPE_ARGS) --rows $(or $(ROWS),320) --repeats $(or $(REPEATS),1) $(if $(OUT),--out $(OUT))
 
 serve: $(VENV)/.installed ## llama.cpp's OpenAI-compatible server on MODEL (packaged:NAME or a .gguf; PORT=8080); CASCADE=recipe serves that run's cascade (FALLBACK=url); ADAPTERS="a.yaml b.yaml" one base with those runs' adapters
 	$(VENV)/bin/specialist serve $(if $(ADAPTERS),--adapters $(ADAPTERS),$(if $(CASCADE),--cascade $(CASCADE) $(if $(FALLBACK),--fallback-url $(FALLBACK)) $(if $(FALLBACK_MODEL),--fallback-model $(FALLBACK_MODEL)),$(or $(MODEL),packaged:qwen2.5-coder-1.5b-instruct))) --port $(or $(PORT),8080) $(if $(API_KEY_ENV),--api-key-env $(API_KEY_ENV))

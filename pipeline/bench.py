@@ -16,7 +16,8 @@ import time
 import torch
 
 from pipeline import data, models, precision
-from pipeline.files import read_jsonl_records
+from pipeline.files import read_jsonl_records, write_json_atomic
+from pipeline.machine import cpu_description, git_commit
 from pipeline.recipe import LoadedRecipe, load_recipe
 from pipeline.run_layout import RunLayout
 from pipeline.runtimes import PeakMemory
@@ -118,6 +119,27 @@ def _generate_way(loaded: LoadedRecipe, rows: int, way: str) -> dict:
         "device": str(models.device()),
         "threads": torch.get_num_threads(),
     }
+
+
+def write_figures(path, kind: str, invocation: str, figures: dict) -> None:
+    """A benchmark's figures with where and when they were measured, for `specialist results --add FILE --as NAME`
+    (the manual shows a benchmark only from such a file, never from a hand-copied line)."""
+    import datetime
+    import os
+
+    write_json_atomic(
+        path,
+        {
+            "kind": kind,
+            "invocation": invocation,
+            "commit": (git_commit() or "")[:7] or None,
+            "cpu": cpu_description(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(),
+            "figures": figures,
+        },
+    )
 
 
 # --- make bench-train ---------------------------------------------------------------------------

@@ -125,6 +125,7 @@ def _recipe_verbs(verbs) -> None:
     _recipe_verb(verbs, "validate", _validate, "check a recipe, its data and its model references without training")
     bench = _recipe_verb(verbs, "bench", _bench, "benchmark batched evaluation against one-row-at-a-time generate")
     bench.add_argument("--rows", type=_count(1), default=64, help="eval rows to generate (default 64)")
+    bench.add_argument("--out", type=Path, help="also write the figures as JSON (for `specialist results --add`)")
     bench_train = _recipe_verb(
         verbs, "bench-train", _bench_train, "benchmark the train stage against a plain peft + AdamW loop (same rows)"
     )
@@ -132,6 +133,7 @@ def _recipe_verbs(verbs) -> None:
     bench_train.add_argument(
         "--repeats", type=_count(1), default=1, help="run each way this many times in turn; report medians (default 1)"
     )
+    bench_train.add_argument("--out", type=Path, help="also write the figures as JSON (for `specialist results --add`)")
     inspect = _recipe_verb(
         verbs, "inspect", _inspect, "show training rows with the trained tokens marked, and length stats"
     )
@@ -158,7 +160,12 @@ def _docs_verbs(verbs) -> None:
     results = verbs.add_parser(
         "results", help="render the kept named runs' tables into docs/results.md and README.md (--add keeps a run's)"
     )
-    results.add_argument("--add", type=Path, metavar="RUN_DIR", help="a finished run folder to keep (with --as)")
+    results.add_argument(
+        "--add",
+        type=Path,
+        metavar="RUN_DIR",
+        help="a finished run folder to keep (with --as), or a benchmark's figures (make bench-train OUT=FILE)",
+    )
     results.add_argument("--as", dest="name", metavar="NAME", help="the name it is kept and shown under")
     results.add_argument("--check", action="store_true", help="fail if a page differs from what the results render")
     results.set_defaults(handler=_results)
@@ -356,15 +363,28 @@ def _bench(args) -> int:
     from pipeline import bench
     from pipeline.recipe import load_recipe
 
-    bench.run(load_recipe(args.recipe, args.overrides), args.rows)
+    figures = bench.run(load_recipe(args.recipe, args.overrides), args.rows)
+    if args.out:
+        bench.write_figures(args.out, "bench", _invocation("bench", args, f"--rows {args.rows}"), figures)
+        print(f"wrote {args.out}")
     return 0
 
 
 def _bench_train(args) -> int:
     from pipeline import bench
 
-    bench.run_train(args.recipe, args.overrides, args.rows, args.repeats)
+    figures = bench.run_train(args.recipe, args.overrides, args.rows, args.repeats)
+    if args.out:
+        settings = f"--rows {args.rows} --repeats {args.repeats}"
+        bench.write_figures(args.out, "bench-train", _invocation("bench-train", args, settings), figures)
+        print(f"wrote {args.out}")
     return 0
+
+
+def _invocation(verb: str, args, settings: str) -> str:
+    """The command that measured a benchmark, as the manual names it."""
+    sets = "".join(f" --set {override}" for override in args.overrides)
+    return f"specialist {verb} {args.recipe}{sets} {settings}"
 
 
 def _inspect(args) -> int:
@@ -406,10 +426,11 @@ def _docs_reference(args) -> int:
 
 
 def _schema(args) -> int:
-    from pipeline import recipe, report_types
+    from pipeline import recipe, report_types, result_types
 
-    # the recipe's schema where --out says, report.json's beside it
+    # the recipe's schema where --out says; report.json's, train/result.json's and evaluate/results.json's beside it
     schemas = {args.out: recipe.json_schema(), args.out.with_name("report.schema.json"): report_types.json_schema()}
+    schemas.update({args.out.with_name(name): text for name, text in result_types.json_schemas().items()})
     for path, text in schemas.items():
         if args.check:
             if (path.read_text() if path.is_file() else "") != text:

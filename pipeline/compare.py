@@ -20,6 +20,7 @@ from pipeline.files import read_jsonl_records, write_json_atomic, write_text_ato
 from pipeline.recipe import data_fingerprint, load_recipe
 from pipeline.render import html, tables
 from pipeline.report_types import has_report, read_report
+from pipeline.result_types import read_eval_results
 from pipeline.run_layout import RunLayout
 from pipeline.runs import read_manifest
 from pipeline.stages.evaluate import evaluated_row, read_generations
@@ -62,7 +63,7 @@ def compare(folders: list[Path], out_root: Path) -> tuple[dict, Path]:
 
 
 def _read(folder: Path) -> dict:
-    report, results = _report(RunLayout(folder).report_json), _json(RunLayout(folder).eval_results)
+    report, results = _report(RunLayout(folder).report_json), _eval_results(folder)
     loaded = load_recipe(RunLayout(folder).resolved_recipe)
     return {
         "folder": folder,
@@ -82,15 +83,11 @@ def _report(path: Path) -> dict:
         raise PipelineError(f"compare: {e}") from None
 
 
-def _json(path: Path):
+def _eval_results(folder: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        missing = f"compare: {path} is missing; finish the run (`make train`) or rebuild it (`make report`)"
-        raise PipelineError(missing) from None
-    except (OSError, ValueError) as e:
-        raise PipelineError(f"compare: {path} cannot be read ({e}); a crash or a full disk cut it short? "
-                            "`make eval` / `make report` on that run rebuilds it") from None  # fmt: skip
+        return read_eval_results(folder)
+    except PipelineError as e:
+        raise PipelineError(f"compare: {e}") from None
 
 
 def _evaluated_rows(folder: Path, loaded) -> list[dict] | None:

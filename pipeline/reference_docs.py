@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from pipeline import report_types, run_layout
+from pipeline import report_types, result_types, run_layout
 from pipeline.errors import EXIT_CODES, PipelineError
 from pipeline.recipe import Recipe
 from pipeline.run_layout import RunLayout
@@ -37,6 +37,7 @@ def pages(parser: argparse.ArgumentParser, makefile: Path = MAKEFILE) -> dict[st
         "run-folder.md": run_folder_page(),
         "exit-codes.md": exit_codes_page(),
         "report-json.md": report_page(),
+        "stage-results.md": stage_results_page(),
     }
 
 
@@ -191,8 +192,31 @@ def report_page() -> str:
         "`report/report.json` in the [run folder](run-folder.md).",
         "",
     ]
-    for model in (report_types.Report, report_types.Candidate, report_types.MetricValue, report_types.Comparison,
-                  report_types.Gates, report_types.Gate):  # fmt: skip
+    models = (report_types.Report, report_types.Candidate, report_types.MetricValue, report_types.Comparison,
+              report_types.Gates, report_types.Gate)  # fmt: skip
+    return "\n".join([*lines, *_model_tables(models)]).rstrip("\n") + "\n"
+
+
+def stage_results_page() -> str:
+    """train/result.json's and evaluate/results.json's contracts, from pipeline/result_types.py."""
+    lines = [
+        "# What the train and evaluate stages hand on (`train/result.json`, `evaluate/results.json`)",
+        "",
+        GENERATED,
+        "",
+        " ".join((result_types.__doc__ or "").split("\n\n")[0].split()),
+        " Where they lie: the [run folder](run-folder.md); what the report makes of them: "
+        "[report.json](report-json.md).",
+        "",
+    ]
+    models = (result_types.TrainResult, result_types.Precision, result_types.TrainValidation,
+              result_types.EvalResults, result_types.Answered, result_types.Score)  # fmt: skip
+    return "\n".join([*lines, *_model_tables(models)]).rstrip("\n") + "\n"
+
+
+def _model_tables(models) -> list[str]:
+    lines = []
+    for model in models:
         extra = " Further keys, as listed, are kept." if model.model_config.get("extra") == "allow" else ""
         lines += [f"## {model.__name__}", "", " ".join((model.__doc__ or "").split()) + extra, ""]
         lines += ["| key | type | what |", "|---|---|---|"]
@@ -201,7 +225,7 @@ def report_page() -> str:
             what = _cell(field.description or "")
             lines.append(f"| `{name}` | {_type_name(field.annotation, models_by_name=True)}{required} | {what} |")
         lines.append("")
-    return "\n".join(lines).rstrip("\n") + "\n"
+    return lines
 
 
 # --- the run folder --------------------------------------------------------------------------------

@@ -37,7 +37,13 @@ class MetricValue(Open):
 
 
 class Candidate(Open):
-    """One model that answered the eval rows, with what it cost."""
+    """One model that answered the eval rows, with what it cost. Besides the typed keys: `dtype`, `threads` (as
+    used; an API: requests in flight), `device`, `model`, `adapter_size_bytes`, `weights_memory_bytes`,
+    `load_seconds`, `seconds_per_example_p95`, `single_request_seconds_p95`, `single_request_rows`,
+    `generation_seconds`, `generated_tokens`, `generated_tokens_per_second`, `stopped_at_end_token` (share of answers
+    that ended at the end token, not at `max_new_tokens`), `prompt_tokens_per_example` (as that runtime tokenized
+    them; an API: its server's count), `generated_tokens_per_example`, `price`, `cpu_seconds_per_1000_answers`,
+    `joules_per_1000_answers` and `energy_counter` (rapl / nvml / null: over the single requests)."""
 
     role: Literal["base", "specialized", "quantized", "reference"]
     metrics: dict[str, MetricValue] = Field(description="per metric of the recipe: value and interval")
@@ -94,25 +100,7 @@ class Report(BaseModel):
     run_id: str = Field(description="the run folder's name: the hash of the resolved recipe and its data")
     metric: str = Field(description="the gating metric (the recipe's first)")
     eval_rows: int = Field(description="rows every candidate answered")
-    candidates: dict[str, Candidate] = Field(
-        description=(
-            "`role` (base / specialized / quantized / reference); `cpu_seconds_per_1000_answers`, "
-            "`joules_per_1000_answers` and `energy_counter` (rapl / nvml / null: over the single requests); "
-            "`runtime` (transformers / llama.cpp / endpoint); `metrics.<metric>` = `{value, ci95: [low, "
-            "high]}` (+ `json_match`'s `json_valid`, `exact_object`, `field_precision` / `_recall` / `_f1`, "
-            "`per_field`); `parameters`; `size_on_disk_bytes` (specialized: base + adapter; GGUF: the file; "
-            "adapter GGUF: the adapter, with `shared_base_bytes` and `adapter_file` apart); "
-            "`adapter_size_bytes`; `weights_memory_bytes`; `peak_memory_bytes` (its own process's peak above "
-            "its memory before loading); `process_peak_memory_bytes` (that process's whole peak; null for an "
-            "API); `load_seconds`; `seconds_per_example_p50` / `_p95`; `single_request_seconds_p50` / `_p95` "
-            "and `single_request_rows`; `generation_seconds`; `generated_tokens`; "
-            "`generated_tokens_per_second`; `stopped_at_end_token` (share of answers that ended at the end "
-            "token, not at `max_new_tokens`); `prompt_tokens_per_example` (as that runtime tokenized them; an"
-            " API: its server's count); `generated_tokens_per_example`; `price` and `cost_per_1000_answers` "
-            "(a priced reference; null elsewhere); `device`; `threads` (as used; an API: requests in flight);"
-            " `model`"
-        ),
-    )
+    candidates: dict[str, Candidate] = Field(description="per candidate name: a Candidate (below)")
     comparisons: dict[str, Comparison] = Field(
         description=(
             "specialized vs that candidate on the gating metric: `wins`, `losses`, `test` (`mcnemar_exact` "

@@ -2,11 +2,13 @@
 
 `specialist results --add RUN_DIR --as NAME` keeps a small extract of a finished run's report.json (its candidates'
 scores with intervals, sizes, memory, latencies and CPU time, its cascades, and where it was measured: run id,
-commit, CPU, threads, date) as docs/results/NAME.json. `specialist results` renders every kept result into
-docs/results.md, and into the README and any page of docs/ between `<!-- results:NAME -->` and
-`<!-- /results:NAME -->` (or NAME:cascade, the run's cascades; NAME:cost, CPU-seconds per 1,000 answers;
-NAME:shared, N specialists on one base; NAME:distill, what the teacher's labels cost and bought); `--check`
-fails where a committed page differs from what the kept results render (tests/test_docs.py runs it).
+commit, CPU, threads, date) as docs/results/NAME.json; a benchmark is kept the same way from the file `make
+bench-train OUT=FILE` (or `make bench OUT=FILE`) writes, with the command and machine that measured it.
+`specialist results` renders every kept result into docs/results.md, and into the README and any page of docs/
+between `<!-- results:NAME -->` and `<!-- /results:NAME -->`, or `NAME:part` for one of PARTS (the run's cascades,
+cost per answer, specialists on one base, distillation, confidences, fidelity, JSON fields, sweep trials,
+learning curve). `--check` fails
+where a committed page differs from what the kept results render (tests/test_docs.py runs it).
 """
 
 from __future__ import annotations
@@ -15,8 +17,12 @@ import json
 import re
 from pathlib import Path
 
+from pipeline import compare
 from pipeline.errors import PipelineError
 from pipeline.files import write_json_atomic
+from pipeline.render import tables
+from pipeline.render.markdown import answers_markdown, fidelity_markdown, json_fields_lines
+from pipeline.render.sweep import curve_markdown, sweep_markdown
 from pipeline.render.tables import runtime_cell
 from pipeline.report_types import has_report, read_report
 from pipeline.run_layout import RunLayout
@@ -35,6 +41,9 @@ CANDIDATE_FIELDS = (
     "cpu_seconds_per_1000_answers",
     "joules_per_1000_answers",
     "energy_counter",
+    "cost_per_1000_answers",
+    "price",
+    "stopped_at_end_token",
 )
 
 
@@ -67,12 +76,32 @@ def extract(run_dir: Path) -> dict:
         "candidates": candidates,
         "cascade": _cascade(report.get("cascade")),
         "distillation": report.get("distillation"),
+        "confidence": report.get("confidence"),
+        "fidelity": report.get("fidelity"),
+        "json_fields": tables.json_fields(report, limit=12),
+        "answers": _answers(report.get("answers")),
+        "sweep": report.get("sweep"),
+        "learning_curve": report.get("learning_curve"),
         "shared_base": {
             name: {k: v for k, v in facts.items() if k != "peak_memory_bytes"}
             for name, facts in (report.get("shared_base") or {}).items()
         }
         or None,
     }
+
+
+def _answers(section: dict | None) -> dict | None:
+    """A JSON task's answer lengths, cut-offs and answers that are not JSON per candidate, without their text."""
+    if not section or not section.get("json_task"):
+        return None
+    kept = {**section, "candidates": {}}
+    for name, facts in section["candidates"].items():
+        invalid = facts.get("invalid_json")
+        kept["candidates"][name] = {
+            **facts,
+            **({"invalid_json": {k: v for k, v in invalid.items() if k != "examples"}} if invalid else {}),
+        }
+    return kept
 
 
 def _cascade(section: dict | None) -> dict | None:
@@ -89,17 +118,79 @@ def _cascade(section: dict | None) -> dict | None:
     }
 
 
-def add(run_dir: Path, name: str, folder: Path) -> Path:
+BENCHMARKS = ("bench", "bench-train")
+KINDS = (*BENCHMARKS, "compare", "card")
+
+
+def add(source: Path, name: str, folder: Path) -> Path:
+    """Keep a finished run folder's extract, or a benchmark's figures (`make bench-train OUT=FILE`), as NAME."""
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
         raise PipelineError(f"results --as {name!r}: use lowercase letters, digits and dashes (demo, hwu-slots)")
     path = folder / f"{name}.json"
-    write_json_atomic(path, extract(run_dir))
+    if source.is_file():
+        kept = _benchmark(source)
+    elif (source / "compare.json").is_file():
+        kept = _comparison(source)
+    elif (source / "README.md").is_file() and (source / "adapter_config.json").is_file():
+        kept = _card(source)
+    else:
+        kept = extract(source)
+    write_json_atomic(path, kept)
     return path
+
+
+def _card(folder: Path) -> dict:
+    """A publish bundle's model card as the Hub shows it first: its metadata and the opening up to the evaluation,
+    with the bundle's file count and size."""
+    import datetime
+
+    import yaml
+
+    _, front, body = (folder / "README.md").read_text().split("---\n", 2)
+    files = [path for path in folder.rglob("*") if path.is_file()]
+    return {
+        "kind": "card",
+        "run_id": folder.parent.name,
+        "metadata": yaml.safe_load(front),
+        "opening": body.split("\n## ", 1)[0].strip(),
+        "files": len(files),
+        "bytes": sum(path.stat().st_size for path in files),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def _comparison(folder: Path) -> dict:
+    """`specialist compare`'s findings (runs/compare-<id>/), without the run folders' paths on this machine."""
+    import datetime
+
+    found = json.loads((folder / "compare.json").read_text())
+    runs = [{k: v for k, v in run.items() if k != "folder"} for run in found["runs"]]
+    return {"kind": "compare", **found, "runs": runs, "date": datetime.date.today().isoformat()}
+
+
+def _benchmark(path: Path) -> dict:
+    try:
+        figures = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PipelineError(
+            f"results: {path} is not a benchmark's JSON ({e}); write one with make bench OUT={path}"
+        ) from None
+    if not isinstance(figures, dict) or figures.get("kind") not in BENCHMARKS:
+        raise PipelineError(
+            f"results: {path} is neither a run folder nor a benchmark's figures (`make bench-train OUT=FILE` or "
+            "`make bench OUT=FILE` writes one)"
+        )
+    return figures
 
 
 def table(result: dict, part: str = "") -> str:
     """The result as a Markdown table (`part`: "" the candidates, else one of PARTS) with a line that says where
     and when it was measured."""
+    if result.get("kind") in KINDS:
+        if part:
+            raise PipelineError(f"results: a {result['kind']} result has one table; :{part} names none")
+        draw = {"bench-train": bench_train_table, "bench": bench_table, "compare": compare_table, "card": card_table}
+        return draw[result["kind"]](result)
     if part:
         if part not in PARTS:
             raise PipelineError(f"results: no table {part!r}; a block names NAME, or NAME: with {', '.join(PARTS)}")
@@ -127,17 +218,26 @@ def table(result: dict, part: str = "") -> str:
 def cost_table(result: dict) -> str:
     """What an answer costs the device: CPU-seconds (and joules, where the machine counts them) per 1,000 answers
     over the timed single requests."""
-    lines = ["| candidate | runtime | single request p50 | CPU-s / 1,000 answers | J / 1,000 answers |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    priced = any(c.get("cost_per_1000_answers") is not None for c in result["candidates"].values())
+    lines = ["| candidate | runtime | single request p50 | CPU-s / 1,000 answers | J / 1,000 answers |"
+             + (" price / 1,000 answers |" if priced else ""),
+             "|---|---|---|---|---|" + ("---|" if priced else "")]  # fmt: skip
     for name, c in sorted(
         result["candidates"].items(), key=lambda item: -(item[1].get("cpu_seconds_per_1000_answers") or 0)
     ):
         cpu = c.get("cpu_seconds_per_1000_answers")
         joules = c.get("joules_per_1000_answers")
-        energy = f"{joules:,.0f} ({c.get('energy_counter')})" if joules is not None else "— (no energy counter)"
+        api = c.get("runtime") == "endpoint"
+        energy = (
+            f"{joules:,.0f} ({c.get('energy_counter')})"
+            if joules is not None
+            else ("— (an API)" if api else "— (no energy counter)")
+        )
+        cost = c.get("cost_per_1000_answers")
+        money = f" {c['price']['currency']} {cost:.4g} |" if cost is not None else (" — |" if api else " none |")
         lines.append(
             f"| {name} | {runtime_cell(c)} | {_seconds(c['single_request_seconds_p50'])} "
-            f"| {'—' if cpu is None else f'{cpu:,.0f}'} | {energy} |"
+            f"| {'—' if cpu is None else f'{cpu:,.0f}'} | {energy} |" + (money if priced else "")
         )
     return "\n".join([*lines, "", _where(result)])
 
@@ -242,6 +342,150 @@ def cascade_table(result: dict) -> str:
     return "\n".join([*lines, "", note, _where(result)])
 
 
+def sweep_table(result: dict) -> str:
+    """The trials a sweep chose this run from, all on the validation rows (only the chosen one met the eval rows)."""
+    if not result.get("sweep"):
+        raise PipelineError(f"results: {result['recipe']} run {result['run_id']} was not chosen by a sweep")
+    return "\n".join([*sweep_markdown(result["sweep"], heading="")[1:], _where(result)])
+
+
+def curve_table(result: dict) -> str:
+    if not result.get("learning_curve"):
+        raise PipelineError(f"results: {result['recipe']} run {result['run_id']} has no learning_curve")
+    curve = {"metric": result["metric"], "eval_rows": result["eval_rows"], **result["learning_curve"]}
+    return "\n".join([*curve_markdown(curve, heading="")[1:], _where(result)])
+
+
+def json_table(result: dict) -> str:
+    """Where a JSON answer goes wrong: each candidate's object rates and each field's F1, then answer lengths and
+    answers cut off or not JSON."""
+    if not result.get("json_fields"):
+        raise PipelineError(f"results: {result['recipe']} run {result['run_id']} has no json_match fields")
+    answers = answers_markdown({"answers": result["answers"]})[2:] if result.get("answers") else []
+    return "\n".join([*json_fields_lines(result["json_fields"]), *answers, _where(result)])
+
+
+def fidelity_table(result: dict) -> str:
+    """Does each file answer like the model it was made from: the merge, and each GGUF against the merged model."""
+    if not result.get("fidelity"):
+        raise PipelineError(f"results: {result['recipe']} run {result['run_id']} has no fidelity checks (no GGUF)")
+    lines = fidelity_markdown({"fidelity": result["fidelity"], "candidates": result["candidates"]})[2:]
+    return "\n".join([*lines, _where(result)])
+
+
+def confidence_table(result: dict) -> str:
+    """How sure each candidate was when right and when wrong (by the gating metric's per-row score): the signal a
+    cascade defers on."""
+    confidence = result.get("confidence")
+    if not confidence:
+        raise PipelineError(f"results: {result['recipe']} run {result['run_id']} records no confidences")
+    lines = ["| candidate | mean confidence | when right | when wrong | same answer as the specialist |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for name, c in confidence.items():
+        same = (c.get("versus_specialized") or {}).get("same_answer")
+        lines.append(
+            f"| {name} | {_share(c.get('mean'))} | {_share(c.get('mean_when_right'))} "
+            f"| {_share(c.get('mean_when_wrong'))} | {'—' if same is None else f'{same:.1%}'} |"
+        )
+    return "\n".join([*lines, "", _where(result)])
+
+
+def _share(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
+def bench_train_table(result: dict) -> str:
+    """The train stage against the stock Trainer and a plain loop on the same rows: medians of the repeats."""
+    figures = result["figures"]
+    ways = {name: figures[name] for name in ("train stage", "stock Trainer", "plain loop")}
+    stage, loop = ways["train stage"], ways["plain loop"]
+    lines = [
+        "| way | frozen weights | tokens/s (each run) | / plain loop | share of the matmul limit | first / final loss "
+        "| eval loss | peak memory |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, way in ways.items():
+        runs = ", ".join(f"{rate:.0f}" for rate in way["runs_tokens_per_second"])
+        share = "—" if way.get("share_of_limit") is None else f"{way['share_of_limit']:.0%}"
+        ratio = way["tokens_per_second"] / loop["tokens_per_second"]
+        lines.append(
+            f"| {name} | {way['frozen_dtype']} | {way['tokens_per_second']:.1f} ({runs}) | **{ratio:.2f}x** | {share} "
+            f"| {way['first_loss']:.4f} / {way['final_loss']:.4f} | {way['eval_loss']:.4f} "
+            f"| {_mb(way['peak_memory_bytes'])} |"
+        )
+    probe = stage.get("probe")
+    rates = ", ".join(f"{dtype} {rate:.0f}" for dtype, rate in (probe or {}).get("gflops", {}).items() if rate)
+    said = [
+        f"{stage['base']}, {stage['rows']} rows ({stage['tokens']:,} real tokens), batch {stage['batch_size']}, "
+        f"{stage['steps']} steps, LoRA r={stage['r']}, {stage['threads']} threads; tokens/s counts real (unpadded) "
+        "tokens, each way its median run."
+        + (f" The precision probe at this model's shapes, GFLOP/s: {rates}; chosen {probe['chosen']}." if probe else "")
+    ]
+    return "\n".join([*lines, "", *said, _measured(result)])
+
+
+def bench_table(result: dict) -> str:
+    """Batched evaluation against one row at a time, the same rows and greedy settings."""
+    figures = result["figures"]
+    lines = ["| way | tokens/s | s/example | peak memory |", "|---|---|---|---|"]
+    for name in ("batched", "naive"):
+        way = figures[name]
+        lines.append(
+            f"| {name} | {way['tokens_per_second']:.1f} | {way['seconds_per_example']:.4f} "
+            f"| {_mb(way['peak_memory_bytes'])} |"
+        )
+    said = (
+        f"Batched / one at a time: **{figures['ratio']:.2f}x** tokens/s; the same answer on {figures['identical']} of "
+        f"{figures['rows']} rows; {figures['batched']['device']}, {figures['batched']['threads']} threads."
+    )
+    return "\n".join([*lines, "", said, _measured(result)])
+
+
+def card_table(result: dict) -> str:
+    """The card's opening, its model-index condensed to the gating metric (the file lists every candidate x every
+    metric), then what the bundle holds."""
+    import yaml
+
+    metadata = dict(result["metadata"])
+    index = metadata.pop("model-index", [])
+    metrics = [m for entry in index for r in entry["results"] for m in r["metrics"]]
+    gating = [m for m in metrics if m["type"] == metrics[0]["type"]] if metrics else []
+    lines = ["```markdown", "---", yaml.safe_dump(metadata, sort_keys=False, default_flow_style=None).strip()]
+    if index:
+        task = index[0]["results"][0]
+        lines += [
+            "model-index:",
+            f"- name: {index[0]['name']}",
+            "  results:",
+            f"  - task: {yaml.safe_dump(task['task'], default_flow_style=True).strip()}",
+            f"    dataset: {yaml.safe_dump(task['dataset'], default_flow_style=True, width=200).strip()}",
+            "    metrics:",
+            *(f"    - {yaml.safe_dump(m, sort_keys=False, default_flow_style=True).strip()}" for m in gating),
+            f"    ...   # every candidate x every metric ({len(metrics)} here)",
+        ]
+    lines += ["---", "", result["opening"], "```", ""]
+    return "\n".join(
+        [
+            *lines,
+            f"The bundle of run `{result['run_id']}`: {result['files']} files, {result['bytes'] / 1e6:,.1f} MB (kept "
+            f"{result['date']}).",
+        ]
+    )
+
+
+def compare_table(result: dict) -> str:
+    """`specialist compare`'s page body, its headings as bold lines so it sits inside a guide's section."""
+    lines = [f"**{line[3:]}**" if line.startswith("## ") else line for line in compare.markdown(result)[2:]]
+    return "\n".join([*lines, f"Kept from `specialist compare` on {result['date']}."])
+
+
+def _measured(result: dict) -> str:
+    return (
+        f"Measured by `{result['invocation']}` at commit {result['commit'] or '(unknown)'}, {result['date']}, torch "
+        f"{result['torch']}, on {result['cpu']} ({result['cpu_count']} cores)."
+    )
+
+
 # NAME:part blocks: the kept key the table is drawn from, its heading on the results page (None: shown only where a
 # page asks for it), and what draws it
 PARTS = {
@@ -249,6 +493,11 @@ PARTS = {
     "cost": ("candidates", None, cost_table),
     "shared": ("shared_base", "specialists on one base", shared_base_table),
     "distill": ("distillation", "the teacher's labels", distillation_table),
+    "confidence": ("confidence", None, confidence_table),
+    "fidelity": ("fidelity", None, fidelity_table),
+    "json": ("json_fields", "JSON fields and answers", json_table),
+    "sweep": ("sweep", "the sweep's trials", sweep_table),
+    "curve": ("learning_curve", "the learning curve", curve_table),
 }
 
 
@@ -277,6 +526,8 @@ def render_page(results: dict[str, dict]) -> str:
     ]
     for name, result in sorted(results.items()):
         parts += [f"## {name}", "", table(result), ""]
+        if result.get("kind") in KINDS:
+            continue
         for part, (key, heading, _) in PARTS.items():
             if heading and result.get(key):
                 parts += [f"### {name}: {heading}", "", table(result, part), ""]

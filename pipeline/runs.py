@@ -127,17 +127,20 @@ def stage_fingerprint(*parts: Any) -> str:
 
 
 def is_done(stage_dir: Path, fingerprint: str) -> bool:
-    marker = stage_dir / DONE_MARKER
-    if not marker.is_file():
-        return False
-    return json.loads(marker.read_text()).get("fingerprint") == fingerprint
+    return done_fingerprint(stage_dir) == fingerprint
 
 
 def done_fingerprint(stage_dir: Path) -> str | None:
+    """The fingerprint a finished stage (or summary folder) was marked done with; None where it is not done."""
     marker = stage_dir / DONE_MARKER
     if not marker.is_file():
         return None
     return json.loads(marker.read_text()).get("fingerprint")
+
+
+def stage_done(run_dir: Path, stage: str) -> str | None:
+    """done_fingerprint of one of the run's stages: what a later stage's fingerprint builds on."""
+    return done_fingerprint(RunLayout(run_dir).stage(stage))
 
 
 def mark_done(stage_dir: Path, fingerprint: str, **facts: Any) -> None:

@@ -40,8 +40,9 @@ from pipeline.processes import run_lock
 from pipeline.recipe import LoadedRecipe, load_recipe
 from pipeline.render.sweep import curve_markdown, sweep_markdown, write_curve_plot, write_sweep_plot
 from pipeline.report_types import read_report
+from pipeline.result_types import read_eval_results, read_train_result
 from pipeline.run_layout import CURVE_FILE, SWEEP_FILE, RunLayout
-from pipeline.runs import done_fingerprint, is_done, mark_done, run_dir_for, stage_fingerprint, start_stage
+from pipeline.runs import is_done, mark_done, run_dir_for, stage_done, stage_fingerprint, start_stage
 from pipeline.stages import evaluate
 
 # SWEEP_FILE, CURVE_FILE: in the summary folders, and a copy in the chosen run's folder for its report (RunLayout)
@@ -116,14 +117,14 @@ def score_on_validation(loaded: LoadedRecipe, run_dir: Path) -> dict:
     folder = RunLayout(run_dir).sweep_validation
     fingerprint = stage_fingerprint(
         folder.name,
-        done_fingerprint(RunLayout(run_dir).stage("train")),
+        stage_done(run_dir, "train"),
         settings.model_dump(exclude={"reference", "gates", "bootstrap_samples"}),
         settings.bootstrap_samples,
     )
     if is_done(folder, fingerprint):
         return json.loads((folder / "result.json").read_text())
     start_stage(folder)
-    train_result = json.loads(RunLayout(run_dir).train_result.read_text())
+    train_result = read_train_result(run_dir)
     rows = data.load_splits(loaded.recipe.data).validation  # held out before distilled rows are added
     if not rows:
         raise PipelineError(f"{loaded.path}: no validation rows to choose a trial on; set data.validation")
@@ -367,7 +368,7 @@ def learning_curve(
                 scored = _score_on_eval(share, run_dir)
         else:
             run_dir, scored = full_run_dir, _full_run_scores(full_run_dir, metric)
-        train_result = json.loads(RunLayout(run_dir).train_result.read_text())
+        train_result = read_train_result(run_dir)
         rows = train_result.get("rows_before_tokenizing", train_result["rows"])
         teacher = train_result.get("rows_teacher_labelled", 0)
         points.append(
@@ -404,7 +405,7 @@ def _score_on_eval(loaded: LoadedRecipe, run_dir: Path) -> dict:
     folder = RunLayout(run_dir).curve_eval
     fingerprint = stage_fingerprint(
         folder.name,
-        done_fingerprint(RunLayout(run_dir).stage("train")),
+        stage_done(run_dir, "train"),
         settings.model_dump(exclude={"reference", "gates"}),
     )
     if is_done(folder, fingerprint):
@@ -429,7 +430,7 @@ def _gating_score(loaded: LoadedRecipe, scored: dict) -> tuple[str, dict, tuple[
 
 def _full_run_scores(run_dir: Path, metric: str) -> dict:
     report = read_report(RunLayout(run_dir).report_json)
-    results = json.loads(RunLayout(run_dir).eval_results.read_text())
+    results = read_eval_results(run_dir)
     m = report["candidates"]["specialized"]["metrics"][metric]
     per_row = results["candidates"]["specialized"]["metrics"][metric]["per_row"]
     return {"value": m["value"], "ci95": m["ci95"], "per_row": per_row}

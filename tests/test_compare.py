@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from pipeline import results
 from pipeline.cli import main
 from pipeline.recipe import load_recipe
 from pipeline.runs import run_dir_for
@@ -44,6 +45,12 @@ def test_two_runs_of_one_task_side_by_side(tiny_recipe, write_recipe, intents_ro
     assert found["candidates"]["reference"][0]["value"] == found["candidates"]["reference"][1]["value"]
     page = (folder / "compare.html").read_text()
     assert first.name in page and second.name in page and "<script" not in page
+    # kept for the manual: the same findings, without this machine's run folder paths
+    kept = json.loads(results.add(folder, "tiny-compare", tmp_path / "kept").read_text())
+    assert kept["kind"] == "compare" and all("folder" not in run for run in kept["runs"])
+    table = results.table(kept)
+    assert "**Recipe differences**" in table and "| `lora.r` | `16` | `4` |" in table and "# Runs" not in table
+    assert f"wrong where it was right on {versus['losses']}" in table
 
     # a run on some of the same eval rows: paired on the rows both evaluated, matched by content
     train, test = intents_rows

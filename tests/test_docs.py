@@ -4,6 +4,7 @@ equal what the kept runs render, the site builds with warnings as errors, and th
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ import pytest
 from pipeline import reference_docs, results
 from pipeline.cli import _parser, main
 from pipeline.errors import PipelineError
+from pipeline.render import tables
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -137,6 +139,39 @@ def test_a_kept_result_renders_with_where_it_was_measured(tmp_path):
     cost = results.table(result, "cost")
     assert "| base | transformers float32 | 0.880 s | 837 | — (no energy counter) |" in cost
     assert "| gguf-q4_k_m | llama.cpp q4_k_m | 0.156 s | — | — (no energy counter) |" in cost
+
+
+def test_a_kept_result_shows_confidences_and_json_fields():
+    report = {
+        "candidates": {
+            "specialized": {"metrics": {"json_match": {"value": 0.7, "json_valid": 0.995, "exact_object": 0.52,
+                                                       "per_field": {"intent": {"support": 200, "f1": 0.83},
+                                                                     "slots.time": {"support": 31, "f1": 0.45}}}}},
+        },
+        "answers": {"json_task": True, "max_new_tokens": 64, "expected": {"chars": {"p50": 40, "p95": 80, "max": 99}},
+                    "candidates": {"specialized": {
+                        "chars": {"p50": 41, "p95": 82, "max": 300}, "median_length_ratio": 1.0,
+                        "generated_tokens": {"p50": 14, "max": 64}, "cut_off": {"count": 1, "share": 0.005},
+                        "empty_rows": 0,
+                        "invalid_json": {"count": 1, "share": 0.005, "cut_off": 1,
+                                         "examples": [{"row": 7, "cut_off": True, "answer": "a private text"}]}}}},
+    }  # fmt: skip
+    result = {
+        "recipe": "slots", "run_id": "abc", "metric": "json_match", "eval_rows": 200, "gates_passed": None,
+        "commit": None, "cpu": None, "cpu_count": 2, "date": None, "candidates": {},
+        "json_fields": tables.json_fields(report, limit=12), "answers": results._answers(report["answers"]),
+        "confidence": {"specialized": {"mean": 0.9, "mean_when_right": 0.93, "mean_when_wrong": 0.666},
+                       "gguf-q4_k_m": {"mean": 0.89, "mean_when_right": 0.92, "mean_when_wrong": 0.7,
+                                       "versus_specialized": {"same_answer": 0.985}}},
+    }  # fmt: skip
+    assert "| specialized | 0.900 | 0.930 | 0.666 | — |" in results.table(result, "confidence")
+    assert "| gguf-q4_k_m | 0.890 | 0.920 | 0.700 | 98.5% |" in results.table(result, "confidence")
+    shown = results.table(result, "json")
+    assert "| whole object right | 0.520 |" in shown and "| `slots.time` (31) | 0.450 |" in shown
+    assert "| specialized | 41 / 82 / 300 | 1.00 | 14 / 64 | 1 (0.5%) | 0 | 1 (0.5%; 1) |" in shown
+    assert "a private text" not in json.dumps(result)  # the answers' text stays in the run's report
+    with pytest.raises(PipelineError, match="has no json_match fields"):
+        results.table({**result, "json_fields": None}, "json")
 
 
 def test_the_readme_is_a_front_page():

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard, constants
 
-from pipeline import llamacpp_install
+from pipeline import llamacpp_install, results
 from pipeline.cli import main
 from pipeline.data import read_jsonl
 from pipeline.recipe import load_recipe
@@ -161,6 +161,12 @@ def test_the_card_parses_back_to_the_reports_numbers(finished, hub):
     assert "- **gguf-lora-q8_0**: this adapter as a LoRA GGUF (f16) on the base as a q8_0 GGUF (llama.cpp)" in text
     assert yaml.safe_load((run_dir / "publish" / "recipe.resolved.yaml").read_text())["publish"]["repo"] == REPO
     assert not text.lstrip().startswith("> **Warning")
+    # the manual shows the card's opening from the bundle itself, its metadata condensed to the gating metric
+    kept = results.add(run_dir / "publish", "tiny-card", run_dir.parent / "kept")
+    shown = results.table(json.loads(kept.read_text()))
+    assert f"- name: {REPO}" in shown and f"every candidate x every metric ({len(expected)} here)" in shown
+    assert f"name: {report['metric']} (specialized)" in shown and "A LoRA adapter that specializes" in shown
+    assert "## Evaluation" not in shown and f"The bundle of run `{run_dir.name}`:" in shown
 
 
 def test_the_bundle_is_the_same_bytes_every_time(finished, hub):

@@ -106,10 +106,12 @@ def test_schema_json_is_current():
 
     shipped = Path(__file__).parent.parent / "recipes" / "schema.json"
     assert shipped.read_text() == json_schema(), "recipes/schema.json is stale: run `make schema`"
-    from pipeline import report_types
+    from pipeline import report_types, result_types
 
     report = Path(__file__).parent.parent / "recipes" / "report.schema.json"
     assert report.read_text() == report_types.json_schema(), "recipes/report.schema.json is stale: `make schema`"
+    for name, text in result_types.json_schemas().items():
+        assert (report.parent / name).read_text() == text, f"recipes/{name} is stale: `make schema`"
 
 
 def test_every_field_has_a_description():

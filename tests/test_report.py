@@ -7,6 +7,8 @@ import evaluate
 import pytest
 from pydantic import ValidationError
 
+from pipeline.cli import main
+from pipeline.errors import PipelineError
 from pipeline.metrics import available_metrics, metric_path, score_function
 from pipeline.recipe import load_recipe
 from pipeline.render import tables
@@ -320,6 +322,25 @@ def test_bench_gives_the_same_answers_both_ways(tiny_recipe, capsys):
     assert result["identical"] == result["rows"] == 12
     assert result["batched"]["tokens"] == result["naive"]["tokens"]  # same work, so tokens/s compare honestly
     assert "batched / naive tokens/s" in capsys.readouterr().out
+
+
+def test_a_benchmark_reaches_the_manual_from_its_own_figures(tiny_recipe, tmp_path, capsys):
+    from pipeline import results
+
+    figures = tmp_path / "bench.json"
+    args = ["bench", str(tiny_recipe), "--rows", "6", "--set", "evaluate.batch_size=4", "--out", str(figures)]
+    assert main(args) == 0
+    kept = results.add(figures, "bench-tiny", tmp_path / "kept")
+    table = results.table(json.loads(kept.read_text()))
+    measured = json.loads(figures.read_text())["figures"]
+    assert f"| batched | {measured['batched']['tokens_per_second']:.1f} |" in table
+    assert f"Batched / one at a time: **{measured['ratio']:.2f}x** tokens/s; the same answer on 6 of 6 rows" in table
+    assert f"Measured by `specialist bench {tiny_recipe} --set evaluate.batch_size=4 --rows 6` at commit" in table
+    with pytest.raises(PipelineError, match="is not a benchmark's JSON"):
+        results.add(tiny_recipe, "not-a-benchmark", tmp_path / "kept")
+    (tmp_path / "other.json").write_text('{"rows": 3}')
+    with pytest.raises(PipelineError, match="neither a run folder nor a benchmark"):
+        results.add(tmp_path / "other.json", "not-a-benchmark", tmp_path / "kept")
 
 
 def test_errors_by_label_count_each_labels_precision_recall_and_confusions():

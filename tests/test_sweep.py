@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from pipeline import data, stats, sweep
+from pipeline import data, results, stats, sweep
 from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.recipe import DataSection, ShipSection, load_recipe
@@ -178,6 +178,11 @@ def test_the_sweep_chooses_on_validation_and_evaluates_only_the_chosen_trial(swe
     assert summary["chosen_eval"]["value"] == report["candidates"]["specialized"]["metrics"]["chrf"]["value"]
     markdown = (chosen_dir / "report" / "report.md").read_text()
     assert "## Sweep: 3 trials, chosen on 24 validation rows" in markdown and "**chosen**" in markdown
+    kept = results.extract(chosen_dir)  # the manual's copy of the trials: the report's, without its heading
+    trials = results.table(kept, "sweep")
+    assert "Sweep:" not in trials and "**chosen**" in trials and f"Run `{chosen_dir.name}` of `tiny-test`" in trials
+    with pytest.raises(PipelineError, match="has no learning_curve"):
+        results.table(kept, "curve")
     assert (sweep.summary_dir(load_recipe(recipe), runs, "sweep") / "sweep.png").stat().st_size > 0
     # the verbs that act on a run act on the chosen trial
     assert main(["report", str(recipe), "--runs-dir", str(runs)]) == 0
@@ -254,6 +259,8 @@ def test_the_learning_curve_trains_nested_shares_and_reports_them(sweep_recipe, 
         "## Learning curve: chrf on the 24 eval rows"
         in (run_dir_for(main_run, runs) / "report" / "report.md").read_text()
     )
+    shown = results.table(results.extract(run_dir_for(main_run, runs)), "curve")
+    assert "| 0.25 | 18 |" in shown and "| 1 | 72 |" in shown and "Learning curve:" not in shown
     shares = [sweep.variant(loaded, {"data.train_fraction": p["fraction"]}) for p in points[:-1]]
     full = data.load_splits(main_run.recipe.data)
     # every share chooses on the same validation rows, and trains on a subset of the whole run's rows

@@ -396,10 +396,13 @@ def json_fields_markdown(report: dict, limit: int = 20) -> list[str]:
     found = tables.json_fields(report, limit)
     if found is None:
         return []
+    return ["## JSON fields", "", *json_fields_lines(found)]
+
+
+def json_fields_lines(found: dict) -> list[str]:
+    """The tables of `tables.json_fields`: the object rates per candidate, then each field path's F1."""
     names = found["names"]
     lines = [
-        "## JSON fields",
-        "",
         "Fields by path (list items under `path[]`, order aside); F1 over every field of every row.",
         "",
         "| | " + " | ".join(names) + " |",

@@ -27,7 +27,7 @@ from pipeline import data, gguf_export, models
 from pipeline.errors import PipelineError
 from pipeline.recipe import LoadedRecipe
 from pipeline.run_layout import RunLayout
-from pipeline.runs import done_fingerprint
+from pipeline.runs import stage_done
 from pipeline.runtimes import Prompt, llamacpp
 from pipeline.runtimes import endpoint as endpoint_runtime
 from pipeline.serve import openai_api, requests
@@ -176,7 +176,7 @@ def load(
     if recipe.cascade is None:
         raise PipelineError(f"{loaded.path}: serve --cascade needs a cascade: section in the recipe")
     result_path = RunLayout(run_dir).cascade_result
-    if done_fingerprint(RunLayout(run_dir).stage("cascade")) is None or not result_path.is_file():
+    if stage_done(run_dir, "cascade") is None or not result_path.is_file():
         raise PipelineError(
             f"{run_dir}: no finished cascade stage to serve; run `make train RECIPE={loaded.path}` (or `specialist "
             f"cascade {loaded.path}` on a finished evaluation) first"

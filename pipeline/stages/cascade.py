@@ -12,7 +12,6 @@ reference alone, the coverage-accuracy curve, and the confident wrong answers (t
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -23,8 +22,9 @@ from pipeline.files import write_json_atomic
 from pipeline.logs import log
 from pipeline.metrics import metric_interval, scorer
 from pipeline.recipe import LoadedRecipe
+from pipeline.result_types import read_eval_results
 from pipeline.run_layout import RunLayout
-from pipeline.runs import done_fingerprint, mark_done, stage_fingerprint, start_stage
+from pipeline.runs import mark_done, stage_done, stage_fingerprint, start_stage
 from pipeline.stages import evaluate
 from pipeline.stats import calibration, cascade_latency, paired
 
@@ -35,7 +35,7 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str | None:
     if loaded.recipe.cascade is None:
         return None
     rule = loaded.recipe.cascade.model_dump(exclude={"when_fallback_fails"})  # serving only
-    return stage_fingerprint(STAGE, done_fingerprint(RunLayout(run_dir).stage("evaluate")), rule)
+    return stage_fingerprint(STAGE, stage_done(run_dir, "evaluate"), rule)
 
 
 def cascade_candidates(loaded: LoadedRecipe, found: list[evaluate.Candidate]) -> list[evaluate.Candidate]:
@@ -50,7 +50,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     recipe = loaded.recipe
     if recipe.cascade is None:
         raise PipelineError(f"{loaded.path}: the recipe has no cascade: section")
-    if done_fingerprint(RunLayout(run_dir).stage("evaluate")) is None:
+    if stage_done(run_dir, "evaluate") is None:
         raise PipelineError(f"{run_dir}: no finished evaluation to cascade; run `make eval RECIPE={loaded.path}`")
     stage_dir = start_stage(RunLayout(run_dir).stage(STAGE))
     (stage_dir / "generations").mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     )
     targets = [row.target for row in validation]
     reference_validation = score([a["prediction"] for a in reference_answers], targets, ignore_case)["per_row"]
-    eval_results = json.loads(RunLayout(run_dir).eval_results.read_text())
+    eval_results = read_eval_results(run_dir)
 
     # each candidate's threshold, from the validation rows alone
     chosen = {}

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from pipeline import data, gguf_export, llamacpp_install, models, precision, runtimes
+from pipeline import data, gguf_export, llamacpp_install, models, precision, result_types, runtimes
 from pipeline.errors import PipelineError
 from pipeline.files import append_jsonl, dir_size_bytes, read_jsonl_records, write_json_atomic, write_jsonl_atomic
 from pipeline.logs import log
 from pipeline.metrics import scorer
 from pipeline.recipe import LoadedRecipe, answer_identity, reference_runtime
 from pipeline.run_layout import RunLayout
-from pipeline.runs import done_fingerprint, mark_done, stage_fingerprint, start_stage
+from pipeline.runs import mark_done, stage_done, stage_fingerprint, start_stage
 from pipeline.runtimes import endpoint as endpoint_runtime
 from pipeline.runtimes import llamacpp
 from pipeline.runtimes import transformers as transformers_runtime
@@ -141,7 +141,7 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
     deferred_only = ["reference: deferred rows only"] if reference_deferred_only(loaded.recipe) else []
     return stage_fingerprint(
         STAGE,
-        done_fingerprint(RunLayout(run_dir).stage("quantize")),
+        stage_done(run_dir, "quantize"),
         {**settings, "reference": answer_identity(settings["reference"])},
         [c.fingerprint() for c in candidates(loaded, run_dir)],
         *deferred_only,
@@ -150,11 +150,11 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
 
 def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     recipe = loaded.recipe
-    if done_fingerprint(RunLayout(run_dir).stage("train")) is None:
+    if stage_done(run_dir, "train") is None:
         raise PipelineError(
             f"{run_dir}: no finished train stage to evaluate; run `make train RECIPE={loaded.path}` first"
         )
-    if recipe.quantize and done_fingerprint(RunLayout(run_dir).stage("quantize")) is None:
+    if recipe.quantize and stage_done(run_dir, "quantize") is None:
         raise PipelineError(f"{run_dir}: no finished quantize stage; run `make quantize RECIPE={loaded.path}` first")
     stage_dir = start_stage(RunLayout(run_dir).stage(STAGE))
     (stage_dir / "generations").mkdir(parents=True, exist_ok=True)
@@ -184,7 +184,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     # What was evaluated, row by row: compare pairs runs on these, whatever the eval file holds by then.
     write_jsonl_atomic(RunLayout(run_dir).eval_rows, [evaluated_row(row) for row in own_rows])
     out = {"eval_rows": len(references), "candidates": results}
-    write_json_atomic(RunLayout(run_dir).eval_results, out)
+    write_json_atomic(RunLayout(run_dir).eval_results, result_types.check(result_types.EvalResults, out))
     mark_done(stage_dir, fingerprint(loaded, run_dir))
     return out
 

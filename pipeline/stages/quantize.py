@@ -29,7 +29,7 @@ from pipeline.logs import log
 from pipeline.processes import cache_lock
 from pipeline.recipe import LoadedRecipe, QuantizeVariant, data_fingerprint
 from pipeline.run_layout import RunLayout
-from pipeline.runs import done_fingerprint, mark_done, stage_fingerprint, start_stage
+from pipeline.runs import mark_done, stage_done, stage_fingerprint, start_stage
 from pipeline.runtimes import llamacpp, prompts_for
 
 STAGE = "quantize"
@@ -40,7 +40,7 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
     uses_llamacpp = any(v.is_gguf for v in recipe.quantize)
     return stage_fingerprint(
         STAGE,
-        done_fingerprint(RunLayout(run_dir).stage("train")),
+        stage_done(run_dir, "train"),
         [v.model_dump() for v in recipe.quantize],
         data_fingerprint(recipe.data),  # the fidelity checks run on eval rows
         recipe.evaluate.max_new_tokens,  # in the Modelfile
@@ -53,7 +53,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
 
     recipe = loaded.recipe
     adapter_dir = RunLayout(run_dir).adapter
-    if done_fingerprint(RunLayout(run_dir).stage("train")) is None or not adapter_dir.is_dir():
+    if stage_done(run_dir, "train") is None or not adapter_dir.is_dir():
         raise PipelineError(
             f"{run_dir}: no finished train stage to quantize; run `make train RECIPE={loaded.path}` first"
         )

@@ -26,8 +26,9 @@ from pipeline.render.markdown import render_markdown, verdict
 from pipeline.render.plots import write_cascade_plot, write_report_plot
 from pipeline.render.sweep import write_curve_plot, write_sweep_plot
 from pipeline.report_types import REPORT_SCHEMA_VERSION, check, read_report
+from pipeline.result_types import read_eval_results, read_train_result
 from pipeline.run_layout import RunLayout
-from pipeline.runs import done_fingerprint, mark_done, stage_fingerprint, start_stage
+from pipeline.runs import mark_done, stage_done, stage_fingerprint, start_stage
 from pipeline.stages.evaluate import read_generations
 from pipeline.stats import gap_closed, paired
 
@@ -314,7 +315,7 @@ def flipped_rows(
 
 def page_rows(loaded: LoadedRecipe, run_dir: Path, report: dict) -> list[dict]:
     """side_by_side for a finished run, read from its folder (what publish puts in a bundle's report.html)."""
-    results = json.loads(RunLayout(run_dir).eval_results.read_text())
+    results = read_eval_results(run_dir)
     generations = {name: read_generations(RunLayout(run_dir).generations(name)) for name in results["candidates"]}
     return side_by_side(report, results, generations, data.load_rows(loaded.recipe.data, "eval"))
 
@@ -342,10 +343,10 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
     return stage_fingerprint(
         STAGE,
         REPORT_SCHEMA_VERSION,
-        done_fingerprint(RunLayout(run_dir).stage("evaluate")),
-        done_fingerprint(RunLayout(run_dir).stage("train")),
-        done_fingerprint(RunLayout(run_dir).stage("distill")),
-        done_fingerprint(RunLayout(run_dir).stage("cascade")),
+        stage_done(run_dir, "evaluate"),
+        stage_done(run_dir, "train"),
+        stage_done(run_dir, "distill"),
+        stage_done(run_dir, "cascade"),
         # a sweep that chose this run, a learning curve drawn from it: sections of its report
         [_text(path) for path in (RunLayout(run_dir).sweep, RunLayout(run_dir).curve)],
         # prices are not part of the run id: a new one only rebuilds the report
@@ -369,7 +370,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     if not results_path.is_file():
         raise PipelineError(f"{run_dir}: no evaluation results; run `make eval RECIPE={loaded.path}` first")
     start_stage(RunLayout(run_dir).stage(STAGE))
-    results = json.loads(results_path.read_text())
+    results = read_eval_results(run_dir)
     generations = {name: read_generations(RunLayout(run_dir).generations(name)) for name in results["candidates"]}
     splits = data.load_splits(loaded.recipe.data)  # read once: eval rows here, gold training rows below
     rows = splits.eval
@@ -380,7 +381,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     report = build_report(results, loaded, texts, quantized)
     distill_result = RunLayout(run_dir).distill_result
     if loaded.recipe.distill and distill_result.is_file():
-        train_result = json.loads(RunLayout(run_dir).train_result.read_text())
+        train_result = read_train_result(run_dir)
         gold_rows = len(splits.train)
         report["distillation"] = distillation(
             report,
@@ -391,9 +392,8 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
             teacher_is_reference=loaded.recipe.distill.teacher is None,
             price=loaded.recipe.teacher().price,
         )
-    train_result = RunLayout(run_dir).train_result
-    if train_result.is_file():  # which adapter training kept, chosen on validation rows (never these eval rows)
-        report["validation"] = json.loads(train_result.read_text()).get("validation")
+    if RunLayout(run_dir).train_result.is_file():  # which adapter training kept, chosen on validation rows
+        report["validation"] = read_train_result(run_dir).get("validation")
     layout = RunLayout(run_dir)
     for key, path, plot, name in (
         ("sweep", layout.sweep, write_sweep_plot, "sweep"),

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
 
-from pipeline import allocator, data, models, precision, runtimes, tracking, train_validation
+from pipeline import allocator, data, models, precision, result_types, runtimes, tracking, train_validation
 from pipeline.answer_loss import accepts_logits_to_keep, answer_loss_sum, grouped_answer_loss_sum
 from pipeline.errors import Interrupted, PipelineError, RuntimeFailure
 from pipeline.files import (
@@ -37,7 +37,7 @@ from pipeline.metrics import scorer
 from pipeline.processes import StopSignal, in_launched_process, is_main_process
 from pipeline.recipe import LoadedRecipe, data_fingerprint
 from pipeline.run_layout import RunLayout
-from pipeline.runs import done_fingerprint, mark_done, stage_fingerprint, start_stage
+from pipeline.runs import mark_done, stage_done, stage_fingerprint, start_stage
 from pipeline.stages import distill as distill_stage
 
 STAGE = "train"
@@ -53,7 +53,7 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
         r.train.model_dump(exclude={"report_to"}),
         data_fingerprint(r.data),
         base.fingerprint,
-        done_fingerprint(RunLayout(run_dir).stage("distill")) if r.distill else None,  # relabelled rows: train again
+        stage_done(run_dir, "distill") if r.distill else None,  # relabelled rows: train again
         # how validation passes generate and score: they choose the adapter
         [r.evaluate.metrics[0], r.evaluate.max_new_tokens, r.evaluate.batch_size, r.evaluate.ignore_case],
     )
@@ -132,7 +132,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         "resumed_from": last,
         "validation": {"source": rows.splits.validation_source, **(summary or {"rows": 0}), **choice},
     }
-    write_json_atomic(RunLayout(run_dir).train_result, result)
+    write_json_atomic(RunLayout(run_dir).train_result, result_types.check(result_types.TrainResult, result))
     # The adapter is final; checkpoints only served resuming.
     shutil.rmtree(checkpoints_dir, ignore_errors=True)
     (stage_dir / "checkpoints.owner").unlink(missing_ok=True)
@@ -426,20 +426,20 @@ def _launch(loaded: LoadedRecipe, run_dir: Path) -> dict:
             f"(a rank that crashed wrote its traceback to {RunLayout(run_dir).logs}). Rerun to resume from the last "
             f"checkpoint in {RunLayout(run_dir).checkpoints}"
         )
-    return json.loads(RunLayout(run_dir).train_result.read_text())
+    return result_types.read_train_result(run_dir)
 
 
 def _distilled_rows(loaded: LoadedRecipe, run_dir: Path) -> Path | None:
     if loaded.recipe.distill is None:
         return None
-    if done_fingerprint(RunLayout(run_dir).stage("distill")) is None:
+    if stage_done(run_dir, "distill") is None:
         raise PipelineError(f"{run_dir}: no finished distill stage; run `make train RECIPE={loaded.path}`")
     return distill_stage.labelled_file(run_dir)
 
 
 def _tokenized(run_dir: Path, tokenizer, splits, chat: bool, recipe, source) -> data.Tokenized:
     """Tokenized training rows, cached in the run folder under the data fingerprint and the tokenizer."""
-    distilled = done_fingerprint(RunLayout(run_dir).stage("distill")) if recipe.distill else None
+    distilled = stage_done(run_dir, "distill") if recipe.distill else None
     key = stage_fingerprint(data_fingerprint(recipe.data), source.fingerprint, chat, distilled)
     cache = RunLayout(run_dir).data_cache / f"train-tokenized-{key[:16]}.json"
     if cache.is_file():
