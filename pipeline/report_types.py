@@ -181,6 +181,11 @@ class Report(BaseModel):
             "`versus_specialized` = `{same_answer, median_abs_difference, p95_abs_difference}`"
         ),
     )
+    next_steps: list[dict[str, Any]] | None = Field(
+        None,
+        description="what would most likely help next, from this run's evidence: per point `kind`, `advice` (what to "
+        "do, naming the recipe field), `evidence` (the figure behind it); `kind` nothing where nothing stands out",
+    )
     flipped_rows: list[dict[str, Any]] | None = Field(
         None,
         description=(

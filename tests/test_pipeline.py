@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from pipeline import data
 from pipeline.cli import main
 from pipeline.models import ModelSource, load_model, load_tokenizer
+from pipeline.next_steps import next_steps
 from pipeline.recipe import load_recipe
 from pipeline.run_layout import STAGES, RunLayout
 from pipeline.runner import STAGE_MODULES
@@ -128,6 +129,10 @@ def test_report_has_every_candidate_with_its_numbers(finished_run):
     right = sum(round(s["recall"] * s["support"]) for s in per_label.values())
     assert right == round(report["candidates"]["specialized"]["metrics"]["exact_match"]["value"] * len(targets))
     assert "## Errors by label" in markdown
+    # what would help next: each point with its evidence, from this run's own report (no I/O of its own)
+    assert report["next_steps"] == next_steps({k: v for k, v in report.items() if k != "next_steps"})
+    assert report["next_steps"] and all(step["advice"] and step["evidence"] for step in report["next_steps"])
+    assert "## What would most likely help next" in markdown and report["next_steps"][0]["evidence"] in markdown
     assert (run_dir / "report" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["candidates"]["bnb-nf4"]["parameters"] == report["candidates"]["base"]["parameters"]
 

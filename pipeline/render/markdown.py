@@ -45,6 +45,7 @@ def render_markdown(report: dict, flips: list[dict], plot: str | None = None) ->
     if plot:
         lines += [f"![{metric} against peak memory and latency]({plot})", ""]
     lines += gates_markdown(report)
+    lines += next_steps_markdown(report)
     for other in dict.fromkeys(flip["versus"] for flip in flips):
         lines += [
             f"## Rows that flipped: specialized vs {other}",
@@ -414,6 +415,16 @@ def json_fields_lines(found: dict) -> list[str]:
         lines.append(f"| `{path}` ({support}) | " + " | ".join(_num(v) for v in values) + " |")
     if found["more"]:
         lines.append(f"\n{found['more']} more fields in report.json (`metrics.json_match.per_field`).")
+    return [*lines, ""]
+
+
+def next_steps_markdown(report: dict) -> list[str]:
+    steps = report.get("next_steps")
+    if not steps:
+        return []
+    lines = ["## What would most likely help next", ""]
+    for step in steps:
+        lines.append(f"- **{step['advice'][0].upper()}{step['advice'][1:]}.** {step['evidence']}.")
     return [*lines, ""]
 
 

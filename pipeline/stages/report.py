@@ -20,6 +20,7 @@ from pipeline.errors import PipelineError
 from pipeline.files import write_json_atomic, write_text_atomic
 from pipeline.logs import log
 from pipeline.metrics import metric_interval
+from pipeline.next_steps import next_steps
 from pipeline.recipe import LoadedRecipe
 from pipeline.render import html
 from pipeline.render.markdown import render_markdown, verdict
@@ -429,6 +430,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         write_cascade_plot(report, RunLayout(run_dir).plot("cascade"))
     flips = [flip for other in ("base", "reference") for flip in flipped_rows(report, generations, rows, other)]
     report["flipped_rows"] = flips
+    report["next_steps"] = next_steps(report)  # last: it reads every section above
     write_json_atomic(RunLayout(run_dir).report_json, check(report))
     plot_path = RunLayout(run_dir).plot("report")
     write_report_plot(report, plot_path)
