@@ -153,8 +153,8 @@ def _outside_labels(report: dict) -> list[dict]:
             "kind": "outside_labels",
             "advice": "the specialist answers with labels that do not exist: more training rows of the labels it "
             "confuses, or more epochs, teach it the label set",
-            "evidence": f"{count} of {report['eval_rows']} answers are none of the {len(known)} labels (e.g. "
-            f"{examples}); each counts as wrong",
+            "evidence": f"{count} of {report['eval_rows']} answers {'is' if count == 1 else 'are'} none of the "
+            f"{len(known)} labels (e.g. {examples}); each counts as wrong",
         }
     ]
 
