@@ -164,7 +164,8 @@ def _docs_verbs(verbs) -> None:
         "--add",
         type=Path,
         metavar="RUN_DIR",
-        help="a finished run folder to keep (with --as), or a benchmark's figures (make bench-train OUT=FILE)",
+        help="what to keep (with --as): a finished run folder, a benchmark's figures (make bench-train OUT=FILE), a "
+        "comparison (runs/compare-ID) or a publish bundle (RUN_DIR/publish)",
     )
     results.add_argument("--as", dest="name", metavar="NAME", help="the name it is kept and shown under")
     results.add_argument("--check", action="store_true", help="fail if a page differs from what the results render")

@@ -123,7 +123,8 @@ KINDS = (*BENCHMARKS, "compare", "card")
 
 
 def add(source: Path, name: str, folder: Path) -> Path:
-    """Keep a finished run folder's extract, or a benchmark's figures (`make bench-train OUT=FILE`), as NAME."""
+    """Keep as NAME: a finished run folder's extract, a benchmark's figures (`make bench-train OUT=FILE`), a
+    comparison (runs/compare-<id>/) or a publish bundle's card (runs/<name>/<id>/publish/)."""
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
         raise PipelineError(f"results --as {name!r}: use lowercase letters, digits and dashes (demo, hwu-slots)")
     path = folder / f"{name}.json"
