@@ -12,6 +12,7 @@ from pipeline.cli import main
 from pipeline.models import ModelSource, load_model, load_tokenizer
 from pipeline.next_steps import next_steps
 from pipeline.recipe import load_recipe
+from pipeline.render import html
 from pipeline.run_layout import STAGES, RunLayout
 from pipeline.runner import STAGE_MODULES
 from pipeline.stages import train as train_stage
@@ -133,6 +134,10 @@ def test_report_has_every_candidate_with_its_numbers(finished_run):
     assert report["next_steps"] == next_steps({k: v for k, v in report.items() if k != "next_steps"})
     assert report["next_steps"] and all(step["advice"] and step["evidence"] for step in report["next_steps"])
     assert "## What would most likely help next" in markdown and report["next_steps"][0]["evidence"] in markdown
+    page = (run_dir / "report" / "report.html").read_text()
+    assert 'id="next-steps"' in page
+    before = {k: v for k, v in report.items() if k != "next_steps"}  # a report written before next_steps existed
+    assert 'id="next-steps"' not in html.render(before, ["a verdict"], None)
     assert (run_dir / "report" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["candidates"]["bnb-nf4"]["parameters"] == report["candidates"]["base"]["parameters"]
 
