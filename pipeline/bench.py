@@ -17,7 +17,7 @@ import torch
 
 from pipeline import data, models, precision
 from pipeline.files import read_jsonl_records, write_json_atomic
-from pipeline.machine import cpu_description, git_commit
+from pipeline.machine import cpu_description, git_changed, git_commit
 from pipeline.recipe import LoadedRecipe, load_recipe
 from pipeline.run_layout import RunLayout
 from pipeline.runtimes import PeakMemory
@@ -133,6 +133,7 @@ def write_figures(path, kind: str, invocation: str, figures: dict) -> None:
             "kind": kind,
             "invocation": invocation,
             "commit": (git_commit() or "")[:7] or None,
+            "changed": git_changed(),
             "cpu": cpu_description(),
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__,

@@ -64,15 +64,21 @@ def cpu_description() -> str:
 
 
 def git_commit() -> str | None:
+    return _git("rev-parse", "HEAD") or None
+
+
+def git_changed() -> bool | None:
+    """Whether the package's tracked files differ from that commit: a figure measured then came from code the
+    commit alone does not reproduce. None outside a git checkout."""
+    out = _git("status", "--porcelain", "--untracked-files=no", "--", ".")
+    return None if out is None else bool(out)
+
+
+def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=5,
-            cwd=Path(__file__).resolve().parent,
+            ["git", *args], capture_output=True, text=True, check=True, timeout=5, cwd=Path(__file__).resolve().parent
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return out.stdout.strip()

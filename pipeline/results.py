@@ -70,6 +70,7 @@ def extract(run_dir: Path) -> dict:
         "gates_passed": report.get("gates", {}).get("passed"),
         "gap_closed": report.get("gap_closed"),
         "commit": (trained.get("git_commit") or "")[:7] or None,
+        "changed": trained.get("git_changed"),
         "cpu": trained.get("machine", {}).get("cpu"),
         "cpu_count": trained.get("machine", {}).get("cpu_count"),
         "date": (trained.get("started_at") or "")[:10] or None,
@@ -482,7 +483,7 @@ def compare_table(result: dict) -> str:
 
 def _measured(result: dict) -> str:
     return (
-        f"Measured by `{result['invocation']}` at commit {result['commit'] or '(unknown)'}, {result['date']}, torch "
+        f"Measured by `{result['invocation']}` at commit {_commit(result)}, {result['date']}, torch "
         f"{result['torch']}, on {result['cpu']} ({result['cpu_count']} cores)."
     )
 
@@ -507,7 +508,7 @@ def _where(result: dict) -> str:
     gates = {True: "passed", False: "failed", None: "—"}[result["gates_passed"]]
     return (
         f"Run `{result['run_id']}` of `{result['recipe']}` on {result['eval_rows']} eval rows, at commit "
-        f"{result['commit'] or '(unknown)'}, {result['date'] or '(date unknown)'}, on "
+        f"{_commit(result)}, {result['date'] or '(date unknown)'}, on "
         f"{result['cpu'] or 'a CPU not recorded'} ({result['cpu_count']} cores; "
         f"{', '.join(map(str, sorted(threads))) or '?'} threads per candidate); gates {gates}."
     )
@@ -563,6 +564,12 @@ def write(folder: Path, page: Path, shown_in: list[Path], check: bool = False) -
         for path in stale:
             path.write_text(wanted[path])
     return stale
+
+
+def _commit(result: dict) -> str:
+    """The commit a figure was measured at, and whether the package's code differed from it then."""
+    changed = " with uncommitted changes to pipeline/" if result.get("changed") else ""
+    return f"{result['commit'] or '(unknown)'}{changed}"
 
 
 def _mb(n: int | None) -> str:

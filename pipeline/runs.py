@@ -17,7 +17,7 @@ import yaml
 
 from pipeline.errors import PipelineError
 from pipeline.files import remove_path, write_json_atomic, write_text_atomic
-from pipeline.machine import git_commit, machine_facts, package_versions
+from pipeline.machine import git_changed, git_commit, machine_facts, package_versions
 from pipeline.processes import in_launched_process
 from pipeline.report_types import has_report, read_report
 from pipeline.run_layout import DONE_MARKER, STAGES, RunLayout
@@ -61,6 +61,7 @@ def prepare_run_dir(
         "stages_run": [],
         "versions": package_versions(),
         "git_commit": git_commit(),
+        "git_changed": git_changed(),
         "machine": machine_facts(),
     }
     if models:
