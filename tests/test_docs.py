@@ -85,6 +85,8 @@ def test_a_kept_result_renders_with_where_it_was_measured(tmp_path):
         "Run `abc123` of `demo` on 200 eval rows, at commit 1234567, 2026-12-07, on AMD EPYC (family 25 model 17)"
         in (table)
     )
+    dirty = results.table({**result, "changed": True})  # measured with code the commit alone does not hold
+    assert "at commit 1234567 with uncommitted changes to pipeline/, 2026-12-07" in dirty
     readme = tmp_path / "README.md"
     readme.write_text("before\n<!-- results:demo -->\nold table\n<!-- /results:demo -->\nafter\n")
     (tmp_path / "results").mkdir()
