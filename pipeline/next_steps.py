@@ -35,15 +35,23 @@ def next_steps(report: dict) -> list[dict]:
     ]
     if found:
         return found
-    return [
-        {
-            "kind": "nothing",
-            "advice": "nothing in this run's evidence stands out: the validation curve levelled off, no label is both "
-            "thin and confused, every answer is a label or a whole answer, and the quantized files agree with "
-            "each other",
-            "evidence": "the report's sections above",
-        }
-    ]
+    return [{"kind": "nothing", "advice": "nothing in this run's evidence stands out", "evidence": _checked(report)}]
+
+
+def _checked(report: dict) -> str:
+    """What was read and found unremarkable, so "nothing" says how much evidence it rests on."""
+    checked = []
+    if (report.get("validation") or {}).get("curve"):
+        checked.append("the validation curve levelled off or reached its ceiling")
+    if report.get("learning_curve"):
+        checked.append("the learning curve flattened with the specialist at or above the reference")
+    if report.get("labels"):
+        checked.append("no label is both thin in training and missed, and every answer is one of the labels")
+    if report.get("answers"):
+        checked.append("no answer was cut off at evaluate.max_new_tokens")
+    if sum(1 for c in report["candidates"].values() if c["role"] == "quantized") > 1:
+        checked.append("the quantized files lose alike")
+    return "; ".join(checked) or "this run has no validation curve, learning curve or per-label errors to read"
 
 
 def _still_rising(report: dict) -> list[dict]:

@@ -51,8 +51,21 @@ QUIET = {
 
 def test_a_quiet_run_says_nothing_stands_out():
     (step,) = next_steps(QUIET)
-    assert step["kind"] == "nothing" and "nothing in this run's evidence stands out" in step["advice"]
-    assert next_steps_markdown({"next_steps": [step]})[0] == "## What would most likely help next"
+    assert step["kind"] == "nothing" and step["advice"] == "nothing in this run's evidence stands out"
+    assert step["evidence"] == (
+        "the validation curve levelled off or reached its ceiling; no label is both thin in training and missed, and "
+        "every answer is one of the labels; no answer was cut off at evaluate.max_new_tokens; the quantized files "
+        "lose alike"
+    )
+    shown = next_steps_markdown({"next_steps": [step]})
+    assert shown[0] == "## What would most likely help next"
+    evidence = step["evidence"][:1].upper() + step["evidence"][1:]
+    assert shown[2] == f"- **Nothing in this run's evidence stands out.** {evidence}."
+    bare = {"metric": "exact_match", "eval_rows": 10, "candidates": {"specialized": _candidate("specialized", 0.5)}}
+    assert (
+        next_steps(bare)[0]["evidence"]
+        == "this run has no validation curve, learning curve or per-label errors to read"
+    )
 
 
 def test_a_validation_curve_still_rising_says_train_longer():

@@ -424,8 +424,12 @@ def next_steps_markdown(report: dict) -> list[str]:
         return []
     lines = ["## What would most likely help next", ""]
     for step in steps:
-        lines.append(f"- **{step['advice'][0].upper()}{step['advice'][1:]}.** {step['evidence']}.")
+        lines.append(f"- **{_sentence(step['advice'])}.** {_sentence(step['evidence'])}.")
     return [*lines, ""]
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def cascade_markdown(report: dict) -> list[str]:
