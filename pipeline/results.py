@@ -7,7 +7,7 @@ bench-train OUT=FILE` (or `make bench OUT=FILE`) writes, with the command and ma
 `specialist results` renders every kept result into docs/results.md, and into the README and any page of docs/
 between `<!-- results:NAME -->` and `<!-- /results:NAME -->`, or `NAME:part` for one of PARTS (the run's cascades,
 cost per answer, specialists on one base, distillation, confidences, fidelity, JSON fields, sweep trials,
-learning curve). `--check` fails
+learning curve, what would help next). `--check` fails
 where a committed page differs from what the kept results render (tests/test_docs.py runs it).
 """
 
@@ -21,7 +21,7 @@ from pipeline import compare
 from pipeline.errors import PipelineError
 from pipeline.files import write_json_atomic
 from pipeline.render import tables
-from pipeline.render.markdown import answers_markdown, fidelity_markdown, json_fields_lines
+from pipeline.render.markdown import answers_markdown, fidelity_markdown, json_fields_lines, next_steps_markdown
 from pipeline.render.sweep import curve_markdown, sweep_markdown
 from pipeline.render.tables import runtime_cell
 from pipeline.report_types import has_report, read_report
@@ -78,6 +78,7 @@ def extract(run_dir: Path) -> dict:
         "cascade": _cascade(report.get("cascade")),
         "distillation": report.get("distillation"),
         "confidence": report.get("confidence"),
+        "next_steps": report.get("next_steps"),
         "fidelity": report.get("fidelity"),
         "json_fields": tables.json_fields(report, limit=12),
         "answers": _answers(report.get("answers")),
@@ -375,6 +376,13 @@ def fidelity_table(result: dict) -> str:
     return "\n".join([*lines, _where(result)])
 
 
+def next_steps_table(result: dict) -> str:
+    """What the run's report says would most likely help next."""
+    if not result.get("next_steps"):
+        raise PipelineError(f"results: {result['recipe']} run {result['run_id']} has no next steps (an older report)")
+    return "\n".join([*next_steps_markdown(result)[2:], _where(result)])
+
+
 def confidence_table(result: dict) -> str:
     """How sure each candidate was when right and when wrong (by the gating metric's per-row score): the signal a
     cascade defers on."""
@@ -496,6 +504,7 @@ PARTS = {
     "shared": ("shared_base", "specialists on one base", shared_base_table),
     "distill": ("distillation", "the teacher's labels", distillation_table),
     "confidence": ("confidence", None, confidence_table),
+    "next": ("next_steps", "what would most likely help next", next_steps_table),
     "fidelity": ("fidelity", None, fidelity_table),
     "json": ("json_fields", "JSON fields and answers", json_table),
     "sweep": ("sweep", "the sweep's trials", sweep_table),

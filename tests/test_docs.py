@@ -172,6 +172,10 @@ def test_a_kept_result_shows_confidences_and_json_fields():
     assert "| whole object right | 0.520 |" in shown and "| `slots.time` (31) | 0.450 |" in shown
     assert "| specialized | 41 / 82 / 300 | 1.00 | 14 / 64 | 1 (0.5%) | 0 | 1 (0.5%; 1) |" in shown
     assert "a private text" not in json.dumps(result)  # the answers' text stays in the run's report
+    with pytest.raises(PipelineError, match="has no next steps"):
+        results.table(result, "next")
+    result["next_steps"] = [{"kind": "train_longer", "advice": "train longer", "evidence": "validation 0.79 → 0.88"}]
+    assert results.table(result, "next").startswith("- **Train longer.** Validation 0.79 → 0.88.\n")
     with pytest.raises(PipelineError, match="has no json_match fields"):
         results.table({**result, "json_fields": None}, "json")
 
