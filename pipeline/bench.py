@@ -121,26 +121,25 @@ def _generate_way(loaded: LoadedRecipe, rows: int, way: str) -> dict:
     }
 
 
-def write_figures(path, kind: str, invocation: str, figures: dict) -> None:
-    """A benchmark's figures with where and when they were measured, for `specialist results --add FILE --as NAME`
-    (the manual shows a benchmark only from such a file, never from a hand-copied line)."""
+def where_now() -> dict:
+    """The code and machine a benchmark runs on, taken before it starts (the tree may change while it runs)."""
     import datetime
     import os
 
-    write_json_atomic(
-        path,
-        {
-            "kind": kind,
-            "invocation": invocation,
-            "commit": (git_commit() or "")[:7] or None,
-            "changed": git_changed(),
-            "cpu": cpu_description(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "date": datetime.date.today().isoformat(),
-            "figures": figures,
-        },
-    )
+    return {
+        "commit": (git_commit() or "")[:7] or None,
+        "changed": git_changed(),
+        "cpu": cpu_description(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def write_figures(path, kind: str, invocation: str, where: dict, figures: dict) -> None:
+    """A benchmark's figures with where and when they were measured (`where_now()` before it ran), for
+    `specialist results --add FILE --as NAME` (the manual shows a benchmark only from such a file)."""
+    write_json_atomic(path, {"kind": kind, "invocation": invocation, **where, "figures": figures})
 
 
 # --- make bench-train ---------------------------------------------------------------------------

@@ -364,9 +364,10 @@ def _bench(args) -> int:
     from pipeline import bench
     from pipeline.recipe import load_recipe
 
+    where = bench.where_now()
     figures = bench.run(load_recipe(args.recipe, args.overrides), args.rows)
     if args.out:
-        bench.write_figures(args.out, "bench", _invocation("bench", args, f"--rows {args.rows}"), figures)
+        bench.write_figures(args.out, "bench", _invocation("bench", args, f"--rows {args.rows}"), where, figures)
         print(f"wrote {args.out}")
     return 0
 
@@ -374,10 +375,11 @@ def _bench(args) -> int:
 def _bench_train(args) -> int:
     from pipeline import bench
 
+    where = bench.where_now()
     figures = bench.run_train(args.recipe, args.overrides, args.rows, args.repeats)
     if args.out:
         settings = f"--rows {args.rows} --repeats {args.repeats}"
-        bench.write_figures(args.out, "bench-train", _invocation("bench-train", args, settings), figures)
+        bench.write_figures(args.out, "bench-train", _invocation("bench-train", args, settings), where, figures)
         print(f"wrote {args.out}")
     return 0
 

@@ -419,7 +419,8 @@ def bench_train_table(result: dict) -> str:
         share = "—" if way.get("share_of_limit") is None else f"{way['share_of_limit']:.0%}"
         ratio = way["tokens_per_second"] / loop["tokens_per_second"]
         lines.append(
-            f"| {name} | {way['frozen_dtype']} | {way['tokens_per_second']:.1f} ({runs}) | **{ratio:.2f}x** | {share} "
+            f"| {name} | {way['frozen_dtype']} | {way['tokens_per_second']:.1f} ({runs}) "
+            f"| {f'**{ratio:.2f}x**' if way is stage else f'{ratio:.2f}x'} | {share} "
             f"| {way['first_loss']:.4f} / {way['final_loss']:.4f} | {way['eval_loss']:.4f} "
             f"| {_mb(way['peak_memory_bytes'])} |"
         )
