@@ -158,8 +158,13 @@ def normalized(text: str) -> str:
 
 
 def generate(
-    train_per_intent: int = 80, test_per_intent: int = 20, validation_per_intent: int = 10, seed: int = 0
+    train_per_intent: int = 80,
+    test_per_intent: int = 20,
+    validation_per_intent: int = 10,
+    seed: int = 0,
+    unseen: list | None = None,
 ) -> tuple[list, list, list]:
+    """unseen, where given, collects the test messages built from a phrasing training never shows."""
     rng = random.Random(seed)
     train, test = [], []
     phrasings_of: dict[str, tuple[list, list]] = {}
@@ -177,8 +182,11 @@ def generate(
                 train_texts.setdefault(normalized(text), text)
         test_texts: dict[str, str] = {}
         while len(test_texts) < test_per_intent:
-            text = message(rng, rng.choice(held_out if rng.random() < 0.5 else seen))
+            pool = held_out if rng.random() < 0.5 else seen
+            text = message(rng, rng.choice(pool))
             if normalized(text) not in train_texts and normalized(text) not in taken:
+                if normalized(text) not in test_texts and pool is held_out and unseen is not None:
+                    unseen.append(text)
                 test_texts.setdefault(normalized(text), text)
         taken.update(train_texts)
         taken.update(test_texts)
@@ -202,12 +210,17 @@ def generate(
 
 def main() -> None:
     folder = Path(__file__).resolve().parent
-    train, test, validation = generate()
+    unseen: list = []
+    train, test, validation = generate(unseen=unseen)
     for name, rows in (("train", train), ("test", test), ("validation", validation)):
         with (folder / f"{name}.jsonl").open("w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
         print(f"{folder / name}.jsonl: {len(rows)} rows")
+    print(
+        f"test: {len(test) - len(unseen)} of {len(test)} messages built from a phrasing training also uses, "
+        f"{len(unseen)} from one training never shows"
+    )
 
 
 if __name__ == "__main__":
