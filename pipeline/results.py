@@ -13,9 +13,12 @@ where a committed page differs from what the kept results render (tests/test_doc
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 from pathlib import Path
+
+import yaml
 
 from pipeline import compare
 from pipeline.errors import PipelineError
@@ -145,10 +148,6 @@ def add(source: Path, name: str, folder: Path) -> Path:
 def _card(folder: Path) -> dict:
     """A publish bundle's model card as the Hub shows it first: its metadata and the opening up to the evaluation,
     with the bundle's file count and size."""
-    import datetime
-
-    import yaml
-
     _, front, body = (folder / "README.md").read_text().split("---\n", 2)
     files = [path for path in folder.rglob("*") if path.is_file()]
     return {
@@ -164,8 +163,6 @@ def _card(folder: Path) -> dict:
 
 def _comparison(folder: Path) -> dict:
     """`specialist compare`'s findings (runs/compare-<id>/), without the run folders' paths on this machine."""
-    import datetime
-
     found = json.loads((folder / "compare.json").read_text())
     runs = [{k: v for k, v in run.items() if k != "folder"} for run in found["runs"]]
     return {"kind": "compare", **found, "runs": runs, "date": datetime.date.today().isoformat()}
@@ -455,8 +452,6 @@ def bench_table(result: dict) -> str:
 def card_table(result: dict) -> str:
     """The card's opening, its model-index condensed to the gating metric (the file lists every candidate x every
     metric), then what the bundle holds."""
-    import yaml
-
     metadata = dict(result["metadata"])
     index = metadata.pop("model-index", [])
     metrics = [m for entry in index for r in entry["results"] for m in r["metrics"]]
