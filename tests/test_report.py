@@ -315,27 +315,21 @@ def test_user_metric_from_a_file(tmp_path):
     assert scorer(["ab", "abcd"], ["abc", "abc"], False) == {"value": 0.5, "per_row": [1.0, 0.0], "mean_of_rows": True}
 
 
-def test_bench_gives_the_same_answers_both_ways(tiny_recipe, capsys):
-    from pipeline import bench
-
-    result = bench.run(load_recipe(tiny_recipe), rows=12)
-    assert result["identical"] == result["rows"] == 12
-    assert result["batched"]["tokens"] == result["naive"]["tokens"]  # same work, so tokens/s compare honestly
-    assert "batched / naive tokens/s" in capsys.readouterr().out
-
-
-def test_a_benchmark_reaches_the_manual_from_its_own_figures(tiny_recipe, tmp_path, capsys):
+def test_bench_gives_the_same_answers_both_ways_and_its_figures_reach_the_manual(tiny_recipe, tmp_path, capsys):
     from pipeline import results
 
     figures = tmp_path / "bench.json"
-    args = ["bench", str(tiny_recipe), "--rows", "6", "--set", "evaluate.batch_size=4", "--out", str(figures)]
+    args = ["bench", str(tiny_recipe), "--rows", "12", "--set", "evaluate.batch_size=4", "--out", str(figures)]
     assert main(args) == 0
+    assert "batched / naive tokens/s" in capsys.readouterr().out
+    measured = json.loads(figures.read_text())["figures"]
+    assert measured["identical"] == measured["rows"] == 12
+    assert measured["batched"]["tokens"] == measured["naive"]["tokens"]  # same work, so tokens/s compare honestly
     kept = results.add(figures, "bench-tiny", tmp_path / "kept")
     table = results.table(json.loads(kept.read_text()))
-    measured = json.loads(figures.read_text())["figures"]
     assert f"| batched | {measured['batched']['tokens_per_second']:.1f} |" in table
-    assert f"Batched / one at a time: **{measured['ratio']:.2f}x** tokens/s; the same answer on 6 of 6 rows" in table
-    assert f"Measured by `specialist bench {tiny_recipe} --set evaluate.batch_size=4 --rows 6` at commit" in table
+    assert f"Batched / one at a time: **{measured['ratio']:.2f}x** tokens/s; the same answer on 12 of 12 rows" in table
+    assert f"Measured by `specialist bench {tiny_recipe} --set evaluate.batch_size=4 --rows 12` at commit" in table
     with pytest.raises(PipelineError, match="is not a benchmark's JSON"):
         results.add(tiny_recipe, "not-a-benchmark", tmp_path / "kept")
     (tmp_path / "other.json").write_text('{"rows": 3}')
