@@ -14,11 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import PipelineError
+from pipeline.report_types import Open
 from pipeline.run_layout import RunLayout
-
-
-class Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
 
 
 class Precision(Open):
