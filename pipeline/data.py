@@ -367,6 +367,7 @@ class Splits:
     validation_source: str = ""  # how the validation rows were chosen, in words (validate prints it)
     train_fraction_of: dict[str, int] = field(default_factory=dict)  # gold / distilled -> rows before the fraction
     distilled_rows: int = 0  # of train, the rows the distill stage's teacher labelled (after the gold rows)
+    synthesized_rows: int = 0  # of train, the rows the synthesize stage's teacher wrote (after the gold rows)
 
 
 VALIDATION_SHARE = 0.1  # the default validation split: this share of the training rows,
@@ -395,12 +396,13 @@ def load_splits(
     prompt_template: str | None = None,
     prompt_field: str = "data.prompt",
     distilled: Path | None = None,
+    synthesized: Path | None = None,
 ) -> Splits:
     """Train and eval rows, formatted; eval carved from train (seeded) when the recipe gives none.
 
     Every row of the files is formatted (so a bad row anywhere is found), then max_train_rows /
-    max_eval_rows draw their samples. distilled: the distill stage's labelled rows, trained on after
-    data.train's gold rows (never sampled away).
+    max_eval_rows draw their samples. distilled: the distill stage's labelled rows, synthesized: the synthesize
+    stage's rows, each trained on after data.train's gold rows (never sampled away).
     """
     train_raw = read_source(section.train, section, "train") if section.train is not None else []
     if section.eval is None:
@@ -429,12 +431,14 @@ def load_splits(
     sampled_from = {"train": len(rest), "eval": len(eval_all)}
     train = [row for _, row in sample_rows(rest, section.max_train_rows, section.split_seed)]
     labelled = [format_row(section, row, where) for where, row in _read_file(distilled)] if distilled else []
+    written = [format_row(section, row, where) for where, row in _read_file(synthesized)] if synthesized else []
     fraction_of = {}
-    if section.train_fraction is not None:  # gold and teacher-labelled rows each by the same share
-        fraction_of = {"gold": len(train), "distilled": len(labelled)}
+    if section.train_fraction is not None:  # gold, teacher-labelled and teacher-written rows each by the same share
+        fraction_of = {"gold": len(train), "distilled": len(labelled), "synthesized": len(written)}
         train = nested_fraction(train, section.train_fraction, section.split_seed)
         labelled = nested_fraction(labelled, section.train_fraction, section.split_seed)
-    train += labelled
+        written = nested_fraction(written, section.train_fraction, section.split_seed)
+    train += labelled + written
     if prompt_template is None:
         eval_rows = own_eval
     else:  # the same sampled rows, asked with another prompt (a reference's)
@@ -465,6 +469,7 @@ def load_splits(
         validation_source,
         fraction_of,
         len(labelled),
+        len(written),
     )
 
 

@@ -36,6 +36,13 @@ class PipelineError(Exception):
         return (_rebuilt, (type(self), self.args, dict(self.__dict__)))
 
 
+class GateFailed(PipelineError):
+    """A bar the recipe sets was not reached before the work it guards (a teacher scored below
+    synthesize.min_teacher_score): the gates' exit code, so a scheduled job reads it as one."""
+
+    exit_code = EXIT_GATES_FAILED
+
+
 class RemoteError(PipelineError):
     """A service the pipeline talks to (the Hub, an API) could not be reached or failed (5xx).
 

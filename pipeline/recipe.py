@@ -483,6 +483,107 @@ class DistillSection(Section):
     )
 
 
+SYNTHESIZE_PROMPT = """{description}
+
+The task's labels: {labels}.
+Write {count} new messages that belong to the label "{label}".
+Make each one different from the others and from the examples. {variation}
+
+Examples with the label "{label}":
+{examples}
+
+Reply with the {count} messages only, one per line, numbered 1 to {count}."""
+SYNTHESIZE_PROMPT_FIELDS = ("description", "labels", "label", "count", "variation", "examples")
+SYNTHESIZE_VARIATIONS = [
+    "Write them short and terse, a few words each.",
+    "Write them long, with some context about the situation.",
+    "Write them polite and formal.",
+    "Write them casual, in lowercase, with a typo or two.",
+    "Write them indirect: the need is implied, never named.",
+    "Write them as someone upset or in a hurry.",
+]
+
+
+class SynthesizeSection(Section):
+    description: str = Field(
+        min_length=1,
+        description="What the task is and what its traffic looks like (who writes, about what): the teacher writes "
+        "new inputs from it, from the label set and from a few of data.train's rows per label.",
+    )
+    per_label: int = Field(20, gt=0, le=10_000, description="New rows to ask for per label (before the checks).")
+    labels: list[str] | None = Field(
+        None,
+        description="The label set (data.target's rendered answers); default: the answers in data.train. A label "
+        "without seed rows is written from the description alone.",
+    )
+    teacher: ReferenceSection | None = Field(
+        None,
+        description="The model that writes and checks the rows; default: evaluate.reference. Its prompt is the one "
+        "it labels rows with (the label check, its score on the gold rows); synthesize.prompt is the one it writes "
+        "with.",
+    )
+    prompt: str = Field(
+        SYNTHESIZE_PROMPT,
+        description="What the teacher is asked for each batch of rows. Fields: {description}, {labels} (comma "
+        "separated), {label}, {count} (rows this ask), {variation} (one of variations), {examples} (seed rows of "
+        "the label, one per line).",
+    )
+    variations: list[str] = Field(
+        default_factory=lambda: list(SYNTHESIZE_VARIATIONS),
+        description="Ways to vary the rows (who writes, tone, length, typos, language); each ask gets one, a seeded "
+        "choice, and each row records it. Empty: no variation.",
+    )
+    rows_per_ask: int = Field(5, gt=0, le=50, description="Rows the teacher writes per ask (one reply).")
+    examples_per_ask: int = Field(
+        3, ge=0, le=20, description="Seed rows of the label shown per ask, a seeded sample (0: the description alone)."
+    )
+    temperature: float = Field(1.0, gt=0, le=2, description="Sampling temperature of the teacher's replies.")
+    top_p: float = Field(
+        0.95, gt=0, le=1, description="Nucleus sampling: the smallest set of tokens with this much probability."
+    )
+    seed: int = Field(0, description="Seeds every ask's choices (examples, variation) and its sampling.")
+    max_new_tokens: int = Field(400, gt=0, description="Longest reply per ask, in tokens.")
+    near_duplicate: float | None = Field(
+        0.92,
+        gt=0,
+        le=1,
+        description="Cosine similarity (of synthesize.encoder's embeddings) at or above which a new row counts as "
+        "the same as another new row, a seed row (dropped) or an eval or validation row (dropped as "
+        "contamination). null: exact duplicates only (after case and whitespace).",
+    )
+    encoder: str = Field(
+        "packaged:all-minilm-l6-v2",
+        description="The sentence encoder near_duplicate compares with: packaged:all-minilm-l6-v2, a local folder "
+        "or a Hub id.",
+    )
+    label_check: Literal["drop", "relabel", "keep"] = Field(
+        "drop",
+        description="The teacher labels every new row again, blind to the label it was asked for; a row it labels "
+        "otherwise is dropped, relabelled with the teacher's label, or kept as asked (agreement is reported either "
+        "way).",
+    )
+    min_teacher_score: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Refuse to write rows (exit 1) when the teacher labels fewer than this share of the gold rows "
+        "right (the validation rows, else the seed rows), scored before any row is written.",
+    )
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _template(cls, value: Any) -> Any:
+        if (problem := template_problem(value)) is not None:
+            raise ValueError(problem)
+        if isinstance(value, str):
+            unknown = template_fields(value) - set(SYNTHESIZE_PROMPT_FIELDS)
+            if unknown:
+                raise ValueError(
+                    f"unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(SYNTHESIZE_PROMPT_FIELDS)}"
+                )
+        return value
+
+
 HUB_ID = r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*"
 
 
@@ -677,6 +778,11 @@ class Recipe(Section):
     )
     evaluate: EvaluateSection = Field(
         default_factory=EvaluateSection, description="How the candidates are compared, and the gates they must pass."
+    )
+    synthesize: SynthesizeSection | None = Field(
+        None,
+        description="A teacher writes new training rows for a label task from a description and a few rows per "
+        "label (data.train), checked (duplicates, contamination, the label) before the specialist trains on them.",
     )
     distill: DistillSection | None = Field(
         None,
@@ -1203,6 +1309,7 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     return [
         *_evaluate_problems(recipe),
         *_distill_problems(recipe),
+        *_synthesize_problems(recipe),
         *_publish_problems(recipe),
         *_sweep_problems(recipe),
         *_cascade_problems(recipe),
@@ -1369,6 +1476,41 @@ def _reference_runtime_problems(reference: ReferenceSection, loc: tuple) -> list
             )
         ]
     return []
+
+
+def _synthesize_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
+    synth, section = recipe.synthesize, recipe.data
+    if synth is None:
+        return []
+    problems = []
+    if synth.teacher is None and recipe.evaluate.reference is None:
+        problems.append(
+            (("synthesize",), "needs a teacher: add synthesize.teacher, or evaluate.reference (the default)")
+        )
+    if section.format not in ("prompt_completion", "messages"):
+        problems.append(
+            (("synthesize",), f"writes the inputs of prompt_completion or messages rows, not format {section.format}")
+        )
+    if section.format == "prompt_completion":
+        if section.prompt is not None and len(template_fields(section.prompt)) != 1:
+            problems.append(
+                (
+                    ("data", "prompt"),
+                    "synthesize: the teacher writes one input, so the prompt needs exactly one {field}",
+                )
+            )
+        if section.target is not None and len(template_fields(section.target)) != 1:
+            problems.append((("data", "target"), "synthesize: the label goes into one field; use one {field}"))
+    if section.train is None and not synth.labels:
+        problems.append(
+            (("synthesize", "labels"), "with no data.train there are no seed rows to read the labels from: list them")
+        )
+    if synth.labels is not None:
+        if not synth.labels or not all(label.strip() for label in synth.labels):
+            problems.append((("synthesize", "labels"), "must list at least one non-empty label"))
+        elif len(set(synth.labels)) != len(synth.labels):
+            problems.append((("synthesize", "labels"), "lists a label twice"))
+    return problems
 
 
 def _distill_problems(recipe: Recipe) -> list[tuple[tuple, str]]:

@@ -132,6 +132,17 @@ class Report(BaseModel):
             "`specialized_seconds_per_answer`, `prompt_tokens_saved_per_answer`"
         ),
     )
+    synthesis: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "where a teacher wrote training rows (synthesize:): synthesize/result.json (`teacher`, `teacher_score` "
+            "{`on`, `rows`, `accuracy`, `interval`}, `labels`, `seed_rows`, `asks`, `rows_asked`, `rows_written`, "
+            "`rows_kept`, `dropped` {reason: rows}, `dropped_examples`, `label_check` {`mode`, `agreement`, "
+            "`per_label`, `relabelled`}, `balance`, `lengths`, `diversity`, `sample`, `teacher_cost`), plus "
+            "`gold_rows`, `teacher_seconds` and `cost` (a priced teacher behind an API: `currency`, `total`, "
+            "`prompt_tokens`, `generated_tokens`)"
+        ),
+    )
     distillation: dict[str, Any] | None = Field(
         None,
         description=(

@@ -52,6 +52,7 @@ class TrainResult(BaseModel):
 
     rows: int = Field(description="training rows after tokenizing")
     rows_teacher_labelled: int | None = Field(None, description="of the rows before tokenizing, labelled by a teacher")
+    rows_synthesized: int | None = Field(None, description="of the rows before tokenizing, written by a teacher")
     rows_before_tokenizing: int | None = None
     rows_dropped_too_long: int | None = None
     rows_truncated: int | None = None

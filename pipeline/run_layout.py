@@ -5,6 +5,7 @@ and each stage writes only under its own folder:
       recipe.resolved.yaml   manifest.json   .lock   logs/ (crash logs)   data/ (tokenized rows, cached)
       sweep.json  curve.json  (written by the sweep that chose this run, read by its report)
       validation/ curve-eval/ (a sweep's scoring of this run's adapter)   published.json (what publish pushed)
+      synthesize/ rows.jsonl, candidates.jsonl, result.json (the rows the teacher wrote, their checks, what was kept)
       distill/    labelled.jsonl, result.json (the teacher's answers and what was kept)
       train/      adapter/ (the kept adapter), result.json, metrics.jsonl, checkpoints/, tensorboard/, tracking.json
       quantize/   merged/, one folder per variant, result.json
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DONE_MARKER = ".done.json"
-STAGES = ("distill", "train", "quantize", "evaluate", "cascade", "report")  # a run's stages in order
+STAGES = ("synthesize", "distill", "train", "quantize", "evaluate", "cascade", "report")  # a run's stages in order
 SWEEP_FILE, CURVE_FILE = "sweep.json", "curve.json"  # in a run folder, and in a sweep's or curve's summary folder
 
 
@@ -90,6 +91,22 @@ class RunLayout:
         return self.root / "published.json"
 
     # --- distill/
+    # --- synthesize/
+    @property
+    def synthesized_rows(self) -> Path:
+        """The teacher's new rows that passed the checks, in the data's columns: the train stage reads them."""
+        return self.root / "synthesize" / "rows.jsonl"
+
+    @property
+    def synthesize_candidates(self) -> Path:
+        """Every row the teacher wrote, what it was asked with and its verdict (kept, or why dropped)."""
+        return self.root / "synthesize" / "candidates.jsonl"
+
+    @property
+    def synthesize_result(self) -> Path:
+        """The teacher's score, rows asked, kept and dropped by reason, diversity, what it cost."""
+        return self.root / "synthesize" / "result.json"
+
     @property
     def distill_result(self) -> Path:
         """The teacher, rows labelled and dropped, what it cost."""

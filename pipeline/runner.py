@@ -1,5 +1,5 @@
 """A recipe's stages in order, each skipped when it is done for the same inputs: what `specialist run` does,
-and what a sweep does for each trial (distill and train only) and for the trial it chose (all)."""
+and what a sweep does for each trial (synthesize, distill and train only) and for the trial it chose (all)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from pipeline.processes import in_launched_process, run_lock
 from pipeline.recipe import LoadedRecipe, data_fingerprint
 from pipeline.run_layout import STAGES, RunLayout
 from pipeline.runs import is_done, prepare_run_dir, record_stage_run, run_dir_for
-from pipeline.stages import Stage, cascade, distill, evaluate, quantize, report, train
+from pipeline.stages import Stage, cascade, distill, evaluate, quantize, report, synthesize, train
 
 STAGE_MODULES: dict[str, Stage] = {
+    "synthesize": synthesize,
     "distill": distill,
     "train": train,
     "quantize": quantize,
@@ -21,7 +22,8 @@ STAGE_MODULES: dict[str, Stage] = {
     "cascade": cascade,
     "report": report,
 }
-OPTIONAL = {"distill": "distill", "cascade": "cascade"}  # stages that run only where the recipe has their section
+# stages that run only where the recipe has their section
+OPTIONAL = {"synthesize": "synthesize", "distill": "distill", "cascade": "cascade"}
 
 
 def prepare(loaded: LoadedRecipe, runs_dir: Path, command: str) -> Path:

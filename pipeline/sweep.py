@@ -106,7 +106,7 @@ def prepare_folder(loaded: LoadedRecipe, runs_dir: Path) -> Path:
 def run_trial(trial: Trial, runs_dir: Path, force: bool = False) -> dict:
     """Train the trial (skipped when done) and score its adapter on the validation rows (cached)."""
     started = time.perf_counter()
-    run_dir, _ = runner.run_stages(trial.loaded, runs_dir, ("distill", "train"), force=force, command="sweep trial")
+    run_dir, _ = runner.run_stages(trial.loaded, runs_dir, TRAINING_STAGES, force=force, command="sweep trial")
     with run_lock(run_dir):
         scored = score_on_validation(trial.loaded, run_dir)
     return {**scored, "wall_seconds_this_call": round(time.perf_counter() - started, 3)}
@@ -163,6 +163,7 @@ def score_on_validation(loaded: LoadedRecipe, run_dir: Path) -> dict:
 
 # --- choosing ---------------------------------------------------------------------------------------
 
+TRAINING_STAGES = ("synthesize", "distill", "train")  # what a trial or a curve point runs (then it is scored)
 SMALLEST_BY = {"parameters": "parameters", "latency": "latency_p50", "memory": "peak_memory_bytes"}
 
 
@@ -363,7 +364,7 @@ def learning_curve(
         if fraction < 1:
             share = variant(loaded, {**settings, "data.train_fraction": fraction})
             log("curve", f"share {fraction:g} of the training rows")
-            run_dir, _ = runner.run_stages(share, runs_dir, ("distill", "train"), force=force, command="curve")
+            run_dir, _ = runner.run_stages(share, runs_dir, TRAINING_STAGES, force=force, command="curve")
             with run_lock(run_dir):
                 scored = _score_on_eval(share, run_dir)
         else:

@@ -7,7 +7,8 @@ import pytest
 from pipeline.cli import main
 from pipeline.data import read_jsonl
 from pipeline.recipe import load_recipe
-from pipeline.stages.distill import AnswerTrie, answers_file
+from pipeline.stages.distill import answers_file
+from pipeline.teacher import AnswerTrie
 from tests.conftest import INTENTS
 
 pytestmark = pytest.mark.integration
@@ -132,14 +133,14 @@ def test_gold_labels_in_the_inputs_are_replaced_by_the_teachers_and_scored(disti
 
 
 def test_a_conversation_gets_the_teachers_answer_as_its_last_assistant_turn():
-    from pipeline.stages.distill import UNLABELLED, _blank_answer, _filled_answer
+    from pipeline.teacher import UNLABELLED, blank_answer, filled_answer
 
     asked = [{"role": "user", "content": "where is my parcel?"}]
     answered = [*asked, {"role": "assistant", "content": "gold answer"}]
     blank = {"role": "assistant", "content": UNLABELLED}  # the gold answer gone; never part of the teacher's prompt
-    assert _blank_answer("messages", answered, "f:1", "messages") == [*asked, blank]
-    assert _blank_answer("messages", asked, "f:1", "messages")[-1] == blank
-    assert _filled_answer("messages", answered, "track_order") == [
+    assert blank_answer("messages", answered, "f:1", "messages") == [*asked, blank]
+    assert blank_answer("messages", asked, "f:1", "messages")[-1] == blank
+    assert filled_answer("messages", answered, "track_order") == [
         *asked,
         {"role": "assistant", "content": "track_order"},
     ]

@@ -389,7 +389,7 @@ def test_a_model_listed_with_ollamas_latest_tag_is_served_under_its_bare_name():
 
 
 def test_an_api_teachers_loosely_spelled_choice_is_that_choice():
-    from pipeline.stages.distill import as_choice
+    from pipeline.teacher import as_choice
 
     choices = ["track_order", "Refund status", "cancel_order"]
     assert as_choice("Track_Order", choices) == "track_order"

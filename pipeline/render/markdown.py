@@ -34,6 +34,7 @@ def render_markdown(report: dict, flips: list[dict], plot: str | None = None) ->
         lines += sweep_markdown(report["sweep"], plot="sweep.png")
     if report.get("learning_curve"):
         lines += curve_markdown(report["learning_curve"], plot="curve.png")
+    lines += synthesis_markdown(report)
     lines += distillation_markdown(report)
     lines += fidelity_markdown(report)
     lines += shared_base_markdown(report)
@@ -201,6 +202,73 @@ def validation_markdown(report: dict) -> list[str]:
         ]
         lines += ["", f"The passes took {v['seconds']:.1f} s in all.", ""]
     return lines
+
+
+REASONS = {
+    "empty": "empty rows",
+    "duplicate": "duplicates of another new row",
+    "near_duplicate": "near-duplicates of another new row",
+    "copy_of_seed": "copies (or near copies) of a seed row",
+    "contamination": "rows equal or near-equal to an eval or validation row (contamination)",
+    "label_disagrees": "rows the teacher's label check labelled otherwise",
+}
+
+
+def synthesis_markdown(report: dict) -> list[str]:
+    s = report.get("synthesis")
+    if not s:
+        return []
+    score, check, div = s["teacher_score"], s["label_check"], s["diversity"]
+    low, high = score["interval"]
+    lines = [
+        "## Synthetic rows",
+        "",
+        f"- The teacher ({s['teacher']}, {s['teacher_runtime']}) was scored first: it labels {score['accuracy']:.3f} "
+        f"[{low:.3f}, {high:.3f}] of the {score['rows']} {score['on']} rows right.",
+        f"- Asked for {s['rows_asked']} rows in {s['asks']} asks over {len(s['labels'])} labels, from "
+        f"{s['seed_rows']} seed rows; it wrote {s['rows_written']}, the checks kept {s['rows_kept']}; the "
+        f"specialist trained on those and {s['gold_rows']} gold rows.",
+    ]
+    for reason, count in sorted(s["dropped"].items(), key=lambda item: -item[1]):
+        example = s["dropped_examples"].get(reason, [{}])[0]
+        shown = f' (e.g. "{_cell(example["text"][:80])}", asked as {example["label"]})' if example else ""
+        lines.append(f"- Dropped {count} {REASONS.get(reason, reason)}{shown}.")
+    if check["agreement"] is not None:
+        worst = sorted(check["per_label"].items(), key=lambda item: item[1])[:3]
+        lines.append(
+            f"- Label check ({check['mode']}): the teacher, blind to the label asked, gave it for "
+            f"{check['agreement']:.1%} of the rows it checked; lowest: "
+            + ", ".join(f"{label} {share:.0%}" for label, share in worst)
+            + (f"; {check['relabelled']} relabelled" if check["relabelled"] else "")
+            + "."
+        )
+    if div["distinct_2"] is not None:
+        nearest = (
+            f"; median similarity to the nearest other new row {div['nearest_within_median']:.2f}, to the nearest "
+            f"seed {div['nearest_seed_median']:.2f}"
+            if div.get("nearest_within_median") is not None and div.get("nearest_seed_median") is not None
+            else ""
+        )
+        seeds = f" (the seeds: {div['seeds_distinct_2']:.2f})" if div.get("seeds_distinct_2") is not None else ""
+        lines.append(f"- Diversity: distinct bigrams {div['distinct_2']:.2f}{seeds}{nearest}.")
+    lengths = s["lengths"]
+    if lengths["kept"] and lengths["held_out"]:
+        lines.append(
+            f"- Words per row (median, 5th-95th percentile): new {_span(lengths['kept'])}, seeds "
+            f"{_span(lengths['seeds'])}, eval and validation rows {_span(lengths['held_out'])}."
+        )
+    cost = s.get("cost")
+    spent = f"; {cost['currency']} {cost['total']:.4g} at its price" if cost else ""
+    lines.append(f"- Teacher time {s['teacher_seconds']:.0f} s (scoring, writing and checking){spent}.")
+    lines += ["", "| label | asked | kept | a kept row |", "|---|---|---|---|"]
+    for label, counts in s["balance"].items():
+        sample = (s["sample"].get(label) or [""])[0]
+        lines.append(f"| {_cell(label)} | {counts['asked']} | {counts['kept']} | {_cell(sample[:80])} |")
+    return lines + [""]
+
+
+def _span(lengths: dict | None) -> str:
+    return f"{lengths['p50']:g} ({lengths['p05']}-{lengths['p95']})" if lengths else "-"
 
 
 def distillation_markdown(report: dict) -> list[str]:

@@ -38,6 +38,15 @@ class Prompt:
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """Sampled instead of greedy answers (a teacher writing new rows): temperature, then nucleus (top_p)."""
+
+    temperature: float
+    top_p: float
+    seeds: list[int]  # one per prompt: the row's draw (a batch of the transformers runtime: its first row's seed)
+
+
+@dataclass(frozen=True)
 class GenerationJob:
     prompts: list[Prompt]
     todo: list[int]  # rows not yet in the generation cache
@@ -48,6 +57,7 @@ class GenerationJob:
     # with each answer, the model's probability of it: the product of its tokens' probabilities (the end
     # token included where it stopped), the same definition in every local runtime
     confidence: bool = False
+    sampling: Sampling | None = None  # None: greedy
 
 
 OnBatch = Callable[[list[dict]], None]

@@ -4,7 +4,8 @@ Ollama server), asked through the `openai` client.
 Each row is asked what the recipe asks a local model: with a chat template (chat_template: auto) its turns
 (the system message, then the prompt or the row's conversation) go to /chat/completions and the server
 applies the model's own template; with chat_template: never the plain prompt goes to /completions.
-Greedy (temperature 0), at most max_new_tokens, `concurrency` requests in flight; the client retries rate
+Greedy (temperature 0; a teacher writing rows: sampled, with a seed per row, which servers that support it honour),
+at most max_new_tokens, `concurrency` requests in flight; the client retries rate
 limits (429), server errors (5xx), timeouts and dropped connections with exponential backoff (and the
 server's Retry-After). Token counts are the server's own (`usage`). Every answer reaches `on_answer` as it
 arrives, so a killed run loses only the requests in flight, and the caller's cache never pays for a row
@@ -26,7 +27,7 @@ from urllib.parse import urlsplit
 
 from pipeline import data
 from pipeline.errors import PipelineError, RemoteError
-from pipeline.runtimes import GenerationJob, OnBatch, Prompt
+from pipeline.runtimes import GenerationJob, OnBatch, Prompt, Sampling
 
 NO_KEY = "no-key"  # what the client sends to a local server that needs none (it insists on some value)
 
@@ -122,13 +123,14 @@ class Client:
                 f"serves: {shown}"
             )
 
-    def ask(self, prompt: Prompt, max_new_tokens: int, logprobs: bool = False) -> dict:
-        """One greedy request: the answer, the server's token counts, the time it took, how it ended."""
+    def ask(self, prompt: Prompt, max_new_tokens: int, logprobs: bool = False, sampled: dict | None = None) -> dict:
+        """One request, greedy (or sampled: temperature, top_p, seed): the answer, the server's token counts, the
+        time it took, how it ended."""
         import openai
 
         started = time.perf_counter()
         try:
-            response, choice = self._request(prompt, max_new_tokens, logprobs)
+            response, choice = self._request(prompt, max_new_tokens, logprobs, sampled or {"temperature": 0})
         except openai.OpenAIError as error:
             raise self.explain(error) from None
         seconds = time.perf_counter() - started
@@ -157,7 +159,7 @@ class Client:
             entry["confidence"] = math.exp(sum(token_logprobs)) if token_logprobs else None
         return entry
 
-    def _request(self, prompt: Prompt, max_new_tokens: int, logprobs: bool):
+    def _request(self, prompt: Prompt, max_new_tokens: int, logprobs: bool, sampled: dict):
         import openai
 
         if prompt.messages is None:
@@ -165,7 +167,7 @@ class Client:
                 model=self.endpoint.model,
                 prompt=prompt.text,
                 max_tokens=max_new_tokens,
-                temperature=0,
+                **sampled,
                 **({"logprobs": 1} if logprobs else {}),
             )
             return response, _first_choice(response, self.endpoint)
@@ -174,7 +176,7 @@ class Client:
             response = self._client.chat.completions.create(
                 model=self.endpoint.model,
                 messages=list(prompt.messages),
-                temperature=0,
+                **sampled,
                 **{self._completion_limit: max_new_tokens},
                 **options,
             )
@@ -182,7 +184,7 @@ class Client:
             if self._completion_limit != "max_tokens" or "max_completion_tokens" not in str(error):
                 raise
             self._completion_limit = "max_completion_tokens"
-            return self._request(prompt, max_new_tokens, logprobs)
+            return self._request(prompt, max_new_tokens, logprobs, sampled)
         return response, _first_choice(response, self.endpoint)
 
     def explain(self, error) -> Exception:
@@ -268,6 +270,7 @@ def ask_all(
     max_new_tokens: int,
     on_answer: Callable[[dict], None],
     logprobs: bool = False,
+    sampling: Sampling | None = None,
 ) -> None:
     """Ask `rows` with up to `concurrency` requests in flight; each answer goes to on_answer as it arrives,
     with `seconds` its share of the wall time (the time since the answer before it), as a batch's rows share
@@ -276,7 +279,13 @@ def ask_all(
     failure = None
     pool = ThreadPoolExecutor(client.endpoint.concurrency, thread_name_prefix="endpoint")
     try:
-        pending = {pool.submit(client.ask, prompts[row], max_new_tokens, logprobs): row for row in rows}
+
+        def sampled(row: int) -> dict | None:
+            if sampling is None:
+                return None
+            return {"temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seeds[row]}
+
+        pending = {pool.submit(client.ask, prompts[row], max_new_tokens, logprobs, sampled(row)): row for row in rows}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:

@@ -3,7 +3,8 @@
 Each candidate runs in a fresh child process so its peak memory is its own (RSS above the child's
 baseline before loading). Prompts go in as text and llama.cpp tokenizes them, as llama.cpp, Ollama or
 LM Studio would for a user; the token counts it used come back with the answers. Requests run one at a
-time (llama.cpp's Python API serves one sequence), greedy, stopping at the model's end-of-generation tokens.
+time (llama.cpp's Python API serves one sequence), greedy, stopping at the model's end-of-generation tokens; a
+teacher writing rows samples instead (each row from its own seed), in a batch context (Sequences).
 The evaluation's answers keep the KV cache of the prompt prefix a row shares with the row before it (the
 template's instructions, a reference's system message and label list), as llama-server's prompt cache
 does; the timed single requests start from a clean cache, as a first request does.
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.runtimes import DeviceCost, GenerationJob, OnBatch, PeakMemory, Prompt, run_in_child
+from pipeline.runtimes import DeviceCost, GenerationJob, OnBatch, PeakMemory, Prompt, Sampling, run_in_child
 
 
 def run(gguf_file: Path, job: GenerationJob, on_batch: OnBatch, gpu: bool, lora_file: Path | None = None) -> dict:
@@ -152,7 +153,7 @@ def _generate(gguf_file: str, job: GenerationJob, gpu: bool, lora_file: str | No
         complete(llm, ids[0], job.max_new_tokens)  # warm-up, untimed
         with DeviceCost(cuda=gpu) as device_cost:  # llama.cpp's threads are this process's
             single = [complete(llm, ids[row], job.max_new_tokens)["seconds"] for row in job.latency_rows]
-    if job.todo and job.batch_size == 1:  # each row alone from a clean cache, exactly as a served request
+    if job.todo and job.batch_size == 1 and job.sampling is None:  # each row alone from a clean cache, as served
         for row in job.todo:
             on_batch([{"row": row, **complete(llm, ids[row], job.max_new_tokens, job.confidence)}])
     elif job.todo:
@@ -160,7 +161,8 @@ def _generate(gguf_file: str, job: GenerationJob, gpu: bool, lora_file: str | No
         together = Sequences(llm, rows, max(len(ids[row]) for row in job.todo) + job.max_new_tokens + 8, job.threads)
         for start in range(0, len(job.todo), rows):
             batch = job.todo[start : start + rows]
-            answers = together.answer([ids[row] for row in batch], job.max_new_tokens, job.confidence)
+            draws = [_Draw(job.sampling, job.sampling.seeds[row]) for row in batch] if job.sampling else None
+            answers = together.answer([ids[row] for row in batch], job.max_new_tokens, job.confidence, draws)
             on_batch([{"row": row, **answer} for row, answer in zip(batch, answers, strict=True)])
     return {
         "runtime": "llama.cpp",
@@ -208,7 +210,9 @@ class Sequences:
             if llama_cpp.llama_set_adapters_lora(self.ctx.ctx, adapters, 1, (ctypes.c_float * 1)(1.0)) != 0:
                 raise PipelineError("llama.cpp refused to set the adapter on the batch context")
 
-    def answer(self, prompts: list[list[int]], max_new_tokens: int, confidence: bool) -> list[dict]:
+    def answer(
+        self, prompts: list[list[int]], max_new_tokens: int, confidence: bool, draws: list[_Draw] | None = None
+    ) -> list[dict]:
         import llama_cpp
 
         started = time.perf_counter()
@@ -233,7 +237,7 @@ class Sequences:
             for seq, index in outputs:
                 entry = entries[seq]
                 logits = np.ctypeslib.as_array(self.ctx.get_logits_ith(index), shape=(self.n_vocab,))
-                token = int(logits.argmax())
+                token = int(logits.argmax()) if draws is None else draws[seq].token(logits)
                 if confidence:
                     scaled = logits.astype(np.float64) - float(logits.max())
                     entry["log_p"] += float(scaled[token] - np.log(np.exp(scaled).sum()))
@@ -280,6 +284,24 @@ class Sequences:
         if tokens:
             self.ctx.decode(self.batch)
         return outputs
+
+
+class _Draw:
+    """One row's sampled tokens: temperature, then the smallest set of tokens holding top_p of the probability
+    (as transformers samples), drawn from the row's own seed so a row's answer does not depend on its batch."""
+
+    def __init__(self, sampling: Sampling, seed: int):
+        self.temperature, self.top_p = sampling.temperature, sampling.top_p
+        self.rng = np.random.default_rng(seed)
+
+    def token(self, logits) -> int:
+        scaled = logits.astype(np.float64) / self.temperature
+        probabilities = np.exp(scaled - scaled.max())
+        probabilities /= probabilities.sum()
+        order = np.argsort(-probabilities)
+        within = np.cumsum(probabilities[order]) - probabilities[order] < self.top_p  # the first always is
+        kept = order[within]
+        return int(self.rng.choice(kept, p=probabilities[kept] / probabilities[kept].sum()))
 
 
 def _common_length(a: list[int], b: list[int]) -> int:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from pipeline import models
 from pipeline.errors import PipelineError
 from pipeline.fused_lora import fuse_lora_layers
-from pipeline.runtimes import DeviceCost, GenerationJob, OnBatch, PeakMemory, run_in_child
+from pipeline.runtimes import DeviceCost, GenerationJob, OnBatch, PeakMemory, Sampling, run_in_child
 
 
 def run(
@@ -76,6 +76,7 @@ def _generate(
             desc,
             allowed_tokens=allowed_tokens,
             confidence=job.confidence,
+            sampling=job.sampling,
         )
         for batch in batches:
             on_batch(batch)
@@ -136,8 +137,9 @@ def generate_batches(
     progress: bool = True,
     allowed_tokens=None,
     confidence: bool = False,
+    sampling: Sampling | None = None,
 ):
-    """Greedy, left-padded batched generation; yields one list of entries per batch.
+    """Greedy (or, with sampling, sampled), left-padded batched generation; yields one list of entries per batch.
 
     Rows are grouped by prompt length so batches carry little padding, and the prompt prefix a batch's rows
     share is computed once for the batch (shared_prefix_length). allowed_tokens(generated ids) ->
@@ -149,9 +151,12 @@ def generate_batches(
     eos_ids = eos_token_ids(model, tokenizer)
     # a tokenizer without pad or end token (some GGUF imports): pad with the model's end token, never attended
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    sampled = {"do_sample": False}
+    if sampling is not None:
+        sampled = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
-        do_sample=False,
+        **sampled,
         eos_token_id=eos_ids,
         pad_token_id=pad_id,
         output_scores=confidence,
@@ -169,6 +174,8 @@ def generate_batches(
         # attended and position ids count real tokens, so every row is computed as it would be alone
         input_ids = torch.tensor([p[:shared] + [pad_id] * (width - len(p)) + p[shared:] for p in rows])
         attention = torch.tensor([[1] * shared + [0] * (width - len(p)) + [1] * (len(p) - shared) for p in rows])
+        if sampling is not None:  # seeded per batch: the same rows in the same batch draw the same answers
+            torch.manual_seed(sampling.seeds[ids[0]])
         _sync()
         started = time.perf_counter()
         extra = {}

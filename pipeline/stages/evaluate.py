@@ -105,9 +105,7 @@ def reference_gguf(reference) -> Path | None:
     """The GGUF file a local reference runs from through llama.cpp (evaluate.reference.runtime), else None."""
     if reference_runtime(reference) != "llamacpp":
         return None
-    if reference.model.startswith("packaged:"):
-        return models.packaged_gguf(reference.model.removeprefix("packaged:"), "evaluate.reference.model")
-    return Path(reference.model).expanduser().resolve()
+    return models.gguf_file(reference.model, "evaluate.reference.model")
 
 
 def _specialized(loaded: LoadedRecipe, run_dir: Path, base: models.ModelSource) -> Candidate:

@@ -347,13 +347,14 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
         stage_done(run_dir, "evaluate"),
         stage_done(run_dir, "train"),
         stage_done(run_dir, "distill"),
+        stage_done(run_dir, "synthesize"),
         stage_done(run_dir, "cascade"),
         # a sweep that chose this run, a learning curve drawn from it: sections of its report
         [_text(path) for path in (RunLayout(run_dir).sweep, RunLayout(run_dir).curve)],
         # prices are not part of the run id: a new one only rebuilds the report
         [
             r.price.model_dump() if r and r.price else None
-            for r in (loaded.recipe.evaluate.reference, loaded.recipe.teacher())
+            for r in (loaded.recipe.evaluate.reference, loaded.recipe.teacher(), _synthesis_teacher(loaded.recipe))
         ],
     )
 
@@ -392,6 +393,11 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
             train_result["train_seconds"],
             teacher_is_reference=loaded.recipe.distill.teacher is None,
             price=loaded.recipe.teacher().price,
+        )
+    synthesize_result = RunLayout(run_dir).synthesize_result
+    if loaded.recipe.synthesize and synthesize_result.is_file():
+        report["synthesis"] = synthesis(
+            json.loads(synthesize_result.read_text()), len(splits.train), _synthesis_teacher(loaded.recipe).price
         )
     if RunLayout(run_dir).train_result.is_file():  # which adapter training kept, chosen on validation rows
         report["validation"] = read_train_result(run_dir).get("validation")
@@ -442,6 +448,32 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     mark_done(RunLayout(run_dir).stage(STAGE), fingerprint(loaded, run_dir))
     log(STAGE, f"wrote {RunLayout(run_dir).report_md}")
     return report
+
+
+def _synthesis_teacher(recipe):
+    if recipe.synthesize is None:
+        return None
+    return recipe.synthesize.teacher or recipe.evaluate.reference
+
+
+def synthesis(written: dict, gold_rows: int, price=None) -> dict:
+    """What the teacher wrote and what the checks kept (synthesize/result.json), the gold rows trained beside
+    them, and the teacher's cost over its three asks (scoring, writing, the label check): seconds, and money at
+    its price where it is behind an API that counts tokens."""
+    costs = written["teacher_cost"].values()
+    tokens_in = None if any(c["prompt_tokens"] is None for c in costs) else sum(c["prompt_tokens"] for c in costs)
+    tokens_out = (
+        None if any(c["generated_tokens"] is None for c in costs) else sum(c["generated_tokens"] for c in costs)
+    )
+    found = {**written, "gold_rows": gold_rows, "teacher_seconds": sum(c["seconds"] for c in costs), "cost": None}
+    if price is not None and tokens_in is not None and tokens_out is not None:
+        found["cost"] = {
+            "currency": price.currency,
+            "total": (tokens_in * price.input_per_million + tokens_out * price.output_per_million) / 1e6,
+            "prompt_tokens": tokens_in,
+            "generated_tokens": tokens_out,
+        }
+    return found
 
 
 def distillation(

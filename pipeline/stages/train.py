@@ -54,6 +54,7 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
         data_fingerprint(r.data),
         base.fingerprint,
         stage_done(run_dir, "distill") if r.distill else None,  # relabelled rows: train again
+        stage_done(run_dir, "synthesize") if r.synthesize else None,  # rewritten rows: train again
         # how validation passes generate and score: they choose the adapter
         [r.evaluate.metrics[0], r.evaluate.max_new_tokens, r.evaluate.batch_size, r.evaluate.ignore_case],
     )
@@ -178,6 +179,7 @@ class TrainingRows:
         return {
             "rows": len(examples),
             "rows_teacher_labelled": self.splits.distilled_rows,  # of the rows before tokenizing; the rest: gold
+            "rows_synthesized": self.splits.synthesized_rows,  # ... and those written by a teacher
             "rows_before_tokenizing": len(self.splits.train),
             "rows_dropped_too_long": self.tokenized.dropped,
             "rows_truncated": self.tokenized.truncated,
@@ -199,7 +201,9 @@ def _training_rows(loaded: LoadedRecipe, run_dir: Path) -> TrainingRows:
     tokenizer = models.load_tokenizer(source, recipe.model.trust_remote_code)
     data.apply_chat_template_file(tokenizer, recipe.data)
     chat = data.uses_chat_template(tokenizer, recipe.data.chat_template)
-    splits = data.load_splits(recipe.data, distilled=_distilled_rows(loaded, run_dir))
+    splits = data.load_splits(
+        recipe.data, distilled=_distilled_rows(loaded, run_dir), synthesized=_synthesized_rows(loaded, run_dir)
+    )
     tokenized = _tokenized(run_dir, tokenizer, splits, chat, recipe, source)
     examples = tokenized.examples
     if not examples:
@@ -437,10 +441,19 @@ def _distilled_rows(loaded: LoadedRecipe, run_dir: Path) -> Path | None:
     return distill_stage.labelled_file(run_dir)
 
 
+def _synthesized_rows(loaded: LoadedRecipe, run_dir: Path) -> Path | None:
+    if loaded.recipe.synthesize is None:
+        return None
+    if stage_done(run_dir, "synthesize") is None:
+        raise PipelineError(f"{run_dir}: no finished synthesize stage; run `make train RECIPE={loaded.path}`")
+    return RunLayout(run_dir).synthesized_rows
+
+
 def _tokenized(run_dir: Path, tokenizer, splits, chat: bool, recipe, source) -> data.Tokenized:
     """Tokenized training rows, cached in the run folder under the data fingerprint and the tokenizer."""
     distilled = stage_done(run_dir, "distill") if recipe.distill else None
-    key = stage_fingerprint(data_fingerprint(recipe.data), source.fingerprint, chat, distilled)
+    written = stage_done(run_dir, "synthesize") if recipe.synthesize else None
+    key = stage_fingerprint(data_fingerprint(recipe.data), source.fingerprint, chat, distilled, written)
     cache = RunLayout(run_dir).data_cache / f"train-tokenized-{key[:16]}.json"
     if cache.is_file():
         return data.Tokenized(**json.loads(cache.read_text()))

@@ -1,0 +1,365 @@
+"""Synthesize stage: the teacher writes new training rows for a label task from a description and a few seed rows.
+
+In order, each step cached (pipeline.teacher) so a killed run continues and a rerun asks nothing again:
+1. The teacher is scored first: it labels the gold rows the user has (the validation rows, else the seed rows)
+   with its own prompt, constrained to the label set; below synthesize.min_teacher_score nothing is written.
+2. Asks: per label, enough asks for synthesize.per_label rows, each showing the task's description, the labels,
+   a few seed rows of that label (a seeded sample) and a variation (who writes, tone, length...), sampled from
+   its own seed. The teacher's reply is split into one input per line.
+3. Checks (pipeline.row_checks): empty rows, exact and near duplicates (cosine similarity of a small encoder's
+   embeddings) among the new rows and against the seeds, and contamination (equal or near-equal to an eval or
+   validation row: training on it would inflate the very score the report is judged by).
+4. The label check: the teacher labels each kept row again, blind to the label it was asked for, constrained to
+   the label set; a row whose label differs is dropped, relabelled, or kept, as synthesize.label_check says.
+
+What it writes: synthesize/rows.jsonl (the kept rows, in the data's own columns: the train stage reads them after
+data.train's gold rows), synthesize/candidates.jsonl (every row the teacher wrote, what it was asked and its
+verdict) and synthesize/result.json (counts by reason with examples, agreement per label, balance, lengths,
+diversity, the teacher's score and what it cost), which the report shows.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import data, row_checks, stats, teacher
+from pipeline.embeddings import Encoder
+from pipeline.errors import GateFailed, PipelineError
+from pipeline.files import write_json_atomic, write_text_atomic
+from pipeline.logs import log
+from pipeline.recipe import LoadedRecipe, Recipe, answer_identity, data_fingerprint
+from pipeline.run_layout import RunLayout
+from pipeline.runs import mark_done, stage_fingerprint, start_stage
+from pipeline.runtimes import Sampling
+from pipeline.templates import template_fields
+
+STAGE = "synthesize"
+EXAMPLES_PER_REASON = 3  # dropped rows shown per reason in the result and the report
+SAMPLE_PER_LABEL = 3  # kept rows shown per label
+
+
+def answers_file(run_dir: Path) -> Path:
+    """The teacher's answers, shared by every run of the recipe (runs/<name>/): keyed, so sharing is safe."""
+    return run_dir.parent / "synthesize-answers.jsonl"
+
+
+def teacher_field(recipe: Recipe) -> str:
+    return "synthesize.teacher" if recipe.synthesize.teacher else "evaluate.reference"
+
+
+def the_teacher(recipe: Recipe) -> teacher.Teacher:
+    section = recipe.synthesize.teacher or recipe.evaluate.reference
+    return teacher.Teacher(section, teacher_field(recipe), recipe.evaluate, recipe.model.dtype, STAGE)
+
+
+def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str | None:
+    recipe = loaded.recipe
+    if recipe.synthesize is None:
+        return None
+    asker = the_teacher(recipe)
+    return stage_fingerprint(
+        STAGE,
+        recipe.synthesize.model_dump(),
+        answer_identity(asker.section.model_dump()),
+        asker.identity(),
+        data_fingerprint(recipe.data),
+        recipe.evaluate.max_new_tokens,
+    )
+
+
+@dataclass(frozen=True)
+class Seed:
+    text: str  # the input as the teacher is shown it (the prompt's field, or the last user turn)
+    label: str  # the answer (data.target rendered, stripped): what the label set and the checks compare
+    source: str
+
+
+@dataclass(frozen=True)
+class Task:
+    seeds: list[Seed]  # the training rows (the teacher sees a few per label)
+    validation: list[Seed]  # the rows the teacher is scored on first, when there are any
+    held_out: list[str]  # eval and validation inputs: no new row may equal or nearly equal one
+    labels: list[str]
+    input_field: str | None  # prompt_completion: the column the teacher's text goes into
+    answer_field: str  # the column (or the messages field) the label goes into
+    label_values: dict[str, str]  # label -> the value its column holds (data.target renders it to the label)
+
+
+def task(recipe: Recipe) -> Task:
+    """The seed rows, the held-out inputs and the label set, read as the train stage reads the data."""
+    section, synth = recipe.data, recipe.synthesize
+    splits = data.load_splits(section)
+    raw = {}
+    for split, source in (("train", section.train), ("eval", section.eval)):
+        if source is not None:
+            raw.update(dict(data.read_source(source, section, split)))
+    input_field = None
+    if section.format == "prompt_completion":
+        (input_field,) = template_fields(section.prompt)
+    answer_field = teacher.answer_field(section)
+
+    def seed(row: data.TaskRow) -> Seed:
+        text = raw[row.source][input_field] if input_field else row.input_text()
+        return Seed(str(text), row.target.strip(), row.source)
+
+    seeds = [seed(row) for row in splits.train]
+    validation = [seed(row) for row in splits.validation]
+    held_out = [seed(row).text for row in splits.eval] + [s.text for s in validation]
+    values = {}
+    for row in splits.train:
+        if section.format == "prompt_completion":
+            values.setdefault(row.target.strip(), str(raw[row.source][answer_field]))
+        else:
+            values.setdefault(row.target.strip(), row.target)
+    labels = synth.labels or sorted(values)
+    for label in labels:
+        values.setdefault(label, label)  # a label without seed rows: data.target renders it as itself (validate)
+    return Task(seeds, validation, held_out, labels, input_field, answer_field, values)
+
+
+def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
+    recipe = loaded.recipe
+    if recipe.synthesize is None:
+        raise PipelineError(f"{loaded.path}: the recipe has no synthesize: section, so there is nothing to write")
+    synth, layout = recipe.synthesize, RunLayout(run_dir)
+    stage_dir = start_stage(layout.stage(STAGE))
+    the_task = task(recipe)
+    asker = the_teacher(recipe)
+    cache = answers_file(run_dir)
+    score, scoring = _score_teacher(recipe, asker, the_task, cache)
+    if synth.min_teacher_score is not None and score["accuracy"] < synth.min_teacher_score:
+        raise GateFailed(
+            f"synthesize.min_teacher_score: the teacher ({asker.section.model}) labels {score['accuracy']:.3f} of the "
+            f"{score['rows']} {score['on']} rows right, below {synth.min_teacher_score}; a teacher that gets the "
+            "task wrong writes wrong rows. Use a stronger teacher, improve its prompt (synthesize.teacher.prompt), "
+            "or lower the bar"
+        )
+    asks = plan_asks(recipe, the_task)
+    prompts = [data.TaskRow(target="", source=f"synthesize ask {i}", prompt=a["prompt"]) for i, a in enumerate(asks)]
+    sampling = Sampling(synth.temperature, synth.top_p, [a["seed"] for a in asks])
+    written = teacher.ask(asker, prompts, cache, synth.max_new_tokens, sampling=sampling, what="asks to write rows")
+    candidates = []
+    for number, (ask, answer) in enumerate(zip(asks, written.answers, strict=True)):
+        for text in parse_reply(answer["prediction"], synth.rows_per_ask):
+            entry = {"text": text, "label": ask["label"], "ask": number, "variation": ask["variation"]}
+            candidates.append({**entry, "seed": ask["seed"], "examples": ask["examples"]})
+    log(STAGE, f"{len(candidates)} rows written in {len(asks)} asks; checking them")
+    encoder = Encoder(synth.encoder, "synthesize.encoder") if synth.near_duplicate is not None else None
+    embed = encoder.embed if encoder else None
+    texts = [c["text"] for c in candidates]
+    seed_texts = [s.text for s in the_task.seeds]
+    verdicts = row_checks.check_rows(texts, seed_texts, the_task.held_out, embed, synth.near_duplicate)
+    checked, checking = _label_check(recipe, asker, the_task, cache, candidates, verdicts)
+    kept = [candidates[i] for i in verdicts.kept]
+    for i, candidate in enumerate(candidates):
+        candidate["verdict"] = verdicts.dropped.get(i, {"reason": "kept"})
+    layout_rows = [_training_row(recipe, the_task, c["text"], c["label"]) for c in kept]
+    write_text_atomic(layout.synthesized_rows, "".join(_json_line(r) for r in layout_rows))
+    write_text_atomic(layout.synthesize_candidates, "".join(_json_line(c) for c in candidates))
+    result = _result(recipe, the_task, asker, asks, candidates, kept, verdicts, score, checked, embed)
+    result["teacher_cost"] = {"scoring": _cost(scoring), "writing": _cost(written), "label_check": _cost(checking)}
+    result["teacher_runtime"] = written.runtime
+    write_json_atomic(layout.synthesize_result, result)
+    mark_done(stage_dir, fingerprint(loaded, run_dir))
+    log(STAGE, f"{len(kept)} of {len(candidates)} rows kept; dropped: {verdicts.counts() or 'none'}")
+    return result
+
+
+def plan_asks(recipe: Recipe, the_task: Task) -> list[dict]:
+    """Every ask, seeded: per label, ceil(per_label / rows_per_ask) asks, each with its variation, its sample of
+    that label's seed rows, and the seed its reply is sampled from."""
+    synth = recipe.synthesize
+    by_label: dict[str, list[Seed]] = {}
+    for s in the_task.seeds:
+        by_label.setdefault(s.label, []).append(s)
+    asks = []
+    for label in the_task.labels:
+        for k in range(math.ceil(synth.per_label / synth.rows_per_ask)):
+            rng = random.Random(f"{synth.seed}\n{label}\n{k}")
+            pool = by_label.get(label, [])
+            shown = rng.sample(pool, min(synth.examples_per_ask, len(pool)))
+            variation = rng.choice(synth.variations) if synth.variations else ""
+            count = min(synth.rows_per_ask, synth.per_label - k * synth.rows_per_ask)
+            prompt = data.render(
+                synth.prompt,
+                {
+                    "description": synth.description.strip(),
+                    "labels": ", ".join(the_task.labels),
+                    "label": label,
+                    "count": str(count),
+                    "variation": variation,
+                    "examples": "\n".join(f"- {s.text}" for s in shown) or "(none given)",
+                },
+                "synthesize.prompt",
+                "synthesize.prompt",
+            )
+            seed = rng.randrange(2**31)
+            asks.append({"label": label, "variation": variation, "examples": [s.source for s in shown],
+                         "seed": seed, "prompt": prompt, "count": count})  # fmt: skip
+    return asks
+
+
+NUMBERED = re.compile(r"^\s*(?:\d+[.):]|[-*\u2022])\s+")
+
+
+def parse_reply(reply: str, limit: int) -> list[str]:
+    """The rows in a teacher's reply: its numbered (or bulleted) lines where it numbered them, else every
+    non-empty line; numbering and surrounding quotes removed, at most `limit`."""
+    lines = [line for line in reply.splitlines() if line.strip()]
+    numbered = [line for line in lines if NUMBERED.match(line)]
+    rows = []
+    for line in numbered or lines:
+        text = NUMBERED.sub("", line).strip()
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'\u201c`":
+            text = text[1:-1].strip()
+        text = text.strip("\u201c\u201d").strip()
+        if text:
+            rows.append(text)
+    return rows[:limit]
+
+
+def _score_teacher(recipe: Recipe, asker: teacher.Teacher, the_task: Task, cache: Path) -> dict:
+    """The teacher's accuracy on the gold rows the user has, before it writes anything: the validation rows,
+    else the seed rows (it is shown a few of those while writing, but is scored here without them)."""
+    on, gold = ("validation", the_task.validation) if the_task.validation else ("seed", the_task.seeds)
+    answers, asked = _labels_of(recipe, asker, the_task, cache, [s.text for s in gold])
+    right = [answer == s.label for answer, s in zip(answers, gold, strict=True)]
+    low, high = stats.bootstrap_ci([float(r) for r in right], recipe.evaluate.bootstrap_samples)
+    log(STAGE, f"the teacher labels {sum(right)} of {len(right)} {on} rows right before writing any")
+    score = {"on": on, "rows": len(right), "accuracy": sum(right) / len(right), "interval": [low, high]}
+    return score, asked
+
+
+def _labels_of(recipe: Recipe, asker: teacher.Teacher, the_task: Task, cache: Path, texts: list[str]):
+    """The teacher's label for each input text, asked with its own prompt and constrained to the label set
+    (an API's answer respelled to a label where it spells one loosely; None where it names none)."""
+    section = recipe.data
+    rows = []
+    prompt_field = f"{asker.field}.prompt"
+    for i, text in enumerate(texts):
+        raw = _training_row(recipe, the_task, text, None)
+        rows.append(data.format_row(section, raw, f"synthesized row {i}", asker.section.prompt, prompt_field, True))
+    asked = teacher.ask(asker, rows, cache, recipe.evaluate.max_new_tokens, the_task.labels, what="rows to label")
+    labels = [
+        a["prediction"] if a["prediction"] in the_task.labels else teacher.as_choice(a["prediction"], the_task.labels)
+        for a in asked.answers
+    ]
+    return labels, asked
+
+
+def _label_check(recipe, asker, the_task, cache, candidates, verdicts) -> dict:
+    """The teacher labels each kept row blind; rows it labels otherwise are dropped, relabelled or kept."""
+    mode = recipe.synthesize.label_check
+    kept = list(verdicts.kept)
+    answers, asked = _labels_of(recipe, asker, the_task, cache, [candidates[i]["text"] for i in kept])
+    per_label: dict[str, list[bool]] = {}
+    relabelled = 0
+    for i, answer in zip(kept, answers, strict=True):
+        candidate = candidates[i]
+        candidate["teacher_label"] = answer
+        agrees = answer == candidate["label"]
+        per_label.setdefault(candidate["label"], []).append(agrees)
+        if agrees or mode == "keep":
+            continue
+        if mode == "relabel" and answer is not None:
+            candidate["asked_label"], candidate["label"] = candidate["label"], answer
+            relabelled += 1
+            continue
+        verdicts.kept.remove(i)
+        verdicts.drop(i, "label_disagrees", asked=candidate["label"], teacher=answer)
+    agreement = {label: sum(v) / len(v) for label, v in per_label.items()}
+    checked = sum(len(v) for v in per_label.values())
+    overall = sum(sum(v) for v in per_label.values()) / checked if checked else None
+    found = {"mode": mode, "rows": checked, "agreement": overall, "per_label": agreement, "relabelled": relabelled}
+    return found, asked
+
+
+def _training_row(recipe: Recipe, the_task: Task, text: str, label: str | None) -> dict:
+    """A row in the data's own columns, as data.train holds one: the text as the input, the label's value as
+    the answer (None: a placeholder the teacher never sees, for asking it the label)."""
+    section = recipe.data
+    if section.format == "messages":
+        answer = the_task.label_values[label] if label is not None else teacher.UNLABELLED
+        turns = [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+        return {section.messages_field: turns}
+    value = the_task.label_values[label] if label is not None else teacher.UNLABELLED
+    return {the_task.input_field: text, the_task.answer_field: value}
+
+
+def _cost(asked: teacher.Asked) -> dict:
+    """What asking the teacher took: its seconds (the answers' shares of their batches), the server's token counts
+    (None for a local teacher), how many answers came from the cache, a local teacher's peak memory."""
+    return {
+        "asks": len(asked.answers),
+        "seconds": sum(a["seconds"] for a in asked.answers),
+        "prompt_tokens": teacher.total(a.get("prompt_tokens") for a in asked.answers),
+        "generated_tokens": teacher.total(a.get("generated_tokens") for a in asked.answers),
+        "from_cache": asked.from_cache,
+        "peak_memory_bytes": asked.peak_memory_bytes,
+    }
+
+
+def _result(recipe, the_task, asker, asks, candidates, kept, verdicts, score, checked, embed) -> dict:
+    synth = recipe.synthesize
+    examples: dict[str, list] = {}
+    for i, why in sorted(verdicts.dropped.items()):
+        shown = examples.setdefault(why["reason"], [])
+        if len(shown) < EXAMPLES_PER_REASON:
+            shown.append({"text": candidates[i]["text"], "label": candidates[i]["label"], **why})
+    kept_texts = [c["text"] for c in kept]
+    seed_texts = [s.text for s in the_task.seeds]
+    within = to_seeds = None
+    if embed is not None and kept_texts:
+        vectors = embed(kept_texts)
+        within = _median(row_checks.nearest_similarity(vectors))
+        to_seeds = _median(row_checks.nearest_similarity(vectors, embed(seed_texts))) if seed_texts else None
+    asked_per_label = {label: 0 for label in the_task.labels}
+    for ask in asks:
+        asked_per_label[ask["label"]] += ask["count"]
+    sample: dict[str, list[str]] = {}
+    for c in kept:
+        if len(sample.setdefault(c["label"], [])) < SAMPLE_PER_LABEL:
+            sample[c["label"]].append(c["text"])
+    return {
+        "teacher": asker.section.model,
+        "teacher_score": score,
+        "labels": the_task.labels,
+        "seed_rows": len(the_task.seeds),
+        "asks": len(asks),
+        "rows_asked": sum(a["count"] for a in asks),
+        "rows_written": len(candidates),
+        "rows_kept": len(kept),
+        "dropped": verdicts.counts(),
+        "dropped_examples": examples,
+        "label_check": checked,
+        "balance": row_checks.balance([c["label"] for c in kept], asked_per_label),
+        "lengths": {
+            "kept": row_checks.length_summary(kept_texts),
+            "seeds": row_checks.length_summary(seed_texts),
+            "held_out": row_checks.length_summary(the_task.held_out),
+        },
+        "diversity": {
+            "distinct_1": row_checks.distinct_ngrams(kept_texts, 1),
+            "distinct_2": row_checks.distinct_ngrams(kept_texts, 2),
+            "seeds_distinct_2": row_checks.distinct_ngrams(seed_texts, 2),
+            "nearest_within_median": within,
+            "nearest_seed_median": to_seeds,
+        },
+        "near_duplicate": synth.near_duplicate,
+        "sample": sample,
+    }
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 4) if values else None
+
+
+def _json_line(row: dict) -> str:
+    import json
+
+    return json.dumps(row) + "\n"

@@ -1,0 +1,215 @@
+"""Synthesis: a teacher writes new training rows from a description and a few seed rows, the rows are checked,
+and the specialist trains on seeds + kept rows. The teacher here is a few lines of OpenAI protocol on 127.0.0.1
+that writes what a test needs (duplicates, a copy of a seed, a copy of an eval row, a row it labels otherwise);
+a local tiny teacher exercises sampling in the transformers runtime."""
+
+import http.server
+import json
+import re
+import threading
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.data import read_jsonl
+from pipeline.recipe import load_recipe
+from pipeline.stages import synthesize
+from tests.conftest import INTENTS
+
+pytestmark = pytest.mark.integration
+
+LABELS = ["cancel_order", "refund_status", "return_item", "track_order"]
+WORDS = {"cancel_order": "cancel", "refund_status": "refund", "return_item": "send back", "track_order": "where is"}
+
+
+class TeacherAPI:
+    """Writes rows when asked to write (the synthesis prompt says 'Write'), labels by keyword when asked to label.
+
+    Every reply is a function of the request alone (its prompt and seed), as a seeded sampler's would be."""
+
+    def __init__(self, seed_copy: str, eval_copy: str, wrong: bool = False):
+        self.requests: list[dict] = []
+        api = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, body):
+                out = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def do_GET(self):
+                self._send({"object": "list", "data": [{"id": "teacher", "object": "model"}]})
+
+            def do_POST(self):
+                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                api.requests.append(request)
+                prompt = request["messages"][-1]["content"]
+                content = api.write(prompt, request.get("seed")) if "Write" in prompt else api.label(prompt, wrong)
+                message = {"role": "assistant", "content": content}
+                choice = {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}
+                usage = {"prompt_tokens": 40, "completion_tokens": 30, "total_tokens": 70}
+                self._send({"id": "x", "object": "chat.completion", "created": 0, "model": "teacher",
+                            "choices": [choice], "usage": usage})  # fmt: skip
+
+        self.seed_copy, self.eval_copy = seed_copy, eval_copy
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def write(self, prompt: str, seed) -> str:
+        label = re.search(r'label "(\w+)"', prompt).group(1)
+        count = int(re.search(r"Write (\d+)", prompt).group(1))
+        word = WORDS[label]
+        rows = [f"please {word} thing number {seed % 997} part {k}" for k in range(count)]
+        if label == "track_order":  # a repeat, a seed row, an eval row, and a row about another label
+            rows[1] = rows[0]
+            rows[2] = self.seed_copy
+            rows[3] = self.eval_copy
+            rows[4] = f"please cancel thing number {seed % 997}"
+        return "Here you go:\n" + "\n".join(f"{k + 1}. {row}" for k, row in enumerate(rows))
+
+    def label(self, prompt: str, wrong: bool) -> str:
+        message = prompt.split("Message:")[-1].lower()
+        at = {label: message.find(word) for label, word in WORDS.items() if word in message}
+        return "cancel_order" if wrong else min(at, key=at.get, default="track_order")
+
+    def writes(self) -> list[dict]:
+        return [r for r in self.requests if "Write" in r["messages"][-1]["content"]]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def seeded(tmp_path):
+    """Five seed rows per label (from the shipped training rows, each given the stub's keyword), the gold test rows."""
+    rows = [row for _, row in read_jsonl(INTENTS / "train.jsonl") if row["label"] in LABELS]
+    seeds = []
+    for label in LABELS:
+        mine = [row for row in rows if row["label"] == label][:5]
+        seeds += [{"text": f"{WORDS[label]} {row['text']}", "label": label} for row in mine]
+    (tmp_path / "seeds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in seeds))
+    test = [row for _, row in read_jsonl(INTENTS / "test.jsonl") if row["label"] in LABELS][:16]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
+    return seeds, test
+
+
+@pytest.fixture
+def api(seeded):
+    seeds, test = seeded
+    teacher = TeacherAPI(seed_copy=seeds[-1]["text"], eval_copy=test[0]["text"])
+    yield teacher
+    teacher.close()
+
+
+def recipe_text(tiny_models, base_url, synth_extra="", per_label=10):
+    return f"""
+        name: synth-test
+        model: {{base: {tiny_models["base"]}}}
+        data:
+          train: seeds.jsonl
+          eval: test.jsonl
+          prompt: "Message: {{text}}\\nIntent:"
+          target: " {{label}}"
+          chat_template: never
+        synthesize:
+          description: Messages customers send to an online shop's support chat.
+          per_label: {per_label}
+          rows_per_ask: 5
+          near_duplicate: null
+          {synth_extra}
+        train: {{epochs: 1, batch_size: 16, lr: 5.0e-3}}
+        quantize: []
+        evaluate:
+          max_new_tokens: 6
+          batch_size: 8
+          bootstrap_samples: 200
+          latency_rows: 2
+          reference:
+            model: teacher
+            prompt: "Intents: cancel_order, track_order, return_item, refund_status\\nMessage: {{text}}\\nIntent:"
+            endpoint: {{base_url: {base_url}, concurrency: 2, max_retries: 0}}
+    """
+
+
+def test_the_teacher_writes_rows_that_are_checked_and_trained_on(write_recipe, tiny_models, api, tmp_path, seeded):
+    recipe = write_recipe(recipe_text(tiny_models, api.base_url))
+    runs = tmp_path / "runs"
+    assert main(["run", str(recipe), "--runs-dir", str(runs)]) == 0
+    run_dir = runs / "synth-test" / load_recipe(recipe).run_id
+    result = json.loads((run_dir / "synthesize" / "result.json").read_text())
+    assert result["teacher_score"]["on"] == "seed" and result["teacher_score"]["accuracy"] == 1.0
+    assert result["asks"] == 8 and result["rows_written"] == 40
+    # track_order's two asks each wrote a repeat, a copy of a seed row, a copy of an eval row and a row about
+    # cancelling; a copy is dropped once per ask and the second ask's copy of the same text too
+    assert result["dropped"] == {"duplicate": 2, "copy_of_seed": 2, "contamination": 2, "label_disagrees": 2}
+    assert result["rows_kept"] == 32 and result["balance"]["track_order"] == {"asked": 10, "kept": 2}
+    assert result["label_check"]["per_label"]["track_order"] == pytest.approx(2 / 4)
+    assert result["label_check"]["per_label"]["cancel_order"] == 1.0
+    kept = [row for _, row in read_jsonl(run_dir / "synthesize" / "rows.jsonl")]
+    assert len(kept) == 32 and set(kept[0]) == {"text", "label"}  # the data's own columns
+    assert all(WORDS[row["label"]] in row["text"] for row in kept)
+    candidates = [json.loads(line) for line in (run_dir / "synthesize" / "candidates.jsonl").read_text().splitlines()]
+    assert {c["verdict"]["reason"] for c in candidates} == {"kept", *result["dropped"]}
+    assert all(c["variation"] and c["examples"] for c in candidates)  # what each row was asked with
+    train = json.loads((run_dir / "train" / "result.json").read_text())
+    assert train["rows"] == 20 + 32
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    assert report["synthesis"]["rows_kept"] == 32
+    assert "## Synthetic rows" in (run_dir / "report" / "report.md").read_text()
+    # seeded: each ask's seed is sent, and the same recipe sends the same seeds
+    seeds_sent = [r["seed"] for r in api.writes()]
+    assert len(seeds_sent) == 8 and len(set(seeds_sent)) == 8
+
+    # another training setting asks the teacher nothing again (the new run's evaluation asks it the eval rows)
+    _, test = seeded
+
+    def synthesis_requests():
+        return [r for r in api.requests if not any(row["text"] in r["messages"][-1]["content"] for row in test)]
+
+    asked = len(synthesis_requests())
+    assert main(["run", str(recipe), "--runs-dir", str(runs), "--set", "train.epochs=2"]) == 0
+    assert len(synthesis_requests()) == asked
+    # a changed prompt asks anew (only the writing: the labels of the same texts are cached)
+    changed = ["--set", 'synthesize.variations=["in a hurry"]']
+    assert main(["synthesize", str(recipe), "--runs-dir", str(runs), *changed]) == 0
+    assert len(api.writes()) == 16
+
+
+def test_a_teacher_below_the_bar_writes_nothing(write_recipe, tiny_models, seeded, tmp_path, capsys):
+    seeds, test = seeded
+    wrong = TeacherAPI(seeds[-1]["text"], test[0]["text"], wrong=True)
+    try:
+        recipe = write_recipe(recipe_text(tiny_models, wrong.base_url, "min_teacher_score: 0.5"))
+        assert main(["synthesize", str(recipe), "--runs-dir", str(tmp_path / "runs")]) == 1
+        assert "synthesize.min_teacher_score: the teacher (teacher) labels 0.250 of the 20 seed rows" in (
+            capsys.readouterr().err
+        )
+        assert wrong.writes() == []
+    finally:
+        wrong.close()
+
+
+def test_replies_are_split_into_rows():
+    reply = 'Sure! Here are some:\n1. "Where is my parcel?"\n2) cancel it now\n\n- third one\n3: fourth\nThanks'
+    assert synthesize.parse_reply(reply, 10) == ["Where is my parcel?", "cancel it now", "third one", "fourth"]
+    assert synthesize.parse_reply("just one line\nand another", 1) == ["just one line"]
+    assert synthesize.parse_reply("", 5) == []
+
+
+def test_asks_are_seeded_per_label_and_show_only_that_labels_seeds(write_recipe, tiny_models, seeded):
+    recipe = load_recipe(write_recipe(recipe_text(tiny_models, "http://127.0.0.1:9/v1", per_label=7)))
+    the_task = synthesize.task(recipe.recipe)
+    asks = synthesize.plan_asks(recipe.recipe, the_task)
+    assert [a["count"] for a in asks if a["label"] == "track_order"] == [5, 2]
+    assert asks == synthesize.plan_asks(recipe.recipe, the_task)
+    by_source = {s.source: s.label for s in the_task.seeds}
+    assert all(by_source[source] == a["label"] for a in asks for source in a["examples"])
+    assert len({a["seed"] for a in asks}) == len(asks)
