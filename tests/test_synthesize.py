@@ -201,6 +201,8 @@ def test_replies_are_split_into_rows():
     reply = 'Sure! Here are some:\n1. "Where is my parcel?"\n2) cancel it now\n\n- third one\n3: fourth\nThanks'
     assert synthesize.parse_reply(reply, 10) == ["Where is my parcel?", "cancel it now", "third one", "fourth"]
     assert synthesize.parse_reply("just one line\nand another", 1) == ["just one line"]
+    bold = '1. **Help! I need a new email.**\n2. "**quoted bold**"\n3. \u201ccurly\u201d\n4. 5\n5. ---'
+    assert synthesize.parse_reply(bold, 10) == ["Help! I need a new email.", "quoted bold", "curly"]
     assert synthesize.parse_reply("", 5) == []
 
 

@@ -95,7 +95,8 @@ def task(recipe: Recipe) -> Task:
     section, synth = recipe.data, recipe.synthesize
     splits = data.load_splits(section)
     raw = {}
-    for split, source in (("train", section.train), ("eval", section.eval)):
+    validation_file = section.validation if isinstance(section.validation, str) else None
+    for split, source in (("train", section.train), ("eval", section.eval), ("validation", validation_file)):
         if source is not None:
             raw.update(dict(data.read_source(source, section, split)))
     input_field = None
@@ -205,20 +206,24 @@ def plan_asks(recipe: Recipe, the_task: Task) -> list[dict]:
 
 
 NUMBERED = re.compile(r"^\s*(?:\d+[.):]|[-*\u2022])\s+")
+EMPHASIS = re.compile(r"^(?:\*\*|__|\*|_)(.+?)(?:\*\*|__|\*|_)$")  # a whole row in Markdown bold or italics
+QUOTES = {'"': '"', "'": "'", "`": "`", "\u201c": "\u201d", "\u2018": "\u2019"}
 
 
 def parse_reply(reply: str, limit: int) -> list[str]:
     """The rows in a teacher's reply: its numbered (or bulleted) lines where it numbered them, else every
-    non-empty line; numbering and surrounding quotes removed, at most `limit`."""
+    non-empty line; numbering, Markdown emphasis and surrounding quotes removed; a line without a letter (a stray
+    number, a separator) is not a row. At most `limit`."""
     lines = [line for line in reply.splitlines() if line.strip()]
     numbered = [line for line in lines if NUMBERED.match(line)]
     rows = []
     for line in numbered or lines:
         text = NUMBERED.sub("", line).strip()
-        if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'\u201c`":
-            text = text[1:-1].strip()
-        text = text.strip("\u201c\u201d").strip()
-        if text:
+        for _ in range(2):  # **"quoted"** or "**bold**"
+            text = EMPHASIS.sub(r"\1", text).strip()
+            if len(text) >= 2 and text[0] in QUOTES and text[-1] == QUOTES[text[0]]:
+                text = text[1:-1].strip()
+        if any(ch.isalpha() for ch in text):
             rows.append(text)
     return rows[:limit]
 
