@@ -19,7 +19,7 @@ from pipeline import data, gguf_export, llamacpp_install, models, precision, run
 from pipeline.errors import PipelineError, RemoteError
 from pipeline.metrics import score_rows, user_metric
 from pipeline.recipe import DataSection, LoadedRecipe, ModelSection, RecipeError, reference_runtime
-from pipeline.stages import distill
+from pipeline.stages import distill, synthesize
 
 
 def check(loaded: LoadedRecipe) -> dict:
@@ -46,6 +46,7 @@ def check(loaded: LoadedRecipe) -> dict:
         )
         if recipe.distill.teacher:
             _available_reference(loaded, ("distill", "teacher"), recipe.distill.teacher, problems, notes)
+    written = _synthesize_findings(loaded, problems, notes) if recipe.synthesize else 0
     if recipe.evaluate.reference and recipe.evaluate.reference.prompt:
         data.load_rows(recipe.data, "eval", recipe.evaluate.reference.prompt, "evaluate.reference.prompt")
     _overlap_findings(loaded, splits, problems, notes)
@@ -80,10 +81,43 @@ def check(loaded: LoadedRecipe) -> dict:
     if problems:
         raise PipelineError("\n".join(problems))
     validation = _validation_line(loaded, splits)
-    summary = _summary(loaded, train_rows, eval_rows, lengths, notes, len(inputs) if recipe.distill else 0, validation)
+    teacher_rows = (len(inputs) if recipe.distill else 0) + written
+    summary = _summary(loaded, train_rows, eval_rows, lengths, notes, teacher_rows, validation)
     summary["choosing"] = choosing
     summary["precision"] = chosen
     return summary
+
+
+def _synthesize_findings(loaded: LoadedRecipe, problems: list, notes: list) -> int:
+    """What the teacher will be asked to write, and labels it cannot write rows for; returns the rows asked for."""
+    recipe, synth = loaded.recipe, loaded.recipe.synthesize
+    the_task = synthesize.task(recipe)
+    seeded = {s.label for s in the_task.seeds}
+    bare = recipe.data.format == "messages" or recipe.data.target.strip() == "{" + the_task.answer_field + "}"
+    unseeded = [label for label in the_task.labels if label not in seeded]
+    if unseeded and not bare:
+        problems.append(
+            loaded.error_at(
+                ("synthesize", "labels"),
+                f"{', '.join(unseeded[:5])} ha{'s' if len(unseeded) == 1 else 've'} no seed row in data.train, and "
+                f"data.target {recipe.data.target!r} does not hold the label alone, so a written row cannot say it; "
+                "add a seed row per label, or make data.target one {field}",
+            )
+        )
+    asks = synthesize.plan_asks(recipe, the_task)
+    teacher = synth.teacher or recipe.evaluate.reference
+    scored = f"{len(the_task.validation)} validation" if the_task.validation else f"{len(the_task.seeds)} seed"
+    notes.append(
+        f"synthesize: the teacher ({teacher.model}) is scored on the {scored} rows, then writes "
+        f"{synth.per_label} rows for each of {len(the_task.labels)} labels ({len(asks)} asks, "
+        f"{synth.examples_per_ask} seed rows shown per ask, {len(synth.variations)} variations), checked before "
+        f"training (near-duplicates: {synth.near_duplicate or 'exact only'}; label check: {synth.label_check})"
+    )
+    if unseeded:
+        notes.append(f"synthesize: {len(unseeded)} labels have no seed row; their rows come from the description alone")
+    if synth.teacher:
+        _available_reference(loaded, ("synthesize", "teacher"), synth.teacher, problems, notes)
+    return synth.per_label * len(the_task.labels)
 
 
 def _overlap_findings(loaded: LoadedRecipe, splits: data.Splits, problems: list, notes: list) -> None:

@@ -562,6 +562,12 @@ class SynthesizeSection(Section):
         "otherwise is dropped, relabelled with the teacher's label, or kept as asked (agreement is reported either "
         "way).",
     )
+    seed_only: bool = Field(
+        True,
+        description="Also train the specialist on the seed rows alone (a sibling run: this recipe without "
+        "synthesize:) and evaluate it beside the others as the seed-only candidate, paired on the same eval rows: "
+        "what the teacher's rows bought, measured.",
+    )
     min_teacher_score: float | None = Field(
         None,
         ge=0,
@@ -899,6 +905,9 @@ def load_recipe(path: str | Path, overrides: list[str] = (), assign: dict[str, A
     identity["evaluate"] = {**resolved["evaluate"], "reference": answer_identity(resolved["evaluate"]["reference"])}
     if resolved.get("distill"):
         identity["distill"] = {**resolved["distill"], "teacher": answer_identity(resolved["distill"]["teacher"])}
+    if resolved.get("synthesize"):  # the seed-only candidate is evaluated beside the run, not trained into it
+        written = {key: value for key, value in resolved["synthesize"].items() if key != "seed_only"}
+        identity["synthesize"] = {**written, "teacher": answer_identity(written["teacher"])}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return LoadedRecipe(
         recipe=recipe, path=path, resolved=resolved, sha256=digest, origins=origins, overrides=tuple(overrides)

@@ -45,7 +45,7 @@ class Candidate(Open):
     them; an API: its server's count), `generated_tokens_per_example`, `price`, `cpu_seconds_per_1000_answers`,
     `joules_per_1000_answers` and `energy_counter` (rapl / nvml / null: over the single requests)."""
 
-    role: Literal["base", "specialized", "quantized", "reference"]
+    role: Literal["base", "specialized", "quantized", "reference", "seed_only"]
     metrics: dict[str, MetricValue] = Field(description="per metric of the recipe: value and interval")
     runtime: str | None = Field(None, description="transformers / llama.cpp / endpoint, with its precision")
     parameters: int | None = None

@@ -89,7 +89,7 @@ class Answered(Open):
     """One candidate's answers to the eval rows: its scores and what answering cost (report.json's candidate
     fields, before intervals)."""
 
-    role: Literal["base", "specialized", "quantized", "reference"]
+    role: Literal["base", "specialized", "quantized", "reference", "seed_only"]
     metrics: dict[str, Score]
     runtime: str | None = None
     device: str | None = None

@@ -6,8 +6,8 @@ commit, CPU, threads, date) as docs/results/NAME.json; a benchmark is kept the s
 bench-train OUT=FILE` (or `make bench OUT=FILE`) writes, with the command and machine that measured it.
 `specialist results` renders every kept result into docs/results.md, and into the README and any page of docs/
 between `<!-- results:NAME -->` and `<!-- /results:NAME -->`, or `NAME:part` for one of PARTS (the run's cascades,
-cost per answer, specialists on one base, distillation, confidences, fidelity, JSON fields, sweep trials,
-learning curve, what would help next). `--check` fails
+cost per answer, specialists on one base, distillation, synthetic rows, confidences, fidelity, JSON fields, sweep
+trials, learning curve, what would help next). `--check` fails
 where a committed page differs from what the kept results render (tests/test_docs.py runs it).
 """
 
@@ -24,7 +24,13 @@ from pipeline import compare
 from pipeline.errors import PipelineError
 from pipeline.files import write_json_atomic
 from pipeline.render import tables
-from pipeline.render.markdown import answers_markdown, fidelity_markdown, json_fields_lines, next_steps_markdown
+from pipeline.render.markdown import (
+    answers_markdown,
+    fidelity_markdown,
+    json_fields_lines,
+    next_steps_markdown,
+    synthesis_markdown,
+)
 from pipeline.render.sweep import curve_markdown, sweep_markdown
 from pipeline.render.tables import runtime_cell
 from pipeline.report_types import has_report, read_report
@@ -80,6 +86,7 @@ def extract(run_dir: Path) -> dict:
         "candidates": candidates,
         "cascade": _cascade(report.get("cascade")),
         "distillation": report.get("distillation"),
+        "synthesis": report.get("synthesis"),
         "confidence": report.get("confidence"),
         "next_steps": report.get("next_steps"),
         "fidelity": report.get("fidelity"),
@@ -270,6 +277,16 @@ def shared_base_table(result: dict) -> str:
                 f"| {_mb(row['memory_merged_bytes'])} | {_mb(row['memory_shared_bytes'])} |"
             )
         lines.append("")
+    return "\n".join([*lines, _where(result)])
+
+
+def synthesis_table(result: dict) -> str:
+    """The rows the teacher wrote: its score first, rows asked, kept and dropped by reason with an example, the label
+    check, diversity, lengths, its time, and a kept row per label (the report's own section, without its heading)."""
+    facts = result.get("synthesis")
+    if not facts:
+        raise PipelineError(f"results: {result['recipe']} run {result['run_id']} has no synthesis")
+    lines = synthesis_markdown({"synthesis": facts})[2:]
     return "\n".join([*lines, _where(result)])
 
 
@@ -499,6 +516,7 @@ PARTS = {
     "cost": ("candidates", None, cost_table),
     "shared": ("shared_base", "specialists on one base", shared_base_table),
     "distill": ("distillation", "the teacher's labels", distillation_table),
+    "synthesis": ("synthesis", "the rows the teacher wrote", synthesis_table),
     "confidence": ("confidence", None, confidence_table),
     "next": ("next_steps", "what would most likely help next", next_steps_table),
     "fidelity": ("fidelity", None, fidelity_table),

@@ -44,6 +44,8 @@ def run_stages(
         for stage in stages:
             if stage in OPTIONAL and getattr(loaded.recipe, OPTIONAL[stage]) is None and len(stages) > 1:
                 continue
+            if stage == "evaluate":  # its candidates include the seed-only specialist, trained first
+                _train_seed_only(loaded, runs_dir)
             fingerprint = STAGE_MODULES[stage].fingerprint(loaded, run_dir)
             if not force and is_done(RunLayout(run_dir).stage(stage), fingerprint):
                 log(stage, "already done for this recipe and data; skipped")
@@ -55,3 +57,12 @@ def run_stages(
             if stage == "report":
                 built = result
     return run_dir, built
+
+
+def _train_seed_only(loaded: LoadedRecipe, runs_dir: Path) -> None:
+    """A synthesize recipe's seed-only sibling, trained (once: it is an ordinary run) before the evaluation that
+    compares it with the specialist trained on seeds + the teacher's rows."""
+    sibling = synthesize.seed_only(loaded)
+    if sibling is not None:
+        log("run", "the seed-only specialist (this recipe without synthesize:) for the evaluation to compare")
+        run_stages(sibling, runs_dir, ("train",), command="seed-only")

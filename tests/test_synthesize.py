@@ -163,7 +163,14 @@ def test_the_teacher_writes_rows_that_are_checked_and_trained_on(write_recipe, t
     assert train["rows"] == 20 + 32
     report = json.loads((run_dir / "report" / "report.json").read_text())
     assert report["synthesis"]["rows_kept"] == 32
+    # the seed-only specialist: an ordinary run of the recipe without synthesize:, evaluated beside, paired
+    sibling = runs / "synth-test" / load_recipe(recipe, [], assign={"synthesize": None}).run_id
+    assert json.loads((sibling / "train" / "result.json").read_text())["rows"] == 20
+    assert report["candidates"]["seed-only"]["role"] == "seed_only" and "seed-only" in report["comparisons"]
+    assert "What the rows bought:" in (run_dir / "report" / "report.md").read_text()
     assert "## Synthetic rows" in (run_dir / "report" / "report.md").read_text()
+    page = (run_dir / "report" / "report.html").read_text()
+    assert "<h2>Synthetic rows</h2>" in page and "rows the teacher&#39;s label check labelled otherwise" in page
     # seeded: each ask's seed is sent, and the same recipe sends the same seeds
     seeds_sent = [r["seed"] for r in api.writes()]
     assert len(seeds_sent) == 8 and len(set(seeds_sent)) == 8
@@ -215,3 +222,81 @@ def test_asks_are_seeded_per_label_and_show_only_that_labels_seeds(write_recipe,
     by_source = {s.source: s.label for s in the_task.seeds}
     assert all(by_source[source] == a["label"] for a in asks for source in a["examples"])
     assert len({a["seed"] for a in asks}) == len(asks)
+
+
+def test_a_local_teacher_samples_from_each_asks_seed_and_its_answers_are_cached(
+    write_recipe, tiny_models, seeded, tmp_path
+):
+    """The tiny reference writes (nonsense) rows in the transformers runtime: the same seeds draw the same rows, other
+    seeds other rows, and a rerun asks nothing."""
+    recipe = write_recipe(f"""
+        name: synth-test
+        model: {{base: {tiny_models["base"]}}}
+        data:
+          train: seeds.jsonl
+          eval: test.jsonl
+          prompt: "Message: {{text}}\\nIntent:"
+          target: " {{label}}"
+          chat_template: never
+        synthesize:
+          description: Messages customers send to an online shop's support chat.
+          per_label: 2
+          rows_per_ask: 2
+          max_new_tokens: 24
+          near_duplicate: null
+        evaluate:
+          max_new_tokens: 6
+          batch_size: 8
+          reference: {{model: {tiny_models["reference"]}}}
+    """)
+    runs = tmp_path / "runs"
+
+    def written(*overrides):
+        assert main(["synthesize", str(recipe), "--runs-dir", str(runs), *overrides]) == 0
+        run_dir = runs / "synth-test" / load_recipe(recipe, [o for o in overrides if o != "--set"]).run_id
+        result = json.loads((run_dir / "synthesize" / "result.json").read_text())
+        lines = (run_dir / "synthesize" / "candidates.jsonl").read_text().splitlines()
+        return result, [json.loads(line)["text"] for line in lines]
+
+    first, texts = written()
+    assert first["teacher_runtime"] == "transformers" and first["asks"] == 4
+    assert first["teacher_cost"]["writing"]["from_cache"] == 0
+    (runs / "synth-test" / "synthesize-answers.jsonl").unlink()  # asked again from scratch: the same draws
+    again, same = written()
+    assert same == texts and again["teacher_cost"]["writing"]["from_cache"] == 0
+    cached, _ = written()
+    assert cached["teacher_cost"]["writing"]["from_cache"] == 4 and cached["teacher_cost"]["scoring"]["from_cache"] > 0
+    _, other = written("--set", "synthesize.seed=1")
+    assert other != texts
+
+
+def test_the_llamacpp_sampler_draws_from_the_rows_seed_within_top_p():
+    import numpy as np
+
+    from pipeline.runtimes import Sampling
+    from pipeline.runtimes.llamacpp import _Draw
+
+    logits = np.array([5.0, 4.0, 1.0, -3.0], dtype=np.float32)
+    sampling = Sampling(temperature=1.0, top_p=0.9, seeds=[0])
+    draws = [_Draw(sampling, 7).token(logits) for _ in range(3)]
+    assert draws == [_Draw(sampling, 7).token(logits) for _ in range(3)]  # a seed draws the same
+    picked = {_Draw(sampling, seed).token(logits) for seed in range(200)}
+    assert picked == {0, 1}  # tokens 2 and 3 lie outside the top 90% of the probability
+    assert {_Draw(Sampling(1.0, 0.01, [0]), seed).token(logits) for seed in range(50)} == {0}
+    hot = {_Draw(Sampling(2.0, 1.0, [0]), seed).token(logits) for seed in range(400)}
+    assert hot == {0, 1, 2, 3}
+
+
+def test_the_packaged_encoder_finds_paraphrases_closer_than_other_requests():
+    from pipeline import row_checks
+    from pipeline.embeddings import Encoder
+
+    encoder = Encoder("packaged:all-minilm-l6-v2", "synthesize.encoder")
+    vectors = encoder.embed(["Where is my parcel?", "where is my parcel please", "I forgot my password"])
+    assert vectors.shape == (3, 384)
+    similarity = vectors @ vectors.T
+    assert similarity[0, 1] > 0.85 and similarity[0, 2] < 0.4
+    verdicts = row_checks.check_rows(
+        ["where is my parcel?", "I want my money back", "Where is my parcel please?"], [], [], encoder.embed, 0.85
+    )
+    assert verdicts.kept == [0, 1] and verdicts.dropped[2]["reason"] == "near_duplicate"

@@ -15,6 +15,7 @@ import jinja2
 
 from pipeline.files import write_text_atomic
 from pipeline.render import tables
+from pipeline.render.markdown import synthesis_markdown
 from pipeline.render.plots import clear_of, tick_label
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -190,6 +191,8 @@ def render(report: dict, verdict: list[str], rows: list[dict] | None) -> str:
             answers=None if report.get("labels") else report.get("answers"),
             answers_chart=None if report.get("labels") else answers_chart(report),
             flagged_rows=flagged_rows(report),
+            # the teacher's rows: the report's own points, as sentences (the balance table is drawn from the report)
+            synthesis_points=[line.removeprefix("- ") for line in synthesis_markdown(report) if line.startswith("- ")],
             num=lambda x, d=3: "—" if x is None else f"{x:.{d}f}",
             mb=lambda n: "—" if n is None else f"{n / 1e6:,.0f}",
             runtime=tables.runtime_cell,

@@ -257,6 +257,9 @@ def synthesis_markdown(report: dict) -> list[str]:
             f"- Words per row (median, 5th-95th percentile): new {_span(lengths['kept'])}, seeds "
             f"{_span(lengths['seeds'])}, eval and validation rows {_span(lengths['held_out'])}."
         )
+    bought = _seed_only_line(report)
+    if bought:
+        lines.append(bought)
     cost = s.get("cost")
     spent = f"; {cost['currency']} {cost['total']:.4g} at its price" if cost else ""
     lines.append(f"- Teacher time {s['teacher_seconds']:.0f} s (scoring, writing and checking){spent}.")
@@ -265,6 +268,22 @@ def synthesis_markdown(report: dict) -> list[str]:
         sample = (s["sample"].get(label) or [""])[0]
         lines.append(f"| {_cell(label)} | {counts['asked']} | {counts['kept']} | {_cell(sample[:80])} |")
     return lines + [""]
+
+
+def _seed_only_line(report: dict) -> str | None:
+    """What the teacher's rows bought: the specialist against the seed-only one, paired on the same eval rows."""
+    candidates, metric = report.get("candidates", {}), report.get("metric")
+    comparison = report.get("comparisons", {}).get("seed-only")
+    if "seed-only" not in candidates or "specialized" not in candidates or comparison is None:
+        return None
+    mine, seeds = (candidates[n]["metrics"][metric] for n in ("specialized", "seed-only"))
+    return (
+        f"- What the rows bought: {metric} {mine['value']:.3f} [{mine['ci95'][0]:.3f}, {mine['ci95'][1]:.3f}] "
+        f"with them against {seeds['value']:.3f} [{seeds['ci95'][0]:.3f}, {seeds['ci95'][1]:.3f}] for the same "
+        f"specialist trained on the seed rows alone; on the same {report['eval_rows']} eval rows it wins "
+        f"{comparison['wins']} and loses {comparison['losses']} (p = {comparison['p_value']:.2g}, "
+        f"{comparison['test'].replace('_', ' ')})."
+    )
 
 
 def _span(lengths: dict | None) -> str:

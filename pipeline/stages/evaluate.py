@@ -29,6 +29,7 @@ from pipeline.runs import mark_done, stage_done, stage_fingerprint, start_stage
 from pipeline.runtimes import endpoint as endpoint_runtime
 from pipeline.runtimes import llamacpp
 from pipeline.runtimes import transformers as transformers_runtime
+from pipeline.stages import synthesize
 
 STAGE = "evaluate"
 
@@ -36,7 +37,7 @@ STAGE = "evaluate"
 @dataclass(frozen=True)
 class Candidate:
     name: str
-    role: str  # base | specialized | quantized | reference
+    role: str  # base | specialized | quantized | reference | seed_only (a synthesize recipe: the seed rows alone)
     source: models.ModelSource
     adapter_dir: Path | None = None
     quantized: bool = False  # a variant of the quantize stage (bitsandbytes folder or GGUF file)
@@ -73,6 +74,9 @@ def candidates(loaded: LoadedRecipe, run_dir: Path) -> list[Candidate]:
     base = models.resolve_model(recipe.model.base)
     trust = recipe.model.trust_remote_code
     found = [Candidate("base", "base", base, trust_remote_code=trust), _specialized(loaded, run_dir, base)]
+    sibling = synthesize.seed_only_run(loaded, run_dir)
+    if sibling is not None:  # the specialist of the seed rows alone: what the teacher's rows bought
+        found.append(Candidate("seed-only", "seed_only", base, adapter_dir=_seed_only_adapter(loaded, sibling)))
     for variant in recipe.quantize:
         folder = RunLayout(run_dir).variant(variant.label)
         gguf, lora = gguf_export.variant_files(variant.kind, folder) if variant.is_gguf else (None, None)
@@ -99,6 +103,16 @@ def candidates(loaded: LoadedRecipe, run_dir: Path) -> list[Candidate]:
             )
         )
     return found
+
+
+def _seed_only_adapter(loaded: LoadedRecipe, sibling: Path) -> Path:
+    adapter = RunLayout(sibling).adapter
+    if stage_done(sibling, "train") is None:
+        raise PipelineError(
+            f"{sibling}: the seed-only specialist is not trained; `specialist run {loaded.path}` trains it before "
+            "the evaluation (or set synthesize.seed_only: false)"
+        )
+    return adapter
 
 
 def reference_gguf(reference) -> Path | None:

@@ -32,7 +32,7 @@ from pipeline.embeddings import Encoder
 from pipeline.errors import GateFailed, PipelineError
 from pipeline.files import write_json_atomic, write_text_atomic
 from pipeline.logs import log
-from pipeline.recipe import LoadedRecipe, Recipe, answer_identity, data_fingerprint
+from pipeline.recipe import LoadedRecipe, Recipe, answer_identity, data_fingerprint, load_recipe
 from pipeline.run_layout import RunLayout
 from pipeline.runs import mark_done, stage_fingerprint, start_stage
 from pipeline.runtimes import Sampling
@@ -57,6 +57,19 @@ def the_teacher(recipe: Recipe) -> teacher.Teacher:
     return teacher.Teacher(section, teacher_field(recipe), recipe.evaluate, recipe.model.dtype, STAGE)
 
 
+def seed_only(loaded: LoadedRecipe) -> LoadedRecipe | None:
+    """The same recipe without synthesize: (the seed rows alone), where synthesize.seed_only asks for it."""
+    if loaded.recipe.synthesize is None or not loaded.recipe.synthesize.seed_only:
+        return None
+    return load_recipe(loaded.path, list(loaded.overrides), assign={"synthesize": None})
+
+
+def seed_only_run(loaded: LoadedRecipe, run_dir: Path) -> Path | None:
+    """The seed-only sibling's run folder, beside this run's (runs/<name>/<its id>)."""
+    sibling = seed_only(loaded)
+    return None if sibling is None else run_dir.parent / sibling.run_id
+
+
 def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str | None:
     recipe = loaded.recipe
     if recipe.synthesize is None:
@@ -64,7 +77,7 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str | None:
     asker = the_teacher(recipe)
     return stage_fingerprint(
         STAGE,
-        recipe.synthesize.model_dump(),
+        recipe.synthesize.model_dump(exclude={"seed_only"}),
         answer_identity(asker.section.model_dump()),
         asker.identity(),
         data_fingerprint(recipe.data),
