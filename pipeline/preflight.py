@@ -93,17 +93,7 @@ def _synthesize_findings(loaded: LoadedRecipe, problems: list, notes: list) -> i
     recipe, synth = loaded.recipe, loaded.recipe.synthesize
     the_task = synthesize.task(recipe)
     seeded = {s.label for s in the_task.seeds}
-    bare = recipe.data.format == "messages" or recipe.data.target.strip() == "{" + the_task.answer_field + "}"
     unseeded = [label for label in the_task.labels if label not in seeded]
-    if unseeded and not bare:
-        problems.append(
-            loaded.error_at(
-                ("synthesize", "labels"),
-                f"{', '.join(unseeded[:5])} ha{'s' if len(unseeded) == 1 else 've'} no seed row in data.train, and "
-                f"data.target {recipe.data.target!r} does not hold the label alone, so a written row cannot say it; "
-                "add a seed row per label, or make data.target one {field}",
-            )
-        )
     asks = synthesize.plan_asks(recipe, the_task)
     teacher = synth.teacher or recipe.evaluate.reference
     scored = f"{len(the_task.validation)} validation" if the_task.validation else f"{len(the_task.seeds)} seed"
@@ -114,7 +104,13 @@ def _synthesize_findings(loaded: LoadedRecipe, problems: list, notes: list) -> i
         f"training (near-duplicates: {synth.near_duplicate or 'exact only'}; label check: {synth.label_check})"
     )
     if unseeded:
-        notes.append(f"synthesize: {len(unseeded)} labels have no seed row; their rows come from the description alone")
+        notes.append(
+            f"synthesize: {', '.join(unseeded[:5])}{', ...' if len(unseeded) > 5 else ''}: no seed row in data.train; "
+            "the teacher writes those from the description and the label's name alone"
+        )
+    unused = sorted(seeded - set(the_task.labels))
+    if unused:
+        notes.append(f"synthesize: seed rows of {', '.join(unused[:5])} are not in synthesize.labels: none written")
     if synth.teacher:
         _available_reference(loaded, ("synthesize", "teacher"), synth.teacher, problems, notes)
     return synth.per_label * len(the_task.labels)

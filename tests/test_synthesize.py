@@ -300,3 +300,43 @@ def test_the_packaged_encoder_finds_paraphrases_closer_than_other_requests():
         ["where is my parcel?", "I want my money back", "Where is my parcel please?"], [], [], encoder.embed, 0.85
     )
     assert verdicts.kept == [0, 1] and verdicts.dropped[2]["reason"] == "near_duplicate"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ('prompt: "Message: {text} {topic}\\nIntent:"', "data.prompt: synthesize: the teacher writes one input"),
+        ("synthesize_extra: 'labels: [a, a]'", "synthesize.labels: lists a label twice"),
+        (
+            "synthesize_extra: 'prompt: \"Write {count} rows about {topic}\"'",
+            "synthesize.prompt: unknown field(s) topic",
+        ),
+        ("no_reference", "synthesize: needs a teacher: add synthesize.teacher, or evaluate.reference"),
+    ],
+)
+def test_a_synthesize_recipe_that_cannot_work_is_refused_with_its_field(
+    write_recipe, tiny_models, seeded, change, message
+):
+    from pipeline.recipe import RecipeError
+
+    text = recipe_text(tiny_models, "http://127.0.0.1:9/v1")
+    if change.startswith("prompt:"):
+        text = text.replace('prompt: "Message: {text}\\nIntent:"', change)
+    elif change.startswith("synthesize_extra:"):
+        extra = change.split(": ", 1)[1].strip("'")
+        text = text.replace("near_duplicate: null", f"near_duplicate: null\n          {extra}")
+    else:
+        head, _, _ = text.partition("          reference:")
+        text = head
+    with pytest.raises(RecipeError) as error:
+        load_recipe(write_recipe(text))
+    assert message in str(error.value)
+
+
+def test_validate_says_which_labels_the_teacher_writes_without_seeds(write_recipe, tiny_models, seeded, capsys):
+    text = recipe_text(tiny_models, "http://127.0.0.1:9/v1", "labels: [cancel_order, lost_parcel]")
+    assert main(["validate", str(write_recipe(text))]) == 0
+    out = capsys.readouterr().out
+    assert "writes 10 rows for each of 2 labels (4 asks" in out
+    assert "lost_parcel: no seed row in data.train" in out
+    assert "seed rows of refund_status, return_item, track_order are not in synthesize.labels" in out

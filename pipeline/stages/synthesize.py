@@ -88,7 +88,7 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str | None:
 @dataclass(frozen=True)
 class Seed:
     text: str  # the input as the teacher is shown it (the prompt's field, or the last user turn)
-    label: str  # the answer (data.target rendered, stripped): what the label set and the checks compare
+    label: str  # the answer as its column holds it (stripped; messages: the assistant's turn): what the checks compare
     source: str
 
 
@@ -100,7 +100,7 @@ class Task:
     labels: list[str]
     input_field: str | None  # prompt_completion: the column the teacher's text goes into
     answer_field: str  # the column (or the messages field) the label goes into
-    label_values: dict[str, str]  # label -> the value its column holds (data.target renders it to the label)
+    label_values: dict[str, str]  # label -> the value its column holds
 
 
 def task(recipe: Recipe) -> Task:
@@ -118,21 +118,19 @@ def task(recipe: Recipe) -> Task:
     answer_field = teacher.answer_field(section)
 
     def seed(row: data.TaskRow) -> Seed:
-        text = raw[row.source][input_field] if input_field else row.input_text()
-        return Seed(str(text), row.target.strip(), row.source)
+        if input_field is None:  # messages: the last user turn, and the assistant's answer
+            return Seed(row.input_text(), row.target.strip(), row.source)
+        return Seed(str(raw[row.source][input_field]), str(raw[row.source][answer_field]).strip(), row.source)
 
     seeds = [seed(row) for row in splits.train]
     validation = [seed(row) for row in splits.validation]
     held_out = [seed(row).text for row in splits.eval] + [s.text for s in validation]
     values = {}
-    for row in splits.train:
-        if section.format == "prompt_completion":
-            values.setdefault(row.target.strip(), str(raw[row.source][answer_field]))
-        else:
-            values.setdefault(row.target.strip(), row.target)
+    for row, s in zip(splits.train, seeds, strict=True):  # the value as the data holds it (its spacing kept)
+        values.setdefault(s.label, str(raw[row.source][answer_field]) if input_field else row.target)
     labels = synth.labels or sorted(values)
     for label in labels:
-        values.setdefault(label, label)  # a label without seed rows: data.target renders it as itself (validate)
+        values.setdefault(label, label)  # a label without seed rows is written as listed
     return Task(seeds, validation, held_out, labels, input_field, answer_field, values)
 
 
