@@ -138,6 +138,25 @@ def _recipe_verbs(verbs) -> None:
         verbs, "inspect", _inspect, "show training rows with the trained tokens marked, and length stats"
     )
     inspect.add_argument("--rows", type=_count(1), default=3, help="how many rows to show (default 3)")
+    suggest = _recipe_verb(
+        verbs,
+        "suggest",
+        _suggest,
+        "write the unlabelled inputs most worth labelling next for this recipe's finished run: where its specialist "
+        "and the reference disagree, then the least confident, spread so no two are near-copies",
+    )
+    suggest.add_argument("--inputs", required=True, help="unlabelled inputs: a data file or hub:org/name[@rev]")
+    suggest.add_argument("--k", type=_count(1), default=50, help="how many to suggest (default 50)")
+    suggest.add_argument("--out", type=Path, help="where to write them (default: the run's suggest/suggestions.jsonl)")
+    suggest.add_argument(
+        "--near",
+        type=float,
+        default=0.9,
+        help="cosine similarity at which an input counts as a near-copy of one suggested before (default 0.9; "
+        "1: no spreading)",
+    )
+    suggest.add_argument("--split", default="train", help="the split of a hub: source (default train)")
+    suggest.add_argument("--no-teacher", action="store_true", help="rank by the specialist's confidence alone")
 
 
 def _docs_verbs(verbs) -> None:
@@ -399,6 +418,25 @@ def _inspect(args) -> int:
     loaded = load_recipe(args.recipe, args.overrides)
     distilled = labelled_file(run_dir_for(loaded, args.runs_dir))
     inspect_data.run(loaded, args.rows, distilled if loaded.recipe.distill and distilled.is_file() else None)
+    return 0
+
+
+def _suggest(args) -> int:
+    from pipeline import suggest
+    from pipeline.recipe import load_recipe
+    from pipeline.runs import run_dir_for
+
+    if not 0 < args.near <= 1:
+        raise PipelineError(f"suggest --near: {args.near} is not a cosine similarity in (0, 1]")
+    loaded = load_recipe(args.recipe, args.overrides)
+    found = suggest.suggest(
+        loaded, run_dir_for(loaded, args.runs_dir), args.inputs, args.k, args.out, args.near, args.split,
+        ask_teacher=not args.no_teacher,
+    )  # fmt: skip
+    print(
+        f"{found['suggested']} of {found['inputs']} inputs to label next: {found['out']} ({found['disagreeing']} "
+        f"where the specialist and the teacher disagree, {found['deferred']} the cascade would defer)"
+    )
     return 0
 
 

@@ -586,6 +586,7 @@ def _summary(
         "optimizer_steps": train.max_steps or math.ceil(steps_per_epoch * train.epochs),
         "method": "QLoRA (nf4 base)" if train.qlora else "LoRA",
         "candidates": ["base", "specialized", *(v.label for v in recipe.quantize)]
+        + (["seed-only"] if recipe.synthesize and recipe.synthesize.seed_only else [])
         + (["reference"] if recipe.evaluate.reference else []),
         "reference": recipe.evaluate.reference.model if recipe.evaluate.reference else None,
         "validation": validation,

@@ -86,7 +86,7 @@ def extract(run_dir: Path) -> dict:
         "candidates": candidates,
         "cascade": _cascade(report.get("cascade")),
         "distillation": report.get("distillation"),
-        "synthesis": report.get("synthesis"),
+        "synthesis": _synthesis(report),
         "confidence": report.get("confidence"),
         "next_steps": report.get("next_steps"),
         "fidelity": report.get("fidelity"),
@@ -100,6 +100,15 @@ def extract(run_dir: Path) -> dict:
         }
         or None,
     }
+
+
+def _synthesis(report: dict) -> dict | None:
+    """The synthesis section, with the seed-only comparison its 'what the rows bought' line reads (no row lists)."""
+    if not report.get("synthesis"):
+        return None
+    comparison = report.get("comparisons", {}).get("seed-only")
+    kept = {k: v for k, v in (comparison or {}).items() if k not in ("won_rows", "lost_rows")}
+    return {**report["synthesis"], "seed_only_comparison": kept or None}
 
 
 def _answers(section: dict | None) -> dict | None:
@@ -286,7 +295,14 @@ def synthesis_table(result: dict) -> str:
     facts = result.get("synthesis")
     if not facts:
         raise PipelineError(f"results: {result['recipe']} run {result['run_id']} has no synthesis")
-    lines = synthesis_markdown({"synthesis": facts})[2:]
+    shown = {"synthesis": facts, "metric": result["metric"], "eval_rows": result["eval_rows"]}
+    if facts.get("seed_only_comparison") and {"specialized", "seed-only"} <= set(result["candidates"]):
+        shown["comparisons"] = {"seed-only": facts["seed_only_comparison"]}
+        shown["candidates"] = {
+            name: {"metrics": {result["metric"]: {k: result["candidates"][name][k] for k in ("value", "ci95")}}}
+            for name in ("specialized", "seed-only")
+        }
+    lines = synthesis_markdown(shown)[2:]
     return "\n".join([*lines, _where(result)])
 
 

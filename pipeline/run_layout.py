@@ -13,6 +13,7 @@ and each stage writes only under its own folder:
       cascade/    result.json
       report/     report.json, report.md, report.html, report.png (+ sweep.png, curve.png, cascade.png)
       publish/    the Hub bundle   (slurm/ and sky/: a scheduler's job files)
+      suggest/    suggestions.jsonl (`specialist suggest`: the inputs most worth labelling next), generations/
 
 Every stage folder holds a done marker (.done.json) with the fingerprint of what it was made from.
 """
@@ -179,6 +180,11 @@ class RunLayout:
         return self.root / "evaluate" / "eval_rows.jsonl"
 
     # --- cascade/
+    @property
+    def suggest(self) -> Path:
+        """`specialist suggest`: the specialist's answers to the inputs (cached) and suggestions.jsonl."""
+        return self.root / "suggest"
+
     @property
     def cascade_result(self) -> Path:
         """The threshold chosen on validation rows and the cascade on the eval rows."""

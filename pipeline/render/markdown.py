@@ -205,12 +205,12 @@ def validation_markdown(report: dict) -> list[str]:
 
 
 REASONS = {
-    "empty": "empty rows",
-    "duplicate": "duplicates of another new row",
-    "near_duplicate": "near-duplicates of another new row",
-    "copy_of_seed": "copies (or near copies) of a seed row",
-    "contamination": "rows equal or near-equal to an eval or validation row (contamination)",
-    "label_disagrees": "rows the teacher's label check labelled otherwise",
+    "empty": "Empty",
+    "duplicate": "Duplicates of another new row",
+    "near_duplicate": "Near-duplicates of another new row",
+    "copy_of_seed": "Copies (or near copies) of a seed row",
+    "contamination": "Contamination: equal or near-equal to an eval or validation row",
+    "label_disagrees": "Labelled otherwise by the teacher's blind check",
 }
 
 
@@ -232,7 +232,7 @@ def synthesis_markdown(report: dict) -> list[str]:
     for reason, count in sorted(s["dropped"].items(), key=lambda item: -item[1]):
         example = s["dropped_examples"].get(reason, [{}])[0]
         shown = f' (e.g. "{_cell(example["text"][:80])}", asked as {example["label"]})' if example else ""
-        lines.append(f"- Dropped {count} {REASONS.get(reason, reason)}{shown}.")
+        lines.append(f"- {REASONS.get(reason, reason)}: {count} dropped{shown}.")
     if check["agreement"] is not None:
         worst = sorted(check["per_label"].items(), key=lambda item: item[1])[:3]
         lines.append(

@@ -129,6 +129,14 @@ def _specialized(loaded: LoadedRecipe, run_dir: Path, base: models.ModelSource) 
     )
 
 
+def specialist_answers(loaded: LoadedRecipe, run_dir: Path, rows: list[data.TaskRow], folder: Path) -> list[dict]:
+    """The run's specialist's answer to each row, with its probability of it (`confidence`), through the evaluate
+    stage's runtime and decoding, cached in folder/generations/ (`specialist suggest`)."""
+    (folder / "generations").mkdir(parents=True, exist_ok=True)
+    candidate = _specialized(loaded, run_dir, models.resolve_model(loaded.recipe.model.base))
+    return candidate_answers(candidate, rows, loaded, folder, time_single_requests=False)[0]
+
+
 def score_specialized(loaded: LoadedRecipe, run_dir: Path, rows: list[data.TaskRow], folder: Path) -> dict:
     """The specialized model alone on `rows` (a sweep trial's validation rows, a learning curve's eval rows):
     the evaluate stage's runtime, prompts, decoding, metrics and cost facts, generations cached in
