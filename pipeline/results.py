@@ -83,6 +83,7 @@ def extract(run_dir: Path) -> dict:
         "cpu": trained.get("machine", {}).get("cpu"),
         "cpu_count": trained.get("machine", {}).get("cpu_count"),
         "date": (trained.get("started_at") or "")[:10] or None,
+        "wall_seconds": _wall_seconds(read_manifest(run_dir)),
         "candidates": candidates,
         "cascade": _cascade(report.get("cascade")),
         "distillation": report.get("distillation"),
@@ -100,6 +101,18 @@ def extract(run_dir: Path) -> dict:
         }
         or None,
     }
+
+
+def _wall_seconds(manifest: dict) -> float | None:
+    """How long the run took: from its start to the end of its last stage, where one invocation ran it all (a run
+    resumed after a stop, or grown later by another command, has no single figure)."""
+    ran = manifest.get("invocations", [])
+    if len(ran) != 1 or not ran[0].get("finished_at"):
+        return None
+    started, finished = (
+        datetime.datetime.strptime(ran[0][key], "%Y-%m-%dT%H:%M:%S%z") for key in ("started_at", "finished_at")
+    )
+    return (finished - started).total_seconds()
 
 
 def _synthesis(report: dict) -> dict | None:
@@ -549,8 +562,13 @@ def _where(result: dict) -> str:
         f"Run `{result['run_id']}` of `{result['recipe']}` on {result['eval_rows']} eval rows, at commit "
         f"{_commit(result)}, {result['date'] or '(date unknown)'}, on "
         f"{result['cpu'] or 'a CPU not recorded'} ({result['cpu_count']} cores; "
-        f"{', '.join(map(str, sorted(threads))) or '?'} threads per candidate); gates {gates}."
+        f"{', '.join(map(str, sorted(threads))) or '?'} threads per candidate); gates {gates}"
+        + (f"; the whole run took {_minutes(result['wall_seconds'])}." if result.get("wall_seconds") else ".")
     )
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(seconds % 60)} s"
 
 
 def render_page(results: dict[str, dict]) -> str:

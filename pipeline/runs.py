@@ -92,11 +92,13 @@ def read_manifest(run_dir: Path) -> dict:
 
 
 def record_stage_run(run_dir: Path, stage: str) -> None:
-    """Note in this invocation's manifest entry that it ran (and finished) `stage`."""
+    """Note in this invocation's manifest entry that it ran (and finished) `stage`, and when: the last stage's
+    time is when the invocation's work ended (its wall time, from started_at)."""
     manifest = read_manifest(run_dir)
     mine = [entry for entry in manifest.get("invocations", []) if entry.get("pid") == os.getpid()]
     if mine:
         mine[-1]["stages_run"].append(stage)
+        mine[-1]["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_json_atomic(RunLayout(run_dir).manifest, manifest)
 
 

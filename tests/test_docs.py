@@ -87,6 +87,11 @@ def test_a_kept_result_renders_with_where_it_was_measured(tmp_path):
     )
     dirty = results.table({**result, "changed": True})  # measured with code the commit alone does not hold
     assert "at commit 1234567 with uncommitted changes to pipeline/, 2026-12-07" in dirty
+    timed = results.table({**result, "wall_seconds": 1064.0})  # one invocation ran the whole run
+    assert "gates passed; the whole run took 17 min 44 s." in timed and "gates passed." in table
+    one = {"started_at": "2026-12-07T20:59:54+0000", "finished_at": "2026-12-07T21:17:38+0000", "stages_run": ["x"]}
+    assert results._wall_seconds({"invocations": [one]}) == 1064.0
+    assert results._wall_seconds({"invocations": [{**one, "stages_run": []}, one]}) is None  # resumed: no figure
     readme = tmp_path / "README.md"
     readme.write_text("before\n<!-- results:demo -->\nold table\n<!-- /results:demo -->\nafter\n")
     (tmp_path / "results").mkdir()
