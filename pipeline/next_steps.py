@@ -1,7 +1,8 @@
 """What would most likely help next, each point read from the run's own evidence (its report), with the figure
 that supports it: a validation curve still rising at its last pass, a learning curve that has not flattened,
 labels thin in training and often confused, answers outside the label set, answers cut off at max_new_tokens, a
-quantized file that loses more than its siblings, a larger base a sweep found better. Where nothing stands out,
+quantized file that loses more than its siblings, a larger base a sweep found better, a teacher's rows that did not
+pay against the seed-only specialist or that its own check thinned. Where nothing stands out,
 it says so. No I/O: the report stage calls `next_steps(report)` on the report it is about to write.
 """
 
@@ -32,6 +33,7 @@ def next_steps(report: dict) -> list[dict]:
         *_cut_off(report),
         *_quantized_outlier(report),
         *_larger_base(report),
+        *_synthetic_rows(report),
     ]
     if found:
         return found
@@ -52,6 +54,50 @@ def _checked(report: dict) -> str:
     if sum(1 for c in report["candidates"].values() if c["role"] == "quantized") > 1:
         checked.append("the quantized files lose alike")
     return "; ".join(checked) or "this run has no validation curve, learning curve or per-label errors to read"
+
+
+# A label the teacher's blind check thinned: at most this share of the rows asked for it were kept.
+THINNED_SHARE = 0.5
+
+
+def _synthetic_rows(report: dict) -> list[dict]:
+    """Where a teacher wrote rows: whether they paid against the seed-only specialist, and labels its own label
+    check thinned (the teacher does not write what it itself recognizes as that label)."""
+    synthesis = report.get("synthesis")
+    if not synthesis:
+        return []
+    found = []
+    metric, candidates = report["metric"], report["candidates"]
+    comparison = report.get("comparisons", {}).get("seed-only")
+    if comparison is not None and "seed-only" in candidates:
+        mine = candidates["specialized"]["metrics"][metric]["value"]
+        seeds = candidates["seed-only"]["metrics"][metric]["value"]
+        if mine <= seeds or comparison["p_value"] >= SIGNIFICANT:
+            found.append(
+                {
+                    "kind": "synthetic_rows_did_not_pay",
+                    "advice": "the teacher's rows bought nothing measurable: label real rows instead (`specialist "
+                    "suggest` picks which), or use a stronger teacher (synthesize.teacher)",
+                    "evidence": f"{metric} {mine:.3f} with them against {seeds:.3f} on the seed rows alone (won "
+                    f"{comparison['wins']}, lost {comparison['losses']}, p = {comparison['p_value']:.2g})",
+                }
+            )
+    thinned = {
+        label: counts
+        for label, counts in synthesis["balance"].items()
+        if counts["asked"] and counts["kept"] <= THINNED_SHARE * counts["asked"]
+    }
+    if thinned:
+        shown = ", ".join(f"{label} {c['kept']} of {c['asked']}" for label, c in sorted(thinned.items())[:5])
+        found.append(
+            {
+                "kind": "synthetic_labels_thinned",
+                "advice": "describe these labels (synthesize.description) or give them more seed rows: the checks "
+                "kept few of the rows the teacher wrote for them",
+                "evidence": f"rows kept of those asked: {shown}",
+            }
+        )
+    return found
 
 
 def _still_rising(report: dict) -> list[dict]:

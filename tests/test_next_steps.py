@@ -149,3 +149,18 @@ def test_answers_cut_off_a_quantized_outlier_and_a_better_larger_base():
     # a sibling that drops as much but whose difference from the specialist is chance is no outlier
     report["comparisons"]["gguf-q4_0"]["p_value"] = 0.2
     assert "quantized_outlier" not in {step["kind"] for step in next_steps(report)}
+
+
+def test_synthetic_rows_that_did_not_pay_and_labels_the_check_thinned_are_named():
+    report = copy.deepcopy(QUIET)
+    report["synthesis"] = {"balance": {"a": {"asked": 30, "kept": 21}, "b": {"asked": 30, "kept": 8}}}
+    report["candidates"]["seed-only"] = _candidate("seed_only", 0.92)
+    report["comparisons"]["seed-only"] = {"wins": 6, "losses": 4, "test": "mcnemar_exact", "p_value": 0.75}
+    kinds = {step["kind"]: step for step in next_steps(report)}
+    assert set(kinds) == {"synthetic_rows_did_not_pay", "synthetic_labels_thinned"}
+    assert kinds["synthetic_rows_did_not_pay"]["evidence"] == (
+        "exact_match 0.930 with them against 0.920 on the seed rows alone (won 6, lost 4, p = 0.75)"
+    )
+    assert kinds["synthetic_labels_thinned"]["evidence"] == "rows kept of those asked: b 8 of 30"
+    report["comparisons"]["seed-only"] = {"wins": 45, "losses": 2, "test": "mcnemar_exact", "p_value": 1.6e-11}
+    assert {step["kind"] for step in next_steps(report)} == {"synthetic_labels_thinned"}  # the rows paid
