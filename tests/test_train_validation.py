@@ -140,6 +140,7 @@ def test_patience_stops_training_when_the_score_stops_improving(tiny_recipe, tmp
     assert validation["chosen_step"] == 2 and "stopped early after 2 passes" in validation["why"]
 
 
+@pytest.mark.slow  # make test-slow: a training killed mid-way, then resumed (14 s)
 def test_a_killed_training_resumes_with_its_curve_and_its_best(tiny_recipe, tmp_path, monkeypatch):
     from pipeline.train_validation import ValidationCallback
 
