@@ -12,7 +12,7 @@ RECIPE_ARGS = $(RECIPE) --runs-dir $(RUNS) $(foreach s,$(SET),--set $(s)) $(if $
 TINY_MODELS := build/tiny-models/base/model.safetensors
 
 .DEFAULT_GOAL := help
-.PHONY: help setup schema bench inspect bench-train serve models llamacpp skypilot train quantize eval report publish submit validate tiny-models compare runs test test-slow test-all lint clean docs docs-build results
+.PHONY: help setup schema bench inspect suggest bench-train serve models llamacpp skypilot train quantize eval report publish submit validate tiny-models compare runs test test-slow test-all lint clean docs docs-build results
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -73,6 +73,9 @@ schema: $(VENV)/.installed ## regenerate recipes/schema.json (the recipe) and th
 
 inspect: $(VENV)/.installed $(TINY_MODELS) ## show RECIPE's training rows with trained tokens marked, and length stats
 	$(VENV)/bin/specialist inspect $(RECIPE_ARGS)
+
+suggest: $(VENV)/.installed $(TINY_MODELS) ## the unlabelled INPUTS (a data file) most worth labelling next for RECIPE's finished run (K=50; OUT=file)
+	$(VENV)/bin/specialist suggest $(RECIPE_ARGS) --inputs $(INPUTS) --k $(or $(K),50) $(if $(OUT),--out $(OUT))
 
 bench: $(VENV)/.installed $(TINY_MODELS) ## batched evaluation vs one-row-at-a-time generate on RECIPE's base (ratios; OUT=f.json keeps the figures)
 	$(VENV)/bin/specialist bench $(RECIPE_ARGS) $(if $(OUT),--out $(OUT))
