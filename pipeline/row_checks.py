@@ -81,30 +81,34 @@ def check_rows(
             verdicts.drop(row, "duplicate", of_row=first_of[key], similarity=1.0)
             continue
         if embeddings is not None:
-            vector = embeddings[row]
-            if held_vectors is not None:
-                sims = held_vectors @ vector
-                best = int(np.argmax(sims))
-                if sims[best] >= near:
-                    verdicts.drop(row, "contamination", held_out_row=best, similarity=round(float(sims[best]), 4))
-                    continue
-            if seed_vectors is not None:
-                sims = seed_vectors @ vector
-                best = int(np.argmax(sims))
-                if sims[best] >= near:
-                    verdicts.drop(row, "copy_of_seed", seed_row=best, similarity=round(float(sims[best]), 4))
-                    continue
-            if verdicts.kept:
-                sims = embeddings[verdicts.kept] @ vector
-                best = int(np.argmax(sims))
-                if sims[best] >= near:
-                    verdicts.drop(
-                        row, "near_duplicate", of_row=verdicts.kept[best], similarity=round(float(sims[best]), 4)
-                    )
-                    continue
+            kept = embeddings[verdicts.kept] if verdicts.kept else None
+            close = None
+            # the order of the exact checks: an eval row's copy is contamination even where it copies a seed too
+            for reason, against, name, rows in (
+                ("contamination", held_vectors, "held_out_row", None),
+                ("copy_of_seed", seed_vectors, "seed_row", None),
+                ("near_duplicate", kept, "of_row", verdicts.kept),
+            ):
+                found = _nearest(against, embeddings[row], near)
+                if found is not None:
+                    close = (reason, name, rows[found[0]] if rows else found[0], found[1])
+                    break
+            if close is not None:
+                reason, name, other, similarity = close
+                verdicts.drop(row, reason, **{name: other, "similarity": similarity})
+                continue
         first_of[key] = row
         verdicts.kept.append(row)
     return verdicts
+
+
+def _nearest(vectors, vector, near: float) -> tuple[int, float] | None:
+    """(row, similarity) of the row of `vectors` most similar to `vector`, where it is at least `near`."""
+    if vectors is None:
+        return None
+    sims = vectors @ vector
+    best = int(np.argmax(sims))
+    return (best, round(float(sims[best]), 4)) if sims[best] >= near else None
 
 
 def distinct_ngrams(texts: list[str], n: int) -> float | None:

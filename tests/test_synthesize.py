@@ -109,7 +109,16 @@ def api(seeded):
     teacher.close()
 
 
-def recipe_text(tiny_models, base_url, synth_extra="", per_label=10):
+def recipe_text(tiny_models, base_url, synth_extra="", per_label=10, reference=None):
+    """The recipe the tests share: the teacher behind base_url, or `reference` (a local model's folder)."""
+    teacher = (
+        f"reference: {{model: {reference}}}"
+        if reference
+        else f"""reference:
+            model: teacher
+            prompt: "Intents: cancel_order, track_order, return_item, refund_status\\nMessage: {{text}}\\nIntent:"
+            endpoint: {{base_url: {base_url}, concurrency: 2, max_retries: 0}}"""
+    )
     return f"""
         name: synth-test
         model: {{base: {tiny_models["base"]}}}
@@ -132,10 +141,7 @@ def recipe_text(tiny_models, base_url, synth_extra="", per_label=10):
           batch_size: 8
           bootstrap_samples: 200
           latency_rows: 2
-          reference:
-            model: teacher
-            prompt: "Intents: cancel_order, track_order, return_item, refund_status\\nMessage: {{text}}\\nIntent:"
-            endpoint: {{base_url: {base_url}, concurrency: 2, max_retries: 0}}
+          {teacher}
     """
 
 
@@ -230,26 +236,8 @@ def test_a_local_teacher_samples_from_each_asks_seed_and_its_answers_are_cached(
 ):
     """The tiny reference writes (nonsense) rows in the transformers runtime: the same seeds draw the same rows, other
     seeds other rows, and a rerun asks nothing."""
-    recipe = write_recipe(f"""
-        name: synth-test
-        model: {{base: {tiny_models["base"]}}}
-        data:
-          train: seeds.jsonl
-          eval: test.jsonl
-          prompt: "Message: {{text}}\\nIntent:"
-          target: " {{label}}"
-          chat_template: never
-        synthesize:
-          description: Messages customers send to an online shop's support chat.
-          per_label: 2
-          rows_per_ask: 2
-          max_new_tokens: 24
-          near_duplicate: null
-        evaluate:
-          max_new_tokens: 6
-          batch_size: 8
-          reference: {{model: {tiny_models["reference"]}}}
-    """)
+    text = recipe_text(tiny_models, "", "max_new_tokens: 24", per_label=2, reference=tiny_models["reference"])
+    recipe = write_recipe(text.replace("rows_per_ask: 5", "rows_per_ask: 2"))
     runs = tmp_path / "runs"
 
     def written(*overrides):
