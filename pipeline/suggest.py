@@ -25,7 +25,7 @@ from pathlib import Path
 from pipeline import data, teacher
 from pipeline.embeddings import Encoder
 from pipeline.errors import PipelineError
-from pipeline.files import write_text_atomic
+from pipeline.files import write_jsonl_atomic
 from pipeline.logs import log
 from pipeline.recipe import LoadedRecipe
 from pipeline.row_checks import normalized, unit_rows
@@ -52,7 +52,8 @@ def suggest(
     if stage_done(run_dir, "train") is None:
         raise PipelineError(f"{run_dir}: no trained specialist; run `specialist run {loaded.path}` first")
     field = teacher.answer_field(section)
-    known = _labelled_inputs(section)
+    splits = data.load_splits(section)  # read once: the inputs already labelled, and the label set
+    known = {normalized(row.input_text()) for row in [*splits.train, *splits.validation, *splits.eval]}
     candidates, seen = [], set()
     for where, row in data.read_source(inputs, section, split):
         asked = {**row, field: teacher.blank_answer(section.format, row.get(field), where, field)}
@@ -66,7 +67,7 @@ def suggest(
         raise PipelineError(f"suggest: {inputs} has no input that is not already a training, validation or eval row")
     folder = RunLayout(run_dir).suggest
     specialist = evaluate.specialist_answers(loaded, run_dir, [c[3] for c in candidates], folder)
-    labels = _label_set(section)
+    labels = _label_set(splits)
     teacher_answers = [None] * len(candidates)
     reference = recipe.evaluate.reference
     if ask_teacher and reference is not None:
@@ -124,7 +125,7 @@ def suggest(
             }
         )
     out = out or folder / "suggestions.jsonl"
-    write_text_atomic(out, "".join(json.dumps(line) + "\n" for line in lines))
+    write_jsonl_atomic(out, lines)
     disagreeing = sum(1 for line in lines if line["_suggested"]["why"].startswith("the specialist and"))
     log("suggest", f"{len(lines)} of {len(candidates)} inputs to label next in {out} ({disagreeing} disagreeing)")
     return {
@@ -143,14 +144,9 @@ def _unanswered(format: str, value):
     return None
 
 
-def _labelled_inputs(section) -> set[str]:
-    splits = data.load_splits(section)
-    return {normalized(row.input_text()) for row in [*splits.train, *splits.validation, *splits.eval]}
-
-
-def _label_set(section) -> list[str] | None:
+def _label_set(splits: data.Splits) -> list[str] | None:
     """The answers of the training rows where they form a label set (a closed task), else None."""
-    targets = [row.target.strip() for row in data.load_splits(section).train]
+    targets = [row.target.strip() for row in splits.train]
     return sorted(set(targets)) if targets and data.is_label_set(targets) else None
 
 

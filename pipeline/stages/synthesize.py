@@ -30,7 +30,7 @@ from pathlib import Path
 from pipeline import data, row_checks, stats, teacher
 from pipeline.embeddings import Encoder
 from pipeline.errors import GateFailed, PipelineError
-from pipeline.files import write_json_atomic, write_text_atomic
+from pipeline.files import write_json_atomic, write_jsonl_atomic
 from pipeline.logs import log
 from pipeline.recipe import LoadedRecipe, Recipe, answer_identity, data_fingerprint, load_recipe
 from pipeline.run_layout import RunLayout
@@ -171,8 +171,8 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     for i, candidate in enumerate(candidates):
         candidate["verdict"] = verdicts.dropped.get(i, {"reason": "kept"})
     layout_rows = [_training_row(recipe, the_task, c["text"], c["label"]) for c in kept]
-    write_text_atomic(layout.synthesized_rows, "".join(_json_line(r) for r in layout_rows))
-    write_text_atomic(layout.synthesize_candidates, "".join(_json_line(c) for c in candidates))
+    write_jsonl_atomic(layout.synthesized_rows, layout_rows)
+    write_jsonl_atomic(layout.synthesize_candidates, candidates)
     result = _result(recipe, the_task, asker, asks, candidates, kept, verdicts, score, checked, embed)
     result["teacher_cost"] = {"scoring": _cost(scoring), "writing": _cost(written), "label_check": _cost(checking)}
     result["teacher_runtime"] = written.runtime
@@ -373,9 +373,3 @@ def _result(recipe, the_task, asker, asks, candidates, kept, verdicts, score, ch
 
 def _median(values: list[float]) -> float | None:
     return round(statistics.median(values), 4) if values else None
-
-
-def _json_line(row: dict) -> str:
-    import json
-
-    return json.dumps(row) + "\n"
