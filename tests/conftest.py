@@ -45,10 +45,9 @@ def intents_rows(tmp_path) -> tuple[Path, Path]:
     return train, test
 
 
-@pytest.fixture
-def tiny_recipe(write_recipe, tiny_models, intents_rows) -> Path:
-    train, test = intents_rows
-    return write_recipe(f"""
+def tiny_recipe_text(tiny_models: dict[str, Path], train: Path, test: Path) -> str:
+    """The tiny recipe: the tiny base on the small intents files, a tiny reference, every default variant."""
+    return textwrap.dedent(f"""
         name: tiny-test
         model:
           base: {tiny_models["base"]}
@@ -71,4 +70,9 @@ def tiny_recipe(write_recipe, tiny_models, intents_rows) -> Path:
             model: {tiny_models["reference"]}
           gates:
             quantized_max_drop: 1.0
-    """)
+    """).lstrip()
+
+
+@pytest.fixture
+def tiny_recipe(write_recipe, tiny_models, intents_rows) -> Path:
+    return write_recipe(tiny_recipe_text(tiny_models, *intents_rows))

@@ -17,6 +17,8 @@ pytestmark = pytest.mark.integration
 
 def test_two_runs_of_one_task_side_by_side(tiny_recipe, write_recipe, intents_rows, tmp_path, capsys):
     runs = tmp_path / "runs"
+    no_variants = "quantize: []\nevaluate: {gates: {quantized_max_drop: null}}\n"
+    tiny_recipe = write_recipe(f"extends: {tiny_recipe.name}\n{no_variants}", "compared.yaml")
     assert main(["run", str(tiny_recipe), "--runs-dir", str(runs)]) == 0
     assert main(["run", str(tiny_recipe), "--runs-dir", str(runs), "--set", "lora.r=4"]) == 0
     first = run_dir_for(load_recipe(tiny_recipe), runs)

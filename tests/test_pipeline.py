@@ -2,6 +2,8 @@
 
 import inspect
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from pipeline.render import html
 from pipeline.run_layout import STAGES, RunLayout
 from pipeline.runner import STAGE_MODULES
 from pipeline.stages import train as train_stage
+from tests.conftest import INTENTS, tiny_recipe_text
 
 pytestmark = pytest.mark.integration
 
@@ -24,12 +27,26 @@ def run_cli(*args) -> int:
     return main([str(a) for a in args])
 
 
+@pytest.fixture(scope="module")
+def pipeline_once(tiny_models, tmp_path_factory) -> Path:
+    """The tiny recipe run once for the module: its recipe, data and runs folder."""
+    folder = tmp_path_factory.mktemp("pipeline-once")
+    train, test = folder / "train.jsonl", folder / "test.jsonl"
+    for src, dst, n in ((INTENTS / "train.jsonl", train, 96), (INTENTS / "test.jsonl", test, 24)):
+        dst.write_text("".join(json.dumps(row) + "\n" for _, row in list(data.read_jsonl(src))[:n]))
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(tiny_recipe_text(tiny_models, train, test))
+    assert run_cli("run", recipe, "--runs-dir", folder / "runs") == 0
+    return folder
+
+
 @pytest.fixture
-def finished_run(tiny_recipe, tmp_path, capsys):
-    runs = tmp_path / "runs"
-    assert run_cli("run", tiny_recipe, "--runs-dir", runs) == 0
+def finished_run(pipeline_once, tmp_path, capsys):
+    """A copy of the module's finished run (tests may change it): (its recipe, its run folder)."""
     capsys.readouterr()
-    loaded = load_recipe(tiny_recipe)
+    loaded = load_recipe(pipeline_once / "recipe.yaml")
+    runs = tmp_path / "runs"
+    shutil.copytree(pipeline_once / "runs", runs)
     return loaded, runs / "tiny-test" / loaded.run_id
 
 
@@ -161,11 +178,14 @@ def test_adapter_and_quantized_variants_load_back_and_generate(finished_run):
         assert out.shape[1] > prompt.shape[1]
 
 
-def test_rerun_skips_finished_stages_and_report_does_not_generate(finished_run, tiny_recipe, capsys, monkeypatch):
-    loaded, run_dir = finished_run
-    runs = run_dir.parent.parent
+def test_rerun_skips_finished_stages_and_report_does_not_generate(pipeline_once, capsys, monkeypatch):
+    # the module's own run folder: a copied one would evaluate its moved variant folders again
+    loaded = load_recipe(pipeline_once / "recipe.yaml")
+    runs = pipeline_once / "runs"
+    run_dir = runs / "tiny-test" / loaded.run_id
+    capsys.readouterr()
     report = (run_dir / "report" / "report.json").stat().st_mtime_ns
-    assert run_cli("run", tiny_recipe, "--runs-dir", runs) == 0
+    assert run_cli("run", loaded.path, "--runs-dir", runs) == 0
     err = capsys.readouterr().err
     for stage in ("train", "quantize", "evaluate", "report"):  # unchanged data (a nightly job): nothing to do
         assert f"[{stage}] already done for this recipe and data; skipped" in err
@@ -175,16 +195,16 @@ def test_rerun_skips_finished_stages_and_report_does_not_generate(finished_run, 
         raise AssertionError("report must not generate")
 
     monkeypatch.setattr("pipeline.runtimes.transformers.generate_batches", no_generation)
-    assert run_cli("report", tiny_recipe, "--runs-dir", runs) == 0
+    assert run_cli("report", loaded.path, "--runs-dir", runs) == 0
     # eval reruns from the generation cache, without generating either
-    assert run_cli("eval", tiny_recipe, "--runs-dir", runs) == 0
+    assert run_cli("eval", loaded.path, "--runs-dir", runs) == 0
     assert "5" not in [line for line in capsys.readouterr().err.splitlines() if "generating" in line]
 
 
-def test_rerunning_train_reuses_the_tokenized_rows(finished_run, tiny_recipe, monkeypatch):
-    _, run_dir = finished_run
+def test_rerunning_train_reuses_the_tokenized_rows(finished_run, monkeypatch):
+    loaded, run_dir = finished_run
     monkeypatch.setattr(data, "training_examples", lambda *a, **k: pytest.fail("tokenized again"))
-    assert run_cli("train", tiny_recipe, "--runs-dir", run_dir.parent.parent) == 0
+    assert run_cli("train", loaded.path, "--runs-dir", run_dir.parent.parent) == 0
 
 
 def test_killed_training_resumes_from_its_last_checkpoint(tiny_recipe, tmp_path, capsys, monkeypatch):
@@ -281,14 +301,14 @@ def test_messages_format_with_a_chat_template_file_and_packing(write_recipe, tin
     assert report["candidates"]["specialized"]["prompt_tokens_per_example"] > 10
 
 
-def test_interrupted_evaluation_continues_from_its_generation_cache(finished_run, tiny_recipe, capsys):
-    _, run_dir = finished_run
+def test_interrupted_evaluation_continues_from_its_generation_cache(finished_run, capsys):
+    loaded, run_dir = finished_run
     cache = run_dir / "evaluate" / "generations" / "reference.jsonl"
     complete = cache.read_text().splitlines()
     # as if killed while writing the 4th answer: a header, 3 answers and half a line
     cache.write_text("\n".join(complete[:4]) + "\n" + complete[4][:10])
     (run_dir / "evaluate" / "generations" / "reference.cost.json").unlink()
-    assert run_cli("eval", tiny_recipe, "--runs-dir", run_dir.parent.parent) == 0
+    assert run_cli("eval", loaded.path, "--runs-dir", run_dir.parent.parent) == 0
     assert "[evaluate] reference: generating 21 answers (3 cached)" in capsys.readouterr().err
     assert cache.read_text().splitlines()[:4] == complete[:4] and len(cache.read_text().splitlines()) == 25
 
@@ -304,16 +324,14 @@ def test_training_is_reproducible_from_the_seed(tiny_recipe, tmp_path):
     assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
 
 
-def test_quantize_refuses_a_keep_pattern_that_names_no_module(finished_run, tiny_recipe, capsys):
-    _, run_dir = finished_run
+def test_quantize_refuses_a_keep_pattern_that_names_no_module(finished_run, capsys):
+    loaded, run_dir = finished_run
     # the overrides make a new run folder; copy the finished training into it
     overrides = ["quantize=[{kind: bnb-nf4, keep_full_precision: [transformer.h.0]}]"]
-    loaded = load_recipe(tiny_recipe, overrides)
+    loaded = load_recipe(loaded.path, overrides)
     new_run = run_dir.parent / loaded.run_id
-    import shutil
-
     shutil.copytree(run_dir / "train", new_run / "train")
-    args = ["quantize", tiny_recipe, "--runs-dir", run_dir.parent.parent, "--set", overrides[0]]
+    args = ["quantize", loaded.path, "--runs-dir", run_dir.parent.parent, "--set", overrides[0]]
     assert run_cli(*args) == 2
     assert "no module of the model is named 'transformer.h.0'" in capsys.readouterr().err
 

@@ -18,6 +18,7 @@ from pipeline.errors import PipelineError
 from pipeline.recipe import DataSection, ShipSection, load_recipe
 from pipeline.run_layout import RunLayout
 from pipeline.runs import read_manifest, run_dir_for
+from tests.conftest import INTENTS, tiny_recipe_text
 
 # chrF rather than exact match: random-init tiny models never get a label exactly right, so exact match
 # would tie every trial at 0 and the choice would say nothing
@@ -52,6 +53,20 @@ sweep:
   trials: 3
   seed: 1
 """
+
+
+@pytest.fixture(scope="module")
+def lr_sweep(tiny_models, tmp_path_factory) -> tuple:
+    """LR_SWEEP run once for the module: (its recipe, its runs folder)."""
+    folder = tmp_path_factory.mktemp("lr-sweep")
+    train, test = folder / "train.jsonl", folder / "test.jsonl"
+    for src, dst, n in ((INTENTS / "train.jsonl", train, 96), (INTENTS / "test.jsonl", test, 24)):
+        dst.write_text("".join(json.dumps(row) + "\n" for _, row in list(data.read_jsonl(src))[:n]))
+    (folder / "recipe.yaml").write_text(tiny_recipe_text(tiny_models, train, test))
+    recipe = folder / "sweep.yaml"
+    recipe.write_text(f"extends: recipe.yaml\n{SETTINGS}{LR_SWEEP}")
+    assert main(["run", str(recipe), "--runs-dir", str(folder / "runs")]) == 0
+    return recipe, folder / "runs"
 
 
 def _summary(recipe, runs) -> dict:
@@ -159,10 +174,8 @@ def test_a_random_sweep_samples_a_huge_grid_without_listing_it_and_a_huge_grid_a
 # --- integration on tiny models ------------------------------------------------------------------
 
 
-def test_the_sweep_chooses_on_validation_and_evaluates_only_the_chosen_trial(sweep_recipe, tmp_path):
-    recipe = sweep_recipe(LR_SWEEP)
-    runs = tmp_path / "runs"
-    assert main(["run", str(recipe), "--runs-dir", str(runs)]) == 0
+def test_the_sweep_chooses_on_validation_and_evaluates_only_the_chosen_trial(lr_sweep):
+    recipe, runs = lr_sweep
     summary = _summary(recipe, runs)
     done = {t["index"]: t for t in summary["trials"]}
     assert len(done) == 3 and all(t["status"] == "done" for t in done.values())
@@ -193,10 +206,9 @@ def test_the_sweep_chooses_on_validation_and_evaluates_only_the_chosen_trial(swe
     assert (chosen_dir / "report" / "report.md").is_file()
 
 
-def test_the_test_rows_never_choose_a_trial(sweep_recipe, tmp_path):
+def test_the_test_rows_never_choose_a_trial(lr_sweep, sweep_recipe, tmp_path):
+    first = _summary(*lr_sweep)  # the same rows and trials as sweep_recipe's, with the test rows as shipped
     recipe = sweep_recipe(LR_SWEEP)
-    assert main(["run", str(recipe), "--runs-dir", str(tmp_path / "a")]) == 0
-    first = _summary(recipe, tmp_path / "a")
     test_file = load_recipe(recipe).recipe.data.eval
     rows = [json.loads(line) for line in open(test_file)]
     with open(test_file, "w") as f:  # every expected answer of the test rows changed

@@ -14,6 +14,7 @@ from pipeline.files import read_jsonl_records
 from pipeline.metrics import scorer
 from pipeline.recipe import DataSection, load_recipe
 from pipeline.runtimes.transformers import generate_batches
+from tests.conftest import INTENTS, tiny_recipe_text
 
 pytestmark = pytest.mark.integration
 
@@ -27,12 +28,25 @@ VALIDATION = [
 ]
 
 
-def _run(recipe, runs, overrides) -> dict:
+def _run(recipe, runs, overrides, verb: str = "run") -> dict:
+    """`specialist run` (or `train` alone, for tests that read the training only), and what it wrote."""
     args = [str(recipe), "--runs-dir", str(runs), *[a for o in overrides for a in ("--set", o)]]
-    assert main(["run", *args]) == 0
+    assert main([verb, *args]) == 0
     loaded = load_recipe(recipe, overrides)
     run_dir = runs / loaded.recipe.name / loaded.run_id
     return {"loaded": loaded, "dir": run_dir, "result": json.loads((run_dir / "train" / "result.json").read_text())}
+
+
+@pytest.fixture(scope="module")
+def validated(tiny_models, tmp_path_factory) -> dict:
+    """The tiny recipe run once with VALIDATION, for the tests that only read it."""
+    folder = tmp_path_factory.mktemp("validated")
+    train, test = folder / "train.jsonl", folder / "test.jsonl"
+    for src, dst, n in ((INTENTS / "train.jsonl", train, 96), (INTENTS / "test.jsonl", test, 24)):
+        dst.write_text("".join(json.dumps(row) + "\n" for _, row in list(data.read_jsonl(src))[:n]))
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(tiny_recipe_text(tiny_models, train, test))
+    return _run(recipe, folder / "runs", VALIDATION)
 
 
 def test_the_default_split_holds_out_a_stratified_tenth_or_none(intents_rows, tmp_path):
@@ -86,8 +100,8 @@ def test_validation_rows_are_the_same_for_every_sample_size_and_never_an_eval_ro
         data.load_splits(section.model_copy(update={"validation": str(test)}))
 
 
-def test_validation_rows_are_never_trained_on(tiny_recipe, tmp_path):
-    run = _run(tiny_recipe, tmp_path / "runs", VALIDATION)
+def test_validation_rows_are_never_trained_on(validated):
+    run = validated
     splits = data.load_splits(run["loaded"].recipe.data)
     assert len(splits.validation) == 24 and len(splits.train) == 72 == run["result"]["rows"]
     held = {row.prompt for row in splits.validation}
@@ -98,10 +112,10 @@ def test_validation_rows_are_never_trained_on(tiny_recipe, tmp_path):
     assert not any(prompt in text for prompt in held for text in trained)
 
 
-def test_the_kept_adapter_is_the_best_logged_pass_and_scores_what_was_logged(tiny_recipe, tiny_models, tmp_path):
+def test_the_kept_adapter_is_the_best_logged_pass_and_scores_what_was_logged(validated, tiny_models):
     from peft import PeftModel
 
-    run = _run(tiny_recipe, tmp_path / "runs", VALIDATION)
+    run = validated
     validation = run["result"]["validation"]
     curve = validation["curve"]
     assert [e["step"] for e in curve] == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]  # and the last step, 20
@@ -133,7 +147,7 @@ def test_patience_stops_training_when_the_score_stops_improving(tiny_recipe, tmp
         "    return [1 / passes[0] for _ in predictions]\n"
     )
     overrides = [*VALIDATION, "train.patience=2", f"evaluate.metrics=[{never_better}:score]"]
-    run = _run(tiny_recipe, tmp_path / "runs", overrides)
+    run = _run(tiny_recipe, tmp_path / "runs", overrides, "train")
     validation = run["result"]["validation"]
     assert [e["step"] for e in validation["curve"]] == [2, 4, 6]  # the first pass, then two without a better one
     assert validation["stopped_early"] and run["result"]["steps"] == 6
@@ -165,19 +179,19 @@ def test_a_killed_training_resumes_with_its_curve_and_its_best(tiny_recipe, tmp_
     assert resumed["result"]["validation"]["chosen_step"] == uninterrupted["chosen_step"]
 
 
-def test_the_test_rows_never_choose_anything(tiny_recipe, tmp_path):
-    first = _run(tiny_recipe, tmp_path / "a", VALIDATION)["result"]["validation"]
+def test_the_test_rows_never_choose_anything(validated, tiny_recipe, tmp_path):
+    first = validated["result"]["validation"]  # the same rows as tiny_recipe's, with the test rows as shipped
     test_file = load_recipe(tiny_recipe).recipe.data.eval
     rows = [json.loads(line) for line in open(test_file)]
     with open(test_file, "w") as f:  # every expected answer of the test rows changed
         f.writelines(json.dumps({**row, "label": "something_else"}) + "\n" for row in rows)
-    second = _run(tiny_recipe, tmp_path / "b", VALIDATION)["result"]["validation"]
+    second = _run(tiny_recipe, tmp_path / "runs", VALIDATION, "train")["result"]["validation"]
     assert [(e["step"], e["value"]) for e in second["curve"]] == [(e["step"], e["value"]) for e in first["curve"]]
     assert second["chosen_step"] == first["chosen_step"]
 
 
 def test_select_last_keeps_the_last_adapter_and_still_logs_the_curve(tiny_recipe, tmp_path):
-    run = _run(tiny_recipe, tmp_path / "runs", [*VALIDATION, "train.select=last"])
+    run = _run(tiny_recipe, tmp_path / "runs", [*VALIDATION, "train.select=last"], "train")
     validation = run["result"]["validation"]
     assert validation["chosen_step"] == run["result"]["steps"] == 20 and len(validation["curve"]) == 10
     assert validation["why"].startswith("train.select: last")
@@ -194,8 +208,8 @@ def test_validate_prints_the_split_and_how_the_adapter_is_chosen(tiny_recipe, ca
     assert "scored on exact_match twice per epoch, stopping after 3 passes without a better score; the best" in out
 
 
-def test_the_report_says_which_adapter_was_kept(tiny_recipe, tmp_path):
-    run = _run(tiny_recipe, tmp_path / "runs", VALIDATION)
+def test_the_report_says_which_adapter_was_kept(validated):
+    run = validated
     report = json.loads((run["dir"] / "report" / "report.json").read_text())
     assert report["validation"]["chosen_step"] == run["result"]["validation"]["chosen_step"]
     markdown = (run["dir"] / "report" / "report.md").read_text()
@@ -205,7 +219,7 @@ def test_the_report_says_which_adapter_was_kept(tiny_recipe, tmp_path):
 def test_a_tie_on_the_metric_goes_to_the_pass_with_the_lower_validation_loss(tiny_recipe, tmp_path):
     flat = tmp_path / "flat.py"
     flat.write_text("def score(predictions, references):\n    return [0.5 for _ in predictions]\n")
-    run = _run(tiny_recipe, tmp_path / "runs", [*VALIDATION, f"evaluate.metrics=[{flat}:score]"])
+    run = _run(tiny_recipe, tmp_path / "runs", [*VALIDATION, f"evaluate.metrics=[{flat}:score]"], "train")
     validation = run["result"]["validation"]
     lowest = min(validation["curve"], key=lambda e: e["loss"])
     assert validation["chosen_step"] == lowest["step"] and "the lowest validation loss" in validation["why"]
@@ -220,7 +234,7 @@ def test_rows_the_teacher_forced_pass_already_answers_are_not_generated_and_get_
     from pipeline.train_validation import ValidationCallback
 
     trained = [*VALIDATION, "train.epochs=40", "train.eval_every=100", "train.lr=1e-2", "evaluate.max_new_tokens=16"]
-    run = _run(tiny_recipe, tmp_path / "runs", trained)  # long enough to learn most answers, each label whole
+    run = _run(tiny_recipe, tmp_path / "runs", trained, "train")  # long enough to learn most answers, each label whole
     curve = run["result"]["validation"]["curve"]
     assert all(0 <= e["generated_rows"] <= 24 for e in curve)
     assert curve[-1]["generated_rows"] < 24  # trained: most answers read from the loss pass, not generated
