@@ -555,8 +555,15 @@ def _validation_line(loaded: LoadedRecipe, splits: data.Splits) -> str:
     """How training will be scored and its adapter chosen, in one line."""
     train = loaded.recipe.train
     if not splits.validation:
-        return f"{splits.validation_source}; the last adapter is kept"
+        nothing = "; nothing to refit (train.refit)" if train.refit else ""
+        return f"{splits.validation_source}; the last adapter is kept{nothing}"
     choice = "the best pass's adapter is kept" if train.select == "best" else "the last adapter is kept (select: last)"
+    if train.refit:
+        choice = (
+            f"{'the best pass' if train.select == 'best' else 'the last pass'} chooses the step, then train.refit "
+            f"trains again on the training and validation rows ({len(splits.validation)} more) to that point of the "
+            "schedule and ships that adapter (the chosen one stays a candidate, before-refit)"
+        )
     every = f"every {train.eval_every} steps" if train.eval_every else "twice per epoch"
     stop = f", stopping after {train.patience} passes without a better score" if train.patience else ""
     metric = loaded.recipe.evaluate.metrics[0]
@@ -587,6 +594,7 @@ def _summary(
         "method": "QLoRA (nf4 base)" if train.qlora else "LoRA",
         "candidates": ["base", "specialized", *(v.label for v in recipe.quantize)]
         + (["seed-only"] if recipe.synthesize and recipe.synthesize.seed_only else [])
+        + (["before-refit"] if train.refit else [])
         + (["reference"] if recipe.evaluate.reference else []),
         "reference": recipe.evaluate.reference.model if recipe.evaluate.reference else None,
         "validation": validation,

@@ -241,6 +241,14 @@ class TrainSection(Section):
         description="Stop training after this many validation passes in a row without a better one (a higher score, "
         "or the same at a lower validation loss); off when unset.",
     )
+    refit: bool = Field(
+        False,
+        description="After the step is chosen on the validation rows, train again from the start on the training "
+        "and validation rows together, stopping at the same point of the schedule (the chosen step, scaled by the "
+        "larger row count), and ship that adapter. The adapter chosen on validation stays a candidate "
+        "(before-refit), paired with the refit on the eval rows. Costs a second training; not with cascade: or "
+        "sweep:, which choose on the validation rows the refit trains on.",
+    )
     frozen_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="dtype of the frozen base's LoRA-wrapped weights while training (the adapter, norms, attention "
@@ -768,7 +776,7 @@ class LearningCurveSection(Section):
 # or where the runs go. Trials must be compared on the same validation rows with the same metric.
 UNSWEEPABLE = ("name", "sweep", "learning_curve", "publish", "launch", "evaluate", "data.eval", "data.validation",
                "data.split_seed", "data.eval_split", "data.max_eval_rows", "data.eval_fraction", "data.train",
-               "data.train_fraction", "distill")  # fmt: skip
+               "data.train_fraction", "distill", "train.refit")  # fmt: skip
 MAX_SWEEP_TRIALS = 1000  # a sweep's runs: beyond this a grid is a typo or a job for sweep.trials
 
 
@@ -1450,6 +1458,20 @@ def _train_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
                     f"{', '.join(absent)} not installed: .venv/bin/pip install -e '.[trackers]' (TensorBoard, "
                     "MLflow) or the tracker's own package",
                 )
+            )
+    if recipe.train.refit:
+        choosers = [name for name in ("cascade", "sweep") if getattr(recipe, name) is not None]
+        if recipe.data.validation == 0:
+            problems.append((("train", "refit"), "needs validation rows to choose the step on; data.validation is 0"))
+        for name in choosers:
+            what = "its threshold" if name == "cascade" else "a trial"
+            fix = (
+                "sweep without it, then run the chosen trial's recipe with --set train.refit=true"
+                if name == "sweep"
+                else "turn off one of them"
+            )
+            problems.append(
+                (("train", "refit"), f"{name}: chooses {what} on the validation rows, which a refit trains on; {fix}")
             )
     if recipe.train.qlora:
         try:

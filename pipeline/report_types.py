@@ -45,7 +45,7 @@ class Candidate(Open):
     them; an API: its server's count), `generated_tokens_per_example`, `price`, `cpu_seconds_per_1000_answers`,
     `joules_per_1000_answers` and `energy_counter` (rapl / nvml / null: over the single requests)."""
 
-    role: Literal["base", "specialized", "quantized", "reference", "seed_only"]
+    role: Literal["base", "specialized", "quantized", "reference", "seed_only", "before_refit"]
     metrics: dict[str, MetricValue] = Field(description="per metric of the recipe: value and interval")
     runtime: str | None = Field(None, description="transformers / llama.cpp / endpoint, with its precision")
     parameters: int | None = None
@@ -160,7 +160,8 @@ class Report(BaseModel):
         description=(
             "which adapter training kept, from `train/result.json`: `source` (how the validation rows were "
             "chosen), `metric`, `rows`, `curve` (step, epoch, value, seconds per pass), `chosen_step`, "
-            "`chosen_value`, `select`, `why`, `stopped_early`, `seconds` (all passes)"
+            "`chosen_value`, `select`, `why`, `stopped_early`, `seconds` (all passes); with train.refit, `refit` "
+            "(train/result.json's: the second training on the training and validation rows, which ships)"
         ),
     )
     sweep: dict[str, Any] | None = Field(

@@ -43,6 +43,22 @@ class TrainValidation(Open):
     )
 
 
+class TrainRefit(Open):
+    """train.refit: the second training, on the training and validation rows, whose adapter the run ships."""
+
+    refitted: bool = Field(description="false where no validation rows were held out (nothing to add)")
+    why: str = Field(description="the chosen step, and where the refit stopped, in words")
+    rows: int | None = Field(None, description="rows the refit trained on: the training rows and the validation rows")
+    validation_rows_added: int | None = None
+    sequences: int | None = None
+    schedule_steps: int | None = Field(None, description="the first pass's schedule stretched over the added rows")
+    steps: int | None = Field(None, description="where the refit stopped: the chosen step, scaled the same way")
+    train_loss: float | None = None
+    final_loss: float | None = None
+    train_seconds: float | None = None
+    resumed_from: str | None = None
+
+
 class TrainResult(BaseModel):
     """train/result.json: what the train stage trained, on which rows, how, and which adapter it kept."""
 
@@ -64,6 +80,7 @@ class TrainResult(BaseModel):
     tokens_per_epoch: int | None = None
     target_tokens_per_epoch: int | None = Field(None, description="tokens that carry a label (answers, end tokens)")
     steps: int
+    schedule_steps: int | None = Field(None, description="the steps the schedule planned (patience may stop sooner)")
     processes: int | None = None
     effective_batch_size: int | None = None
     train_loss: float | None = Field(None, description="the Trainer's mean training loss")
@@ -75,6 +92,9 @@ class TrainResult(BaseModel):
     train_seconds: float = Field(description="wall time of training, validation passes included")
     resumed_from: str | None = Field(None, description="the checkpoint a resumed run continued from")
     validation: TrainValidation
+    refit: TrainRefit | None = Field(
+        None, description="train.refit: the shipped adapter's training; the fields above describe the first pass"
+    )
 
 
 class Score(Open):
@@ -89,7 +109,7 @@ class Answered(Open):
     """One candidate's answers to the eval rows: its scores and what answering cost (report.json's candidate
     fields, before intervals)."""
 
-    role: Literal["base", "specialized", "quantized", "reference", "seed_only"]
+    role: Literal["base", "specialized", "quantized", "reference", "seed_only", "before_refit"]
     metrics: dict[str, Score]
     runtime: str | None = None
     device: str | None = None

@@ -8,6 +8,7 @@ and each stage writes only under its own folder:
       synthesize/ rows.jsonl, candidates.jsonl, result.json (the rows the teacher wrote, their checks, what was kept)
       distill/    labelled.jsonl, result.json (the teacher's answers and what was kept)
       train/      adapter/ (the kept adapter), result.json, metrics.jsonl, checkpoints/, tensorboard/, tracking.json
+                  (train.refit: validated-adapter/, validated.json, refit-metrics.jsonl, refit-checkpoints/)
       quantize/   merged/, one folder per variant, result.json
       evaluate/   generations/<candidate>.jsonl, results.json, eval_rows.jsonl (the rows it evaluated)
       cascade/    result.json
@@ -138,6 +139,26 @@ class RunLayout:
     def checkpoints(self) -> Path:
         """For resuming; removed once training finishes."""
         return self.root / "train" / "checkpoints"
+
+    @property
+    def validated_adapter(self) -> Path:
+        """train.refit: the adapter chosen on the validation rows, before the refit (the before-refit candidate)."""
+        return self.root / "train" / "validated-adapter"
+
+    @property
+    def validated_result(self) -> Path:
+        """train.refit: the first pass's result, so a refit killed part-way does not train that pass again."""
+        return self.root / "train" / "validated.json"
+
+    @property
+    def refit_metrics(self) -> Path:
+        """train.refit: loss per step of the refit on the training and validation rows."""
+        return self.root / "train" / "refit-metrics.jsonl"
+
+    @property
+    def refit_checkpoints(self) -> Path:
+        """train.refit: for resuming the refit; removed once it finishes."""
+        return self.root / "train" / "refit-checkpoints"
 
     @property
     def tensorboard(self) -> Path:

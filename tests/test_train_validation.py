@@ -7,12 +7,14 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from pipeline import data, models, runtimes
 from pipeline.cli import main
 from pipeline.files import read_jsonl_records
 from pipeline.metrics import scorer
 from pipeline.recipe import DataSection, load_recipe
+from pipeline.run_layout import RunLayout
 from pipeline.runtimes.transformers import generate_batches
 from tests.conftest import INTENTS, tiny_recipe_text
 
@@ -272,3 +274,60 @@ def test_rows_the_teacher_forced_pass_already_answers_are_not_generated_and_get_
     short.max_new_tokens = 1  # an answer longer than generation may run is always generated
     with torch.inference_mode():
         assert short._teacher_forced(model)[1] == {}
+
+
+def test_refit_trains_again_on_every_row_to_the_chosen_point_and_keeps_the_first_adapter_as_a_candidate(
+    tiny_recipe, tmp_path, monkeypatch
+):
+    from pipeline.stages import train as train_stage
+
+    refit = [*VALIDATION, "train.refit=true", "quantize=[]", "evaluate.gates.quantized_max_drop=null"]
+    run = _run(tiny_recipe, tmp_path / "runs", refit)
+    result, layout = run["result"], RunLayout(run["dir"])
+    chosen, planned = result["validation"]["chosen_step"], result["schedule_steps"]
+    assert planned == 20 and result["rows"] == 72  # the first pass: 72 rows, 5 steps an epoch, 4 epochs
+    second = result["refit"]
+    assert second["refitted"] and second["rows"] == 96 and second["validation_rows_added"] == 24
+    assert second["schedule_steps"] == 24  # 96 rows: 6 steps an epoch, the same 4 epochs
+    assert second["steps"] == max(1, round(chosen / planned * 24))  # stopped where validation chose
+    logged = [r["step"] for r in read_jsonl_records(layout.refit_metrics) if "loss" in r]
+    assert logged == list(range(1, second["steps"] + 1))
+    # the refit's adapter ships; the one validation chose is the before-refit candidate, paired on the eval rows
+    report = json.loads((run["dir"] / "report" / "report.json").read_text())
+    assert report["candidates"]["before-refit"]["role"] == "before_refit"
+    assert "before-refit" in report["comparisons"]
+    shipped = load_file(layout.adapter / "adapter_model.safetensors")
+    before = load_file(layout.validated_adapter / "adapter_model.safetensors")
+    assert any(not torch.equal(shipped[k], before[k]) for k in shipped)
+    markdown = (run["dir"] / "report" / "report.md").read_text()
+    assert "Refit (train.refit): validation chose step" in markdown and "What the refit bought:" in markdown
+
+    # killed during the refit: the rerun continues after the first pass, which it does not train again
+    again = tmp_path / "again"
+    original = train_stage.LossLog.on_log
+    kill = min(5, second["steps"])  # past the checkpoint at step 4 where the refit goes that far
+
+    def die_in_the_refit(self, args, state, control, logs=None, **kwargs):
+        original(self, args, state, control, logs=logs, **kwargs)
+        if self.path.name == "refit-metrics.jsonl" and state.global_step == kill:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_stage.LossLog, "on_log", die_in_the_refit)
+    args = ["train", str(tiny_recipe), "--runs-dir", str(again), *[a for o in refit for a in ("--set", o)]]
+    assert main(args) == 130
+    monkeypatch.setattr(train_stage.LossLog, "on_log", original)
+    monkeypatch.setattr(train_stage, "_train_and_choose", lambda *a: pytest.fail("the first pass trained again"))
+    resumed = _run(tiny_recipe, again, refit, "train")["result"]
+    assert resumed["refit"]["steps"] == second["steps"]
+    assert (resumed["refit"]["resumed_from"] or "").endswith("checkpoint-4") == (kill == 5)
+    assert resumed["validation"]["chosen_step"] == chosen
+
+
+def test_refit_is_refused_beside_what_chooses_on_the_validation_rows(tiny_recipe, capsys):
+    for extra, says in (
+        (["data.validation=0"], "needs validation rows to choose the step on"),
+        (["cascade={rule: max_defer, max_defer: 0.5}"], "cascade: chooses its threshold on the validation rows"),
+    ):
+        args = ["validate", str(tiny_recipe), "--set", "train.refit=true", *[a for e in extra for a in ("--set", e)]]
+        assert main(args) == 2
+        assert says in capsys.readouterr().err

@@ -201,7 +201,34 @@ def validation_markdown(report: dict) -> list[str]:
             for e in v["curve"]
         ]
         lines += ["", f"The passes took {v['seconds']:.1f} s in all.", ""]
+    refit = v.get("refit")
+    if refit:
+        trained = (
+            f" It trained on {refit['rows']} rows ({refit['validation_rows_added']} of them the validation rows) in "
+            f"{refit['train_seconds']:.1f} s; its adapter is the one shipped."
+            if refit.get("refitted")
+            else ""
+        )
+        lines += [f"Refit (train.refit): {refit['why']}.{trained}", ""]
+        bought = _refit_line(report)
+        lines += [bought, ""] if bought else []
     return lines
+
+
+def _refit_line(report: dict) -> str | None:
+    """What the refit bought: the shipped adapter against the one validation chose, paired on the same eval rows."""
+    candidates, metric = report.get("candidates", {}), report.get("metric")
+    comparison = report.get("comparisons", {}).get("before-refit")
+    if "before-refit" not in candidates or "specialized" not in candidates or comparison is None:
+        return None
+    mine, before = (candidates[n]["metrics"][metric] for n in ("specialized", "before-refit"))
+    return (
+        f"What the refit bought: {metric} {mine['value']:.3f} [{mine['ci95'][0]:.3f}, {mine['ci95'][1]:.3f}] "
+        f"refitted against {before['value']:.3f} [{before['ci95'][0]:.3f}, {before['ci95'][1]:.3f}] for the adapter "
+        f"validation chose (candidate before-refit); on the same {report['eval_rows']} eval rows it wins "
+        f"{comparison['wins']} and loses {comparison['losses']} (p = {comparison['p_value']:.2g}, "
+        f"{comparison['test'].replace('_', ' ')})."
+    )
 
 
 REASONS = {

@@ -37,7 +37,9 @@ STAGE = "evaluate"
 @dataclass(frozen=True)
 class Candidate:
     name: str
-    role: str  # base | specialized | quantized | reference | seed_only (a synthesize recipe: the seed rows alone)
+    # base | specialized | quantized | reference | seed_only (a synthesize recipe: the seed rows alone)
+    # | before_refit (train.refit: the adapter validation chose, before the refit on the validation rows too)
+    role: str
     source: models.ModelSource
     adapter_dir: Path | None = None
     quantized: bool = False  # a variant of the quantize stage (bitsandbytes folder or GGUF file)
@@ -74,6 +76,9 @@ def candidates(loaded: LoadedRecipe, run_dir: Path) -> list[Candidate]:
     base = models.resolve_model(recipe.model.base)
     trust = recipe.model.trust_remote_code
     found = [Candidate("base", "base", base, trust_remote_code=trust), _specialized(loaded, run_dir, base)]
+    validated = RunLayout(run_dir).validated_adapter
+    if recipe.train.refit and validated.is_dir():  # the same training without the validation rows: what refit bought
+        found.append(Candidate("before-refit", "before_refit", base, adapter_dir=validated, trust_remote_code=trust))
     sibling = synthesize.seed_only_run(loaded, run_dir)
     if sibling is not None:  # the specialist of the seed rows alone: what the teacher's rows bought
         found.append(Candidate("seed-only", "seed_only", base, adapter_dir=_seed_only_adapter(loaded, sibling)))

@@ -400,7 +400,10 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
             json.loads(synthesize_result.read_text()), len(splits.train), _synthesis_teacher(loaded.recipe).price
         )
     if RunLayout(run_dir).train_result.is_file():  # which adapter training kept, chosen on validation rows
-        report["validation"] = read_train_result(run_dir).get("validation")
+        trained = read_train_result(run_dir)
+        report["validation"] = trained.get("validation")
+        if trained.get("refit") and report["validation"] is not None:  # train.refit: the adapter shipped instead
+            report["validation"] = {**report["validation"], "refit": trained["refit"]}
     layout = RunLayout(run_dir)
     for key, path, plot, name in (
         ("sweep", layout.sweep, write_sweep_plot, "sweep"),

@@ -61,21 +61,54 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
 
 
 def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    recipe, train = loaded.recipe, loaded.recipe.train
+    train = loaded.recipe.train
     main_process = is_main_process()
-    stage_dir = RunLayout(run_dir).stage(STAGE)
+    layout = RunLayout(run_dir)
+    stage_dir = layout.stage(STAGE)
     if main_process:  # the launching process, or rank 0 after it: no other rank writes
         start_stage(stage_dir)
     if train.processes > 1 and not in_launched_process():
         return _launch(loaded, run_dir)
     stage_fp = fingerprint(loaded, run_dir)
-    checkpoints_dir = RunLayout(run_dir).checkpoints
     if main_process:
         _discard_stale_checkpoints(stage_dir, stage_fp)
 
     rows = _training_rows(loaded, run_dir)
+    # a refit killed part-way continues after its first pass, which it does not train again
+    result = _validated(layout, stage_fp) if train.refit else None
+    if result is None:
+        result = _train_and_choose(loaded, run_dir, rows, stage_fp)
+    if train.refit:
+        if train.processes > 1:  # every rank refits to the step rank 0's validation chose
+            result = _from_rank_0(result)
+        result["refit"] = _refit(loaded, run_dir, rows, result)
+    if not main_process:  # rank 0 writes the adapter and the results; the others only trained
+        return {"steps": result["steps"]}
+    write_json_atomic(layout.train_result, result_types.check(result_types.TrainResult, result))
+    (stage_dir / "checkpoints.owner").unlink(missing_ok=True)
+    mark_done(stage_dir, stage_fp)
+    last = result["refit"] if result.get("refit", {}).get("refitted") else result
+    final = "—" if last["final_loss"] is None else f"{last['final_loss']:.4f}"  # none logged in very short runs
+    log(STAGE, f"done: {last['steps']} steps, final loss {final}, {last['train_seconds']:.1f}s")
+    return result
+
+
+def _from_rank_0(value):
+    """Rank 0's value on every rank (the launched ranks share a process group)."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _train_and_choose(loaded: LoadedRecipe, run_dir: Path, rows: TrainingRows, stage_fp: str) -> dict:
+    """Train on the training rows, validating as it goes; keep the adapter validation chose (train/adapter, or
+    train/validated-adapter where a refit follows). Rank 0 returns the result; the other ranks its steps."""
+    recipe, train = loaded.recipe, loaded.recipe.train
+    main_process = is_main_process()
+    layout = RunLayout(run_dir)
+    stage_dir = layout.stage(STAGE)
     model, dtype, chosen = _adapter_model(recipe, rows.source)
     effective_batch = train.batch_size * train.processes * train.grad_accum
     if main_process:
@@ -84,30 +117,22 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
             f"effective batch {effective_batch} = {train.batch_size} per process x {train.processes} "
             f"process{'es' if train.processes > 1 else ''} x {train.grad_accum} accumulated",
         )
-    args = _training_arguments(train, checkpoints_dir, dtype, main_process)
-    metrics_path = RunLayout(run_dir).train_metrics
+    args = _training_arguments(train, layout.checkpoints, dtype, main_process)
     if main_process and train.report_to:
         tracking.start(loaded, run_dir)
     validating = _validation_callback(
         loaded, rows.splits, rows.tokenizer, rows.chat, len(rows.sequences), stage_dir, main_process
     )
-    trainer = AnswerLossTrainer(
-        split_by_length=train.processes == 1,  # DDP expects one forward per step
-        model=model,
-        args=args,
-        train_dataset=rows.sequences,
-        # padding first: every answer ends at the last column, so AnswerLossTrainer computes few logits
-        data_collator=lambda batch: data.pad_batch(batch, rows.tokenizer.pad_token_id, left=True),
-        callbacks=[LossLog(metrics_path), CheckpointOnSignal(), *([validating] if validating else [])],
-    )
+    callbacks = [LossLog(layout.train_metrics), *([validating] if validating else [])]
+    trainer = _trainer(model, args, rows, callbacks, train.processes)
     if validating:
         validating.trainer = trainer
     if main_process and train.processes > 1:
         kind = trainer.accelerator.distributed_type.value
         log(STAGE, f"distributed: {kind} over {trainer.args.world_size} processes")
-    last = get_last_checkpoint(str(checkpoints_dir)) if checkpoints_dir.is_dir() else None
-    output, seconds = _train(trainer, last, train.report_to, checkpoints_dir)
-    if not main_process:  # rank 0 writes the adapter and the results; the others only trained
+    last = _last_checkpoint(layout.checkpoints)
+    output, seconds = _train(trainer, last, train.report_to, layout.checkpoints)
+    if not main_process:
         log(STAGE, f"rank {args.process_index}/{train.processes}: {trainer.state.global_step} steps")
         return {"steps": trainer.state.global_step}
     if train.processes > 1:
@@ -115,16 +140,18 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
 
     summary = validating.summary() if validating else None
     choice = train_validation.choose(summary, train.select, trainer.state.global_step)
-    _save_adapter(model, rows.tokenizer, stage_dir, choice, trainer.state.global_step)
+    kept = layout.validated_adapter if train.refit else layout.adapter
+    _save_adapter(model, rows.tokenizer, stage_dir, kept, choice, trainer.state.global_step)
     log(STAGE, f"adapter: step {choice['chosen_step']}, {choice['why']}")
     trainable, total = model.get_nb_trainable_parameters()
     result = {
         **rows.facts(),
         "steps": trainer.state.global_step,
+        "schedule_steps": trainer.state.max_steps,
         "processes": train.processes,
         "effective_batch_size": effective_batch,
         "train_loss": output.training_loss,
-        "final_loss": _last_loss(metrics_path),
+        "final_loss": _last_loss(layout.train_metrics),
         "trainable_parameters": trainable,
         "frozen_dtype": chosen["dtype"],
         "precision": chosen,  # how frozen_dtype was chosen, with the probe's figures where it measured
@@ -133,14 +160,98 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
         "resumed_from": last,
         "validation": {"source": rows.splits.validation_source, **(summary or {"rows": 0}), **choice},
     }
-    write_json_atomic(RunLayout(run_dir).train_result, result_types.check(result_types.TrainResult, result))
+    if train.refit:  # the first pass is final: a refit killed after this point starts from here
+        write_json_atomic(layout.validated_result, {"fingerprint": stage_fp, "result": result})
     # The adapter is final; checkpoints only served resuming.
-    shutil.rmtree(checkpoints_dir, ignore_errors=True)
-    (stage_dir / "checkpoints.owner").unlink(missing_ok=True)
-    mark_done(stage_dir, stage_fp)
-    final = "—" if result["final_loss"] is None else f"{result['final_loss']:.4f}"  # none logged in very short runs
-    log(STAGE, f"done: {result['steps']} steps, final loss {final}, {seconds:.1f}s")
+    shutil.rmtree(layout.checkpoints, ignore_errors=True)
     return result
+
+
+def _validated(layout: RunLayout, stage_fp: str) -> dict | None:
+    """The first pass of a refit that was killed after it, where it trained this recipe on these rows."""
+    if not layout.validated_result.is_file() or not layout.validated_adapter.is_dir():
+        return None
+    kept = json.loads(layout.validated_result.read_text())
+    if kept.get("fingerprint") != stage_fp:
+        return None
+    log(STAGE, f"the first pass is trained already ({layout.validated_adapter}); refitting")
+    return kept["result"]
+
+
+def _refit(loaded: LoadedRecipe, run_dir: Path, rows: TrainingRows, first: dict) -> dict:
+    """train.refit: train again from the start on the training and validation rows, with the recipe's settings,
+    and stop at the point of the schedule validation chose; its adapter becomes train/adapter."""
+    recipe, train = loaded.recipe, loaded.recipe.train
+    layout = RunLayout(run_dir)
+    main_process = is_main_process()
+    validation = rows.splits.validation
+    if not validation:
+        # nothing was held out (too few rows for the default share): the first pass trained on every row already
+        why = "no validation rows were held out, so the first pass already trained on every row"
+        log(STAGE, f"refit: {why}")
+        if main_process:  # the first pass's adapter is the run's: no before-refit candidate, it would be the same
+            replace_dir(layout.validated_adapter, layout.adapter)
+        return {"refitted": False, "why": why}
+    added = data.training_examples(rows.tokenizer, validation, rows.chat, recipe.data)
+    examples = rows.tokenized.examples + added.examples
+    sequences = data.pack(examples, recipe.data.max_seq_len) if recipe.data.packing else examples
+    # the same settings over more rows (epochs as they are; max_steps stretched by the rows added), stopped at the
+    # point of the schedule validation chose, so the learning rate has decayed as far as it had there
+    chosen, planned = first["validation"]["chosen_step"], first["schedule_steps"]
+    max_steps = round(train.max_steps * len(sequences) / len(rows.sequences)) if train.max_steps else None
+    log(
+        STAGE,
+        f"refit: validation chose step {chosen} of {planned}; training again from the start on {len(sequences)} "
+        f"sequences (the validation rows added) to the same point of the schedule",
+    )
+    model, dtype, _ = _adapter_model(recipe, rows.source)
+    refit_train = train.model_copy(update={"max_steps": max_steps, "report_to": []})
+    args = _training_arguments(refit_train, layout.refit_checkpoints, dtype, main_process)
+    refit_rows = dataclasses.replace(rows, sequences=sequences)
+    stop = StopAt(chosen / planned)
+    trainer = _trainer(model, args, refit_rows, [LossLog(layout.refit_metrics), stop], train.processes)
+    last = _last_checkpoint(layout.refit_checkpoints)
+    output, seconds = _train(trainer, last, [], layout.refit_checkpoints)
+    if main_process:
+        _save_adapter(model, rows.tokenizer, layout.stage(STAGE), layout.adapter, None, trainer.state.global_step)
+        shutil.rmtree(layout.refit_checkpoints, ignore_errors=True)
+    schedule = trainer.state.max_steps
+    why = (
+        f"validation chose step {chosen} of {planned} on {len(rows.sequences)} training sequences; the refit trained "
+        f"{len(sequences)} (the validation rows added) and stopped at step {trainer.state.global_step} of {schedule}"
+    )
+    log(STAGE, f"refit: {why}")
+    return {
+        "refitted": True,
+        "why": why,
+        "rows": len(examples),
+        "validation_rows_added": len(added.examples),
+        "sequences": len(sequences),
+        "schedule_steps": schedule,
+        "steps": trainer.state.global_step,
+        "train_loss": output.training_loss,
+        "final_loss": _last_loss(layout.refit_metrics),
+        "train_seconds": round(seconds, 3),
+        "resumed_from": last,
+    }
+
+
+def _trainer(model, args, rows: TrainingRows, callbacks: list, processes: int) -> AnswerLossTrainer:
+    return AnswerLossTrainer(
+        split_by_length=processes == 1,  # DDP expects one forward per step
+        model=model,
+        args=args,
+        train_dataset=rows.sequences,
+        # padding first: every answer ends at the last column, so AnswerLossTrainer computes few logits
+        data_collator=lambda batch: data.pad_batch(batch, rows.tokenizer.pad_token_id, left=True),
+        callbacks=[*callbacks, CheckpointOnSignal()],
+    )
+
+
+def _last_checkpoint(folder: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
 def _train(trainer, last: str | None, report_to: list[str], checkpoints_dir: Path):
@@ -325,18 +436,17 @@ def _validation_callback(loaded, splits, tokenizer, chat, sequences, stage_dir, 
     )
 
 
-def _save_adapter(model, tokenizer, stage_dir: Path, choice: dict, last_step: int) -> None:
-    """train/adapter/: the best validation pass's adapter where that is the choice, else the model as trained."""
-    adapter_dir = stage_dir / "adapter"
+def _save_adapter(model, tokenizer, stage_dir: Path, into: Path, choice: dict | None, last_step: int) -> None:
+    """`into`: the best validation pass's adapter where that is the choice, else the model as trained."""
     best_dir = stage_dir / train_validation.BEST_ADAPTER
-    tmp = temp_dir_for(adapter_dir)
-    if choice["chosen_step"] != last_step:
+    tmp = temp_dir_for(into)
+    if choice is not None and choice["chosen_step"] != last_step:
         shutil.copytree(best_dir, tmp, ignore=shutil.ignore_patterns(train_validation.STATE_FILE))
     else:
         model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    replace_dir(tmp, adapter_dir)
-    shutil.rmtree(best_dir, ignore_errors=True)  # chosen: train/adapter is the run's adapter now
+    replace_dir(tmp, into)
+    shutil.rmtree(best_dir, ignore_errors=True)  # chosen: `into` is the run's adapter now
 
 
 def lora_config(lora):
@@ -468,9 +578,10 @@ def _discard_stale_checkpoints(stage_dir: Path, stage_fp: str) -> None:
     owner = stage_dir / "checkpoints.owner"
     if owner.is_file() and owner.read_text() != stage_fp:
         layout = RunLayout(stage_dir.parent)
-        shutil.rmtree(layout.checkpoints, ignore_errors=True)
-        shutil.rmtree(stage_dir / train_validation.BEST_ADAPTER, ignore_errors=True)
-        layout.train_metrics.unlink(missing_ok=True)
+        for folder in (layout.checkpoints, layout.refit_checkpoints, stage_dir / train_validation.BEST_ADAPTER):
+            shutil.rmtree(folder, ignore_errors=True)
+        for file in (layout.train_metrics, layout.refit_metrics, layout.validated_result):
+            file.unlink(missing_ok=True)
         (stage_dir / train_validation.STATE_FILE).unlink(missing_ok=True)
     stage_dir.mkdir(parents=True, exist_ok=True)
     owner.write_text(stage_fp)
@@ -516,6 +627,17 @@ class CheckpointOnSignal(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+class StopAt(TrainerCallback):
+    """End training at a share of its schedule, the schedule (learning rate decay) unchanged."""
+
+    def __init__(self, share: float):
+        self.share = share
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= max(1, round(self.share * state.max_steps)):
+            control.should_training_stop = True
 
 
 class LossLog(TrainerCallback):
