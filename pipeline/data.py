@@ -433,7 +433,10 @@ def load_splits(
     labelled = [format_row(section, row, where) for where, row in _read_file(distilled)] if distilled else []
     written = [format_row(section, row, where) for where, row in _read_file(synthesized)] if synthesized else []
     fraction_of = {}
-    if section.train_fraction is not None:  # gold, teacher-labelled and teacher-written rows each by the same share
+    if section.train_fraction is not None and section.train_fraction_of == "synthesized":  # the gold rows whole
+        fraction_of = {"synthesized": len(written)}
+        written = nested_fraction(written, section.train_fraction, section.split_seed)
+    elif section.train_fraction is not None:  # gold, teacher-labelled and teacher-written rows each by the same share
         fraction_of = {"gold": len(train), "distilled": len(labelled), "synthesized": len(written)}
         train = nested_fraction(train, section.train_fraction, section.split_seed)
         labelled = nested_fraction(labelled, section.train_fraction, section.split_seed)

@@ -2,7 +2,8 @@
 that supports it: a validation curve still rising at its last pass, a learning curve that has not flattened,
 labels thin in training and often confused, answers outside the label set, answers cut off at max_new_tokens, a
 quantized file that loses more than its siblings, a larger base a sweep found better, a teacher's rows that did not
-pay against the seed-only specialist or that its own check thinned. Where nothing stands out,
+pay against the seed-only specialist or that its own check thinned, a refit that did worse than the adapter
+validation chose. Where nothing stands out,
 it says so. No I/O: the report stage calls `next_steps(report)` on the report it is about to write.
 """
 
@@ -34,6 +35,7 @@ def next_steps(report: dict) -> list[dict]:
         *_quantized_outlier(report),
         *_larger_base(report),
         *_synthetic_rows(report),
+        *_refit_lost(report),
     ]
     if found:
         return found
@@ -100,6 +102,25 @@ def _synthetic_rows(report: dict) -> list[dict]:
     return found
 
 
+def _refit_lost(report: dict) -> list[dict]:
+    """train.refit shipped an adapter that is significantly worse than the one validation chose."""
+    comparison = report.get("comparisons", {}).get("before-refit")
+    if comparison is None or comparison["losses"] <= comparison["wins"] or comparison["p_value"] >= SIGNIFICANT:
+        return []
+    metric, candidates = report["metric"], report["candidates"]
+    mine, before = (candidates[n]["metrics"][metric]["value"] for n in ("specialized", "before-refit"))
+    return [
+        {
+            "kind": "refit_lost",
+            "advice": "turn off train.refit: the adapter validation chose did better than the one trained again on "
+            "the validation rows too (the refit stops at the chosen point of a longer schedule; on this task that "
+            "point did not carry over)",
+            "evidence": f"{metric} {mine:.3f} refitted against {before:.3f} before the refit (won "
+            f"{comparison['wins']}, lost {comparison['losses']}, p = {comparison['p_value']:.2g})",
+        }
+    ]
+
+
 def _still_rising(report: dict) -> list[dict]:
     validation = report.get("validation") or {}
     curve = validation.get("curve") or []
@@ -150,10 +171,20 @@ def _curve_not_flat(report: dict) -> list[dict]:
         if target is not None and projection.get("rows")
         else ""
     )
+    validation = report.get("validation") or {}
+    held = (
+        f"; the {validation['rows']} validation rows are such rows: train.refit trains the shipped adapter on them too"
+        if validation.get("rows") and not validation.get("refit")
+        else ""
+    )
     return [
         {
             "kind": "more_rows",
-            "advice": "more training rows of this kind (labelled, or a teacher's: distill:) are still paying",
+            "advice": (
+                "more rows from the teacher (synthesize.per_label) are still paying"
+                if curve.get("over") == "synthesized"
+                else f"more training rows of this kind (labelled, or a teacher's: distill:) are still paying{held}"
+            ),
             "evidence": f"the learning curve has not flattened: the last doubling to {last['rows']:,} rows gained "
             f"{gain:+.3f} {metric}, more than the last point's interval{need}",
         }

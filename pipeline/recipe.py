@@ -150,6 +150,12 @@ class DataSection(Section):
         "nested sample (every smaller share is part of every larger one), stratified by target for label sets. "
         "Learning curves set it; distilled rows are sampled by the same share.",
     )
+    train_fraction_of: Literal["all", "synthesized"] = Field(
+        "all",
+        description="Which rows train_fraction samples: all (the gold rows, and teacher-labelled and teacher-written "
+        "rows, each by the share), or synthesized (the rows the synthesize stage's teacher wrote; the gold rows "
+        "whole). A learning curve over synthesized rows sets it.",
+    )
     max_eval_rows: int | None = Field(
         None, gt=0, description="Evaluate on a sample of N rows, drawn like max_train_rows."
     )
@@ -511,6 +517,17 @@ SYNTHESIZE_VARIATIONS = [
     "Write them as someone upset or in a hurry.",
 ]
 
+PROPOSE_VARIATIONS_PROMPT = """{description}
+
+The task's labels: {labels}.
+Some of its messages:
+{examples}
+
+Think of the people who send these messages. List {count} different ways their messages vary: who writes, what
+they are in the middle of, tone, length, spelling, language. Give each as an instruction to a writer, one short
+sentence starting with "Write them", numbered 1 to {count}. Do not write messages."""
+PROPOSE_VARIATIONS_FIELDS = ("description", "labels", "count", "examples")
+
 
 class SynthesizeSection(Section):
     description: str = Field(
@@ -540,6 +557,19 @@ class SynthesizeSection(Section):
         default_factory=lambda: list(SYNTHESIZE_VARIATIONS),
         description="Ways to vary the rows (who writes, tone, length, typos, language); each ask gets one, a seeded "
         "choice, and each row records it. Empty: no variation.",
+    )
+    propose_variations: int = Field(
+        0,
+        ge=0,
+        le=50,
+        description="Ask the teacher first (once, sampled from seed, cached) for this many more ways the task's "
+        "inputs vary, from the description and a seeded sample of seed rows; they join variations, and the report "
+        "lists them. 0: only variations.",
+    )
+    propose_prompt: str = Field(
+        PROPOSE_VARIATIONS_PROMPT,
+        description="What the teacher is asked for propose_variations. Fields: {description}, {labels}, {count}, "
+        "{examples} (a seeded sample of seed rows across labels, one per line).",
     )
     rows_per_ask: int = Field(5, gt=0, le=50, description="Rows the teacher writes per ask (one reply).")
     examples_per_ask: int = Field(
@@ -584,17 +614,16 @@ class SynthesizeSection(Section):
         "right (the validation rows, else the seed rows), scored before any row is written.",
     )
 
-    @field_validator("prompt", mode="before")
+    @field_validator("prompt", "propose_prompt", mode="before")
     @classmethod
-    def _template(cls, value: Any) -> Any:
+    def _template(cls, value: Any, info) -> Any:
         if (problem := template_problem(value)) is not None:
             raise ValueError(problem)
+        known = SYNTHESIZE_PROMPT_FIELDS if info.field_name == "prompt" else PROPOSE_VARIATIONS_FIELDS
         if isinstance(value, str):
-            unknown = template_fields(value) - set(SYNTHESIZE_PROMPT_FIELDS)
+            unknown = template_fields(value) - set(known)
             if unknown:
-                raise ValueError(
-                    f"unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(SYNTHESIZE_PROMPT_FIELDS)}"
-                )
+                raise ValueError(f"unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(known)}")
         return value
 
 
@@ -761,6 +790,12 @@ class LearningCurveSection(Section):
         None,
         description="A value of the gating metric to project the training rows (or teacher labels) needed for.",
     )
+    over: Literal["all", "synthesized"] = Field(
+        "all",
+        description="What the shares take: all the training rows, or only the rows the synthesize stage's teacher "
+        "wrote (the seed rows whole; the seed-only specialist is the curve's first point): whether more synthetic "
+        "rows would help, and what they would cost in teacher time.",
+    )
 
     @field_validator("fractions")
     @classmethod
@@ -776,7 +811,7 @@ class LearningCurveSection(Section):
 # or where the runs go. Trials must be compared on the same validation rows with the same metric.
 UNSWEEPABLE = ("name", "sweep", "learning_curve", "publish", "launch", "evaluate", "data.eval", "data.validation",
                "data.split_seed", "data.eval_split", "data.max_eval_rows", "data.eval_fraction", "data.train",
-               "data.train_fraction", "distill", "train.refit")  # fmt: skip
+               "data.train_fraction", "data.train_fraction_of", "distill", "train.refit")  # fmt: skip
 MAX_SWEEP_TRIALS = 1000  # a sweep's runs: beyond this a grid is a typo or a job for sweep.trials
 
 
@@ -1267,6 +1302,11 @@ def _settings_that_do_nothing(recipe: Recipe) -> list[tuple[tuple, str]]:
     if curve is not None and d.train_fraction is not None:
         problems.append((("data", "train_fraction"), "the learning curve sets the share of each of its points "
                          "(learning_curve.fractions); remove data.train_fraction"))  # fmt: skip
+    if curve is not None and curve.over == "synthesized" and recipe.synthesize is None:
+        problems.append((("learning_curve", "over"), "synthesized needs a synthesize: section: the teacher's rows are "
+                         "what the curve takes shares of"))  # fmt: skip
+    if d.train_fraction_of == "synthesized" and recipe.synthesize is None:
+        problems.append((("data", "train_fraction_of"), "synthesized needs a synthesize: section"))
     metric = recipe.evaluate.metrics[0]
     if curve is not None and curve.target is not None and ":" not in metric and not 0 < curve.target <= 1:
         problems.append((("learning_curve", "target"), f"{curve.target} is out of {metric}'s range (0 to 1): no "

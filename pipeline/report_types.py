@@ -138,7 +138,8 @@ class Report(BaseModel):
             "where a teacher wrote training rows (synthesize:): synthesize/result.json (`teacher`, `teacher_score` "
             "{`on`, `rows`, `accuracy`, `interval`}, `labels`, `seed_rows`, `asks`, `rows_asked`, `rows_written`, "
             "`rows_kept`, `dropped` {reason: rows}, `dropped_examples`, `label_check` {`mode`, `agreement`, "
-            "`per_label`, `relabelled`}, `balance`, `lengths`, `diversity`, `sample`, `teacher_cost`), plus "
+            "`per_label`, `relabelled`}, `balance`, `lengths`, `diversity`, `sample`, `proposed_variations`, "
+            "`teacher_cost`), plus "
             "`gold_rows`, `teacher_seconds` and `cost` (a priced teacher behind an API: `currency`, `total`, "
             "`prompt_tokens`, `generated_tokens`)"
         ),

@@ -29,6 +29,7 @@ from pipeline.render.markdown import (
     fidelity_markdown,
     json_fields_lines,
     next_steps_markdown,
+    refit_markdown,
     synthesis_markdown,
 )
 from pipeline.render.sweep import curve_markdown, sweep_markdown
@@ -88,6 +89,7 @@ def extract(run_dir: Path) -> dict:
         "cascade": _cascade(report.get("cascade")),
         "distillation": report.get("distillation"),
         "synthesis": _synthesis(report),
+        "refit": _refit(report),
         "confidence": report.get("confidence"),
         "next_steps": report.get("next_steps"),
         "fidelity": report.get("fidelity"),
@@ -122,6 +124,16 @@ def _synthesis(report: dict) -> dict | None:
     comparison = report.get("comparisons", {}).get("seed-only")
     kept = {k: v for k, v in (comparison or {}).items() if k not in ("won_rows", "lost_rows")}
     return {**report["synthesis"], "seed_only_comparison": kept or None}
+
+
+def _refit(report: dict) -> dict | None:
+    """train.refit: where it stopped, and its pairing with the adapter validation chose (no row lists)."""
+    refit = (report.get("validation") or {}).get("refit")
+    if not refit:
+        return None
+    comparison = report.get("comparisons", {}).get("before-refit")
+    kept = {k: v for k, v in (comparison or {}).items() if k not in ("won_rows", "lost_rows")}
+    return {**refit, "before_refit_comparison": kept or None}
 
 
 def _answers(section: dict | None) -> dict | None:
@@ -317,6 +329,22 @@ def synthesis_table(result: dict) -> str:
         }
     lines = synthesis_markdown(shown)[2:]
     return "\n".join([*lines, _where(result)])
+
+
+def refit_table(result: dict) -> str:
+    """train.refit: where the second training stopped, and what it bought against the adapter validation chose."""
+    facts = result.get("refit")
+    if not facts:
+        raise PipelineError(f"results: {result['recipe']} run {result['run_id']} has no refit")
+    shown = {"validation": {"refit": facts}, "metric": result["metric"], "eval_rows": result["eval_rows"]}
+    if facts.get("before_refit_comparison") and {"specialized", "before-refit"} <= set(result["candidates"]):
+        shown["comparisons"] = {"before-refit": facts["before_refit_comparison"]}
+        shown["candidates"] = {
+            name: {"metrics": {result["metric"]: {k: result["candidates"][name][k] for k in ("value", "ci95")}}}
+            for name in ("specialized", "before-refit")
+        }
+    lines = [line for line in refit_markdown(shown) if line]
+    return "\n\n".join([*lines, _where(result)])
 
 
 def distillation_table(result: dict) -> str:
@@ -546,6 +574,7 @@ PARTS = {
     "shared": ("shared_base", "specialists on one base", shared_base_table),
     "distill": ("distillation", "the teacher's labels", distillation_table),
     "synthesis": ("synthesis", "the rows the teacher wrote", synthesis_table),
+    "refit": ("refit", "the refit on every labelled row", refit_table),
     "confidence": ("confidence", None, confidence_table),
     "next": ("next_steps", "what would most likely help next", next_steps_table),
     "fidelity": ("fidelity", None, fidelity_table),

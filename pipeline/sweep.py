@@ -44,6 +44,8 @@ from pipeline.result_types import read_eval_results, read_train_result
 from pipeline.run_layout import CURVE_FILE, SWEEP_FILE, RunLayout
 from pipeline.runs import is_done, mark_done, run_dir_for, stage_done, stage_fingerprint, start_stage
 from pipeline.stages import evaluate
+from pipeline.stages import report as report_stage
+from pipeline.stages import synthesize as synthesize_stage
 
 # SWEEP_FILE, CURVE_FILE: in the summary folders, and a copy in the chosen run's folder for its report (RunLayout)
 
@@ -359,38 +361,28 @@ def learning_curve(
     """Train on each share (the full run is the share 1), score each on the eval rows, fit and project."""
     section = loaded.recipe.learning_curve
     metric = loaded.recipe.evaluate.metrics[0]
-    points = []
+    synthesized = section.over == "synthesized"
+    what = "the teacher's rows" if synthesized else "the training rows"
+    points = _seed_only_point(loaded, full_run_dir, metric) if synthesized else []
     for fraction in [f for f in section.fractions if f < 1] + [1.0]:
         if fraction < 1:
-            share = variant(loaded, {**settings, "data.train_fraction": fraction})
-            log("curve", f"share {fraction:g} of the training rows")
+            share = variant(
+                loaded, {**settings, "data.train_fraction": fraction, "data.train_fraction_of": section.over}
+            )
+            log("curve", f"share {fraction:g} of {what}")
             run_dir, _ = runner.run_stages(share, runs_dir, TRAINING_STAGES, force=force, command="curve")
             with run_lock(run_dir):
                 scored = _score_on_eval(share, run_dir)
         else:
             run_dir, scored = full_run_dir, _full_run_scores(full_run_dir, metric)
-        train_result = read_train_result(run_dir)
-        rows = train_result.get("rows_before_tokenizing", train_result["rows"])
-        teacher = train_result.get("rows_teacher_labelled", 0)
-        points.append(
-            {
-                "fraction": fraction,
-                "rows": rows,
-                "gold_rows": rows - teacher,
-                "teacher_labels": teacher,
-                "run_id": run_dir.name,
-                "value": scored["value"],
-                "ci95": scored["ci95"],
-                "per_row": scored["per_row"],
-                "chosen_step": train_result["validation"].get("chosen_step"),
-                "validation_value": train_result["validation"].get("chosen_value"),
-                "train_seconds": train_result["train_seconds"],
-            }
-        )
-        log("curve", f"{rows} rows: {metric} {scored['value']:.4f} on the eval rows")
+        points.append(_point(fraction, run_dir, scored))
+        log("curve", f"{points[-1]['rows']} rows: {metric} {scored['value']:.4f} on the eval rows")
     curve = fit_curve(points, section.target, loaded.recipe.train.seed)
     curve.update({"recipe": loaded.recipe.name, "metric": metric, "eval_rows": len(points[-1]["per_row"])})
-    curve["labelling"] = _labelling_cost(loaded, full_run_dir, points)
+    curve["over"] = section.over
+    curve["labelling"] = (
+        _writing_cost(loaded, full_run_dir, points) if synthesized else _labelling_cost(loaded, full_run_dir, points)
+    )
     for point in curve["points"]:
         point.pop("per_row")
     folder = summary_dir(loaded, runs_dir, "curve")
@@ -399,6 +391,63 @@ def learning_curve(
     write_text_atomic(folder / "curve.md", "\n".join(curve_markdown(curve, heading="#", plot="curve.png")))
     log("curve", f"wrote {folder / 'curve.md'}")
     return curve
+
+
+def _point(fraction: float, run_dir: Path, scored: dict) -> dict:
+    """A curve point: the share, the rows its run trained on (gold, a teacher's labels, a teacher's rows), its score
+    on the eval rows, and its training."""
+    train_result = read_train_result(run_dir)
+    rows = train_result.get("rows_before_tokenizing", train_result["rows"])
+    teacher = train_result.get("rows_teacher_labelled") or 0
+    written = train_result.get("rows_synthesized") or 0
+    return {
+        "fraction": fraction,
+        "rows": rows,
+        "gold_rows": rows - teacher - written,
+        "teacher_labels": teacher,
+        "synthesized_rows": written,
+        "run_id": run_dir.name,
+        "value": scored["value"],
+        "ci95": scored["ci95"],
+        "per_row": scored["per_row"],
+        "chosen_step": train_result["validation"].get("chosen_step"),
+        "validation_value": train_result["validation"].get("chosen_value"),
+        "train_seconds": train_result["train_seconds"],
+    }
+
+
+def _seed_only_point(loaded: LoadedRecipe, full_run_dir: Path, metric: str) -> list[dict]:
+    """A curve over the teacher's rows starts at none of them: the seed-only specialist the full run evaluated."""
+    sibling = synthesize_stage.seed_only_run(loaded, full_run_dir)
+    results = read_eval_results(full_run_dir)
+    if sibling is None or "seed-only" not in results["candidates"]:
+        return []
+    report = read_report(RunLayout(full_run_dir).report_json)
+    m = report["candidates"]["seed-only"]["metrics"][metric]
+    per_row = results["candidates"]["seed-only"]["metrics"][metric]["per_row"]
+    return [_point(0.0, sibling, {"value": m["value"], "ci95": m["ci95"], "per_row": per_row})]
+
+
+def _writing_cost(loaded: LoadedRecipe, run_dir: Path, points: list[dict]) -> dict | None:
+    """For a curve over the teacher's rows: what each point's rows cost the teacher (every ask, check and label
+    check behind a kept row, shared over the kept rows), in seconds and money at its price."""
+    path = RunLayout(run_dir).synthesize_result
+    if not path.is_file():
+        return None
+    written = report_stage.synthesis(
+        json.loads(path.read_text()), 0, report_stage.synthesis_teacher(loaded.recipe).price
+    )
+    kept = max(written["rows_kept"], 1)
+    per_row_seconds = written["teacher_seconds"] / kept
+    per_row_money = written["cost"]["total"] / kept if written["cost"] else None
+    for point in points:
+        point["teacher_seconds"] = point["synthesized_rows"] * per_row_seconds
+        point["teacher_cost"] = None if per_row_money is None else point["synthesized_rows"] * per_row_money
+    return {
+        "seconds_per_row": per_row_seconds,
+        "cost_per_row": per_row_money,
+        "currency": written["cost"]["currency"] if written["cost"] else None,
+    }
 
 
 def _score_on_eval(loaded: LoadedRecipe, run_dir: Path) -> dict:

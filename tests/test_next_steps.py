@@ -94,6 +94,7 @@ def test_a_curve_that_has_not_flattened_asks_for_rows_and_a_flat_one_for_another
     }
     (step,) = next_steps(report)
     assert step["kind"] == "more_rows"
+    assert "the 80 validation rows are such rows: train.refit" in step["advice"]  # held out, and cheap to add
     assert (
         "to 1,079 rows gained +0.075 exact_match" in step["evidence"]
         and "about 1,122 rows projected" in (step["evidence"])
@@ -164,3 +165,15 @@ def test_synthetic_rows_that_did_not_pay_and_labels_the_check_thinned_are_named(
     assert kinds["synthetic_labels_thinned"]["evidence"] == "rows kept of those asked: b 8 of 30"
     report["comparisons"]["seed-only"] = {"wins": 45, "losses": 2, "test": "mcnemar_exact", "p_value": 1.6e-11}
     assert {step["kind"] for step in next_steps(report)} == {"synthetic_labels_thinned"}  # the rows paid
+
+
+def test_a_refit_that_did_worse_than_the_chosen_adapter_says_turn_it_off():
+    report = copy.deepcopy(QUIET)
+    report["validation"]["refit"] = {"refitted": True, "why": "..."}
+    report["candidates"]["before-refit"] = _candidate("before_refit", 0.97)
+    report["comparisons"]["before-refit"] = {"wins": 1, "losses": 9, "test": "mcnemar_exact", "p_value": 0.021}
+    (step,) = next_steps(report)
+    assert step["kind"] == "refit_lost" and step["advice"].startswith("turn off train.refit")
+    assert step["evidence"] == "exact_match 0.930 refitted against 0.970 before the refit (won 1, lost 9, p = 0.021)"
+    report["comparisons"]["before-refit"] = {"wins": 10, "losses": 0, "test": "mcnemar_exact", "p_value": 0.002}
+    assert [step["kind"] for step in next_steps(report)] == ["nothing"]  # the refit paid

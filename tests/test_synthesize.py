@@ -50,7 +50,12 @@ class TeacherAPI:
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 api.requests.append(request)
                 prompt = request["messages"][-1]["content"]
-                content = api.write(prompt, request.get("seed")) if "Write" in prompt else api.label(prompt, wrong)
+                if "Do not write messages" in prompt:  # asked to propose variations
+                    content = api.propose(prompt, request.get("seed"))
+                elif "Write" in prompt:
+                    content = api.write(prompt, request.get("seed"))
+                else:
+                    content = api.label(prompt, wrong)
                 message = {"role": "assistant", "content": content}
                 choice = {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}
                 usage = {"prompt_tokens": 40, "completion_tokens": 30, "total_tokens": 70}
@@ -74,13 +79,18 @@ class TeacherAPI:
             rows[4] = f"please cancel thing number {seed % 997}"
         return "Here you go:\n" + "\n".join(f"{k + 1}. {row}" for k, row in enumerate(rows))
 
+    def propose(self, prompt: str, seed) -> str:
+        count = int(re.search(r"List (\d+)", prompt).group(1))
+        ways = [f"Write them as customer number {seed % 97 + k}." for k in range(count)]
+        return "Some ideas:\n" + "\n".join(f"{k + 1}. **{way}**" for k, way in enumerate(ways))
+
     def label(self, prompt: str, wrong: bool) -> str:
         message = prompt.split("Message:")[-1].lower()
         at = {label: message.find(word) for label, word in WORDS.items() if word in message}
         return "cancel_order" if wrong else min(at, key=at.get, default="track_order")
 
     def writes(self) -> list[dict]:
-        return [r for r in self.requests if "Write" in r["messages"][-1]["content"]]
+        return [r for r in self.requests if re.search(r"Write \d+", r["messages"][-1]["content"])]
 
     def close(self):
         self.server.shutdown()
@@ -195,6 +205,21 @@ def test_the_teacher_writes_rows_that_are_checked_and_trained_on(write_recipe, t
     changed = ["--set", 'synthesize.variations=["in a hurry"]']
     assert main(["synthesize", str(recipe), "--runs-dir", str(runs), *changed]) == 0
     assert len(api.writes()) == 16
+
+    # the teacher proposes variations first (one ask, cached); they join the recipe's, and the asks use them
+    proposing = ["--set", 'synthesize.variations=["in a hurry"]', "--set", "synthesize.propose_variations=3"]
+    assert main(["synthesize", str(recipe), "--runs-dir", str(runs), *proposing]) == 0
+    proposed_dir = runs / "synth-test" / load_recipe(recipe, proposing[1::2]).run_id
+    result = json.loads((proposed_dir / "synthesize" / "result.json").read_text())
+    (ask,) = [r for r in api.requests if "Do not write messages" in r["messages"][-1]["content"]]
+    ways = [f"Write them as customer number {ask['seed'] % 97 + k}." for k in range(3)]
+    assert result["proposed_variations"] == ways  # numbering and bold removed
+    asked_with = {json.loads(line)["variation"] for line in (proposed_dir / "synthesize" / "candidates.jsonl").open()}
+    assert asked_with <= {"in a hurry", *ways} and asked_with & set(ways)
+    assert result["teacher_cost"]["proposing"]["asks"] == 1
+    before = len(api.requests)
+    assert main(["synthesize", str(recipe), "--runs-dir", str(runs), *proposing]) == 0  # the stage again
+    assert len(api.requests) == before  # asked again: every answer from the cache
 
 
 def test_a_teacher_below_the_bar_writes_nothing(write_recipe, tiny_models, seeded, tmp_path, capsys):
@@ -329,3 +354,32 @@ def test_validate_says_which_labels_the_teacher_writes_without_seeds(write_recip
     assert "writes 10 rows for each of 2 labels (4 asks" in out
     assert "lost_parcel: no seed row in data.train" in out
     assert "seed rows of refund_status, return_item, track_order are not in synthesize.labels" in out
+
+
+def test_a_curve_over_the_teachers_rows_keeps_the_seeds_whole_and_asks_nothing_again(
+    write_recipe, tiny_models, api, tmp_path
+):
+    from pipeline import sweep
+
+    curve = "learning_curve: {fractions: [0.5, 1.0], over: synthesized}"
+    text = recipe_text(tiny_models, api.base_url).rstrip(" ") + f"        {curve}\n"
+    text = text.replace("chat_template: never", "chat_template: never\n          validation: 4")  # a curve chooses
+    recipe = write_recipe(text)
+    runs = tmp_path / "runs"
+    assert main(["run", str(recipe), "--runs-dir", str(runs)]) == 0
+    curve = json.loads((sweep.summary_dir(load_recipe(recipe), runs, "curve") / "curve.json").read_text())
+    points = curve["points"]
+    assert [p["fraction"] for p in points] == [0.0, 0.5, 1.0]  # share 0: the seed-only specialist
+    assert [p["gold_rows"] for p in points] == [16, 16, 16]  # the seed rows whole at every share (4 validate)
+    kept = points[-1]["synthesized_rows"]
+    assert kept > 20 and [p["synthesized_rows"] for p in points] == [0, round(kept / 2), kept]
+    assert [p["rows"] for p in points] == [16 + p["synthesized_rows"] for p in points]
+    assert len(api.writes()) == 8  # the share's run read the teacher's rows from the cache
+    per_row = curve["labelling"]["seconds_per_row"]
+    assert [p["teacher_seconds"] for p in points] == pytest.approx([p["synthesized_rows"] * per_row for p in points])
+    full = sweep.main_run(load_recipe(recipe), runs)  # the recipe's own run: the curve's last point
+    report = json.loads((runs / "synth-test" / full.run_id / "report" / "report.json").read_text())
+    assert points[0]["value"] == report["candidates"]["seed-only"]["metrics"]["exact_match"]["value"]
+    shown = (sweep.summary_dir(load_recipe(recipe), runs, "curve") / "curve.md").read_text()
+    half = points[1]
+    assert "against the teacher's rows" in shown and f"| 0.5 | {half['rows']} ({half['synthesized_rows']}) |" in shown

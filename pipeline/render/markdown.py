@@ -201,18 +201,23 @@ def validation_markdown(report: dict) -> list[str]:
             for e in v["curve"]
         ]
         lines += ["", f"The passes took {v['seconds']:.1f} s in all.", ""]
-    refit = v.get("refit")
-    if refit:
-        trained = (
-            f" It trained on {refit['rows']} rows ({refit['validation_rows_added']} of them the validation rows) in "
-            f"{refit['train_seconds']:.1f} s; its adapter is the one shipped."
-            if refit.get("refitted")
-            else ""
-        )
-        lines += [f"Refit (train.refit): {refit['why']}.{trained}", ""]
-        bought = _refit_line(report)
-        lines += [bought, ""] if bought else []
-    return lines
+    return lines + refit_markdown(report)
+
+
+def refit_markdown(report: dict) -> list[str]:
+    """train.refit: where the second training stopped, and what it bought against the adapter validation chose."""
+    refit = (report.get("validation") or {}).get("refit")
+    if not refit:
+        return []
+    trained = (
+        f" It trained on {refit['rows']} rows ({refit['validation_rows_added']} of them the validation rows) in "
+        f"{refit['train_seconds']:.1f} s; its adapter is the one shipped."
+        if refit.get("refitted")
+        else ""
+    )
+    lines = [f"Refit (train.refit): {refit['why']}.{trained}", ""]
+    bought = _refit_line(report)
+    return lines + ([bought, ""] if bought else [])
 
 
 def _refit_line(report: dict) -> str | None:
@@ -256,6 +261,12 @@ def synthesis_markdown(report: dict) -> list[str]:
         f"{s['seed_rows']} seed rows; it wrote {s['rows_written']}, the checks kept {s['rows_kept']}; the "
         f"specialist trained on those and {s['gold_rows']} gold rows.",
     ]
+    if s.get("proposed_variations"):
+        lines.append(
+            f"- Variations the teacher proposed ({len(s['proposed_variations'])}, beside the recipe's): "
+            + "; ".join(f'"{_cell(v[:100])}"' for v in s["proposed_variations"])
+            + "."
+        )
     for reason, count in sorted(s["dropped"].items(), key=lambda item: -item[1]):
         example = s["dropped_examples"].get(reason, [{}])[0]
         shown = f' (e.g. "{_cell(example["text"][:80])}", asked as {example["label"]})' if example else ""

@@ -66,22 +66,37 @@ def sweep_markdown(summary: dict, heading: str = "##", plot: str | None = None) 
     return lines + [""]
 
 
+def _whose(teacher: bool, written: bool) -> str:
+    """The rows column's note: how many of a point's rows a teacher labelled, or wrote."""
+    if not teacher:
+        return ""
+    return " (the teacher's)" if written else " (teacher labels)"
+
+
 def curve_markdown(curve: dict, heading: str = "##", plot: str | None = None) -> list[str]:
     metric = curve["metric"]
     teacher = curve.get("labelling") is not None
+    written = curve.get("over") == "synthesized"  # shares of the teacher's rows, the seed rows whole
     lines = [
-        f"{heading} Learning curve: {metric} on the {curve['eval_rows']} eval rows against training rows",
+        f"{heading} Learning curve: {metric} on the {curve['eval_rows']} eval rows against "
+        + ("the teacher's rows" if written else "training rows"),
         "",
-        "Each share trains on a nested, seeded sample of the training rows (the validation rows stay the same), "
-        "keeps its checkpoint by the validation rows, and is then scored on the eval rows. Nothing is chosen "
-        "from these scores.",
+        (
+            "Each share trains on every seed row and a nested, seeded sample of the rows the teacher wrote (share 0: "
+            "the seed-only specialist)"
+            if written
+            else "Each share trains on a nested, seeded sample of the training rows"
+        )
+        + " (the validation rows stay the same), keeps its checkpoint by the validation rows, and is then scored on "
+        "the eval rows. Nothing is chosen from these scores.",
         "",
-        f"| share | rows{' (teacher labels)' if teacher else ''} | {metric} (95% CI) | validation | training |"
+        f"| share | rows{_whose(teacher, written)} | {metric} (95% CI) | validation | training |"
         + (" teacher time | teacher cost |" if teacher else ""),
         "|---|---|---|---|---|" + ("---|---|" if teacher else ""),
     ]
     for p in curve["points"]:
-        rows = f"{p['rows']}" + (f" ({p['teacher_labels']})" if teacher else "")
+        theirs = p.get("synthesized_rows", 0) if written else p["teacher_labels"]
+        rows = f"{p['rows']}" + (f" ({theirs})" if teacher else "")
         validation = "—" if p.get("validation_value") is None else f"{p['validation_value']:.4f}"
         row = (
             f"| {p['fraction']:g} | {rows} | {p['value']:.4f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}] | {validation} "
@@ -133,7 +148,15 @@ def curve_markdown(curve: dict, heading: str = "##", plot: str | None = None) ->
                 "refits on resampled eval rows reach it)"
             )
             lines.append(f"Projected rows for {metric} {target:g}: about {projection['rows']:,.0f}{spread}.")
-            if teacher:
+            if teacher and written:
+                last = curve["points"][-1]
+                more = max(projection["rows"] - last["gold_rows"], 0)
+                seconds = more * curve["labelling"]["seconds_per_row"]
+                lines.append(
+                    f"Of those, rows the teacher writes beside the {last['gold_rows']} seed rows: about {more:,.0f}, "
+                    f"about {seconds / 60:,.0f} min of teacher time at this run's rate of kept rows."
+                )
+            elif teacher:
                 last = curve["points"][-1]
                 share = last["teacher_labels"] / max(last["rows"], 1)
                 lines.append(f"Of those, teacher labels at this run's share: about {projection['rows'] * share:,.0f}.")

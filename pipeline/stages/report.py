@@ -354,7 +354,7 @@ def fingerprint(loaded: LoadedRecipe, run_dir: Path) -> str:
         # prices are not part of the run id: a new one only rebuilds the report
         [
             r.price.model_dump() if r and r.price else None
-            for r in (loaded.recipe.evaluate.reference, loaded.recipe.teacher(), _synthesis_teacher(loaded.recipe))
+            for r in (loaded.recipe.evaluate.reference, loaded.recipe.teacher(), synthesis_teacher(loaded.recipe))
         ],
     )
 
@@ -397,7 +397,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     synthesize_result = RunLayout(run_dir).synthesize_result
     if loaded.recipe.synthesize and synthesize_result.is_file():
         report["synthesis"] = synthesis(
-            json.loads(synthesize_result.read_text()), len(splits.train), _synthesis_teacher(loaded.recipe).price
+            json.loads(synthesize_result.read_text()), len(splits.train), synthesis_teacher(loaded.recipe).price
         )
     if RunLayout(run_dir).train_result.is_file():  # which adapter training kept, chosen on validation rows
         trained = read_train_result(run_dir)
@@ -453,7 +453,7 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     return report
 
 
-def _synthesis_teacher(recipe):
+def synthesis_teacher(recipe):
     if recipe.synthesize is None:
         return None
     return recipe.synthesize.teacher or recipe.evaluate.reference
@@ -461,8 +461,8 @@ def _synthesis_teacher(recipe):
 
 def synthesis(written: dict, gold_rows: int, price=None) -> dict:
     """What the teacher wrote and what the checks kept (synthesize/result.json), the gold rows trained beside
-    them, and the teacher's cost over its three asks (scoring, writing, the label check): seconds, and money at
-    its price where it is behind an API that counts tokens."""
+    them, and the teacher's cost over its asks (scoring, proposing variations, writing, the label check): seconds,
+    and money at its price where it is behind an API that counts tokens."""
     costs = written["teacher_cost"].values()
     tokens_in = None if any(c["prompt_tokens"] is None for c in costs) else sum(c["prompt_tokens"] for c in costs)
     tokens_out = (

@@ -61,7 +61,8 @@ def seed_only(loaded: LoadedRecipe) -> LoadedRecipe | None:
     """The same recipe without synthesize: (the seed rows alone), where synthesize.seed_only asks for it."""
     if loaded.recipe.synthesize is None or not loaded.recipe.synthesize.seed_only:
         return None
-    return load_recipe(loaded.path, list(loaded.overrides), assign={"synthesize": None})
+    # an ordinary run beside this one: no curve of its own (a curve over the teacher's rows starts at it)
+    return load_recipe(loaded.path, list(loaded.overrides), assign={"synthesize": None, "learning_curve": None})
 
 
 def seed_only_run(loaded: LoadedRecipe, run_dir: Path) -> Path | None:
@@ -151,7 +152,8 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
             "task wrong writes wrong rows. Use a stronger teacher, improve its prompt (synthesize.teacher.prompt), "
             "or lower the bar"
         )
-    asks = plan_asks(recipe, the_task)
+    proposed, proposing = _proposed_variations(recipe, asker, the_task, cache)
+    asks = plan_asks(recipe, the_task, [*synth.variations, *(v for v in proposed if v not in synth.variations)])
     prompts = [data.TaskRow(target="", source=f"synthesize ask {i}", prompt=a["prompt"]) for i, a in enumerate(asks)]
     sampling = Sampling(synth.temperature, synth.top_p, [a["seed"] for a in asks])
     written = teacher.ask(asker, prompts, cache, synth.max_new_tokens, sampling=sampling, what="asks to write rows")
@@ -174,7 +176,10 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     write_jsonl_atomic(layout.synthesized_rows, layout_rows)
     write_jsonl_atomic(layout.synthesize_candidates, candidates)
     result = _result(recipe, the_task, asker, asks, candidates, kept, verdicts, score, checked, embed)
+    result["proposed_variations"] = proposed
     result["teacher_cost"] = {"scoring": _cost(scoring), "writing": _cost(written), "label_check": _cost(checking)}
+    if proposing is not None:
+        result["teacher_cost"]["proposing"] = _cost(proposing)
     result["teacher_runtime"] = written.runtime
     write_json_atomic(layout.synthesize_result, result)
     mark_done(stage_dir, fingerprint(loaded, run_dir))
@@ -182,10 +187,38 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     return result
 
 
-def plan_asks(recipe: Recipe, the_task: Task) -> list[dict]:
-    """Every ask, seeded: per label, ceil(per_label / rows_per_ask) asks, each with its variation, its sample of
-    that label's seed rows, and the seed its reply is sampled from."""
+def _proposed_variations(recipe: Recipe, asker, the_task: Task, cache: Path) -> tuple[list[str], object | None]:
+    """synthesize.propose_variations: the ways the task's inputs vary, as the teacher sees them (one ask, sampled
+    from the recipe's seed, cached like every answer), each an instruction like the listed variations."""
     synth = recipe.synthesize
+    if not synth.propose_variations:
+        return [], None
+    rng = random.Random(f"{synth.seed}\npropose")
+    shown = rng.sample(the_task.seeds, min(len(the_task.seeds), max(synth.examples_per_ask, 1) * 3))
+    prompt = data.render(
+        synth.propose_prompt,
+        {
+            "description": synth.description.strip(),
+            "labels": ", ".join(the_task.labels),
+            "count": str(synth.propose_variations),
+            "examples": "\n".join(f"- {s.text}" for s in shown) or "(none given)",
+        },
+        "synthesize.propose_prompt",
+        "synthesize.propose_prompt",
+    )
+    row = data.TaskRow(target="", source="synthesize: propose variations", prompt=prompt)
+    sampling = Sampling(synth.temperature, synth.top_p, [rng.randrange(2**31)])
+    asked = teacher.ask(asker, [row], cache, synth.max_new_tokens, sampling=sampling, what="ask to propose variations")
+    proposed = list(dict.fromkeys(parse_reply(asked.answers[0]["prediction"], synth.propose_variations)))
+    log(STAGE, f"the teacher proposed {len(proposed)} variations: " + " | ".join(proposed))
+    return proposed, asked
+
+
+def plan_asks(recipe: Recipe, the_task: Task, variations: list[str] | None = None) -> list[dict]:
+    """Every ask, seeded: per label, ceil(per_label / rows_per_ask) asks, each with its variation (of `variations`,
+    default synthesize.variations), its sample of that label's seed rows, and the seed its reply is sampled from."""
+    synth = recipe.synthesize
+    variations = synth.variations if variations is None else variations
     by_label: dict[str, list[Seed]] = {}
     for s in the_task.seeds:
         by_label.setdefault(s.label, []).append(s)
@@ -195,7 +228,7 @@ def plan_asks(recipe: Recipe, the_task: Task) -> list[dict]:
             rng = random.Random(f"{synth.seed}\n{label}\n{k}")
             pool = by_label.get(label, [])
             shown = rng.sample(pool, min(synth.examples_per_ask, len(pool)))
-            variation = rng.choice(synth.variations) if synth.variations else ""
+            variation = rng.choice(variations) if variations else ""
             count = min(synth.rows_per_ask, synth.per_label - k * synth.rows_per_ask)
             prompt = data.render(
                 synth.prompt,
