@@ -209,7 +209,7 @@ def stage_results_page() -> str:
         "[report.json](report-json.md).",
         "",
     ]
-    models = (result_types.TrainResult, result_types.Precision, result_types.TrainValidation,
+    models = (result_types.TrainResult, result_types.Precision, result_types.TrainValidation, result_types.TrainRefit,
               result_types.EvalResults, result_types.Answered, result_types.Score)  # fmt: skip
     return "\n".join([*lines, *_model_tables(models)]).rstrip("\n") + "\n"
 
