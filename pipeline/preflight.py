@@ -91,7 +91,11 @@ def check(loaded: LoadedRecipe) -> dict:
 def _synthesize_findings(loaded: LoadedRecipe, problems: list, notes: list) -> int:
     """What the teacher will be asked to write, and labels it cannot write rows for; returns the rows asked for."""
     recipe, synth = loaded.recipe, loaded.recipe.synthesize
-    the_task = synthesize.task(recipe)
+    try:
+        the_task = synthesize.task(recipe)
+    except PipelineError as e:  # seed answers that are not labels: said with the file, beside the other problems
+        problems.append(loaded.error_at(("synthesize",), str(e).removeprefix("synthesize: ")))
+        return 0
     seeded = {s.label for s in the_task.seeds}
     unseeded = [label for label in the_task.labels if label not in seeded]
     asks = synthesize.plan_asks(recipe, the_task)

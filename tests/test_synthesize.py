@@ -383,3 +383,19 @@ def test_a_curve_over_the_teachers_rows_keeps_the_seeds_whole_and_asks_nothing_a
     shown = (sweep.summary_dir(load_recipe(recipe), runs, "curve") / "curve.md").read_text()
     half = points[1]
     assert "against the teacher's rows" in shown and f"| 0.5 | {half['rows']} ({half['synthesized_rows']}) |" in shown
+
+
+def test_seed_rows_whose_answers_are_json_are_refused_with_the_file_not_written_one_ask_per_row(
+    write_recipe, tiny_models, seeded, tmp_path, capsys
+):
+    seeds, _ = seeded
+    json_seeds = [{"text": row["text"], "label": json.dumps({"intent": row["label"], "n": k})} for k, row in
+                  enumerate(seeds)]  # fmt: skip
+    (tmp_path / "seeds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in json_seeds))
+    recipe = write_recipe(recipe_text(tiny_models, "http://127.0.0.1:9/v1"))
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "writes rows for a label set, but the seed rows' answers in" in err and "(20 are JSON)" in err
+    assert "distill.inputs" in err and "Traceback" not in err
+    assert main(["synthesize", str(recipe), "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert "(20 are JSON)" in capsys.readouterr().err

@@ -20,6 +20,7 @@ diversity, the teacher's score and what it cost), which the report shows.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
@@ -129,10 +130,37 @@ def task(recipe: Recipe) -> Task:
     values = {}
     for row, s in zip(splits.train, seeds, strict=True):  # the value as the data holds it (its spacing kept)
         values.setdefault(s.label, str(raw[row.source][answer_field]) if input_field else row.target)
+    if synth.labels is None:
+        _refuse_free_targets(section, [s.label for s in seeds])
     labels = synth.labels or sorted(values)
     for label in labels:
         values.setdefault(label, label)  # a label without seed rows is written as listed
     return Task(seeds, validation, held_out, labels, input_field, answer_field, values)
+
+
+FREE_TEXT_WORDS = 6  # seed answers longer than this (median, in words) are free text, not labels
+
+
+def _refuse_free_targets(section, answers: list[str]) -> None:
+    """Synthesis writes inputs for a label set; a JSON or free-text target would make every answer its own "label"
+    (one ask each), so it is refused with what would work instead."""
+    structured = sum(1 for a in answers if a[:1] in "{[" and _is_json(a))
+    words = statistics.median(len(a.split()) for a in answers) if answers else 0
+    if structured or words > FREE_TEXT_WORDS:
+        kind = f"{structured} are JSON" if structured else f"the median answer is {words:g} words"
+        raise PipelineError(
+            f"synthesize: writes rows for a label set, but the seed rows' answers in {section.train} are not labels "
+            f"({kind}). For a JSON or free-text task give the teacher real inputs to answer (distill.inputs); for "
+            "a label task whose labels are long, list them in synthesize.labels"
+        )
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
