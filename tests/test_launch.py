@@ -39,6 +39,23 @@ def test_two_processes_train_the_same_steps_and_rank_0_alone_writes(tiny_recipe,
     assert "[train] already done for this recipe and data; skipped" in capfd.readouterr().err
 
 
+@pytest.mark.slow  # make test-slow: two training processes, twice (a refit); the quick suite refits in one
+def test_two_processes_refit_to_the_step_rank_0_chose(tiny_recipe, tmp_path, capfd):
+    runs = tmp_path / "runs"
+    overrides = ["train.processes=2", "train.refit=true", "data.validation=32", "train.eval_every=1"]
+    assert (
+        main(["train", str(tiny_recipe), "--runs-dir", str(runs), *[a for o in overrides for a in ("--set", o)]]) == 0
+    )
+    err = capfd.readouterr().err
+    run_dir = run_dir_for(load_recipe(tiny_recipe, overrides), runs)
+    result = json.loads((run_dir / "train" / "result.json").read_text())
+    # 64 rows trained, then 96: 2 and 3 steps an epoch at 32 rows a step, 2 epochs
+    assert result["schedule_steps"] == 4 and result["refit"]["schedule_steps"] == 6
+    chosen = result["validation"]["chosen_step"]
+    assert result["refit"]["steps"] == max(1, round(chosen / 4 * 6))  # both ranks stopped where rank 0 chose
+    assert err.count("[train] done:") == 1 and (run_dir / "train" / "validated-adapter").is_dir()
+
+
 def test_a_second_invocation_of_a_running_recipe_exits_at_once(tiny_recipe, tmp_path, capsys):
     runs = tmp_path / "runs"
     run_dir = run_dir_for(load_recipe(tiny_recipe), runs)
