@@ -79,7 +79,8 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     if result is None:
         result = _train_and_choose(loaded, run_dir, rows, stage_fp)
     if train.refit:
-        if train.processes > 1:  # every rank refits to the step rank 0's validation chose
+        # every rank refits to the step rank 0's validation chose (a resumed refit: each read it from validated.json)
+        if train.processes > 1 and torch.distributed.is_initialized():
             result = _from_rank_0(result)
         result["refit"] = _refit(loaded, run_dir, rows, result)
     if not main_process:  # rank 0 writes the adapter and the results; the others only trained
