@@ -535,6 +535,7 @@ def _training(loaded: LoadedRecipe, run_dir: Path, report: dict) -> list[tuple[s
     trained_by = training_invocation(manifest)
     lora = recipe.lora
     targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
+    refit = train.get("refit") or {}
     rows = [
         ("base model", _model_name(recipe.model.base)),
         ("training rows", train.get("rows")),
@@ -548,7 +549,10 @@ def _training(loaded: LoadedRecipe, run_dir: Path, report: dict) -> list[tuple[s
         ("seed", recipe.train.seed),
         ("final training loss", f"{train['final_loss']:.4f}" if train.get("final_loss") is not None else None),
         ("adapter kept", train.get("validation", {}).get("why")),
+        # train.refit: the adapter published is the second training's, on the validation rows too
+        ("refit (the adapter published)", refit.get("why")),
         ("training time", f"{train['train_seconds']:.0f} s" if train.get("train_seconds") else None),
+        ("refit time", f"{refit['train_seconds']:.0f} s" if refit.get("train_seconds") else None),
         ("trained on", _machine(trained_by.get("machine", {}))),
         ("trained at", trained_by.get("started_at")),
         (

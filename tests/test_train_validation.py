@@ -301,6 +301,11 @@ def test_refit_trains_again_on_every_row_to_the_chosen_point_and_keeps_the_first
     assert any(not torch.equal(shipped[k], before[k]) for k in shipped)
     markdown = (run["dir"] / "report" / "report.md").read_text()
     assert "Refit (train.refit): validation chose step" in markdown and "What the refit bought:" in markdown
+    # the model card says the published adapter is the refit's
+    publish = ["publish", str(tiny_recipe), "--runs-dir", str(tmp_path / "runs"), "--dry-run"]
+    assert main([*publish, *[a for o in [*refit, "publish={repo: me/refit}"] for a in ("--set", o)]]) == 0
+    card = (run["dir"] / "publish" / "README.md").read_text()
+    assert "| refit (the adapter published) | validation chose step" in card
 
     # killed during the refit: the rerun continues after the first pass, which it does not train again
     again = tmp_path / "again"
