@@ -101,6 +101,15 @@ def _synthesize_findings(loaded: LoadedRecipe, problems: list, notes: list) -> i
     asks = synthesize.plan_asks(recipe, the_task)
     teacher = synth.teacher or recipe.evaluate.reference
     scored = f"{len(the_task.validation)} validation" if the_task.validation else f"{len(the_task.seeds)} seed"
+    if the_task.answered:  # the answers are JSON or free text: the teacher writes inputs, then answers them
+        keys = f" with the keys {', '.join(the_task.json_keys)}" if the_task.json_keys else ""
+        shape = f" or not JSON{keys}" if the_task.answers == "json" else ""
+        notes.append(
+            f"synthesize: the answers are {the_task.answers}, not labels: the teacher ({teacher.model}) is scored on "
+            f"the {scored} rows ({recipe.evaluate.metrics[0]}), then writes {synth.rows} inputs ({len(asks)} asks) "
+            f"and answers each; an answer that is empty{shape} drops its row"
+        )
+        return synth.rows
     notes.append(
         f"synthesize: the teacher ({teacher.model}) is scored on the {scored} rows, then writes "
         f"{synth.per_label} rows for each of {len(the_task.labels)} labels ({len(asks)} asks, "

@@ -517,6 +517,16 @@ SYNTHESIZE_VARIATIONS = [
     "Write them as someone upset or in a hurry.",
 ]
 
+SYNTHESIZE_INPUTS_PROMPT = """{description}
+
+Write {count} new inputs for this task, like the examples but each different from them and from each other.
+{variation}
+
+Examples:
+{examples}
+
+Reply with the {count} inputs only, one per line, numbered 1 to {count}."""
+SYNTHESIZE_INPUTS_FIELDS = ("description", "count", "variation", "examples")
 PROPOSE_VARIATIONS_PROMPT = """{description}
 
 The task's labels: {labels}.
@@ -536,6 +546,19 @@ class SynthesizeSection(Section):
         "new inputs from it, from the label set and from a few of data.train's rows per label.",
     )
     per_label: int = Field(20, gt=0, le=10_000, description="New rows to ask for per label (before the checks).")
+    rows: int = Field(
+        100,
+        gt=0,
+        le=100_000,
+        description="A task whose answers are not labels (JSON objects, free text): new inputs to ask for in all "
+        "(before the checks); the teacher then answers each with its own prompt, and a JSON answer must have the "
+        "seed answers' shape (the keys every seed has). Label tasks use per_label.",
+    )
+    inputs_prompt: str = Field(
+        SYNTHESIZE_INPUTS_PROMPT,
+        description="What the teacher is asked for each batch of inputs of a task whose answers are not labels. "
+        "Fields: {description}, {count}, {variation}, {examples} (seed inputs, one per line).",
+    )
     labels: list[str] | None = Field(
         None,
         description="The label set (data.target's rendered answers); default: the answers in data.train. A label "
@@ -614,12 +637,16 @@ class SynthesizeSection(Section):
         "right (the validation rows, else the seed rows), scored before any row is written.",
     )
 
-    @field_validator("prompt", "propose_prompt", mode="before")
+    @field_validator("prompt", "propose_prompt", "inputs_prompt", mode="before")
     @classmethod
     def _template(cls, value: Any, info) -> Any:
         if (problem := template_problem(value)) is not None:
             raise ValueError(problem)
-        known = SYNTHESIZE_PROMPT_FIELDS if info.field_name == "prompt" else PROPOSE_VARIATIONS_FIELDS
+        known = {
+            "prompt": SYNTHESIZE_PROMPT_FIELDS,
+            "propose_prompt": PROPOSE_VARIATIONS_FIELDS,
+            "inputs_prompt": SYNTHESIZE_INPUTS_FIELDS,
+        }[info.field_name]
         if isinstance(value, str):
             unknown = template_fields(value) - set(known)
             if unknown:

@@ -385,17 +385,53 @@ def test_a_curve_over_the_teachers_rows_keeps_the_seeds_whole_and_asks_nothing_a
     assert "against the teacher's rows" in shown and f"| 0.5 | {half['rows']} ({half['synthesized_rows']}) |" in shown
 
 
-def test_seed_rows_whose_answers_are_json_are_refused_with_the_file_not_written_one_ask_per_row(
-    write_recipe, tiny_models, seeded, tmp_path, capsys
+class JsonTeacherAPI(TeacherAPI):
+    """Writes inputs when asked to write, and answers each input with a JSON object, except where a test needs
+    an answer that is no JSON (part 2) or lacks a key every seed answer has (part 3)."""
+
+    def write(self, prompt: str, seed) -> str:
+        count = int(re.search(r"Write (\d+)", prompt).group(1))
+        return "\n".join(f"{k + 1}. please cancel thing number {seed % 997} part {k}" for k in range(count))
+
+    def label(self, prompt: str, wrong: bool) -> str:
+        message = prompt.split("Request:")[-1]
+        if "part 2" in message:
+            return "sorry, I cannot parse that"
+        if "part 3" in message:
+            return '{"intent": "cancel_order"}'
+        word = next((label for label, w in WORDS.items() if w in message.lower()), "track_order")
+        return f'Here: {{"intent": "{word}", "slots": {{}}}}'
+
+
+def test_a_json_task_gets_inputs_the_teacher_answers_and_answers_without_the_seeds_shape_are_dropped(
+    write_recipe, tiny_models, seeded, tmp_path
 ):
-    seeds, _ = seeded
-    json_seeds = [{"text": row["text"], "label": json.dumps({"intent": row["label"], "n": k})} for k, row in
-                  enumerate(seeds)]  # fmt: skip
-    (tmp_path / "seeds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in json_seeds))
-    recipe = write_recipe(recipe_text(tiny_models, "http://127.0.0.1:9/v1"))
-    assert main(["validate", str(recipe)]) == 2
-    err = capsys.readouterr().err
-    assert "writes rows for a label set, but the seed rows' answers in" in err and "(20 are JSON)" in err
-    assert "distill.inputs" in err and "Traceback" not in err
-    assert main(["synthesize", str(recipe), "--runs-dir", str(tmp_path / "runs")]) == 2
-    assert "(20 are JSON)" in capsys.readouterr().err
+    seeds, test = seeded
+    for name, rows in (("seeds.jsonl", seeds), ("test.jsonl", test)):
+        parsed = [{"text": r["text"], "parse": {"intent": r["label"], "slots": {}}} for r in rows]
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in parsed))
+    api = JsonTeacherAPI(seed_copy="", eval_copy="")
+    try:
+        text = recipe_text(tiny_models, api.base_url, "rows: 20").replace('target: " {label}"', 'target: " {parse}"')
+        teacher_prompt = "Intents: cancel_order, track_order, return_item, refund_status\\nMessage: {text}\\nIntent:"
+        text = text.replace(teacher_prompt, "Request: {text}\\nJSON:")
+        text = text.replace("max_new_tokens: 6", "max_new_tokens: 24\n          metrics: [json_match]")
+        recipe = write_recipe(text)
+        runs = tmp_path / "runs"
+        assert main(["validate", str(recipe)]) == 0
+        assert main(["run", str(recipe), "--runs-dir", str(runs)]) == 0
+    finally:
+        api.close()
+    run_dir = runs / "synth-test" / load_recipe(recipe).run_id
+    result = json.loads((run_dir / "synthesize" / "result.json").read_text())
+    assert result["answers"] == "json" and result["json_keys"] == ["intent", "slots"]
+    assert result["teacher_score"]["metric"] == "json_match" and result["teacher_score"]["accuracy"] == 1.0
+    assert result["asks"] == 4 and result["rows_written"] == 20  # rows 20, 5 an ask
+    # each ask's part 2 answered with no JSON, its part 3 without the slots every seed answer has
+    assert result["dropped"] == {"answer_not_json": 4, "answer_shape": 4} and result["rows_kept"] == 12
+    kept = [row for _, row in read_jsonl(run_dir / "synthesize" / "rows.jsonl")]
+    assert all(row["parse"] == {"intent": "cancel_order", "slots": {}} for row in kept)  # the object, as seeds hold it
+    assert json.loads((run_dir / "train" / "result.json").read_text())["rows_synthesized"] == 12
+    shown = (run_dir / "report" / "report.md").read_text()
+    assert "(inputs; the teacher then answered each, as JSON with the keys intent, slots)" in shown
+    assert "Answered by the teacher with no JSON: 4 dropped" in shown

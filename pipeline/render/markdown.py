@@ -243,6 +243,9 @@ REASONS = {
     "copy_of_seed": "Copies (or near copies) of a seed row",
     "contamination": "Contamination: equal or near-equal to an eval or validation row",
     "label_disagrees": "Labelled otherwise by the teacher's blind check",
+    "answer_empty": "Answered with nothing by the teacher",
+    "answer_not_json": "Answered by the teacher with no JSON",
+    "answer_shape": "Answered by the teacher without a key every seed answer has",
 }
 
 
@@ -255,10 +258,21 @@ def synthesis_markdown(report: dict) -> list[str]:
     lines = [
         "## Synthetic rows",
         "",
-        f"- The teacher ({s['teacher']}, {s['teacher_runtime']}) was scored first: it labels {score['accuracy']:.3f} "
-        f"[{low:.3f}, {high:.3f}] of the {score['rows']} {score['on']} rows right.",
-        f"- Asked for {s['rows_asked']} rows in {s['asks']} asks over {len(s['labels'])} labels, from "
-        f"{s['seed_rows']} seed rows; it wrote {s['rows_written']}, the checks kept {s['rows_kept']}; the "
+        f"- The teacher ({s['teacher']}, {s['teacher_runtime']}) was scored first: "
+        + (
+            f"it scores {score['metric']} {score['accuracy']:.3f} [{low:.3f}, {high:.3f}] on the {score['rows']} "
+            f"{score['on']} rows."
+            if score.get("metric")
+            else f"it labels {score['accuracy']:.3f} [{low:.3f}, {high:.3f}] of the {score['rows']} {score['on']} "
+            "rows right."
+        ),
+        f"- Asked for {s['rows_asked']} rows in {s['asks']} asks "
+        + (
+            f"(inputs; the teacher then answered each{_json_keys(s)})"
+            if s.get("answers", "labels") != "labels"
+            else f"over {len(s['labels'])} labels"
+        )
+        + f", from {s['seed_rows']} seed rows; it wrote {s['rows_written']}, the checks kept {s['rows_kept']}; the "
         f"specialist trained on those and {s['gold_rows']} gold rows.",
     ]
     if s.get("proposed_variations"):
@@ -301,11 +315,18 @@ def synthesis_markdown(report: dict) -> list[str]:
     cost = s.get("cost")
     spent = f"; {cost['currency']} {cost['total']:.4g} at its price" if cost else ""
     lines.append(f"- Teacher time {s['teacher_seconds']:.0f} s (scoring, writing and checking){spent}.")
+    if not s["balance"]:  # answered tasks: no labels to balance
+        return lines + [""]
     lines += ["", "| label | asked | kept | a kept row |", "|---|---|---|---|"]
     for label, counts in s["balance"].items():
         sample = (s["sample"].get(label) or [""])[0]
         lines.append(f"| {_cell(label)} | {counts['asked']} | {counts['kept']} | {_cell(sample[:80])} |")
     return lines + [""]
+
+
+def _json_keys(s: dict) -> str:
+    keys = s.get("json_keys")
+    return f", as JSON with the keys {', '.join(keys)}" if keys else ""
 
 
 def _seed_only_line(report: dict) -> str | None:

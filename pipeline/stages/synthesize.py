@@ -33,6 +33,7 @@ from pipeline.embeddings import Encoder
 from pipeline.errors import GateFailed, PipelineError
 from pipeline.files import write_json_atomic, write_jsonl_atomic
 from pipeline.logs import log
+from pipeline.metrics import scorer
 from pipeline.recipe import LoadedRecipe, Recipe, answer_identity, data_fingerprint, load_recipe
 from pipeline.run_layout import RunLayout
 from pipeline.runs import mark_done, stage_fingerprint, start_stage
@@ -103,6 +104,14 @@ class Task:
     input_field: str | None  # prompt_completion: the column the teacher's text goes into
     answer_field: str  # the column (or the messages field) the label goes into
     label_values: dict[str, str]  # label -> the value its column holds
+    answers: str = "labels"  # labels | json | text: what the seed answers are (json and text: the teacher answers)
+    json_keys: tuple[str, ...] = ()  # json: the keys every seed answer has, which a new answer must have
+    json_column: bool = False  # json: the answer column holds the object itself (not a string of JSON)
+
+    @property
+    def answered(self) -> bool:
+        """The teacher writes inputs and then answers them (a task whose answers are not labels)."""
+        return self.answers != "labels"
 
 
 def task(recipe: Recipe) -> Task:
@@ -122,7 +131,9 @@ def task(recipe: Recipe) -> Task:
     def seed(row: data.TaskRow) -> Seed:
         if input_field is None:  # messages: the last user turn, and the assistant's answer
             return Seed(row.input_text(), row.target.strip(), row.source)
-        return Seed(str(raw[row.source][input_field]), str(raw[row.source][answer_field]).strip(), row.source)
+        value = raw[row.source][answer_field]
+        answer = json.dumps(value, ensure_ascii=False) if isinstance(value, dict | list) else str(value).strip()
+        return Seed(str(raw[row.source][input_field]), answer, row.source)
 
     seeds = [seed(row) for row in splits.train]
     validation = [seed(row) for row in splits.validation]
@@ -130,8 +141,14 @@ def task(recipe: Recipe) -> Task:
     values = {}
     for row, s in zip(splits.train, seeds, strict=True):  # the value as the data holds it (its spacing kept)
         values.setdefault(s.label, str(raw[row.source][answer_field]) if input_field else row.target)
-    if synth.labels is None:
-        _refuse_free_targets(section, [s.label for s in seeds])
+    answers = "labels" if synth.labels is not None else answer_kind(section, [s.label for s in seeds])
+    if answers != "labels":  # the teacher writes inputs, then answers each: no label set
+        objects = [json.loads(s.label) for s in seeds] if answers == "json" else []
+        dicts = bool(objects) and all(isinstance(o, dict) for o in objects)
+        keys = tuple(sorted(set.intersection(*(set(o) for o in objects)))) if dicts else ()
+        first = raw[splits.train[0].source] if seeds and input_field is not None else {}
+        column = isinstance(first.get(answer_field), dict | list)  # the rows hold the object, not a string of it
+        return Task(seeds, validation, held_out, [], input_field, answer_field, {}, answers, keys, column)
     labels = synth.labels or sorted(values)
     for label in labels:
         values.setdefault(label, label)  # a label without seed rows is written as listed
@@ -141,18 +158,19 @@ def task(recipe: Recipe) -> Task:
 FREE_TEXT_WORDS = 6  # seed answers longer than this (median, in words) are free text, not labels
 
 
-def _refuse_free_targets(section, answers: list[str]) -> None:
-    """Synthesis writes inputs for a label set; a JSON or free-text target would make every answer its own "label"
-    (one ask each), so it is refused with what would work instead."""
+def answer_kind(section, answers: list[str]) -> str:
+    """labels, json (every seed answer is a JSON object or list) or text (a median answer over FREE_TEXT_WORDS
+    words); answers that are partly JSON are refused: the teacher's answers could not be checked against them."""
     structured = sum(1 for a in answers if a[:1] in "{[" and _is_json(a))
-    words = statistics.median(len(a.split()) for a in answers) if answers else 0
-    if structured or words > FREE_TEXT_WORDS:
-        kind = f"{structured} are JSON" if structured else f"the median answer is {words:g} words"
+    if structured and structured < len(answers):
         raise PipelineError(
-            f"synthesize: writes rows for a label set, but the seed rows' answers in {section.train} are not labels "
-            f"({kind}). For a JSON or free-text task give the teacher real inputs to answer (distill.inputs); for "
-            "a label task whose labels are long, list them in synthesize.labels"
+            f"synthesize: {structured} of the {len(answers)} seed rows' answers in {section.train} are JSON and the "
+            "others are not; make every answer a JSON object (a JSON task) or none (a label task)"
         )
+    if structured:
+        return "json"
+    words = statistics.median(len(a.split()) for a in answers) if answers else 0
+    return "text" if words > FREE_TEXT_WORDS else "labels"
 
 
 def _is_json(text: str) -> bool:
@@ -172,11 +190,17 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     the_task = task(recipe)
     asker = the_teacher(recipe)
     cache = answers_file(run_dir)
-    score, scoring = _score_teacher(recipe, asker, the_task, cache)
+    scoring_of = _score_answers if the_task.answered else _score_teacher
+    score, scoring = scoring_of(recipe, asker, the_task, cache)
     if synth.min_teacher_score is not None and score["accuracy"] < synth.min_teacher_score:
         raise GateFailed(
-            f"synthesize.min_teacher_score: the teacher ({asker.section.model}) labels {score['accuracy']:.3f} of the "
-            f"{score['rows']} {score['on']} rows right, below {synth.min_teacher_score}; a teacher that gets the "
+            f"synthesize.min_teacher_score: the teacher ({asker.section.model}) "
+            + (
+                f"scores {score['metric']} {score['accuracy']:.3f} on the {score['rows']} {score['on']} rows"
+                if score.get("metric")
+                else f"labels {score['accuracy']:.3f} of the {score['rows']} {score['on']} rows right"
+            )
+            + f", below {synth.min_teacher_score}; a teacher that gets the "
             "task wrong writes wrong rows. Use a stronger teacher, improve its prompt (synthesize.teacher.prompt), "
             "or lower the bar"
         )
@@ -196,7 +220,8 @@ def run(loaded: LoadedRecipe, run_dir: Path) -> dict:
     texts = [c["text"] for c in candidates]
     seed_texts = [s.text for s in the_task.seeds]
     verdicts = row_checks.check_rows(texts, seed_texts, the_task.held_out, embed, synth.near_duplicate)
-    checked, checking = _label_check(recipe, asker, the_task, cache, candidates, verdicts)
+    checking_of = _answer_rows if the_task.answered else _label_check
+    checked, checking = checking_of(recipe, asker, the_task, cache, candidates, verdicts)
     kept = [candidates[i] for i in verdicts.kept]
     for i, candidate in enumerate(candidates):
         candidate["verdict"] = verdicts.dropped.get(i, {"reason": "kept"})
@@ -247,6 +272,8 @@ def plan_asks(recipe: Recipe, the_task: Task, variations: list[str] | None = Non
     default synthesize.variations), its sample of that label's seed rows, and the seed its reply is sampled from."""
     synth = recipe.synthesize
     variations = synth.variations if variations is None else variations
+    if the_task.answered:
+        return _input_asks(recipe, the_task, variations)
     by_label: dict[str, list[Seed]] = {}
     for s in the_task.seeds:
         by_label.setdefault(s.label, []).append(s)
@@ -274,6 +301,32 @@ def plan_asks(recipe: Recipe, the_task: Task, variations: list[str] | None = Non
             seed = rng.randrange(2**31)
             asks.append({"label": label, "variation": variation, "examples": [s.source for s in shown],
                          "seed": seed, "prompt": prompt, "count": count})  # fmt: skip
+    return asks
+
+
+def _input_asks(recipe: Recipe, the_task: Task, variations: list[str]) -> list[dict]:
+    """A task whose answers are not labels: ceil(rows / rows_per_ask) asks for new inputs, each with its variation,
+    a seeded sample of the seed inputs, and its seed; the teacher answers the kept inputs afterwards."""
+    synth = recipe.synthesize
+    asks = []
+    for k in range(math.ceil(synth.rows / synth.rows_per_ask)):
+        rng = random.Random(f"{synth.seed}\ninputs\n{k}")
+        shown = rng.sample(the_task.seeds, min(synth.examples_per_ask, len(the_task.seeds)))
+        variation = rng.choice(variations) if variations else ""
+        count = min(synth.rows_per_ask, synth.rows - k * synth.rows_per_ask)
+        prompt = data.render(
+            synth.inputs_prompt,
+            {
+                "description": synth.description.strip(),
+                "count": str(count),
+                "variation": variation,
+                "examples": "\n".join(f"- {s.text}" for s in shown) or "(none given)",
+            },
+            "synthesize.inputs_prompt",
+            "synthesize.inputs_prompt",
+        )
+        asks.append({"label": None, "variation": variation, "examples": [s.source for s in shown],
+                     "seed": rng.randrange(2**31), "prompt": prompt, "count": count})  # fmt: skip
     return asks
 
 
@@ -329,6 +382,71 @@ def _labels_of(recipe: Recipe, asker: teacher.Teacher, the_task: Task, cache: Pa
     return labels, asked
 
 
+def _score_answers(recipe: Recipe, asker: teacher.Teacher, the_task: Task, cache: Path) -> dict:
+    """A task whose answers are not labels: the teacher answers the gold rows' inputs with its own prompt, scored
+    with the gating metric (e.g. json_match) against their answers, before it writes anything."""
+    on, gold = ("validation", the_task.validation) if the_task.validation else ("seed", the_task.seeds)
+    answers, asked = _answers_of(recipe, asker, the_task, cache, [s.text for s in gold])
+    answers = [_checked_answer(the_task, a)[0] or a for a in answers]  # as a kept row would hold it (JSON found)
+    metric, settings = recipe.evaluate.metrics[0], recipe.evaluate
+    scored = scorer(metric)(answers, [s.label for s in gold], settings.ignore_case)
+    per_row = [float(v) for v in scored["per_row"] if v is not None]
+    low, high = stats.bootstrap_ci(per_row, settings.bootstrap_samples)
+    log(STAGE, f"the teacher scores {metric} {scored['value']:.3f} on the {len(gold)} {on} rows before writing any")
+    score = {"on": on, "rows": len(gold), "metric": metric, "accuracy": scored["value"], "interval": [low, high]}
+    return score, asked
+
+
+def _answers_of(recipe: Recipe, asker: teacher.Teacher, the_task: Task, cache: Path, texts: list[str]):
+    """The teacher's answer to each input text, asked with its own prompt, greedy (cached like every answer)."""
+    prompt_field = f"{asker.field}.prompt"
+    rows = [
+        data.format_row(
+            recipe.data, _training_row(recipe, the_task, text, None), f"synthesized row {i}", asker.section.prompt,
+            prompt_field, True,
+        )
+        for i, text in enumerate(texts)
+    ]  # fmt: skip
+    asked = teacher.ask(asker, rows, cache, recipe.evaluate.max_new_tokens, what="inputs to answer")
+    return [a["prediction"].strip() for a in asked.answers], asked
+
+
+def _answer_rows(recipe, asker, the_task, cache, candidates, verdicts) -> tuple[dict, teacher.Asked]:
+    """A task whose answers are not labels: the teacher answers each kept input; an empty answer, or (JSON tasks)
+    one that is not JSON or lacks a key every seed answer has, drops the row."""
+    kept = list(verdicts.kept)
+    answers, asked = _answers_of(recipe, asker, the_task, cache, [candidates[i]["text"] for i in kept])
+    for i, answer in zip(kept, answers, strict=True):
+        candidate = candidates[i]
+        candidate["teacher_answer"] = answer
+        value, problem = _checked_answer(the_task, answer)
+        if problem is not None:
+            verdicts.kept.remove(i)
+            verdicts.drop(i, problem, answer=answer[:200])
+        else:
+            candidate["label"] = value
+    found = {"mode": "answered", "rows": len(kept), "agreement": None, "per_label": {}, "relabelled": 0}
+    return found, asked
+
+
+def _checked_answer(the_task: Task, answer: str) -> tuple[str | None, str | None]:
+    """(the answer as the row keeps it, None) or (None, the reason it is dropped)."""
+    if not answer:
+        return None, "answer_empty"
+    if the_task.answers != "json":
+        return answer, None
+    start = min((k for k in (answer.find("{"), answer.find("[")) if k >= 0), default=-1)
+    try:
+        value, _ = json.JSONDecoder().raw_decode(answer[start:]) if start >= 0 else (None, 0)
+    except ValueError:
+        value = None
+    if value is None:
+        return None, "answer_not_json"
+    if the_task.json_keys and not (isinstance(value, dict) and set(the_task.json_keys) <= set(value)):
+        return None, "answer_shape"
+    return json.dumps(value, ensure_ascii=False), None
+
+
 def _label_check(recipe, asker, the_task, cache, candidates, verdicts) -> dict:
     """The teacher labels each kept row blind; rows it labels otherwise are dropped, relabelled or kept."""
     mode = recipe.synthesize.label_check
@@ -360,6 +478,14 @@ def _training_row(recipe: Recipe, the_task: Task, text: str, label: str | None) 
     """A row in the data's own columns, as data.train holds one: the text as the input, the label's value as
     the answer (None: a placeholder the teacher never sees, for asking it the label)."""
     section = recipe.data
+    if the_task.answered:  # the teacher's answer as the seeds hold theirs: the object itself, or its text
+        value = teacher.UNLABELLED if label is None else json.loads(label) if the_task.json_column else label
+        if section.format == "messages":
+            content = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+            return {
+                section.messages_field: [{"role": "user", "content": text}, {"role": "assistant", "content": content}]
+            }
+        return {the_task.input_field: text, the_task.answer_field: value}
     if section.format == "messages":
         answer = the_task.label_values[label] if label is not None else teacher.UNLABELLED
         turns = [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
@@ -397,9 +523,10 @@ def _result(recipe, the_task, asker, asks, candidates, kept, verdicts, score, ch
         to_seeds = _median(row_checks.nearest_similarity(vectors, embed(seed_texts))) if seed_texts else None
     asked_per_label = {label: 0 for label in the_task.labels}
     for ask in asks:
-        asked_per_label[ask["label"]] += ask["count"]
+        if ask["label"] is not None:
+            asked_per_label[ask["label"]] += ask["count"]
     sample: dict[str, list[str]] = {}
-    for c in kept:
+    for c in [] if the_task.answered else kept:  # answered tasks: each kept row's answer is in rows.jsonl
         if len(sample.setdefault(c["label"], [])) < SAMPLE_PER_LABEL:
             sample[c["label"]].append(c["text"])
     return {
@@ -414,7 +541,9 @@ def _result(recipe, the_task, asker, asks, candidates, kept, verdicts, score, ch
         "dropped": verdicts.counts(),
         "dropped_examples": examples,
         "label_check": checked,
-        "balance": row_checks.balance([c["label"] for c in kept], asked_per_label),
+        "answers": the_task.answers,  # labels, json or text (the teacher answered each kept input)
+        "json_keys": list(the_task.json_keys),
+        "balance": {} if the_task.answered else row_checks.balance([c["label"] for c in kept], asked_per_label),
         "lengths": {
             "kept": row_checks.length_summary(kept_texts),
             "seeds": row_checks.length_summary(seed_texts),
