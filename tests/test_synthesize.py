@@ -243,6 +243,8 @@ def test_replies_are_split_into_rows():
     bold = '1. **Help! I need a new email.**\n2. "**quoted bold**"\n3. \u201ccurly\u201d\n4. 5\n5. ---'
     assert synthesize.parse_reply(bold, 10) == ["Help! I need a new email.", "quoted bold", "curly"]
     assert synthesize.parse_reply("", 5) == []
+    fenced = "```json\nwhat time is it\nset an alarm\n```"  # a code fence is not a row
+    assert synthesize.parse_reply(fenced, 5) == ["what time is it", "set an alarm"]
 
 
 def test_asks_are_seeded_per_label_and_show_only_that_labels_seeds(write_recipe, tiny_models, seeded):

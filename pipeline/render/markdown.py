@@ -283,7 +283,8 @@ def synthesis_markdown(report: dict) -> list[str]:
         )
     for reason, count in sorted(s["dropped"].items(), key=lambda item: -item[1]):
         example = s["dropped_examples"].get(reason, [{}])[0]
-        shown = f' (e.g. "{_cell(example["text"][:80])}", asked as {example["label"]})' if example else ""
+        asked = f", asked as {example['label']}" if example.get("label") is not None else ""
+        shown = f' (e.g. "{_cell(example["text"][:80])}"{asked})' if example else ""
         lines.append(f"- {REASONS.get(reason, reason)}: {count} dropped{shown}.")
     if check["agreement"] is not None:
         worst = sorted(check["per_label"].items(), key=lambda item: item[1])[:3]

@@ -338,8 +338,8 @@ QUOTES = {'"': '"', "'": "'", "`": "`", "\u201c": "\u201d", "\u2018": "\u2019"}
 def parse_reply(reply: str, limit: int) -> list[str]:
     """The rows in a teacher's reply: its numbered (or bulleted) lines where it numbered them, else every
     non-empty line; numbering, Markdown emphasis and surrounding quotes removed; a line without a letter (a stray
-    number, a separator) is not a row. At most `limit`."""
-    lines = [line for line in reply.splitlines() if line.strip()]
+    number, a separator) or a code fence is not a row. At most `limit`."""
+    lines = [line for line in reply.splitlines() if line.strip() and not line.lstrip().startswith("```")]
     numbered = [line for line in lines if NUMBERED.match(line)]
     rows = []
     for line in numbered or lines:
