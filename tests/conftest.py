@@ -73,6 +73,16 @@ def tiny_recipe_text(tiny_models: dict[str, Path], train: Path, test: Path) -> s
     """).lstrip()
 
 
+def tiny_run_folder(folder: Path, tiny_models: dict[str, Path]) -> Path:
+    """The tiny recipe and its small intents files (96 and 24 rows) in `folder`, for a module's shared run."""
+    train, test = folder / "train.jsonl", folder / "test.jsonl"
+    for src, dst, n in ((INTENTS / "train.jsonl", train, 96), (INTENTS / "test.jsonl", test, 24)):
+        dst.write_text("".join(json.dumps(row) + "\n" for _, row in list(read_jsonl(src))[:n]))
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(tiny_recipe_text(tiny_models, train, test))
+    return recipe
+
+
 @pytest.fixture
 def tiny_recipe(write_recipe, tiny_models, intents_rows) -> Path:
     return write_recipe(tiny_recipe_text(tiny_models, *intents_rows))

@@ -18,7 +18,7 @@ from pipeline.render import html
 from pipeline.run_layout import STAGES, RunLayout
 from pipeline.runner import STAGE_MODULES
 from pipeline.stages import train as train_stage
-from tests.conftest import INTENTS, tiny_recipe_text
+from tests.conftest import tiny_run_folder
 
 pytestmark = pytest.mark.integration
 
@@ -31,12 +31,7 @@ def run_cli(*args) -> int:
 def pipeline_once(tiny_models, tmp_path_factory) -> Path:
     """The tiny recipe run once for the module: its recipe, data and runs folder."""
     folder = tmp_path_factory.mktemp("pipeline-once")
-    train, test = folder / "train.jsonl", folder / "test.jsonl"
-    for src, dst, n in ((INTENTS / "train.jsonl", train, 96), (INTENTS / "test.jsonl", test, 24)):
-        dst.write_text("".join(json.dumps(row) + "\n" for _, row in list(data.read_jsonl(src))[:n]))
-    recipe = folder / "recipe.yaml"
-    recipe.write_text(tiny_recipe_text(tiny_models, train, test))
-    assert run_cli("run", recipe, "--runs-dir", folder / "runs") == 0
+    assert run_cli("run", tiny_run_folder(folder, tiny_models), "--runs-dir", folder / "runs") == 0
     return folder
 
 

@@ -18,7 +18,7 @@ from pipeline.errors import PipelineError
 from pipeline.recipe import DataSection, ShipSection, load_recipe
 from pipeline.run_layout import RunLayout
 from pipeline.runs import read_manifest, run_dir_for
-from tests.conftest import INTENTS, tiny_recipe_text
+from tests.conftest import tiny_run_folder
 
 # chrF rather than exact match: random-init tiny models never get a label exactly right, so exact match
 # would tie every trial at 0 and the choice would say nothing
@@ -59,10 +59,7 @@ sweep:
 def lr_sweep(tiny_models, tmp_path_factory) -> tuple:
     """LR_SWEEP run once for the module: (its recipe, its runs folder)."""
     folder = tmp_path_factory.mktemp("lr-sweep")
-    train, test = folder / "train.jsonl", folder / "test.jsonl"
-    for src, dst, n in ((INTENTS / "train.jsonl", train, 96), (INTENTS / "test.jsonl", test, 24)):
-        dst.write_text("".join(json.dumps(row) + "\n" for _, row in list(data.read_jsonl(src))[:n]))
-    (folder / "recipe.yaml").write_text(tiny_recipe_text(tiny_models, train, test))
+    tiny_run_folder(folder, tiny_models)  # recipe.yaml, which the sweep extends
     recipe = folder / "sweep.yaml"
     recipe.write_text(f"extends: recipe.yaml\n{SETTINGS}{LR_SWEEP}")
     assert main(["run", str(recipe), "--runs-dir", str(folder / "runs")]) == 0

@@ -16,7 +16,7 @@ from pipeline.metrics import scorer
 from pipeline.recipe import DataSection, load_recipe
 from pipeline.run_layout import RunLayout
 from pipeline.runtimes.transformers import generate_batches
-from tests.conftest import INTENTS, tiny_recipe_text
+from tests.conftest import tiny_run_folder
 
 pytestmark = pytest.mark.integration
 
@@ -43,12 +43,7 @@ def _run(recipe, runs, overrides, verb: str = "run") -> dict:
 def validated(tiny_models, tmp_path_factory) -> dict:
     """The tiny recipe run once with VALIDATION, for the tests that only read it."""
     folder = tmp_path_factory.mktemp("validated")
-    train, test = folder / "train.jsonl", folder / "test.jsonl"
-    for src, dst, n in ((INTENTS / "train.jsonl", train, 96), (INTENTS / "test.jsonl", test, 24)):
-        dst.write_text("".join(json.dumps(row) + "\n" for _, row in list(data.read_jsonl(src))[:n]))
-    recipe = folder / "recipe.yaml"
-    recipe.write_text(tiny_recipe_text(tiny_models, train, test))
-    return _run(recipe, folder / "runs", VALIDATION)
+    return _run(tiny_run_folder(folder, tiny_models), folder / "runs", VALIDATION)
 
 
 def test_the_default_split_holds_out_a_stratified_tenth_or_none(intents_rows, tmp_path):
