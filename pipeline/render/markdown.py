@@ -222,17 +222,25 @@ def refit_markdown(report: dict) -> list[str]:
 
 def _refit_line(report: dict) -> str | None:
     """What the refit bought: the shipped adapter against the one validation chose, paired on the same eval rows."""
+    return _paired_line(
+        report, "before-refit", "What the refit bought", "refitted", "for the adapter validation chose (candidate "
+        "before-refit)", prefix=""
+    )  # fmt: skip
+
+
+def _paired_line(report: dict, other: str, what: str, mine_as: str, other_as: str, prefix: str = "- ") -> str | None:
+    """`what`: the specialist's metric against the candidate `other`'s, both with intervals, and their paired test
+    on the same eval rows; None where the report lacks either or the comparison."""
     candidates, metric = report.get("candidates", {}), report.get("metric")
-    comparison = report.get("comparisons", {}).get("before-refit")
-    if "before-refit" not in candidates or "specialized" not in candidates or comparison is None:
+    comparison = report.get("comparisons", {}).get(other)
+    if other not in candidates or "specialized" not in candidates or comparison is None:
         return None
-    mine, before = (candidates[n]["metrics"][metric] for n in ("specialized", "before-refit"))
+    mine, theirs = (candidates[n]["metrics"][metric] for n in ("specialized", other))
     return (
-        f"What the refit bought: {metric} {mine['value']:.3f} [{mine['ci95'][0]:.3f}, {mine['ci95'][1]:.3f}] "
-        f"refitted against {before['value']:.3f} [{before['ci95'][0]:.3f}, {before['ci95'][1]:.3f}] for the adapter "
-        f"validation chose (candidate before-refit); on the same {report['eval_rows']} eval rows it wins "
-        f"{comparison['wins']} and loses {comparison['losses']} (p = {comparison['p_value']:.2g}, "
-        f"{comparison['test'].replace('_', ' ')})."
+        f"{prefix}{what}: {metric} {mine['value']:.3f} [{mine['ci95'][0]:.3f}, {mine['ci95'][1]:.3f}] {mine_as} "
+        f"against {theirs['value']:.3f} [{theirs['ci95'][0]:.3f}, {theirs['ci95'][1]:.3f}] {other_as}; on the same "
+        f"{report['eval_rows']} eval rows it wins {comparison['wins']} and loses {comparison['losses']} (p = "
+        f"{comparison['p_value']:.2g}, {comparison['test'].replace('_', ' ')})."
     )
 
 
@@ -332,18 +340,10 @@ def _json_keys(s: dict) -> str:
 
 def _seed_only_line(report: dict) -> str | None:
     """What the teacher's rows bought: the specialist against the seed-only one, paired on the same eval rows."""
-    candidates, metric = report.get("candidates", {}), report.get("metric")
-    comparison = report.get("comparisons", {}).get("seed-only")
-    if "seed-only" not in candidates or "specialized" not in candidates or comparison is None:
-        return None
-    mine, seeds = (candidates[n]["metrics"][metric] for n in ("specialized", "seed-only"))
-    return (
-        f"- What the rows bought: {metric} {mine['value']:.3f} [{mine['ci95'][0]:.3f}, {mine['ci95'][1]:.3f}] "
-        f"with them against {seeds['value']:.3f} [{seeds['ci95'][0]:.3f}, {seeds['ci95'][1]:.3f}] for the same "
-        f"specialist trained on the seed rows alone; on the same {report['eval_rows']} eval rows it wins "
-        f"{comparison['wins']} and loses {comparison['losses']} (p = {comparison['p_value']:.2g}, "
-        f"{comparison['test'].replace('_', ' ')})."
-    )
+    return _paired_line(
+        report, "seed-only", "What the rows bought", "with them", "for the same specialist trained on the seed rows "
+        "alone"
+    )  # fmt: skip
 
 
 def _span(lengths: dict | None) -> str:
