@@ -368,12 +368,7 @@ def _score_teacher(recipe: Recipe, asker: teacher.Teacher, the_task: Task, cache
 def _labels_of(recipe: Recipe, asker: teacher.Teacher, the_task: Task, cache: Path, texts: list[str]):
     """The teacher's label for each input text, asked with its own prompt and constrained to the label set
     (an API's answer respelled to a label where it spells one loosely; None where it names none)."""
-    section = recipe.data
-    rows = []
-    prompt_field = f"{asker.field}.prompt"
-    for i, text in enumerate(texts):
-        raw = _training_row(recipe, the_task, text, None)
-        rows.append(data.format_row(section, raw, f"synthesized row {i}", asker.section.prompt, prompt_field, True))
+    rows = _asking_rows(recipe, asker, the_task, texts)
     asked = teacher.ask(asker, rows, cache, recipe.evaluate.max_new_tokens, the_task.labels, what="rows to label")
     labels = [
         a["prediction"] if a["prediction"] in the_task.labels else teacher.as_choice(a["prediction"], the_task.labels)
@@ -399,16 +394,21 @@ def _score_answers(recipe: Recipe, asker: teacher.Teacher, the_task: Task, cache
 
 def _answers_of(recipe: Recipe, asker: teacher.Teacher, the_task: Task, cache: Path, texts: list[str]):
     """The teacher's answer to each input text, asked with its own prompt, greedy (cached like every answer)."""
+    rows = _asking_rows(recipe, asker, the_task, texts)
+    asked = teacher.ask(asker, rows, cache, recipe.evaluate.max_new_tokens, what="inputs to answer")
+    return [a["prediction"].strip() for a in asked.answers], asked
+
+
+def _asking_rows(recipe: Recipe, asker: teacher.Teacher, the_task: Task, texts: list[str]) -> list[data.TaskRow]:
+    """Each input text in the data's columns (the answer a placeholder), rendered with the teacher's own prompt."""
     prompt_field = f"{asker.field}.prompt"
-    rows = [
+    return [
         data.format_row(
             recipe.data, _training_row(recipe, the_task, text, None), f"synthesized row {i}", asker.section.prompt,
             prompt_field, True,
         )
         for i, text in enumerate(texts)
     ]  # fmt: skip
-    asked = teacher.ask(asker, rows, cache, recipe.evaluate.max_new_tokens, what="inputs to answer")
-    return [a["prediction"].strip() for a in asked.answers], asked
 
 
 def _answer_rows(recipe, asker, the_task, cache, candidates, verdicts) -> tuple[dict, teacher.Asked]:
